@@ -1,0 +1,126 @@
+"""Real sample plates, written as OME-Zarr HCS plates from microscopy images shipped in PyPI packages.
+
+* ``neocortex``: the 3-marker mouse neocortex image of ``ndev-sampledata`` (nuclear markers CTIP2, BRN2, ROR;
+  hundreds of nuclei, no masks), cut into 4 tiles laid out as wells A/1 and A/2 with 2 fields each.
+* ``scratch``: the scratch assay of ``ndev-sampledata`` (Hoechst ``H3342`` + ``oblique`` transmitted light, 10 time
+  points, 0.619 um pixels) with its nucleus and cytoplasm label images; time point t is well A/<t+1>, one field each.
+
+Needs the ``[samples]`` extra (ndev-sampledata, tifffile, ome-zarr).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from scdino._optional import MissingDependencyError, require
+from scdino.errors import ConfigError, OutputError
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("neocortex", "scratch")
+
+
+@dataclass
+class FieldImage:
+    """One field: pixels (C, Y, X) and optional 2-D label images by name."""
+
+    image: np.ndarray
+    labels: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+
+def write_plate(
+    path: str | os.PathLike,
+    wells: Mapping[str, Sequence[FieldImage]],
+    channel_names: Sequence[str],
+    pixel_size_um: float | None = None,
+    ngff: str = "0.5",
+    name: str | None = None,
+    overwrite: bool = False,
+) -> str:
+    """Write an OME-Zarr HCS plate with ome-zarr-py (NGFF 0.5 on zarr v3, or 0.4 on zarr v2).
+
+    ``wells`` maps ``"A/1"`` to its fields. Returns the path.
+    """
+    zarr = require("zarr")
+    writer = require("ome_zarr.writer")
+    fmt_mod = require("ome_zarr.format")
+    if ngff not in ("0.4", "0.5"):
+        raise ConfigError(f"NGFF version {ngff!r} is not supported; use 0.4 (zarr v2) or 0.5 (zarr v3)")
+    fmt = fmt_mod.FormatV05() if ngff == "0.5" else fmt_mod.FormatV04()
+    path = str(path)
+    if os.path.exists(path):
+        if not overwrite:
+            raise OutputError(f"{path}: already exists; remove it or pass --overwrite")
+        shutil.rmtree(path)
+    root = zarr.open_group(path, mode="w", zarr_format=3 if ngff == "0.5" else 2)
+    rows = sorted({w.split("/")[0] for w in wells})
+    cols = sorted({w.split("/")[1] for w in wells}, key=lambda c: (len(c), c))
+    nfield = max(len(f) for f in wells.values())
+    writer.write_plate_metadata(root, rows, cols, list(wells), fmt=fmt, field_count=nfield,
+                                name=name or os.path.basename(path.rstrip("/")))
+    extra = {}
+    if pixel_size_um is not None:
+        extra = {"scale": {"c": 1.0, "y": pixel_size_um, "x": pixel_size_um},
+                 "axes_units": {"y": "micrometer", "x": "micrometer"}}
+    for well, fields in wells.items():
+        r, c = well.split("/")
+        wg = root.require_group(r).require_group(c)
+        writer.write_well_metadata(wg, [{"path": str(i)} for i in range(len(fields))], fmt=fmt)
+        for i, f in enumerate(fields):
+            if f.image.ndim != 3 or f.image.shape[0] != len(channel_names):
+                raise ConfigError(f"{well}/{i}: image of shape {f.image.shape}, expected ({len(channel_names)}, y, x)")
+            g = wg.require_group(str(i))
+            writer.write_image(f.image, g, axes="cyx", fmt=fmt, scale_factors=[],
+                               storage_options={"chunks": (1, 512, 512)}, **extra)
+            writer.add_metadata(g, {"omero": {"channels": [{"label": n, "active": True} for n in channel_names]}},
+                                fmt=fmt)
+            for lname, lab in f.labels.items():
+                lextra = {k: {a: v[a] for a in ("y", "x")} for k, v in extra.items()}
+                writer.write_labels(lab.astype(np.uint32), g, name=lname, axes="yx", fmt=fmt, scale_factors=[],
+                                    **lextra)
+    return path
+
+
+def _ndev(name: str) -> np.ndarray:
+    # the files are located, not imported: importing ndev_sampledata would pull in bioio and napari readers
+    import importlib.metadata as md
+
+    tifffile = require("tifffile")
+    try:
+        f = md.distribution("ndev-sampledata").locate_file(f"ndev_sampledata/samples/{name}")
+    except md.PackageNotFoundError as exc:
+        raise MissingDependencyError(
+            f"the sample images come from the ndev-sampledata package, which is not installed; "
+            "run: pip install 'scdino[samples]'"
+        ) from exc
+    return tifffile.imread(f)
+
+
+def sample_wells(dataset: str) -> tuple[dict[str, list[FieldImage]], list[str], float | None]:
+    """Wells, channel names and pixel size of a sample ``dataset``."""
+    if dataset == "neocortex":
+        img = _ndev("neocortex-3Ch.tiff")  # (3, 1112, 402) uint16
+        h = img.shape[1] // 4
+        tiles = [FieldImage(np.ascontiguousarray(img[:, i * h:(i + 1) * h])) for i in range(4)]
+        return {"A/1": tiles[:2], "A/2": tiles[2:]}, ["CTIP2", "BRN2", "ROR"], None
+    if dataset == "scratch":
+        img = _ndev("scratch-assay-labeled-10T-2Ch.tiff")  # (4, 10, 210, 576): H3342, oblique, nuclei, cyto
+        wells = {
+            f"A/{t + 1}": [FieldImage(np.ascontiguousarray(img[:2, t]), {"nuclei": img[2, t], "cyto": img[3, t]})]
+            for t in range(img.shape[1])
+        }
+        return wells, ["H3342", "oblique"], 0.619
+    raise ConfigError(f"unknown sample dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+
+
+def write_sample_plate(path: str | os.PathLike, dataset: str = "neocortex", ngff: str = "0.5",
+                       overwrite: bool = False) -> str:
+    """Write the sample ``dataset`` as an HCS plate at ``path``."""
+    wells, names, px = sample_wells(dataset)
+    return write_plate(path, wells, names, px, ngff=ngff, name=f"scdino-sample-{dataset}", overwrite=overwrite)

@@ -1,0 +1,131 @@
+"""ViT models: registry, checkpoint I/O, channel adaptation, and :func:`load_model` that ties them together.
+
+A MODEL string is one of
+
+* a path to a checkpoint (DINO full checkpoint, backbone-only file, scDINO or scdino-train checkpoint),
+* a hub name (``dino_vits16``, ``dino_vits8``, ``dino_vitb16``, ``dino_vitb8``), downloaded once into the cache,
+* ``random:ARCH`` (e.g. ``random:vit_small16``): an untrained model for plumbing and benchmarks; outputs say so.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from scdino.errors import CheckpointError, ConfigError
+from scdino.models.adapt import adapt_patch_weight, parse_mode
+from scdino.models.checkpoint import HUB_URLS, Checkpoint, hub_path, read_checkpoint
+from scdino.models.vit import ViTConfig, VisionTransformer, arch_config, arch_name, resize_pos_embed
+from scdino.preprocess import Preprocessing
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "HUB_URLS", "Checkpoint", "LoadedModel", "ViTConfig", "VisionTransformer", "adapt_patch_weight",
+    "arch_config", "arch_name", "build_model", "load_model", "read_checkpoint", "resize_pos_embed",
+]
+
+
+@dataclass
+class LoadedModel:
+    """A ready-to-run backbone, its preprocessing and a JSON-able description for output metadata."""
+
+    model: VisionTransformer
+    prep: Preprocessing
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def channels(self) -> list[str] | None:
+        return self.info.get("channels")
+
+
+def build_model(cfg: ViTConfig, state_dict: dict[str, torch.Tensor] | None = None, source: str = "") -> VisionTransformer:
+    """Build a ViT and load ``state_dict`` strictly (missing or unexpected keys are an error)."""
+    model = VisionTransformer(cfg)
+    if state_dict is not None:
+        result = model.load_state_dict(state_dict, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise CheckpointError(
+                f"{source}: weights do not fit a {arch_name(cfg)} ViT: missing {result.missing_keys[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}; the checkpoint is of another architecture"
+            )
+    return model.eval()
+
+
+def _checkpoint_for(spec: str, key: str | None) -> Checkpoint | None:
+    if spec.startswith("random:"):
+        return None
+    if spec in HUB_URLS:
+        return read_checkpoint(hub_path(spec), key)
+    return read_checkpoint(spec, key)
+
+
+def load_model(
+    spec: str,
+    n_channels: int,
+    input_size: int = 224,
+    checkpoint_key: str | None = "teacher",
+    adapt: str = "mean",
+    seed: int = 0,
+) -> LoadedModel:
+    """Open MODEL ``spec`` for ``n_channels`` input channels at ``input_size``.
+
+    An RGB model (3 input channels and no channel names of its own) is channel-adapted to ``n_channels`` with
+    ``adapt`` (see :mod:`scdino.models.adapt`). A model trained on N channels must get exactly N.
+    """
+    if n_channels < 1:
+        raise ConfigError(f"need at least one channel, got {n_channels}")
+    ckpt = _checkpoint_for(spec, checkpoint_key)
+    info: dict[str, Any] = {"model": spec, "untrained": ckpt is None}
+    if ckpt is None:
+        torch.manual_seed(seed)
+        cfg = arch_config(spec.split(":", 1)[1], in_chans=n_channels, img_size=input_size)
+        model = build_model(cfg)
+        info.update(seed=seed, checkpoint_sha256=None, layout=None)
+        log.warning("model %s is untrained (random weights): its embeddings carry no learned features", spec)
+        mean = std = None
+    else:
+        cfg = ckpt.config
+        info.update(checkpoint_sha256=ckpt.sha256, layout=ckpt.layout, checkpoint_key=ckpt.key, source=ckpt.source)
+        sd = dict(ckpt.state_dict)
+        names = ckpt.meta.get("channels")
+        if names is not None:
+            info["channels"] = list(names)
+        is_rgb = cfg.in_chans == 3 and names is None
+        if cfg.in_chans != n_channels:
+            if not is_rgb:
+                expect = f" ({', '.join(names)})" if names else ""
+                raise ConfigError(
+                    f"{ckpt.source}: the model expects {cfg.in_chans} channels{expect}, the data give {n_channels}; "
+                    "pass --channels to select them"
+                )
+        if is_rgb:
+            # microscopy channels are not R, G, B: every RGB model is adapted (SPEC section 2)
+            parse_mode(adapt, n_channels)
+            sd["patch_embed.proj.weight"] = adapt_patch_weight(sd["patch_embed.proj.weight"], n_channels, adapt)
+            info["adaptation"] = adapt
+            cfg = ViTConfig(**{**cfg.to_dict(), "in_chans": n_channels})
+        model = build_model(cfg, sd, ckpt.source)
+        mean, std = ckpt.meta.get("mean"), ckpt.meta.get("std")
+        if input_size % cfg.patch_size:
+            raise ConfigError(f"--input-size {input_size} is not a multiple of the patch size {cfg.patch_size}")
+        if input_size != cfg.img_size:
+            new = ViTConfig(**{**cfg.to_dict(), "img_size": input_size})
+            resized = VisionTransformer(new)
+            sd2 = model.state_dict()
+            sd2["pos_embed"] = resize_pos_embed(sd2["pos_embed"], input_size // cfg.patch_size)
+            resized.load_state_dict(sd2)
+            model, cfg = resized.eval(), new
+            log.info("position embedding interpolated once for %dx%d inputs", input_size, input_size)
+    if input_size % cfg.patch_size:
+        raise ConfigError(f"--input-size {input_size} is not a multiple of the patch size {cfg.patch_size}")
+    prep = Preprocessing(
+        input_size=input_size,
+        mean=tuple(float(v) for v in mean) if mean is not None else None,
+        std=tuple(float(v) for v in std) if std is not None else None,
+    )
+    info.update(arch=arch_name(cfg), config=cfg.to_dict(), embed_dim=cfg.embed_dim, input_size=input_size)
+    return LoadedModel(model.eval(), prep, info)

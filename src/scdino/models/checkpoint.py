@@ -1,0 +1,184 @@
+"""Checkpoint I/O: safe loading, DINO / scDINO / scdino-train layouts, hub names, architecture inference."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scdino.errors import CheckpointError
+from scdino.models.vit import FAMILIES, ViTConfig
+
+log = logging.getLogger(__name__)
+
+#: Hub names of DINO's ImageNet ViTs -> file published by the DINO authors.
+HUB_URLS: dict[str, str] = {
+    "dino_vits16": "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
+    "dino_vits8": "https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth",
+    "dino_vitb16": "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
+    "dino_vitb8": "https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth",
+}
+
+#: The only non-tensor globals a DINO-style checkpoint needs (its ``args`` entry is an argparse Namespace).
+SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+
+_PREFIXES = ("module.", "backbone.", "_orig_mod.")
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+@dataclass
+class Checkpoint:
+    """A ViT backbone state dict with what is known about it."""
+
+    state_dict: dict[str, torch.Tensor]
+    config: ViTConfig
+    source: str
+    sha256: str | None
+    layout: str
+    key: str | None = None
+    #: scdino-train metadata: channel names, mean/std, arch; empty for DINO/scDINO files
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def safe_load(path: str | os.PathLike) -> Any:
+    """``torch.load(weights_only=True)`` admitting only :data:`SAFE_GLOBALS`; clear errors otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such checkpoint file; pass a .pth file, a hub name or random:ARCH")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{p}: refused, the file holds Python objects that could run code when loaded ({first}). "
+            "Only tensors, plain containers and argparse.Namespace are admitted; re-save the weights with "
+            "torch.save(model.state_dict(), ...) from a trusted environment"
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{p}: cannot be read as a PyTorch checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "the file is truncated or not a checkpoint: download or copy it again"
+        ) from exc
+
+
+def _strip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in _PREFIXES:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        out[k] = v
+    return out
+
+
+def extract_backbone(obj: Any, key: str | None = "teacher", source: str = "<memory>") -> tuple[dict, str, str | None]:
+    """Find the ViT backbone state dict in any supported layout; returns (state dict, layout, key used)."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{source}: expected a dict of weights, found {type(obj).__name__}")
+    layout, used = "backbone", None
+    if "teacher" in obj or "student" in obj:
+        layout = "dino-full"
+        used = key or "teacher"
+        if used not in obj:
+            raise CheckpointError(
+                f"{source}: no {used!r} entry in this DINO checkpoint (entries: {', '.join(map(str, obj))}); "
+                "pass --checkpoint-key teacher or student"
+            )
+        sd = obj[used]
+    elif "state_dict" in obj or "model" in obj:
+        used = "state_dict" if "state_dict" in obj else "model"
+        layout, sd = f"wrapped[{used}]", obj[used]
+    else:
+        sd = obj
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{source}: the {used or 'top-level'} entry is not a state dict of tensors")
+    sd = _strip(sd)
+    # the DINO projection head is not part of the backbone
+    sd = {k: v for k, v in sd.items() if not (k.startswith("head.") or k.startswith("last_layer."))}
+    missing = [k for k in ("cls_token", "pos_embed", "patch_embed.proj.weight") if k not in sd]
+    if missing:
+        shown = ", ".join(list(sd)[:6])
+        raise CheckpointError(
+            f"{source}: not a DINO ViT checkpoint, {', '.join(missing)} missing (keys start: {shown}); "
+            "scdino reads ViT-S/B checkpoints of DINO, scDINO and scdino-train"
+        )
+    return sd, layout, used
+
+
+def infer_config(sd: dict[str, torch.Tensor], arch_hint: str | None = None, source: str = "<memory>") -> ViTConfig:
+    """Architecture from the shapes of a backbone state dict (heads from the hint, the family, or dim / 64)."""
+    d = sd["cls_token"].shape[-1]
+    w = sd["patch_embed.proj.weight"]
+    patch, in_chans = w.shape[-1], w.shape[1]
+    depth = 1 + max((int(m.group(1)) for k in sd if (m := _BLOCK_RE.match(k))), default=-1)
+    if depth == 0:
+        raise CheckpointError(f"{source}: no transformer blocks in the checkpoint")
+    n = sd["pos_embed"].shape[1] - 1
+    grid = int(round(n ** 0.5))
+    if grid * grid != n:
+        raise CheckpointError(f"{source}: position embedding of {n} patches is not a square grid")
+    hidden = sd["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in sd else 4 * d
+    heads = None
+    if arch_hint:
+        fam = re.sub(r"\d+$", "", arch_hint)
+        if fam in FAMILIES and FAMILIES[fam][0] == d:
+            heads = FAMILIES[fam][2]
+    if heads is None:
+        heads = next((h for (dd, dep, h) in FAMILIES.values() if dd == d and dep == depth), max(1, d // 64))
+    return ViTConfig(
+        embed_dim=d, depth=depth, num_heads=heads, patch_size=patch, in_chans=in_chans, img_size=grid * patch,
+        mlp_ratio=hidden / d, qkv_bias="blocks.0.attn.qkv.bias" in sd,
+    )
+
+
+def read_checkpoint(path: str | os.PathLike, key: str | None = "teacher") -> Checkpoint:
+    """Load a checkpoint file of any supported layout safely."""
+    src = str(path)
+    obj = safe_load(path)
+    sd, layout, used = extract_backbone(obj, key, src)
+    meta = dict(obj.get("scdino", {})) if isinstance(obj, dict) and isinstance(obj.get("scdino"), dict) else {}
+    hint = meta.get("arch")
+    args = obj.get("args") if isinstance(obj, dict) else None
+    if hint is None and isinstance(args, argparse.Namespace):
+        hint = getattr(args, "arch", None)
+    cfg = infer_config(sd, hint, src)
+    return Checkpoint(sd, cfg, src, sha256_of(path), layout, used, meta)
+
+
+def hub_path(name: str) -> Path:
+    """Local file of a hub model, downloaded once into torch hub's cache."""
+    url = HUB_URLS[name]
+    dest = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s from %s into %s", name, url, dest)
+    try:
+        torch.hub.download_url_to_file(url, str(dest), progress=True)
+    except Exception as exc:  # urllib raises many types; all mean the same thing to the user
+        raise CheckpointError(
+            f"{name}: the download from {url} failed ({type(exc).__name__}: {exc}). Without network access, "
+            f"download the file elsewhere and pass its path with --model, or copy it to {dest}"
+        ) from exc
+    return dest
