@@ -1,0 +1,163 @@
+"""Cells of a plate: the cell table (one row per nucleus) and mass-centred raw crops read from it.
+
+Phase 1 (:func:`field_cells`) finds nuclei in a field (stored labels or built-in segmentation) and places an
+S x S window on each nucleus' intensity-weighted centroid on the segmentation channel. Phase 2
+(:func:`read_crops`) reads those windows for any run of table rows, one region read per field.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from scdino.engine.segment import SegmentParams, segment_nuclei
+from scdino.errors import ConfigError, InputError
+from scdino.plate import FieldRef, Plate, resolve_channels
+
+log = logging.getLogger(__name__)
+
+#: columns of the cell table, in order
+COLUMNS = [
+    "plate", "well", "field", "label", "centroid_y", "centroid_x", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1",
+    "area", "crop_y0", "crop_x0", "border",
+]
+
+
+@dataclass(frozen=True)
+class CellOptions:
+    """How cells are found and cropped.
+
+    channels: names or indices selecting and ordering the model's input channels (None = all);
+    labels: name of a label image under ``labels/`` (None = segment); segment_channel: channel used for
+    segmentation and for the intensity-weighted centroid (None = first selected channel);
+    crop_size: crop side in pixels; crop_um: crop side in micrometres (needs the pixel size in the plate);
+    border: ``pad`` (zero-pad and flag cells whose window leaves the field) or ``skip``.
+    """
+
+    channels: tuple[str, ...] | None = None
+    labels: str | None = None
+    segment_channel: str | None = None
+    crop_size: int | None = None
+    crop_um: float | None = None
+    border: str = "pad"
+    segment: SegmentParams = field(default_factory=SegmentParams)
+    wells: tuple[str, ...] | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FieldPlan:
+    """What phase 1 resolved for a field: channel indices and the crop size in pixels."""
+
+    ref: FieldRef
+    channels: tuple[int, ...]
+    channel_names: tuple[str, ...]
+    seg_channel: int
+    crop: int
+
+
+def plan_field(plate: Plate, ref: FieldRef, opts: CellOptions) -> FieldPlan:
+    where = f"{plate.path}/{ref.path}"
+    names = plate.channel_names(ref)
+    chans = resolve_channels(names, opts.channels, where)
+    if opts.segment_channel is not None:
+        seg = resolve_channels(names, [opts.segment_channel], where)[0]
+    else:
+        seg = chans[0]
+    if opts.crop_um is not None:
+        px = plate.image(ref).pixel_size
+        if px is None:
+            raise ConfigError(f"{where}: the pixel size is not in the plate metadata; use --crop-size in pixels")
+        crop = int(round(opts.crop_um / px[0]))
+    else:
+        crop = opts.crop_size or 64
+    if crop < 4:
+        raise ConfigError(f"{where}: crop of {crop} px is too small; expected at least 4 px")
+    return FieldPlan(ref, tuple(chans), tuple(names[c] for c in chans), seg, crop)
+
+
+def field_cells(plate: Plate, ref: FieldRef, opts: CellOptions) -> pd.DataFrame:
+    """The cell table of one field (may be empty)."""
+    from skimage.measure import regionprops_table
+
+    plan = plan_field(plate, ref, opts)
+    where = f"{plate.path}/{ref.path}"
+    img = plate.read(ref, [plan.seg_channel])[0]
+    if img.size == 0:
+        raise InputError(f"{where}: the field is empty (shape {img.shape}); expected an image with pixels")
+    if opts.labels:
+        labels = plate.labels(ref, opts.labels)
+        if labels.shape != img.shape:
+            raise InputError(f"{where}/labels/{opts.labels}: shape {labels.shape}, the image is {img.shape}")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise InputError(f"{where}/labels/{opts.labels}: dtype {labels.dtype}, expected integer labels")
+    else:
+        labels = segment_nuclei(img, opts.segment)
+    if labels.max() == 0:
+        log.info("%s: no nuclei", where)
+        return empty_table()
+    props = regionprops_table(
+        labels.astype(np.int32, copy=False), intensity_image=img.astype(np.float32),
+        properties=("label", "centroid", "centroid_weighted", "bbox", "area"),
+    )
+    cy, cx = props["centroid_weighted-0"], props["centroid_weighted-1"]
+    # a nucleus with zero signal has no weighted centroid: use its geometric centre
+    bad = ~np.isfinite(cy) | ~np.isfinite(cx)
+    cy, cx = np.where(bad, props["centroid-0"], cy), np.where(bad, props["centroid-1"], cx)
+    s = plan.crop
+    y0 = np.round(cy).astype(np.int64) - s // 2
+    x0 = np.round(cx).astype(np.int64) - s // 2
+    h, w = img.shape
+    border = (y0 < 0) | (x0 < 0) | (y0 + s > h) | (x0 + s > w)
+    df = pd.DataFrame({
+        "plate": plate.name, "well": ref.well, "field": ref.field,
+        "label": props["label"].astype(np.int64),
+        "centroid_y": cy.astype(np.float64), "centroid_x": cx.astype(np.float64),
+        "bbox_y0": props["bbox-0"], "bbox_x0": props["bbox-1"], "bbox_y1": props["bbox-2"], "bbox_x1": props["bbox-3"],
+        "area": props["area"].astype(np.int64), "crop_y0": y0, "crop_x0": x0, "border": border,
+    })
+    if opts.border == "skip":
+        df = df[~df["border"]]
+    elif opts.border != "pad":
+        raise ConfigError(f"unknown border mode {opts.border!r}; expected pad or skip")
+    return df.reset_index(drop=True)
+
+
+def empty_table() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(COLUMNS, [
+        object, object, object, np.int64, np.float64, np.float64, np.int64, np.int64, np.int64, np.int64,
+        np.int64, np.int64, np.int64, bool])})
+
+
+def read_crops(
+    plate: Plate, rows: pd.DataFrame, channels: Sequence[int], crop: int, dtype: np.dtype | None = None
+) -> np.ndarray:
+    """Raw crops (n, C, crop, crop) for table ``rows``: one region read per field, zero padding at borders."""
+    n = len(rows)
+    out: np.ndarray | None = np.zeros((n, len(channels), crop, crop), dtype) if dtype is not None else None
+    if n == 0:
+        return out if out is not None else np.zeros((0, len(channels), crop, crop), np.uint16)
+    y0s, x0s = rows["crop_y0"].to_numpy(), rows["crop_x0"].to_numpy()
+    for (well, fld), idx in rows.groupby(["well", "field"], sort=False).indices.items():
+        ref = FieldRef(str(well), str(fld))
+        ms = plate.image(ref)
+        h, w = ms.array.shape[ms.axes.index("y")], ms.array.shape[ms.axes.index("x")]
+        ry0, rx0 = max(0, int(y0s[idx].min())), max(0, int(x0s[idx].min()))
+        ry1, rx1 = min(h, int(y0s[idx].max()) + crop), min(w, int(x0s[idx].max()) + crop)
+        region = plate.read(ref, channels, slice(ry0, ry1), slice(rx0, rx1))
+        if out is None:
+            out = np.zeros((n, len(channels), crop, crop), region.dtype)
+        for i in idx:
+            y0, x0 = int(y0s[i]), int(x0s[i])
+            sy0, sx0 = max(y0, 0), max(x0, 0)
+            sy1, sx1 = min(y0 + crop, h), min(x0 + crop, w)
+            if sy1 <= sy0 or sx1 <= sx0:
+                continue
+            out[i, :, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = region[:, sy0 - ry0:sy1 - ry0, sx0 - rx0:sx1 - rx0]
+    return out
