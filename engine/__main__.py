@@ -1,0 +1,3 @@
+from scdino.engine.cli import main
+
+main()

@@ -1,0 +1,128 @@
+"""The embeddings store: AnnData on zarr, written block by block, resumable, marked complete only at the end.
+
+Layout (readable by ``anndata.read_zarr``): ``obs`` = cell table, ``obsm/X_scdino`` = float32 CLS tokens chunked
+along cells exactly like the engine's blocks (so each block is one atomic chunk write), ``uns/scdino`` = run
+metadata, ``uns/scdino_progress`` = one flag per block. The root attribute ``scdino.status`` is ``creating``,
+``running`` or ``complete``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import warnings
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from scdino.errors import OutputError
+
+log = logging.getLogger(__name__)
+
+KEY = "X_scdino"
+
+
+def store_status(path: str) -> dict[str, Any] | None:
+    """The ``scdino`` root attribute of an existing store, ``{}`` for a foreign zarr store, None if absent."""
+    if not os.path.exists(path):
+        return None
+    try:
+        g = zarr.open_group(path, mode="r", use_consolidated=False)
+    except Exception:  # not a zarr group at all
+        return {}
+    return dict(g.attrs.get("scdino", {}))
+
+
+class EmbeddingStore:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.group = zarr.open_group(path, mode="r+", use_consolidated=False)
+        meta = dict(self.group.attrs["scdino"])
+        self.chunk = int(meta["chunk"])
+        self.n = int(meta["n_cells"])
+        self.X = self.group["obsm"][KEY]
+        self.progress = self.group["uns"]["scdino_progress"]
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.n // self.chunk) if self.n else 0
+
+    @classmethod
+    def create(
+        cls, path: str, table: pd.DataFrame, embed_dim: int, chunk: int, uns: dict, fingerprint: str
+    ) -> "EmbeddingStore":
+        import anndata as ad
+
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        obs = table.copy()
+        obs.index = (obs["well"].astype(str) + "/" + obs["field"].astype(str) + "/" + obs["label"].astype(str)).values
+        if obs.index.has_duplicates:
+            dup = obs.index[obs.index.duplicated()][0]
+            raise OutputError(f"{path}: cell {dup} appears twice in the cell table; this is a bug, please report it")
+        adata = ad.AnnData(obs=obs, uns={"scdino": uns})
+        with ad.settings.override(zarr_write_format=3), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*autosharding.*")
+            adata.write_zarr(path)
+        g = zarr.open_group(path, mode="r+", use_consolidated=False)
+        g.attrs["scdino"] = {"status": "creating"}
+        n = len(table)
+        x = g["obsm"].create_array(KEY, shape=(n, embed_dim), chunks=(chunk, embed_dim), dtype="float32",
+                                   fill_value=np.nan)
+        x.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        nb = -(-n // chunk)
+        p = g["uns"].create_array("scdino_progress", shape=(nb,), chunks=(1,), dtype="uint8", fill_value=0)
+        p.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        g.attrs["scdino"] = {"status": "running", "fingerprint": fingerprint, "chunk": chunk, "n_cells": n}
+        _consolidate(path)  # anndata.read_zarr reads consolidated metadata
+        return cls(path)
+
+    @classmethod
+    def resume(cls, path: str, fingerprint: str) -> "EmbeddingStore":
+        meta = store_status(path) or {}
+        if meta.get("fingerprint") != fingerprint:
+            raise OutputError(
+                f"{path}: holds an unfinished run with other settings (model, channels, cells or preprocessing); "
+                "pass --overwrite to start again, or --out with a new path"
+            )
+        return cls(path)
+
+    def table(self) -> pd.DataFrame:
+        from anndata.io import read_elem
+
+        return read_elem(self.group["obs"]).reset_index(drop=True)
+
+    def done(self) -> np.ndarray:
+        return self.progress[...].astype(bool)
+
+    def block_range(self, i: int) -> tuple[int, int]:
+        return i * self.chunk, min(self.n, (i + 1) * self.chunk)
+
+    def write_block(self, i: int, emb: np.ndarray) -> None:
+        a, b = self.block_range(i)
+        if emb.shape != (b - a, self.X.shape[1]):
+            raise OutputError(f"{self.path}: block {i} has shape {emb.shape}, expected {(b - a, self.X.shape[1])}")
+        if not np.isfinite(emb).all():
+            raise OutputError(f"{self.path}: block {i} (cells {a}-{b}) has non-finite embeddings; the model diverged")
+        self.X[a:b] = emb  # one whole chunk: an atomic write
+        self.progress[i] = 1  # only after the data are on disk
+
+    def finish(self, uns: dict) -> None:
+        from anndata.io import write_elem
+
+        if not self.done().all():
+            raise OutputError(f"{self.path}: {int((~self.done()).sum())} blocks missing; cannot mark complete")
+        write_elem(self.group["uns"], "scdino", uns)
+        meta = dict(self.group.attrs["scdino"])
+        meta["status"] = "complete"
+        self.group.attrs["scdino"] = meta
+        _consolidate(self.path)
+
+
+def _consolidate(path: str) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        zarr.consolidate_metadata(path)

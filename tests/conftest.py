@@ -1,0 +1,81 @@
+"""Shared fixtures: synthetic plates with exact answers, real sample plates, DINO-layout checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scdino.engine.sample import FieldImage, write_plate, write_sample_plate
+from scdino.models import arch_config, build_model
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def blob_field(rng: np.random.Generator, centres, shape=(96, 128), radius=6, n_channels=2) -> FieldImage:
+    """A synthetic field: bright disks (nuclei) on a dim noisy background, with their exact label image."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    labels = np.zeros(shape, np.uint32)
+    img = rng.integers(90, 110, size=(n_channels, *shape)).astype(np.uint16)
+    for i, (cy, cx) in enumerate(centres, start=1):
+        disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
+        labels[disk] = i
+        for c in range(n_channels):
+            img[c][disk] += np.uint16(800 + 400 * c + 50 * i)
+    return FieldImage(img, {"nuclei": labels})
+
+
+def make_tiny_plate(path: Path, ngff: str = "0.5", n_channels: int = 2, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    centres = [[(20, 20), (50, 64), (70, 100), (30, 110)], [(48, 30), (48, 90), (80, 60)]]
+    wells = {
+        "A/1": [blob_field(rng, centres[0], n_channels=n_channels), blob_field(rng, centres[1], n_channels=n_channels)],
+        "B/2": [blob_field(rng, centres[1][::-1], n_channels=n_channels)],
+    }
+    names = ["DAPI", "GFP", "RFP", "CY5", "BF"][:n_channels]
+    return write_plate(path, wells, names, pixel_size_um=0.5, ngff=ngff, name="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_plate(tmp_path_factory) -> str:
+    return make_tiny_plate(tmp_path_factory.mktemp("plates") / "tiny.zarr")
+
+
+@pytest.fixture(scope="session")
+def scratch_plate(tmp_path_factory) -> str:
+    return write_sample_plate(tmp_path_factory.mktemp("plates") / "scratch.zarr", "scratch")
+
+
+@pytest.fixture(scope="session")
+def neocortex_plate(tmp_path_factory) -> str:
+    return write_sample_plate(tmp_path_factory.mktemp("plates") / "neocortex.zarr", "neocortex")
+
+
+def dino_full_checkpoint(path: Path, arch: str = "vit_test16", in_chans: int = 3, seed: int = 0,
+                         extra: dict | None = None) -> dict[str, torch.Tensor]:
+    """Write a checkpoint exactly as DINO's main_dino.py saves it; returns the teacher backbone state dict."""
+    torch.manual_seed(seed)
+    teacher = build_model(arch_config(arch, in_chans=in_chans)).state_dict()
+    torch.manual_seed(seed + 1)
+    student = build_model(arch_config(arch, in_chans=in_chans)).state_dict()
+    d = teacher["cls_token"].shape[-1]
+    head = {"head.mlp.0.weight": torch.randn(16, d), "head.mlp.0.bias": torch.zeros(16),
+            "head.last_layer.weight_g": torch.ones(32, 1), "head.last_layer.weight_v": torch.randn(32, 16)}
+    save = {
+        "student": {**{f"module.backbone.{k}": v for k, v in student.items()},
+                    **{f"module.{k}": v for k, v in head.items()}},
+        "teacher": {**{f"backbone.{k}": v for k, v in teacher.items()}, **head},
+        "optimizer": {"state": {}, "param_groups": [{"lr": 0.0005, "params": [0, 1]}]},
+        "epoch": 100,
+        "args": argparse.Namespace(arch=arch.rstrip("0123456789"), patch_size=16, out_dim=65536, lr=0.0005,
+                                   output_dir="./out", local_crops_number=8),
+        "dino_loss": {"center": torch.zeros(1, 65536)},
+    }
+    if extra:
+        save.update(extra)
+    torch.save(save, path)
+    return teacher

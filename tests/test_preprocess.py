@@ -1,0 +1,45 @@
+import numpy as np
+import pytest
+import torch
+
+from reference import preprocess as ref_preprocess
+from scdino.preprocess import Preprocessing, apply, minmax_scale, preprocess
+
+
+def test_minmax_per_image_per_channel():
+    x = torch.tensor([[[[0, 10], [20, 40]], [[5, 5], [5, 5]]], [[[100, 100], [100, 300]], [[1, 2], [3, 4]]]],
+                     dtype=torch.int32)
+    y = minmax_scale(x)
+    torch.testing.assert_close(y[0, 0], torch.tensor([[0, 0.25], [0.5, 1.0]]))
+    torch.testing.assert_close(y[0, 1], torch.zeros(2, 2))  # constant channel -> 0
+    torch.testing.assert_close(y[1, 0], torch.tensor([[0, 0], [0, 1.0]]))
+    torch.testing.assert_close(y[1, 1], torch.tensor([[0, 1 / 3], [2 / 3, 1.0]]))
+    assert y.dtype == torch.float32
+
+
+def test_constant_and_saturated_crops_give_no_nan():
+    x = torch.full((2, 3, 16, 16), 65535, dtype=torch.uint16)
+    x[1, 2] = 0
+    y = preprocess(x, 32)
+    assert torch.isfinite(y).all() and float(y.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("size", [8, 50, 100])
+def test_matches_independent_implementation(size):
+    rng = np.random.default_rng(size)
+    crops = rng.integers(0, 65535, (3, 4, size, size)).astype(np.uint16)
+    crops[1, 2] = 7
+    got = preprocess(torch.from_numpy(crops), 224).numpy()
+    ref = np.stack([ref_preprocess(c, 224) for c in crops])
+    np.testing.assert_allclose(got, ref, atol=1e-5)  # float32 source coordinates vs float64
+
+
+def test_mean_std_normalisation():
+    x = torch.rand(2, 2, 10, 10)
+    p = Preprocessing(input_size=10, mean=(0.5, 0.25), std=(0.5, 2.0))
+    y = apply(x, p)
+    s = minmax_scale(x)
+    torch.testing.assert_close(y[:, 0], (s[:, 0] - 0.5) / 0.5)
+    torch.testing.assert_close(y[:, 1], (s[:, 1] - 0.25) / 2.0)
+    with pytest.raises(ValueError, match="one value per channel"):
+        preprocess(x, 10, mean=(0.5,), std=(1.0,))
