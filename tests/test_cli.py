@@ -1,0 +1,134 @@
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny_plate
+from scdino.engine.output import store_status
+from scdino.engine.sample import FieldImage, write_plate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, check=False) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", "scdino.engine", *map(str, args)], capture_output=True, text=True,
+                       timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(p.stderr)
+    return p
+
+
+def test_help_works_without_torch():
+    code = ("import sys\nfrom scdino.engine.cli import main\n"
+            "for a in (['--help'], ['run', '--help'], ['sample-plate', '--help']):\n"
+            "    try:\n        main(a)\n    except SystemExit as e:\n        assert e.code == 0, e.code\n"
+            "heavy = [m for m in ('torch', 'dask', 'zarr', 'anndata', 'distributed') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "--crop-um" in p.stdout and "--scheduler" in p.stdout and "random:ARCH" in p.stdout
+
+
+def test_every_subpackage_is_in_the_wheel():
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    dirs = {name: ROOT / d for name, d in cfg["package-dir"].items()}
+    found = set()
+    for name, d in dirs.items():
+        for init in d.rglob("__init__.py"):
+            rel = init.parent.relative_to(d)
+            found.add(".".join([name, *rel.parts]) if rel.parts else name)
+    assert found <= set(cfg["packages"]), found - set(cfg["packages"])
+
+
+def test_end_to_end_on_the_real_sample_plates(tmp_path):
+    neo = tmp_path / "neocortex.zarr"
+    assert "wrote" in cli("sample-plate", neo, check=True).stdout
+    p = cli("run", neo, "--model", "random:vit_test16", "--out", tmp_path / "n.zarr", "--segment-channel", "CTIP2",
+            "--sigma", "1", "--min-distance", "4", "--min-area", "15", "--crop-size", "32", "--input-size", "64",
+            check=True)
+    assert "untrained" in p.stdout
+    a = ad.read_zarr(tmp_path / "n.zarr")
+    assert a.n_obs > 150 and a.obsm["X_scdino"].shape == (a.n_obs, 32)
+    assert set(a.obs["well"]) == {"A/1", "A/2"} and list(a.uns["scdino"]["channels"]) == ["CTIP2", "BRN2", "ROR"]
+    assert np.isfinite(a.obsm["X_scdino"]).all()
+
+    scratch = tmp_path / "scratch.zarr"
+    cli("sample-plate", scratch, "--dataset", "scratch", "--ngff", "0.4", check=True)
+    cli("run", scratch, "--model", "random:vit_test8", "--out", tmp_path / "s.zarr", "--labels", "nuclei",
+        "--channels", "H3342", "--crop-um", "20", "--input-size", "32", check=True)
+    s = ad.read_zarr(tmp_path / "s.zarr")
+    from scdino.plate import Plate
+
+    plate = Plate(scratch)
+    n_labels = sum(len(np.unique(plate.labels(r, "nuclei"))) - 1 for r in plate.fields())
+    assert s.n_obs == n_labels  # exactly one row per labelled nucleus
+    assert s.uns["scdino"]["crop_size"] == round(20 / 0.619)
+
+
+def _bad(p: subprocess.CompletedProcess, *words: str) -> str:
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    err = [ln for ln in p.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(err) == 1, p.stderr
+    for w in words:
+        assert w in err[0], (w, err[0])
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def plate2(tmp_path_factory):
+    return make_tiny_plate(tmp_path_factory.mktemp("p") / "tiny.zarr")
+
+
+def test_bad_inputs_give_one_clear_line(plate2, tmp_path):
+    out = tmp_path / "o.zarr"
+    run = ("run", "--model", "random:vit_test8", "--input-size", "32", "--crop-size", "16", "--out", out)
+    img = tmp_path / "image.zarr"
+    import zarr
+
+    zarr.open_group(img, mode="w").attrs["multiscales"] = [{"datasets": [{"path": "0"}]}]
+    _bad(cli(*run, img), "image.zarr", "not an OME-Zarr HCS plate", "sample-plate")
+    _bad(cli(*run, plate2, "--channels", "DAPI,CY5"), "A/1/0", "no channel 'CY5'", "DAPI, GFP", "--channels")
+    _bad(cli(*run, plate2, "--labels", "cells"), "A/1/0", "no label image 'cells'", "--segment-channel")
+    _bad(cli(*run, plate2, "--wells", "C/7"), "no well C/7")
+    # a model trained on 5 channels given 2
+    five = tmp_path / "five.pth"
+    from scdino.models import arch_config, build_model
+
+    torch.save(build_model(arch_config("vit_test8", in_chans=5)).state_dict(), five)
+    _bad(cli("run", plate2, "--model", five, "--out", out, "--labels", "nuclei"), "expects 5 channels", "--channels")
+    # truncated checkpoint
+    trunc = tmp_path / "trunc.pth"
+    trunc.write_bytes(five.read_bytes()[:1000])
+    _bad(cli("run", plate2, "--model", trunc, "--out", out), "trunc.pth", "truncated")
+    assert store_status(str(out)) is None  # nothing written, nothing marked complete
+
+
+def test_no_nuclei_and_unreadable_chunks(tmp_path):
+    blank = write_plate(tmp_path / "blank.zarr", {"A/1": [FieldImage(np.full((1, 64, 64), 100, np.uint16))]},
+                        ["DAPI"], ngff="0.4")
+    out = tmp_path / "o.zarr"
+    _bad(cli("run", blank, "--model", "random:vit_test8", "--out", out), "blank.zarr", "no nuclei found in 1 fields",
+         "--labels")
+    assert store_status(str(out)) is None
+    plate = make_tiny_plate(tmp_path / "t.zarr")
+    chunk = next(Path(plate, "B", "2", "0", "s0").rglob("c/*/*/*"))
+    chunk.write_bytes(b"\x00" * 10)
+    _bad(cli("run", plate, "--model", "random:vit_test8", "--labels", "nuclei", "--out", out, "--input-size", "32"),
+         "t.zarr/B/2/0", "chunk cannot be read")
+    st = store_status(str(out))
+    assert st is None or st.get("status") != "complete"
+
+
+def test_existing_foreign_output_is_not_overwritten(plate2, tmp_path):
+    out = tmp_path / "x.zarr"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    _bad(cli("run", plate2, "--model", "random:vit_test8", "--labels", "nuclei", "--out", out),
+         "not an unfinished scdino run", "--overwrite")
+    assert (out / "precious.txt").exists()
