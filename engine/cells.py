@@ -33,7 +33,9 @@ class CellOptions:
 
     channels: names or indices selecting and ordering the model's input channels (None = all);
     labels: name of a label image under ``labels/`` (None = segment); segment_channel: channel used for
-    segmentation and for the intensity-weighted centroid (None = first selected channel);
+    segmentation and for the intensity-weighted centroid (None = first selected channel); several channels
+    (``"A,B"``) are combined as the pixel-wise maximum of each channel scaled by its 1st-99.8th percentile, which finds
+    nuclei that are bright in any of them (e.g. mutually exclusive nuclear markers);
     crop_size: crop side in pixels; crop_um: crop side in micrometres (needs the pixel size in the plate);
     border: ``pad`` (zero-pad and flag cells whose window leaves the field) or ``skip``.
     """
@@ -58,7 +60,7 @@ class FieldPlan:
     ref: FieldRef
     channels: tuple[int, ...]
     channel_names: tuple[str, ...]
-    seg_channel: int
+    seg_channels: tuple[int, ...]
     crop: int
 
 
@@ -67,9 +69,9 @@ def plan_field(plate: Plate, ref: FieldRef, opts: CellOptions) -> FieldPlan:
     names = plate.channel_names(ref)
     chans = resolve_channels(names, opts.channels, where)
     if opts.segment_channel is not None:
-        seg = resolve_channels(names, [opts.segment_channel], where)[0]
+        seg = resolve_channels(names, [c for c in str(opts.segment_channel).split(",") if c.strip()], where)
     else:
-        seg = chans[0]
+        seg = [chans[0]]
     if opts.crop_um is not None:
         px = plate.image(ref).pixel_size
         if px is None:
@@ -79,7 +81,19 @@ def plan_field(plate: Plate, ref: FieldRef, opts: CellOptions) -> FieldPlan:
         crop = opts.crop_size or 64
     if crop < 4:
         raise ConfigError(f"{where}: crop of {crop} px is too small; expected at least 4 px")
-    return FieldPlan(ref, tuple(chans), tuple(names[c] for c in chans), seg, crop)
+    return FieldPlan(ref, tuple(chans), tuple(names[c] for c in chans), tuple(seg), crop)
+
+
+def segmentation_image(pixels: np.ndarray) -> np.ndarray:
+    """The image nuclei are found and centred on: the channel itself, or the percentile-scaled maximum of several."""
+    if len(pixels) == 1:
+        return pixels[0]
+    out = np.zeros(pixels.shape[1:], np.float32)
+    for ch in pixels.astype(np.float32):
+        lo, hi = np.percentile(ch, [1.0, 99.8])
+        if hi > lo:
+            np.maximum(out, np.clip((ch - lo) / (hi - lo), 0, 1), out=out)
+    return out
 
 
 def field_cells(plate: Plate, ref: FieldRef, opts: CellOptions) -> pd.DataFrame:
@@ -88,7 +102,7 @@ def field_cells(plate: Plate, ref: FieldRef, opts: CellOptions) -> pd.DataFrame:
 
     plan = plan_field(plate, ref, opts)
     where = f"{plate.path}/{ref.path}"
-    img = plate.read(ref, [plan.seg_channel])[0]
+    img = segmentation_image(plate.read(ref, list(plan.seg_channels)))
     if img.size == 0:
         raise InputError(f"{where}: the field is empty (shape {img.shape}); expected an image with pixels")
     if opts.labels:

@@ -69,7 +69,9 @@ def _split(value: str | None) -> tuple[str, ...] | None:
               help="Which network of a DINO full checkpoint to use (teacher or student).")
 @click.option("--channels", help="Channels to use, in order, by name or index (e.g. DAPI,GFP or 0,2). Default: all.")
 @click.option("--labels", help="Name of a nucleus label image under labels/ of each field. Default: segment nuclei.")
-@click.option("--segment-channel", help="Channel (name or index) to segment and to centre crops on. Default: first.")
+@click.option("--segment-channel",
+              help="Channel (name or index) to segment and to centre crops on; several (A,B) are combined by a "
+                   "pixel-wise max of percentile-scaled channels. Default: the first selected channel.")
 @click.option("--crop-size", type=int, help="Crop side in pixels.  [default: 64]")
 @click.option("--crop-um", type=float, help="Crop side in micrometres (needs the pixel size in the plate metadata).")
 @click.option("--border", type=click.Choice(["pad", "skip"]), default="pad", show_default=True,
