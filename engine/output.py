@@ -59,6 +59,8 @@ class EmbeddingStore:
         if os.path.exists(path):
             shutil.rmtree(path)
         obs = table.copy()
+        for col in ("plate", "well", "field"):
+            obs[col] = obs[col].astype(str).astype("category")
         obs.index = (obs["well"].astype(str) + "/" + obs["field"].astype(str) + "/" + obs["label"].astype(str)).values
         if obs.index.has_duplicates:
             dup = obs.index[obs.index.duplicated()][0]
