@@ -5,35 +5,19 @@ Nothing heavy is imported at module level, so ``--help`` works without torch, da
 
 from __future__ import annotations
 
-import logging
-import sys
-
 import click
 
-from scdino.errors import ScdinoError
+from scdino._cli import ErrorGroup, configure_logging
 
 MODEL_HELP = (
-    "Model: a checkpoint file (DINO full checkpoint, backbone-only, scDINO or scdino-train), a hub name "
+    "Model: an exported model.onnx or TensorRT model.plan (from scdino-export), "
+    "a checkpoint file (DINO full checkpoint, backbone-only, scDINO or scdino-train), a hub name "
     "(dino_vits16, dino_vits8, dino_vitb16, dino_vitb8; downloaded once into the torch hub cache), or random:ARCH "
     "(e.g. random:vit_small16) for an untrained model whose embeddings carry no learned features."
 )
 
 
-class _Group(click.Group):
-    """Turn scdino's own errors into one line on stderr and exit code 2; Ctrl-C into exit code 130."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except ScdinoError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted: run the same command again to continue where it stopped", err=True)
-            sys.exit(130)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=ErrorGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.version_option(package_name="scdino")
 def main(verbose: int) -> None:
@@ -44,17 +28,7 @@ def main(verbose: int) -> None:
       scdino-engine sample-plate sample.zarr
       scdino-engine run sample.zarr --model random:vit_small16 --out cells.zarr
     """
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    # scdino's own messages from INFO up; other libraries' (dask, distributed) only as asked with -v
-    handler.addFilter(lambda r: r.levelno >= (logging.INFO if r.name.startswith("scdino") else max(level, logging.WARNING)
-                                              if verbose < 2 else level))
-    logging.basicConfig(level=min(level, logging.INFO), handlers=[handler], force=True)
-    if verbose == 0:
-        import warnings
-
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"zarr\..*|anndata\..*|contextlib")
+    configure_logging(verbose)
 
 
 def _split(value: str | None) -> tuple[str, ...] | None:
@@ -80,7 +54,10 @@ def _split(value: str | None) -> tuple[str, ...] | None:
 @click.option("--input-size", type=int, default=224, show_default=True, help="Model input size; crops are resized.")
 @click.option("--adapt", default="mean", show_default=True,
               help="Adaptation of RGB models to N channels: mean (scDINO), scaled (timm) or map:R,G,B,...")
-@click.option("--backend", default="auto", show_default=True, help="Inference backend: auto or torch.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
+              show_default=True,
+              help="auto picks by MODEL: a checkpoint runs on torch, model.onnx on ONNX Runtime (CUDA if "
+                   "onnxruntime-gpu and a GPU are there), model.plan on TensorRT; the choice is logged.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Crops per forward pass.")
 @click.option("--chunk-cells", type=int, default=256, show_default=True,
@@ -125,8 +102,9 @@ def run_cmd(plate, model, out, checkpoint_key, channels, labels, segment_channel
     if res.blocks_run == 0 and res.resumed:
         click.echo(f"{out}: already complete ({res.n_cells} cells); pass --overwrite to run again")
     else:
-        click.echo(f"{verb} {out}: {res.n_cells} cells in {res.seconds:.1f} s ({rate:.1f} cells/s embedding)")
-    if model.startswith("random:"):
+        click.echo(f"{verb} {out}: {res.n_cells} cells in {res.seconds:.1f} s ({rate:.1f} cells/s embedding, "
+                   f"{res.backend})")
+    if res.untrained:
         click.echo("note: the model is untrained (random weights); these embeddings carry no learned features")
 
 

@@ -67,6 +67,8 @@ class RunResult:
     blocks_run: int
     resumed: bool
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    untrained: bool = False
+    backend: str = ""
 
 
 def versions() -> dict[str, str]:
@@ -116,6 +118,7 @@ def _fingerprint(cfg: RunConfig, spec: BackendSpec, model_info: dict, plan: Fiel
         "plate": os.path.abspath(cfg.plate), "n_fields": n_fields, "cells": cfg.cells.to_dict(),
         "channels": plan.channel_names, "crop": plan.crop, "model": model_info.get("checkpoint_sha256") or cfg.model,
         "spec": {k: v for k, v in spec.to_dict().items() if k not in ("batch_size", "threads", "device")},
+        "exported": model_info.get("exported_sha256"),
         "chunk": cfg.chunk_cells,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
@@ -149,10 +152,26 @@ def embeddings_array(crops, spec: BackendSpec, embed_dim: int):
 
 
 def _model_info(spec: BackendSpec) -> dict:
-    from scdino.models import load_model
+    """What the model is and expects; opening it here makes bad models fail before work is distributed."""
+    if spec.kind == "torch":
+        from scdino.models import load_model
 
-    lm = load_model(spec.model, spec.n_channels, spec.input_size, spec.checkpoint_key, spec.adapt, spec.seed)
-    return {**lm.info, "preprocessing": lm.prep.to_dict()}
+        lm = load_model(spec.model, spec.n_channels, spec.input_size, spec.checkpoint_key, spec.adapt, spec.seed)
+        return {**lm.info, "preprocessing": lm.prep.to_dict()}
+    from scdino.export.sidecar import read_sidecar
+
+    meta = read_sidecar(spec.model)
+    if meta["in_chans"] != spec.n_channels:
+        raise ConfigError(
+            f"{spec.model}: exported for {meta['in_chans']} channels ({', '.join(meta.get('channels') or [])}), "
+            f"the run selects {spec.n_channels}; pass --channels"
+        )
+    from scdino.models.checkpoint import sha256_of
+
+    return {"model": spec.model, "untrained": bool(meta.get("untrained")), "arch": meta["arch"],
+            "embed_dim": meta["embed_dim"], "channels": meta.get("channels"), "input_size": meta["input_size"],
+            "checkpoint_sha256": meta.get("checkpoint_sha256"), "exported_sha256": sha256_of(spec.model),
+            "precision": meta["precision"], "preprocessing": meta["preprocessing"], "source": meta.get("model")}
 
 
 def _tqdm(total: int, desc: str, enabled: bool):
@@ -180,7 +199,7 @@ def run(cfg: RunConfig) -> RunResult:
                 "every field gives the same input"
             )
     dtype = plate.image(first.ref).array.dtype
-    kind, device = resolve(cfg.backend, cfg.device)
+    kind, device = resolve(cfg.backend, cfg.device, cfg.model)
     threads = cfg.threads or (max(1, (os.cpu_count() or 1) // cfg.workers) if not cfg.scheduler else None)
     spec = BackendSpec(cfg.model, len(first.channels), cfg.input_size, cfg.checkpoint_key, cfg.adapt, kind, device,
                        cfg.batch_size, threads, cfg.seed)
@@ -197,7 +216,8 @@ def run(cfg: RunConfig) -> RunResult:
     if status is not None and not cfg.overwrite:
         if status.get("status") == "complete" and status.get("fingerprint") == fp:
             log.info("%s is already complete; nothing to do", cfg.out)
-            return RunResult(cfg.out, int(status.get("n_cells", 0)), 0.0, 0, True)
+            return RunResult(cfg.out, int(status.get("n_cells", 0)), 0.0, 0, True, {}, bool(info.get("untrained")),
+                             f"{spec.kind} on {spec.device}")
         if status.get("status") != "running":
             raise OutputError(f"{cfg.out}: exists and is not an unfinished scdino run; pass --overwrite or another --out")
     resumed = status is not None and status.get("status") == "running" and not cfg.overwrite
@@ -248,7 +268,8 @@ def run(cfg: RunConfig) -> RunResult:
     uns = _uns(cfg, spec, info, first, "complete")
     uns["timing"] = _plain({"seconds": seconds, **phases, "blocks_run": len(todo), "resumed": resumed})
     store.finish(uns)
-    return RunResult(cfg.out, len(table), seconds, len(todo), resumed, phases)
+    return RunResult(cfg.out, len(table), seconds, len(todo), resumed, phases, bool(info.get("untrained")),
+                     f"{spec.kind} on {spec.device}")
 
 
 def _uns(cfg: RunConfig, spec: BackendSpec, info: dict, plan: FieldPlan, status: str) -> dict:

@@ -124,3 +124,26 @@ def write_sample_plate(path: str | os.PathLike, dataset: str = "neocortex", ngff
     """Write the sample ``dataset`` as an HCS plate at ``path``."""
     wells, names, px = sample_wells(dataset)
     return write_plate(path, wells, names, px, ngff=ngff, name=f"scdino-sample-{dataset}", overwrite=overwrite)
+
+
+def verification_crops(n: int = 48, crop: int = 48) -> np.ndarray:
+    """Real uint16 crops (n, 3, crop, crop) of neocortex nuclei, evenly spread over the image, for export checks.
+
+    The package ships their output as ``scdino/data/verify_crops.npz`` (made by this function, checked by a test),
+    so that exporting needs no sample package.
+    """
+    from scdino.engine.cells import segmentation_image
+    from scdino.engine.segment import SegmentParams, segment_nuclei
+
+    img = _ndev("neocortex-3Ch.tiff")
+    lab = segment_nuclei(segmentation_image(img), SegmentParams(sigma=1.0, min_distance=4, min_area=15))
+    from skimage.measure import regionprops
+
+    props = regionprops(lab)
+    pick = np.linspace(0, len(props) - 1, n).round().astype(int)
+    pad = np.pad(img, ((0, 0), (crop, crop), (crop, crop)))
+    out = np.zeros((n, img.shape[0], crop, crop), img.dtype)
+    for j, i in enumerate(pick):
+        cy, cx = (int(round(v)) for v in props[i].centroid)
+        out[j] = pad[:, cy + crop - crop // 2:cy + 2 * crop - crop // 2, cx + crop - crop // 2:cx + 2 * crop - crop // 2]
+    return out

@@ -189,3 +189,14 @@ def test_hub_name_uses_the_cached_file(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("downloaded again"))
     lm = load_model("dino_vits8", 2, 32)
     assert lm.info["checkpoint_sha256"] == ckmod.sha256_of(dest)
+
+
+def test_forward_with_attention_matches_the_two_separate_paths():
+    torch.manual_seed(1)
+    m = build_model(arch_config("vit_test16", in_chans=2, img_size=64))
+    x = torch.rand(3, 2, 64, 64)
+    with torch.inference_mode():
+        cls, att = m.forward_with_attention(x)
+        torch.testing.assert_close(cls, m(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(att, m.get_last_selfattention(x)[:, :, 0, 1:])
+    assert att.shape == (3, 2, 16)

@@ -19,8 +19,8 @@ from scdino.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
-#: backends this release implements, in the order ``auto`` prefers them
-KINDS = ("torch",)
+#: backends this release implements
+KINDS = ("torch", "onnxruntime", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -67,20 +67,54 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def resolve(kind: str, device: str) -> tuple[str, str]:
-    """Turn ``auto`` into a concrete (backend, device) and say which."""
+def model_format(model: str) -> str:
+    """``plan`` (TensorRT), ``onnx`` or ``checkpoint`` (anything PyTorch loads: file, hub name, random:ARCH)."""
+    low = str(model).lower()
+    return "plan" if low.endswith((".plan", ".engine")) else "onnx" if low.endswith(".onnx") else "checkpoint"
+
+
+def _ort_has_cuda() -> bool:
+    try:
+        from scdino.engine.backends.onnxruntime_backend import import_ort
+
+        return "CUDAExecutionProvider" in import_ort().get_available_providers()
+    except ConfigError:
+        return False
+
+
+def resolve(kind: str, device: str, model: str = "") -> tuple[str, str]:
+    """Turn ``auto`` into a concrete (backend, device) for MODEL and log the choice.
+
+    The order of preference is tensorrt, onnxruntime with CUDA, torch with CUDA, onnxruntime on the CPU, torch on
+    the CPU, among the backends that can run MODEL's format: a ``.plan`` runs on TensorRT only, an ``.onnx`` on
+    ONNX Runtime, a checkpoint on PyTorch (exporting is an explicit, verified step: ``scdino-export``).
+    """
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"unknown device {device!r}; expected auto, cpu or cuda")
-    if device == "auto":
-        device = "cuda" if cuda_available() else "cpu"
-    elif device == "cuda" and not cuda_available():
+    gpu = cuda_available()
+    if device == "cuda" and not gpu:
         raise ConfigError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
+    fmt = model_format(model)
+    native = {"plan": "tensorrt", "onnx": "onnxruntime", "checkpoint": "torch"}[fmt]
+    if kind not in ("auto", *KINDS):
+        raise ConfigError(f"unknown backend {kind!r}; expected auto, {', '.join(KINDS)}")
+    if kind != "auto" and kind != native:
+        hint = {"onnxruntime": f"export it first: scdino-export onnx {model} --out model.onnx",
+                "tensorrt": "export it and build a plan: scdino-export onnx ... then scdino-export tensorrt ...",
+                "torch": "pass the checkpoint the model was exported from"}[kind]
+        raise ConfigError(f"--backend {kind} cannot run {model} (a {fmt} model); {hint}")
+    if device == "auto":
+        if fmt == "plan":
+            device = "cuda" if gpu else "cpu"
+        elif fmt == "onnx":
+            device = "cuda" if gpu and _ort_has_cuda() else "cpu"
+        else:
+            device = "cuda" if gpu else "cpu"
+    if fmt == "plan" and device != "cuda":
+        raise ConfigError(f"{model}: a TensorRT plan runs on an NVIDIA GPU only; use the .onnx on the CPU")
     if kind == "auto":
-        kind = KINDS[0]
-        log.info("backend auto -> %s on %s", kind, device)
-    elif kind not in KINDS:
-        raise ConfigError(f"unknown backend {kind!r}; this installation offers: auto, {', '.join(KINDS)}")
-    return kind, device
+        log.info("backend auto -> %s on %s", native, device)
+    return native, device
 
 
 def open_backend(spec: BackendSpec) -> Backend:
@@ -88,6 +122,14 @@ def open_backend(spec: BackendSpec) -> Backend:
         from scdino.engine.backends.torch_backend import TorchBackend
 
         return TorchBackend(spec)
+    if spec.kind == "onnxruntime":
+        from scdino.engine.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(spec)
+    if spec.kind == "tensorrt":
+        from scdino.engine.backends.tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(spec)
     raise ConfigError(f"unknown backend {spec.kind!r}")
 
 

@@ -24,7 +24,7 @@ from scdino.preprocess import Preprocessing
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "HUB_URLS", "Checkpoint", "LoadedModel", "ViTConfig", "VisionTransformer", "adapt_patch_weight",
+    "HUB_URLS", "Checkpoint", "LoadedModel", "native_channels", "ViTConfig", "VisionTransformer", "adapt_patch_weight",
     "arch_config", "arch_name", "build_model", "load_model", "read_checkpoint", "resize_pos_embed",
 ]
 
@@ -61,6 +61,18 @@ def _checkpoint_for(spec: str, key: str | None) -> Checkpoint | None:
     if spec in HUB_URLS:
         return read_checkpoint(hub_path(spec), key)
     return read_checkpoint(spec, key)
+
+
+def native_channels(spec: str, checkpoint_key: str | None = "teacher") -> int:
+    """The channel count a model was trained for; an error for RGB models, which adapt to any count."""
+    ckpt = _checkpoint_for(spec, checkpoint_key)
+    if ckpt is not None:
+        names = ckpt.meta.get("channels")
+        if names:
+            return len(names)
+        if ckpt.config.in_chans != 3:
+            return ckpt.config.in_chans
+    raise ConfigError(f"{spec}: adapts to any number of channels; say how many with --channels NAMES or --n-channels N")
 
 
 def load_model(

@@ -118,6 +118,13 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
+    def forward_with_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output and softmax attention weights in one pass (explicit attention, for attention maps)."""
+        b, n, c = x.shape
+        q, k, v = self._qkv(x)
+        a = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        return self.proj((a @ v).transpose(1, 2).reshape(b, n, c)), a
+
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Softmax attention (batch, heads, tokens, tokens), as DINO's ``get_last_selfattention`` returns it."""
         q, k, _ = self._qkv(x)
@@ -186,6 +193,17 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_tokens(x)[:, 0]
+
+    def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLS token and the last block's CLS-to-patch attention (batch, heads, patches), in one pass."""
+        x = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        last = self.blocks[-1]
+        out, a = last.attn.forward_with_weights(last.norm1(x))
+        x = x + out
+        x = x + last.mlp(last.norm2(x))
+        return self.norm(x)[:, 0], a[:, :, 0, 1:]
 
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
         """Attention weights of the last block (batch, heads, tokens, tokens)."""

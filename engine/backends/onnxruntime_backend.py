@@ -1,0 +1,114 @@
+"""ONNX Runtime backend for models exported by ``scdino-export onnx`` (preprocessing is inside the graph).
+
+CPU: intra-op threads = the worker's share of the cores, one inter-op thread, full graph optimisation.
+CUDA / TensorRT execution providers when ``onnxruntime-gpu`` is installed and ``--device cuda``; a session that
+silently fell back to the CPU is an error, not a slow surprise.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import logging
+
+import numpy as np
+
+from scdino.engine.backends import BackendSpec, check_crops
+from scdino.errors import ConfigError
+from scdino.export.sidecar import read_sidecar
+
+log = logging.getLogger(__name__)
+
+
+def ort_distributions() -> list[str]:
+    """Installed distributions that provide the ``onnxruntime`` module."""
+    found = []
+    for name in ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino"):
+        try:
+            md.version(name)
+            found.append(name)
+        except md.PackageNotFoundError:
+            pass
+    return found
+
+
+def import_ort():
+    """Import onnxruntime, refusing the broken state where two of its distributions overwrote each other."""
+    dists = ort_distributions()
+    if len(dists) > 1:
+        raise ConfigError(
+            f"{' and '.join(dists)} are both installed; they provide the same module and overwrite each other. "
+            f"Run: pip uninstall -y {' '.join(dists)} && pip install 'scdino[onnx]' (CPU) or 'scdino[gpu]' (CUDA)"
+        )
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ConfigError(f"ONNX Runtime is not installed ({exc}); run: pip install 'scdino[onnx]' "
+                          "(CPU) or 'scdino[gpu]' (NVIDIA GPU)") from exc
+    return ort
+
+
+def providers_for(device: str) -> list[str]:
+    ort = import_ort()
+    avail = ort.get_available_providers()
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in avail:
+            raise ConfigError(
+                f"--device cuda with ONNX Runtime needs onnxruntime-gpu; this installation offers {', '.join(avail)}. "
+                "Run: pip uninstall -y onnxruntime && pip install 'scdino[gpu]'"
+            )
+        chosen = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in avail]
+        return chosen + ["CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, spec: BackendSpec) -> None:
+        ort = import_ort()
+        self.spec = spec
+        self.meta = read_sidecar(spec.model)
+        if self.meta["in_chans"] != spec.n_channels:
+            raise ConfigError(
+                f"{spec.model}: exported for {self.meta['in_chans']} channels "
+                f"({', '.join(self.meta.get('channels') or [])}), the run gives {spec.n_channels}; pass --channels"
+            )
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = spec.threads or 0
+        opts.inter_op_num_threads = 1
+        wanted = providers_for(spec.device)
+        self.session = ort.InferenceSession(str(spec.model), opts, providers=wanted)
+        got = self.session.get_providers()
+        if spec.device == "cuda" and "CUDAExecutionProvider" not in got and "TensorrtExecutionProvider" not in got:
+            raise ConfigError(
+                f"ONNX Runtime fell back to the CPU ({', '.join(got)}): the CUDA libraries it needs (CUDA 12, cuDNN 9) "
+                "were not found. Install them or run with --device cpu"
+            )
+        self.dtype = np.dtype(self.meta["dtype"])
+        self.embed_dim = int(self.meta["embed_dim"])
+        self.info = {"backend": "onnxruntime", "device": spec.device, "providers": got,
+                     "onnxruntime": ort.__version__, "precision": self.meta["precision"],
+                     "threads": spec.threads, "model_json": self.meta}
+
+    def _cast(self, crops: np.ndarray) -> np.ndarray:
+        if crops.dtype == self.dtype:
+            return crops
+        if not np.can_cast(crops.dtype, self.dtype, "safe"):
+            raise ConfigError(
+                f"{self.spec.model}: exported for {self.dtype} crops, the plate gives {crops.dtype}; "
+                f"export again with --dtype {crops.dtype}"
+            )
+        return crops.astype(self.dtype)
+
+    def infer(self, crops: np.ndarray) -> np.ndarray:
+        check_crops(crops, self.spec.n_channels)
+        x = self._cast(np.ascontiguousarray(crops))
+        bs = self.spec.batch_size
+        out = np.empty((len(x), self.embed_dim), np.float32)
+        for i in range(0, len(x), bs):
+            out[i:i + bs] = self.session.run(["cls"], {"crops": x[i:i + bs]})[0]
+        return out
+
+    def close(self) -> None:
+        del self.session

@@ -1,0 +1,3 @@
+from scdino.export.cli import main
+
+main()

@@ -1,0 +1,167 @@
+"""Export a ViT with SPEC section 3 inside the graph: raw crops in the crop dtype -> CLS token (+ attention).
+
+The graph: Cast to float32 -> per-crop, per-channel min-max (constant channel -> 0) -> bilinear Resize to the
+input size -> channel mean/std -> ViT (position embedding precomputed for the input size) -> CLS token after the
+final LayerNorm. Batch, height and width are dynamic. ``precision="fp16"`` keeps preprocessing, LayerNorm and
+the outputs in float32 and runs the rest in float16 (for GPUs: ONNX Runtime CUDA, TensorRT).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scdino.errors import ConfigError
+from scdino.export.sidecar import write_sidecar
+from scdino.models import LoadedModel, load_model, native_channels
+from scdino.preprocess import minmax_scale
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"uint16": np.uint16, "uint8": np.uint8, "float32": np.float32}
+ONNX_TYPES = {"uint16": 4, "uint8": 2, "float32": 1}  # onnx.TensorProto enum values
+OPSET = 18
+
+
+class _FP32LayerNorm(nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).to(x.dtype)
+
+
+class ExportModule(nn.Module):
+    """Raw float32 pixels (B, C, H, W) -> CLS (B, D) [, attention (B, heads, patches)]."""
+
+    def __init__(self, lm: LoadedModel, attention: bool = False, precision: str = "fp32") -> None:
+        super().__init__()
+        vit = copy.deepcopy(lm.model).eval()
+        self.half = precision == "fp16"
+        if self.half:
+            for name, mod in list(vit.named_modules()):
+                if isinstance(mod, nn.LayerNorm):
+                    ln = _FP32LayerNorm(mod.normalized_shape, eps=mod.eps)
+                    ln.load_state_dict(mod.state_dict())
+                    parent = vit.get_submodule(name.rsplit(".", 1)[0]) if "." in name else vit
+                    setattr(parent, name.rsplit(".", 1)[-1], ln)
+            vit = vit.half()
+            for mod in vit.modules():
+                if isinstance(mod, _FP32LayerNorm):
+                    mod.float()
+        self.vit = vit
+        self.size = lm.prep.input_size
+        self.attention = attention
+        c = vit.cfg.in_chans
+        mean = lm.prep.mean if lm.prep.mean is not None else (0.0,) * c
+        std = lm.prep.std if lm.prep.std is not None else (1.0,) * c
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.normalise = lm.prep.mean is not None
+
+    def forward(self, x: torch.Tensor):
+        y = minmax_scale(x)
+        # always a Resize node, also when the crop already has the input size (then it is the identity)
+        y = F.interpolate(y, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=False)
+        if self.normalise:
+            y = (y - self.mean) / self.std
+        if self.half:
+            y = y.half()
+        if self.attention:
+            cls, att = self.vit.forward_with_attention(y)
+            return cls.float(), att.float()
+        return self.vit(y).float()
+
+
+def _prepend_cast(path: str, dtype: str) -> None:
+    """Make the graph input ``crops`` of ``dtype`` with a Cast to float32 (the tracer cannot take uint16)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(path)
+    g = model.graph
+    inp = g.input[0]
+    inner = "crops_float32"
+    for node in g.node:
+        node.input[:] = [inner if i == inp.name else i for i in node.input]
+    g.node.insert(0, helper.make_node("Cast", [inp.name], [inner], to=TensorProto.FLOAT, name="CastCrops"))
+    inp.type.tensor_type.elem_type = ONNX_TYPES[dtype]
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
+def export_onnx(
+    model: str,
+    out: str | os.PathLike,
+    n_channels: int | None = None,
+    channels: Sequence[str] | None = None,
+    crop_size: int = 64,
+    input_size: int = 224,
+    dtype: str = "uint16",
+    attention: bool = False,
+    precision: str = "fp32",
+    checkpoint_key: str | None = "teacher",
+    adapt: str = "mean",
+    verify_with: np.ndarray | None = None,
+    tolerance: dict | None = None,
+) -> dict:
+    """Export MODEL to ``out`` (.onnx) plus its ``.json`` sidecar, verified against PyTorch. Returns the sidecar."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if precision not in ("fp32", "fp16"):
+        raise ConfigError(f"--precision {precision!r}: expected fp32 or fp16")
+    if channels:
+        n_channels = len(channels)
+    if n_channels is None:
+        n_channels = native_channels(model, checkpoint_key)
+    lm = load_model(model, n_channels, input_size, checkpoint_key, adapt)
+    c = lm.model.cfg.in_chans
+    if channels is None and lm.channels:
+        channels = lm.channels
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.stem + ".partial.onnx")
+    wrapper = ExportModule(lm, attention, precision).eval()
+    dummy = torch.rand(2, c, crop_size, crop_size) * 1000
+    names = ["cls", "attention"] if attention else ["cls"]
+    axes = {"crops": {0: "batch", 2: "height", 3: "width"}, **{n: {0: "batch"} for n in names}}
+    t0 = time.perf_counter()
+    import warnings
+
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(wrapper, (dummy,), str(tmp), input_names=["crops"], output_names=names,
+                          dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=True)
+    if dtype != "float32":
+        _prepend_cast(str(tmp), dtype)
+    export_s = time.perf_counter() - t0
+    cfg = lm.model.cfg
+    meta = {
+        "model": model, "arch": lm.info["arch"], "patch_size": cfg.patch_size, "embed_dim": cfg.embed_dim,
+        "num_heads": cfg.num_heads, "in_chans": c, "channels": list(channels) if channels else None,
+        "crop_size": crop_size, "input_size": input_size, "dtype": dtype, "precision": precision,
+        "preprocessing": lm.prep.to_dict(), "attention_output": attention, "opset": OPSET,
+        "checkpoint_sha256": lm.info.get("checkpoint_sha256"), "untrained": lm.info.get("untrained"),
+        "adaptation": lm.info.get("adaptation"), "checkpoint_key": lm.info.get("checkpoint_key"),
+        "outputs": names, "export_seconds": round(export_s, 2), "torch": torch.__version__,
+    }
+    from scdino.export.verify import verify
+
+    try:
+        meta["verification"] = verify(str(tmp), lm, meta, verify_with, tolerance)
+    except Exception:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, out)
+    write_sidecar(out, meta)
+    log.info("exported %s -> %s in %.1f s (verified: max abs %.2e, min cosine %.6f)", model, out, export_s,
+             meta["verification"]["max_abs_diff"], meta["verification"]["min_cosine"])
+    return meta

@@ -1,0 +1,47 @@
+"""Weighted k-NN classification on embeddings (SPEC section 4, as DINO's ``knn_classifier``).
+
+L2-normalise, cosine similarity, the top k reference neighbours vote with weight exp(sim / T), the class with the
+largest summed weight wins. Chunked over queries, so memory is bounded by ``chunk`` x n_reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def knn_predict(
+    reference: np.ndarray, ref_labels: np.ndarray, query: np.ndarray, k: int = 20, temperature: float = 0.07,
+    n_classes: int | None = None, chunk: int = 4096, exclude_self: bool = False, device: str = "cpu",
+) -> np.ndarray:
+    """Predicted class codes of ``query`` rows. ``ref_labels`` are integer codes 0..n_classes-1.
+
+    ``exclude_self`` drops the query's own row when ``query`` is ``reference`` (leave-one-out).
+    """
+    ref = torch.nn.functional.normalize(torch.as_tensor(reference, dtype=torch.float32, device=device), dim=1)
+    lab = torch.as_tensor(ref_labels, dtype=torch.long, device=device)
+    n_classes = int(n_classes if n_classes is not None else int(lab.max()) + 1)
+    k = min(k, ref.shape[0] - (1 if exclude_self else 0))
+    out = np.empty(len(query), np.int64)
+    for a in range(0, len(query), chunk):
+        q = torch.nn.functional.normalize(
+            torch.as_tensor(query[a:a + chunk], dtype=torch.float32, device=device), dim=1)
+        sim = q @ ref.T
+        if exclude_self:
+            idx = torch.arange(a, a + len(q), device=device)
+            sim[torch.arange(len(q), device=device), idx] = -float("inf")
+        top, nn_idx = sim.topk(k, dim=1)
+        votes = torch.zeros(len(q), n_classes, device=device)
+        votes.scatter_add_(1, lab[nn_idx], (top / temperature).exp())
+        out[a:a + len(q)] = votes.argmax(1).cpu().numpy()
+    return out
+
+
+def dominant_channel_labels(crops: np.ndarray) -> np.ndarray:
+    """A label derived from the pixels: the channel brightest in the crop's centre relative to that channel's
+    spread over all crops (e.g. which nuclear marker a neocortex nucleus expresses)."""
+    c = crops.astype(np.float64)
+    s = c.shape[-1]
+    centre = c[..., s // 4: s - s // 4, s // 4: s - s // 4].mean(axis=(2, 3))
+    lo, hi = np.percentile(centre, 5, axis=0), np.percentile(centre, 95, axis=0)
+    return np.argmax((centre - lo) / np.maximum(hi - lo, 1e-9), axis=1)

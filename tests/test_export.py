@@ -1,0 +1,172 @@
+import importlib.metadata as md
+
+import anndata as ad
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import dino_full_checkpoint
+from scdino.engine import backends
+from scdino.engine.backends import onnxruntime_backend as ortb
+from scdino.engine.cells import CellOptions
+from scdino.engine.pipeline import RunConfig, run
+from scdino.errors import CheckpointError, ConfigError
+from scdino.export.onnx_export import export_onnx
+from scdino.export.quantize import quantize
+from scdino.export.sidecar import read_sidecar
+from scdino.export.tensorrt_build import check_plan
+from scdino.export.verify import VerificationError, compare, edge_cases, fit_crops, packaged_crops
+from scdino.models import load_model
+from scdino.preprocess import apply
+
+
+def _ort(path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _torch(lm, crops):
+    with torch.inference_mode():
+        return lm.model(apply(torch.from_numpy(crops.astype(np.float32)), lm.prep)).numpy()
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "uint8", "float32"])
+def test_onnx_parity_per_dtype(tmp_path, dtype):
+    out = tmp_path / "m.onnx"
+    meta = export_onnx("random:vit_test16", out, n_channels=2, crop_size=40, input_size=64, dtype=dtype)
+    assert meta["verification"]["passed"] and meta["verification"]["min_cosine"] > 0.99999
+    g = onnx.load(out)
+    assert g.graph.input[0].type.tensor_type.elem_type == {"uint16": 4, "uint8": 2, "float32": 1}[dtype]
+    assert g.opset_import[0].version >= 17
+    ops = {n.op_type for n in g.graph.node}
+    assert "LayerNormalization" in ops  # one op, not a decomposition
+    for n in g.graph.node:
+        if n.op_type == "Resize":  # only the bilinear input resize; no bicubic position-embedding resize
+            assert onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "mode")) == b"linear"
+    lm = load_model("random:vit_test16", 2, 64)
+    crops = fit_crops(packaged_crops(), 2, 40, dtype)
+    for batch in (crops[:1], crops[:7], edge_cases(crops)):  # dynamic batch, constant and saturated channels
+        d, cmin = compare(_ort(out).run(None, {"crops": batch})[0], _torch(lm, batch))
+        assert d < 1e-4 and cmin > 0.99999
+    side = read_sidecar(out)
+    for key in ("arch", "patch_size", "crop_size", "input_size", "channels", "preprocessing", "embed_dim",
+                "checkpoint_sha256", "opset", "verification"):
+        assert key in side
+
+
+def test_adapted_vits16_checkpoint_parity_and_attention(tmp_path):
+    ckpt = tmp_path / "dino.pth"
+    dino_full_checkpoint(ckpt, arch="vit_small16", in_chans=3)
+    out = tmp_path / "s.onnx"
+    meta = export_onnx(str(ckpt), out, channels=("BF", "DAPI", "GFP", "PE", "APC"), crop_size=50, input_size=112,
+                       attention=True)
+    assert meta["adaptation"] == "mean" and meta["channels"] == ["BF", "DAPI", "GFP", "PE", "APC"]
+    assert meta["checkpoint_sha256"] and meta["verification"]["min_cosine"] > 0.99999
+    lm = load_model(str(ckpt), 5, 112)
+    crops = fit_crops(packaged_crops()[:6], 5, 50, "uint16")
+    cls, att = _ort(out).run(None, {"crops": crops})
+    with torch.inference_mode():
+        want_cls, want_att = lm.model.forward_with_attention(apply(torch.from_numpy(crops.astype(np.float32)),
+                                                                   lm.prep))
+    assert att.shape == (6, 6, 49)
+    np.testing.assert_allclose(cls, want_cls.numpy(), atol=1e-4)
+    np.testing.assert_allclose(att, want_att.numpy(), atol=1e-5)
+
+
+def test_fp16_export_keeps_accuracy(tmp_path):
+    meta = export_onnx("random:vit_test16", tmp_path / "h.onnx", n_channels=3, crop_size=32, input_size=64,
+                       precision="fp16")
+    assert meta["verification"]["min_cosine"] >= 0.999
+    g = onnx.shape_inference.infer_shapes(onnx.load(tmp_path / "h.onnx"))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.graph.value_info, *g.graph.input, *g.graph.output]}
+    types.update({t.name: t.data_type for t in g.graph.initializer})
+    FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    ln = [n for n in g.graph.node if n.op_type == "LayerNormalization"]
+    assert ln and all(types[i] == FLOAT for n in ln for i in n.input)  # LayerNorm in fp32
+    mm = [n for n in g.graph.node if n.op_type == "MatMul"]
+    assert mm and all(types[i] == FLOAT16 for n in mm for i in n.input)  # the rest in fp16
+    assert types["cls"] == FLOAT
+
+
+def test_failed_verification_writes_nothing(tmp_path):
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(VerificationError, match="differs from PyTorch"):
+        export_onnx("random:vit_test16", out, n_channels=2, crop_size=32, input_size=64,
+                    tolerance={"max_abs_diff": 0.0, "min_cosine": 1.01})
+    assert not out.exists() and not out.with_suffix(".json").exists()
+    assert not list(tmp_path.glob("*.onnx"))
+
+
+def test_rgb_model_needs_a_channel_count(tmp_path):
+    with pytest.raises(ConfigError, match="--channels NAMES or --n-channels"):
+        export_onnx("random:vit_test16", tmp_path / "x.onnx")
+
+
+def test_int8_quality_bounds(tmp_path):
+    src = tmp_path / "m.onnx"
+    export_onnx("random:vit_tiny16", src, n_channels=3, crop_size=48, input_size=64)
+    q = quantize(src, tmp_path / "m.int8.onnx")["quantization"]
+    assert q["method"] == "dynamic" and q["weights"] == "uint8"
+    assert q["min_cosine_to_fp32"] >= 0.995 and q["median_cosine_to_fp32"] >= 0.999
+    acc = q["knn_leave_one_out_top1"]
+    assert abs(acc["int8"] - acc["fp32"]) <= 0.1
+    assert read_sidecar(tmp_path / "m.int8.onnx")["precision"] == "int8"
+
+
+def test_backend_choice(monkeypatch):
+    monkeypatch.setattr(backends, "cuda_available", lambda: False)
+    assert backends.resolve("auto", "auto", "random:vit_small16") == ("torch", "cpu")
+    assert backends.resolve("auto", "auto", "x/model.onnx") == ("onnxruntime", "cpu")
+    with pytest.raises(ConfigError, match="runs on an NVIDIA GPU only"):
+        backends.resolve("auto", "auto", "model.plan")
+    with pytest.raises(ConfigError, match="export it first: scdino-export onnx ck.pth"):
+        backends.resolve("onnxruntime", "auto", "ck.pth")
+    with pytest.raises(ConfigError, match="PyTorch sees no CUDA GPU"):
+        backends.resolve("auto", "cuda", "ck.pth")
+    monkeypatch.setattr(backends, "cuda_available", lambda: True)
+    monkeypatch.setattr(backends, "_ort_has_cuda", lambda: True)
+    assert backends.resolve("auto", "auto", "model.plan") == ("tensorrt", "cuda")
+    assert backends.resolve("auto", "auto", "model.onnx") == ("onnxruntime", "cuda")
+    assert backends.resolve("auto", "auto", "ck.pth") == ("torch", "cuda")
+    monkeypatch.setattr(backends, "_ort_has_cuda", lambda: False)  # CPU onnxruntime on a GPU machine
+    assert backends.resolve("auto", "auto", "model.onnx") == ("onnxruntime", "cpu")
+
+
+def test_wrong_onnxruntime_installs_fail_loudly(monkeypatch):
+    real = md.version
+    monkeypatch.setattr(md, "version", lambda n: "1.0" if n == "onnxruntime-gpu" else real(n))
+    with pytest.raises(ConfigError, match="onnxruntime and onnxruntime-gpu are both installed.*pip uninstall"):
+        ortb.import_ort()
+    monkeypatch.setattr(md, "version", real)
+    with pytest.raises(ConfigError, match="needs onnxruntime-gpu.*scdino\\[gpu\\]"):
+        ortb.providers_for("cuda")  # the CPU build offers no CUDA provider
+
+
+def test_plan_from_another_gpu_is_refused():
+    meta = {"source_onnx": "m.onnx", "tensorrt": {"version": "10.3.0", "gpu": "NVIDIA RTX 4090",
+                                                  "compute_capability": "8.9"}}
+    check_plan(meta, "10.3.0", {"gpu": "NVIDIA RTX 4090", "compute_capability": "8.9"})
+    with pytest.raises(CheckpointError, match="built for GPU NVIDIA RTX 4090 sm 8.9 .*Rebuild it on this machine: "
+                                              "scdino-export tensorrt m.onnx --out x.plan"):
+        check_plan(meta, "10.3.0", {"gpu": "NVIDIA A100", "compute_capability": "8.0"}, "x.plan")
+    with pytest.raises(CheckpointError, match="TensorRT 10.3.0 \\(this machine: 10.8.0\\)"):
+        check_plan(meta, "10.8.0", {"gpu": "NVIDIA RTX 4090", "compute_capability": "8.9"})
+
+
+def test_engine_with_onnx_equals_checkpoint(tmp_path, scratch_plate):
+    ckpt = tmp_path / "dino.pth"
+    dino_full_checkpoint(ckpt, arch="vit_test16", in_chans=3)
+    onnx_path = tmp_path / "m.onnx"
+    export_onnx(str(ckpt), onnx_path, channels=("H3342", "oblique"), crop_size=32, input_size=64)
+    common = dict(plate=scratch_plate, input_size=64, progress=False, cells=CellOptions(labels="nuclei", crop_size=32))
+    a = run(RunConfig(out=str(tmp_path / "a.zarr"), model=str(ckpt), **common))
+    b = run(RunConfig(out=str(tmp_path / "b.zarr"), model=str(onnx_path), **common))
+    assert b.backend == "onnxruntime on cpu" and a.backend == "torch on cpu"
+    x, y = ad.read_zarr(tmp_path / "a.zarr"), ad.read_zarr(tmp_path / "b.zarr")
+    assert list(x.obs_names) == list(y.obs_names)
+    ex, ey = x.obsm["X_scdino"].astype(np.float64), y.obsm["X_scdino"].astype(np.float64)
+    cos = (ex * ey).sum(1) / np.linalg.norm(ex, axis=1) / np.linalg.norm(ey, axis=1)
+    assert cos.min() >= 0.999
+    assert y.uns["scdino"]["model"]["checkpoint_sha256"] == x.uns["scdino"]["checkpoint_sha256"]

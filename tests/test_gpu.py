@@ -1,0 +1,60 @@
+"""GPU paths: run with ``python -m pytest -m gpu`` on a machine with an NVIDIA GPU (deselected by default).
+
+Needs a CUDA build of torch; the TensorRT tests also need ``pip install 'scdino[trt]'`` and the ONNX Runtime CUDA test
+``scdino[gpu]`` (instead of the CPU onnxruntime).
+"""
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+from scdino.engine.cells import CellOptions
+from scdino.engine.pipeline import RunConfig, run
+from scdino.export.onnx_export import export_onnx
+
+pytestmark = pytest.mark.gpu
+
+
+def _cos(a, b):
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def _run(plate, out, model, **kw):
+    run(RunConfig(plate=plate, out=str(out), model=model, input_size=112, progress=False,
+                  cells=CellOptions(labels="nuclei", crop_size=32), **kw))
+    return ad.read_zarr(out).obsm["X_scdino"]
+
+
+def test_torch_cuda_autocast_matches_cpu(scratch_plate, tmp_path):
+    assert torch.cuda.is_available()
+    cpu = _run(scratch_plate, tmp_path / "cpu.zarr", "random:vit_small16", device="cpu")
+    gpu = _run(scratch_plate, tmp_path / "gpu.zarr", "random:vit_small16", device="cuda")
+    assert _cos(cpu, gpu).min() >= 0.999
+
+
+def test_onnxruntime_cuda_matches_cpu(scratch_plate, tmp_path):
+    m = tmp_path / "m.onnx"
+    export_onnx("random:vit_small16", m, channels=("H3342", "oblique"), crop_size=32, input_size=112)
+    cpu = _run(scratch_plate, tmp_path / "cpu.zarr", str(m), device="cpu")
+    gpu = _run(scratch_plate, tmp_path / "gpu.zarr", str(m), device="cuda")
+    assert _cos(cpu, gpu).min() >= 0.999
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_tensorrt_plan_matches_onnxruntime(scratch_plate, tmp_path, precision):
+    import tensorrt as trt  # scdino[trt]; requested explicitly with -m gpu, so a missing install fails
+
+    from scdino.export.tensorrt_build import build_engine
+
+    src_precision = "fp16" if precision == "fp16" and int(trt.__version__.split(".")[0]) >= 11 else "fp32"
+    m = tmp_path / "m.onnx"
+    export_onnx("random:vit_small16", m, channels=("H3342", "oblique"), crop_size=32, input_size=112,
+                precision=src_precision)
+    plan = tmp_path / "m.plan"
+    meta = build_engine(m, plan, fp16=precision == "fp16", int8=precision == "int8", max_batch=128)
+    assert meta["tensorrt"]["gpu"] == torch.cuda.get_device_name()
+    ref = _run(scratch_plate, tmp_path / "ort.zarr", str(m), device="cpu")
+    got = _run(scratch_plate, tmp_path / "trt.zarr", str(plan))
+    assert _cos(ref, got).min() >= (0.999 if precision != "int8" else 0.99)
