@@ -57,7 +57,7 @@ class CellOptions:
 class FieldPlan:
     """What phase 1 resolved for a field: channel indices and the crop size in pixels."""
 
-    ref: FieldRef
+    ref: FieldRef | None
     channels: tuple[int, ...]
     channel_names: tuple[str, ...]
     seg_channels: tuple[int, ...]

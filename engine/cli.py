@@ -5,6 +5,8 @@ Nothing heavy is imported at module level, so ``--help`` works without torch, da
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from scdino._cli import ErrorGroup, configure_logging
@@ -122,6 +124,118 @@ def sample_plate_cmd(out, dataset, ngff, overwrite) -> None:
 
     path = write_sample_plate(out, dataset, ngff=ngff, overwrite=overwrite)
     click.echo(f"wrote {path} ({dataset}, NGFF {ngff})")
+
+
+@main.command("ingest")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.argument("out", type=click.Path())
+@click.option("--channels", help="Channel names in the TIFFs' order (e.g. BF,DAPI,GFP). Default: 0, 1, ...")
+@click.option("--channels-first", is_flag=True, help="The TIFFs are (channels, y, x) instead of (y, x, channels).")
+@click.option("--overwrite", is_flag=True)
+def ingest_cmd(folder, out, channels, channels_first, overwrite) -> None:
+    """Read FOLDER/<class>/*.tif single-cell crops (the paper's published layout) into a crop store OUT.
+
+    The store has a 'class' and a 'path' column per cell and works as PLATE in run, knn, attention and evaluate.
+    """
+    from scdino.engine.ingest import ingest
+
+    meta = ingest(folder, out, _split(channels), channels_last=not channels_first, overwrite=overwrite)
+    click.echo(f"wrote {out}: {meta['n']} crops of {meta['crop_size']} px, channels {', '.join(meta['channels'])}, "
+               f"classes {', '.join(meta['classes'])}")
+
+
+@main.command("knn")
+@click.argument("cells", type=click.Path(file_okay=False))
+@click.option("--label-key", required=True, help="obs column with the classes (e.g. class).")
+@click.option("--k", type=int, default=20, show_default=True)
+@click.option("--temperature", type=float, default=0.07, show_default=True, help="Vote weight exp(sim / T).")
+@click.option("--train-fraction", type=float, default=0.8, show_default=True, help="Reference share (stratified).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--reference", type=click.Path(file_okay=False),
+              help="Classify all cells of CELLS against this labelled store instead (writes obs knn_<label-key>).")
+@click.option("--out", type=click.Path(), help="Report folder. Default: CELLS_knn beside CELLS.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+def knn_cmd(cells, label_key, k, temperature, train_fraction, seed, reference, out, device) -> None:
+    """Weighted k-NN accuracy of an embeddings store (top-1, balanced, per class, confusion matrix)."""
+    from scdino.engine.knn import knn_command
+
+    r = knn_command(cells, label_key, k, temperature, train_fraction, seed, out, reference, device)
+    if r["mode"] == "evaluate":
+        click.echo(f"k-NN top-1 {100 * r['top1']:.2f}%, balanced {100 * r['balanced_accuracy']:.2f}% "
+                   f"({r['n_query']} query / {r['n_reference']} reference cells, {len(r['classes'])} classes); "
+                   f"report in {r['out']}")
+    else:
+        click.echo(f"classified {sum(r['predicted_counts'].values())} cells into obs {r['column']}: "
+                   f"{r['predicted_counts']}")
+
+
+@main.command("umap")
+@click.argument("cells", type=click.Path(file_okay=False))
+@click.option("--preset", type=click.Choice(["ipsc-qc", "ipsc-morphology", "immune"]), default="ipsc-qc",
+              show_default=True, help="The paper's settings (neighbours, min_dist, spread, 500 epochs).")
+@click.option("--n-neighbors", type=int)
+@click.option("--min-dist", type=float)
+@click.option("--spread", type=float)
+@click.option("--epochs", "n_epochs", type=int)
+@click.option("--metric")
+@click.option("--color-by", help="obs column for colours. Default: class, else well.")
+@click.option("--fit-max", type=int, default=200_000, show_default=True,
+              help="Fit on at most this many cells (seeded subsample) and transform the rest.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="cuda: cuML; cpu: umap-learn; auto: cuML when it and a GPU are there.")
+@click.option("--png", type=click.Path(), help="Figure path. Default: CELLS_umap.png beside CELLS.")
+def umap_cmd(cells, preset, n_neighbors, min_dist, spread, n_epochs, metric, color_by, fit_max, seed, device,
+             png) -> None:
+    """UMAP of the embeddings into obsm['X_umap'] and a scatter plot."""
+    from scdino.engine.umap import umap_command
+
+    r = umap_command(cells, preset, {"n_neighbors": n_neighbors, "min_dist": min_dist, "spread": spread,
+                                     "n_epochs": n_epochs, "metric": metric}, color_by, device, fit_max, seed, png)
+    click.echo(f"UMAP of {r['n']} cells ({r['engine']}, {r['seconds']} s) in obsm['X_umap']; figure {r['png']}")
+
+
+@main.command("attention")
+@click.argument("source", type=click.Path(file_okay=False))
+@click.option("--model", required=True, help="A PyTorch model (checkpoint, hub name or random:ARCH).")
+@click.option("--out", required=True, type=click.Path(), help="Folder for attention.png and attention.npz.")
+@click.option("--cells", help="Cell ids (obs names of a run output, or paths in a crop store), comma-separated.")
+@click.option("--per-class", type=int, help="Random cells per class (seeded). Default: 4.")
+@click.option("--label-key", help="Class column for --per-class. Default: class, when present.")
+@click.option("--channels", help="Channels to show and feed the model. Default: those of the run.")
+@click.option("--input-size", type=int, default=224, show_default=True)
+@click.option("--checkpoint-key", default="teacher", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def attention_cmd(source, model, out, cells, per_class, label_key, channels, input_size, checkpoint_key, seed) -> None:
+    """Each cell's channels beside each head's last-block CLS attention (SOURCE: crop store or run output)."""
+    from scdino.engine.attention import attention_command
+
+    r = attention_command(source, model, out, _split(cells), per_class, label_key, _split(channels), input_size,
+                          checkpoint_key, seed)
+    click.echo(f"wrote {r['png']} ({r['cells']} cells x {r['heads']} heads)")
+
+
+@main.command("evaluate")
+@click.argument("crops", type=click.Path(file_okay=False))
+@click.option("--models", required=True, help="Comma-separated models (checkpoints, hub names, random:ARCH).")
+@click.option("--channel-sets", help='Channel sets separated by ";" (e.g. "DAPI;TUB;TUB,DAPI,OCT4"). Default: all.')
+@click.option("--out", required=True, type=click.Path(), help="Report folder (report.md, results.json, PNGs).")
+@click.option("--label-key", default="class", show_default=True)
+@click.option("--run-dir", type=click.Path(file_okay=False), help="A scdino-train RUN_DIR: accuracy per epoch.")
+@click.option("--baseline-arch", help="Architecture of the untrained baseline. Default: vit_small16.")
+@click.option("--k", type=int, default=20, show_default=True)
+@click.option("--temperature", type=float, default=0.07, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--input-size", type=int, default=224, show_default=True)
+def evaluate_cmd(crops, models, channel_sets, out, label_key, run_dir, baseline_arch, k, temperature, seed,
+                 input_size) -> None:
+    """k-NN top-1 of every model x channel set on a labelled crop store, with raw-pixel and untrained baselines."""
+    from scdino.engine.evaluate import evaluate
+
+    sets = [tuple(c.strip() for c in s.split(",") if c.strip()) for s in (channel_sets or "").split(";") if s.strip()]
+    r = evaluate(crops, _split(models) or (), sets, out, label_key, k, temperature, 0.8, seed, input_size,
+                 run_dir=run_dir, baseline_arch=baseline_arch)
+    click.echo((Path(out) / "report.md").read_text())
 
 
 if __name__ == "__main__":

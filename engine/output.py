@@ -60,8 +60,12 @@ class EmbeddingStore:
             shutil.rmtree(path)
         obs = table.copy()
         for col in ("plate", "well", "field"):
-            obs[col] = obs[col].astype(str).astype("category")
-        obs.index = (obs["well"].astype(str) + "/" + obs["field"].astype(str) + "/" + obs["label"].astype(str)).values
+            if col in obs:
+                obs[col] = obs[col].astype(str).astype("category")
+        if "path" in obs:  # a crop store: each cell is its source file
+            obs.index = obs["path"].astype(str).values
+        else:
+            obs.index = (obs["well"].astype(str) + "/" + obs["field"].astype(str) + "/" + obs["label"].astype(str)).values
         if obs.index.has_duplicates:
             dup = obs.index[obs.index.duplicated()][0]
             raise OutputError(f"{path}: cell {dup} appears twice in the cell table; this is a bug, please report it")

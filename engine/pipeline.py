@@ -25,7 +25,7 @@ from scdino.engine.backends import BackendSpec, get_backend, resolve
 from scdino.engine.cells import CellOptions, FieldPlan, empty_table, field_cells, plan_field, read_crops
 from scdino.engine.output import EmbeddingStore, store_status
 from scdino.errors import ConfigError, InputError, OutputError
-from scdino.plate import Plate
+from scdino.plate import Plate, resolve_channels
 
 log = logging.getLogger(__name__)
 
@@ -129,16 +129,29 @@ def _embed_block(crops: np.ndarray, spec: BackendSpec) -> np.ndarray:
     return get_backend(spec).infer(crops)
 
 
-def crops_array(plate: Plate, table: pd.DataFrame, channels: tuple[int, ...], crop: int, dtype: np.dtype,
-                chunk: int):
-    """Raw crops of ``table`` as a dask array (n, C, crop, crop) chunked along cells by ``chunk``."""
+def _read_store_rows(store, rows: np.ndarray, channels: tuple[int, ...]) -> np.ndarray:
+    return store.read(rows, channels)
+
+
+def crops_array(source, table: pd.DataFrame, channels: tuple[int, ...], crop: int, dtype: np.dtype, chunk: int):
+    """Raw crops of ``table`` as a dask array (n, C, crop, crop) chunked along cells by ``chunk``.
+
+    ``source`` is a :class:`~scdino.plate.Plate` (windows read around each nucleus, one region read per field) or a
+    :class:`~scdino.engine.ingest.CropStore` (rows read from its crop array).
+    """
     import dask
     import dask.array as da
 
+    from scdino.engine.ingest import CropStore
+
     blocks = []
     for a in range(0, len(table), chunk):
-        rows = table.iloc[a:a + chunk][["well", "field", "crop_y0", "crop_x0"]].reset_index(drop=True)
-        d = dask.delayed(read_crops, pure=True)(plate, rows, channels, crop, dtype)
+        if isinstance(source, CropStore):
+            rows = table["store_index"].to_numpy()[a:a + chunk]
+            d = dask.delayed(_read_store_rows, pure=True)(source, rows, channels)
+        else:
+            rows = table.iloc[a:a + chunk][["well", "field", "crop_y0", "crop_x0"]].reset_index(drop=True)
+            d = dask.delayed(read_crops, pure=True)(source, rows, channels, crop, dtype)
         blocks.append(da.from_delayed(d, shape=(len(rows), len(channels), crop, crop), dtype=dtype))
     if not blocks:
         return da.zeros((0, len(channels), crop, crop), dtype=dtype, chunks=(chunk, -1, -1, -1))
@@ -185,20 +198,32 @@ def run(cfg: RunConfig) -> RunResult:
     """Embed every cell of a plate into ``cfg.out``; resumes an interrupted run with the same settings."""
     cfg.validate()
     t0 = time.perf_counter()
-    plate = Plate(cfg.plate)
-    fields = plate.fields(cfg.cells.wells)
-    if not fields:
-        raise InputError(f"{cfg.plate}: the plate lists no fields in the selected wells")
-    plans = [plan_field(plate, f, cfg.cells) for f in fields]
-    first = plans[0]
-    for p in plans[1:]:
-        if p.channel_names != first.channel_names or p.crop != first.crop:
-            raise InputError(
-                f"{plate.path}/{p.ref.path}: channels {p.channel_names} and crop {p.crop} px differ from "
-                f"{first.ref.path} ({first.channel_names}, {first.crop} px); pass --channels / --crop-size so that "
-                "every field gives the same input"
-            )
-    dtype = plate.image(first.ref).array.dtype
+    from scdino.engine.ingest import CropStore, is_crop_store
+
+    if is_crop_store(cfg.plate):
+        source: Any = CropStore(cfg.plate)
+        if cfg.cells.crop_size not in (None, source.crop_size) or cfg.cells.crop_um is not None:
+            raise ConfigError(f"{cfg.plate}: a crop store holds {source.crop_size} px crops; drop --crop-size/--crop-um")
+        chans = resolve_channels(source.channels, cfg.cells.channels, cfg.plate)
+        first = FieldPlan(None, tuple(chans), tuple(source.channels[c] for c in chans), tuple(chans[:1]),
+                          source.crop_size)
+        dtype = np.dtype(source.meta["dtype"])
+        fields: list = []
+    else:
+        source = plate = Plate(cfg.plate)
+        fields = plate.fields(cfg.cells.wells)
+        if not fields:
+            raise InputError(f"{cfg.plate}: the plate lists no fields in the selected wells")
+        plans = [plan_field(plate, f, cfg.cells) for f in fields]
+        first = plans[0]
+        for p in plans[1:]:
+            if p.channel_names != first.channel_names or p.crop != first.crop:
+                raise InputError(
+                    f"{plate.path}/{p.ref.path}: channels {p.channel_names} and crop {p.crop} px differ from "
+                    f"{first.ref.path} ({first.channel_names}, {first.crop} px); pass --channels / --crop-size so "
+                    "that every field gives the same input"
+                )
+        dtype = plate.image(first.ref).array.dtype
     kind, device = resolve(cfg.backend, cfg.device, cfg.model)
     threads = cfg.threads or (max(1, (os.cpu_count() or 1) // cfg.workers) if not cfg.scheduler else None)
     spec = BackendSpec(cfg.model, len(first.channels), cfg.input_size, cfg.checkpoint_key, cfg.adapt, kind, device,
@@ -229,6 +254,10 @@ def run(cfg: RunConfig) -> RunResult:
             store = EmbeddingStore.resume(cfg.out, fp)
             table = store.table()
             log.info("resuming %s: %d of %d blocks done", cfg.out, int(store.done().sum()), store.n_blocks)
+        elif isinstance(source, CropStore):
+            table = source.table()
+            store = EmbeddingStore.create(cfg.out, table, info["embed_dim"], cfg.chunk_cells,
+                                          _uns(cfg, spec, info, first, "running"), fp)
         else:
             t1 = time.perf_counter()
             futs = client.map(field_cells, [plate] * len(fields), fields, [cfg.cells] * len(fields), pure=False)
@@ -250,7 +279,7 @@ def run(cfg: RunConfig) -> RunResult:
             store = EmbeddingStore.create(cfg.out, table, info["embed_dim"], cfg.chunk_cells,
                                           _uns(cfg, spec, info, first, "running"), fp)
         t2 = time.perf_counter()
-        crops = crops_array(plate, table, first.channels, first.crop, dtype, cfg.chunk_cells)
+        crops = crops_array(source, table, first.channels, first.crop, dtype, cfg.chunk_cells)
         emb = embeddings_array(crops, spec, info["embed_dim"])
         blocks = emb.to_delayed().ravel()
         todo = [i for i, d in enumerate(store.done()) if not d]

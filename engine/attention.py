@@ -1,0 +1,93 @@
+"""``scdino-engine attention``: per cell, its channels and each head's last-block CLS attention (SPEC section 4)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from scdino.errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+
+def _cells_and_crops(source: str, channels: Sequence[str] | None):
+    """(table, crop reader, channel names, crop size) of a crop store or of a finished ``run`` output."""
+    from scdino.engine.ingest import CropStore, is_crop_store
+    from scdino.plate import resolve_channels
+
+    if is_crop_store(source):
+        store = CropStore(source)
+        idx = resolve_channels(store.channels, channels, source)
+        table = store.table()
+        return table, lambda rows: store.read(rows["store_index"].to_numpy(), idx), [store.channels[i] for i in idx]
+    import anndata as ad
+
+    from scdino.engine.cells import read_crops
+    from scdino.engine.knn import read_embeddings
+    from scdino.plate import Plate
+
+    _, obs = read_embeddings(source)
+    uns = ad.read_zarr(source).uns.get("scdino", {})
+    if "crop_size" not in uns or "plate" not in uns:
+        raise InputError(f"{source}: neither a crop store nor an embeddings store of 'scdino-engine run'")
+    plate = Plate(uns["plate"])
+    names = plate.channel_names(plate.fields()[0])
+    used = list(channels) if channels else list(uns["channels"])
+    idx = resolve_channels(names, used, uns["plate"])
+    crop = int(uns["crop_size"])
+    table = obs.reset_index(drop=False).rename(columns={"index": "cell"})
+    return table, lambda rows: read_crops(plate, rows, idx, crop), [names[i] for i in idx]
+
+
+def select_cells(table, cells: Sequence[str] | None, per_class: int | None, label_key: str | None, seed: int):
+    """Rows chosen by id (obs names / paths), or ``per_class`` random cells of each class, reproducibly."""
+    ids = table["path"] if "path" in table else table.get("cell")
+    if cells:
+        want = [c.strip() for c in cells]
+        hit = table[ids.astype(str).isin(want)]
+        missing = sorted(set(want) - set(ids[ids.astype(str).isin(want)].astype(str)))
+        if missing:
+            raise ConfigError(f"no cell {', '.join(missing[:5])}; cell ids look like {ids.iloc[0]}")
+        return hit
+    n = per_class or 4
+    rng = np.random.default_rng(seed)
+    if label_key:
+        if label_key not in table:
+            raise ConfigError(f"no column {label_key!r}; columns are {', '.join(table.columns)}")
+        groups = table.groupby(table[label_key].astype(str), sort=True, observed=True).indices
+        pick = [np.sort(rng.choice(v, min(n, len(v)), replace=False)) for v in groups.values()]
+        return table.iloc[np.concatenate(pick)]
+    return table.iloc[np.sort(rng.choice(len(table), min(n, len(table)), replace=False))]
+
+
+def attention_command(source: str, model: str, out: str, cells: Sequence[str] | None = None,
+                      per_class: int | None = None, label_key: str | None = None, channels: Sequence[str] | None = None,
+                      input_size: int = 224, checkpoint_key: str = "teacher", seed: int = 0) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from scdino.engine.plots import attention_png
+    from scdino.models import load_model
+    from scdino.preprocess import apply
+
+    table, reader, names = _cells_and_crops(source, channels)
+    label_key = label_key or ("class" if "class" in table and not cells else None)
+    rows = select_cells(table, cells, per_class, label_key, seed)
+    crops = reader(rows.reset_index(drop=True))
+    lm = load_model(model, len(names), input_size, checkpoint_key)
+    with torch.inference_mode():
+        _, att = lm.model.forward_with_attention(apply(torch.from_numpy(crops.astype(np.float32)), lm.prep))
+    g = input_size // lm.model.cfg.patch_size
+    maps = att.reshape(len(crops), att.shape[1], g, g)
+    maps = F.interpolate(maps, size=crops.shape[-2:], mode="nearest").numpy()
+    os.makedirs(out, exist_ok=True)
+    ids = (rows["path"] if "path" in rows else rows["cell"]).astype(str).tolist()
+    titles = [f"{r[label_key]}\n{i}" if label_key else i for i, (_, r) in zip(ids, rows.iterrows())]
+    png = str(Path(out) / "attention.png")
+    attention_png(crops, maps, [t[-28:] for t in titles], names, png)
+    np.savez_compressed(Path(out) / "attention.npz", attention=maps, crops=crops, ids=np.array(ids))
+    return {"png": png, "cells": len(crops), "heads": int(att.shape[1]), "untrained": lm.info["untrained"]}

@@ -1,0 +1,125 @@
+"""``scdino-engine evaluate``: every model x channel set on a labelled crop store, k-NN top-1 heatmap (the paper's
+Fig. 1B/1E/2A), accuracy per training epoch (Fig. 2B), baselines in the same table, one report folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from scdino.errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+
+def raw_pixel_features(crops: np.ndarray) -> np.ndarray:
+    """Baseline: each crop min-max scaled per channel, flattened."""
+    import torch
+
+    from scdino.preprocess import minmax_scale
+
+    return minmax_scale(torch.from_numpy(crops.astype(np.float32))).flatten(1).numpy()
+
+
+def _checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    found = []
+    for p in Path(run_dir).glob("checkpoint*.pth"):
+        m = re.fullmatch(r"checkpoint(\d+)\.pth", p.name)
+        if m:
+            found.append((int(m.group(1)), str(p)))
+    if not found:
+        raise InputError(f"{run_dir}: no checkpointNNNN.pth files; pass the RUN_DIR of scdino-train")
+    return sorted(found)
+
+
+def evaluate(crops: str, models: Sequence[str], channel_sets: Sequence[Sequence[str]], out: str,
+             label_key: str = "class", k: int = 20, temperature: float = 0.07, train_fraction: float = 0.8,
+             seed: int = 0, input_size: int = 224, batch_size: int = 64, run_dir: str | None = None,
+             baseline_arch: str | None = None, progress: bool = True) -> dict:
+    """Run the grid and write ``out``/report.md, results.json, heatmap.png (and epochs.png)."""
+    from distributed import Client, LocalCluster
+
+    from scdino.engine.cells import CellOptions
+    from scdino.engine.ingest import CropStore, is_crop_store
+    from scdino.engine.knn import evaluate_knn, labels_of, read_embeddings
+    from scdino.engine.pipeline import RunConfig, run
+    from scdino.engine.plots import epochs_png, heatmap_png
+    from scdino.plate import resolve_channels
+
+    if not is_crop_store(crops):
+        raise InputError(f"{crops}: evaluate needs a labelled crop store; make one with 'scdino-engine ingest'")
+    store = CropStore(crops)
+    table = store.table()
+    labels = labels_of(table, label_key, crops)
+    if labels.isna().any():
+        raise InputError(f"{crops}: {int(labels.isna().sum())} cells have no {label_key!r}")
+    y = labels.to_numpy()
+    outdir = Path(out)
+    (outdir / "embeddings").mkdir(parents=True, exist_ok=True)
+    sets = [tuple(s) for s in channel_sets] or [tuple(store.channels)]
+    for s in sets:
+        resolve_channels(store.channels, s, crops)  # unknown channel names fail before any work
+    untrained = f"random:{baseline_arch}" if baseline_arch else "random:vit_small16"
+    columns = list(models) + [f"untrained {untrained.split(':')[1]}", "raw pixels"]
+    acc = np.full((len(sets), len(columns)), np.nan)
+    details: dict = {}
+    t0 = time.perf_counter()
+
+    def knn(x: np.ndarray) -> dict:
+        return evaluate_knn(x, y, k, temperature, train_fraction, seed)
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=logging.WARNING) as cluster, Client(cluster):
+        def embed(model: str, chans: tuple[str, ...], tag: str) -> np.ndarray:
+            path = outdir / "embeddings" / f"{tag}.zarr"
+            run(RunConfig(plate=crops, out=str(path), model=model, cells=CellOptions(channels=chans),
+                          input_size=input_size, batch_size=batch_size, progress=progress))
+            return read_embeddings(str(path))[0]
+
+        for i, chans in enumerate(sets):
+            name = "+".join(chans)
+            for j, model in enumerate([*models, untrained]):
+                tag = f"{j}_{re.sub(r'[^A-Za-z0-9]+', '_', Path(model).stem if '/' in model else model)}_{name}"
+                r = knn(embed(model, chans, re.sub(r"[^A-Za-z0-9_+-]", "_", tag)))
+                acc[i, j] = r["top1"]
+                details[f"{columns[j]} | {name}"] = r
+            idx = resolve_channels(store.channels, chans, crops)
+            r = knn(raw_pixel_features(store.read(np.arange(len(table)), idx)))
+            acc[i, -1] = r["top1"]
+            details[f"raw pixels | {name}"] = r
+        epochs = []
+        if run_dir:
+            chans = sets[-1]
+            for ep, ck in _checkpoints(run_dir):
+                epochs.append((ep, knn(embed(ck, chans, f"epoch{ep:04d}"))["top1"]))
+    rows = ["+".join(s) for s in sets]
+    heatmap_png(acc, rows, columns, str(outdir / "heatmap.png"),
+                f"k-NN top-1 (k={k}, T={temperature}, {int(100 * train_fraction)}/{100 - int(100 * train_fraction)} "
+                f"split, seed {seed})")
+    result = {"crops": crops, "label_key": label_key, "classes": sorted(set(map(str, y))), "n_cells": len(y),
+              "rows": rows, "columns": columns, "top1": acc.tolist(), "details": details,
+              "k": k, "temperature": temperature, "seed": seed, "input_size": input_size,
+              "seconds": round(time.perf_counter() - t0, 1)}
+    if epochs:
+        base = {"untrained": float(acc[-1, -2]), "raw pixels": float(acc[-1, -1])}
+        epochs_png([e for e, _ in epochs], [a for _, a in epochs], str(outdir / "epochs.png"), base,
+                   f"k-NN top-1 per epoch ({rows[-1]})")
+        result["epochs"] = [{"epoch": e, "top1": a} for e, a in epochs]
+    (outdir / "results.json").write_text(json.dumps(result, indent=2))
+    md = [f"# scdino evaluation of {crops}", "",
+          f"{len(y)} cells, classes {', '.join(result['classes'])}; k-NN k={k}, T={temperature}, "
+          f"{int(100 * train_fraction)}% reference / rest query, seed {seed}; input {input_size} px.", "",
+          "| channels | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for i, r in enumerate(rows):
+        md.append(f"| {r} | " + " | ".join(f"{100 * v:.1f}" for v in acc[i]) + " |")
+    md += ["", "![k-NN heatmap](heatmap.png)"]
+    if epochs:
+        md += ["", "| epoch | top-1 |", "|---|---|", *[f"| {e} | {100 * a:.1f} |" for e, a in epochs], "",
+               "![per epoch](epochs.png)"]
+    (outdir / "report.md").write_text("\n".join(md) + "\n")
+    return result

@@ -1,0 +1,132 @@
+"""Crop stores: single-cell crops already cut, e.g. the paper's published data sets (a folder of single-cell TIFFs
+with one sub-folder per class, channels last), ingested into one zarr store that ``run`` reads like a plate.
+
+Layout: ``crops`` (n, C, S, S) raw dtype, chunked along cells; ``obs`` (AnnData dataframe) with ``class`` and
+``path`` (every row keeps its source file, so labels can never be misaligned with features); root attribute
+``scdino_crops`` = {channels, crop_size, dtype, source}.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from scdino._optional import require
+from scdino.errors import ConfigError, InputError, OutputError
+
+log = logging.getLogger(__name__)
+
+ATTR = "scdino_crops"
+EXTS = (".tif", ".tiff")
+
+
+def is_crop_store(path: str | os.PathLike) -> bool:
+    try:
+        return ATTR in zarr.open_group(str(path), mode="r", use_consolidated=False).attrs
+    except Exception:  # not a zarr group at all
+        return False
+
+
+def _to_cyx(img: np.ndarray, where: str, channels_last: bool) -> np.ndarray:
+    if img.ndim == 2:
+        return img[None]
+    if img.ndim != 3:
+        raise InputError(f"{where}: image of shape {img.shape}; expected (y, x) or (y, x, channels)")
+    return np.moveaxis(img, -1, 0) if channels_last else img
+
+
+def ingest(folder: str | os.PathLike, out: str | os.PathLike, channels: Sequence[str] | None = None,
+           channels_last: bool = True, chunk: int = 1024, overwrite: bool = False, progress: bool = True) -> dict:
+    """Read ``folder/<class>/*.tif`` into a crop store at ``out``; returns its attributes."""
+    tifffile = require("tifffile")
+    folder, out = Path(folder), str(out)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder; expected one sub-folder of single-cell TIFFs per class")
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    files = [(c, p) for c in classes for p in sorted((folder / c).iterdir()) if p.suffix.lower() in EXTS]
+    if not files:
+        raise InputError(f"{folder}: no .tif files in class sub-folders (found folders: {', '.join(classes) or 'none'})")
+    if os.path.exists(out):
+        if not overwrite:
+            raise OutputError(f"{out}: already exists; pass --overwrite or choose another path")
+        shutil.rmtree(out)
+    first = _to_cyx(tifffile.imread(files[0][1]), str(files[0][1]), channels_last)
+    c, s = first.shape[0], first.shape[1]
+    if first.shape[1] != first.shape[2]:
+        raise InputError(f"{files[0][1]}: crop of {first.shape[1]}x{first.shape[2]} px; expected square crops")
+    names = list(channels) if channels else [str(i) for i in range(c)]
+    if len(names) != c:
+        raise ConfigError(f"--channels names {len(names)} channels, the crops have {c}")
+    root = zarr.open_group(out, mode="w", zarr_format=3)
+    arr = root.create_array("crops", shape=(len(files), c, s, s), chunks=(chunk, c, s, s), dtype=first.dtype)
+    from tqdm.auto import tqdm
+
+    buf = np.zeros((min(chunk, len(files)), c, s, s), first.dtype)
+    for a in tqdm(range(0, len(files), chunk), desc="ingest", unit="chunk", disable=not progress or None):
+        part = files[a:a + chunk]
+        for i, (_, p) in enumerate(part):
+            img = _to_cyx(tifffile.imread(p), str(p), channels_last)
+            if img.shape != (c, s, s) or img.dtype != first.dtype:
+                raise InputError(f"{p}: crop {img.shape} {img.dtype}; the first crop ({files[0][1].name}) is "
+                                 f"{(c, s, s)} {first.dtype}: every crop of a store must have the same shape")
+            buf[i] = img
+        arr[a:a + len(part)] = buf[:len(part)]
+    obs = pd.DataFrame({"class": pd.Categorical([k for k, _ in files], categories=classes),
+                        "path": [str(p.relative_to(folder)) for _, p in files]})
+    obs.index = obs["path"].values
+    from anndata.io import write_elem
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning)
+        write_elem(root, "obs", obs)
+    meta = {"channels": names, "crop_size": s, "dtype": str(first.dtype), "source": str(folder.resolve()),
+            "n": len(files), "classes": classes}
+    root.attrs[ATTR] = meta
+    return meta
+
+
+class CropStore:
+    """An opened crop store: the cell table and the raw crops (picklable by path)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = str(path)
+        g = zarr.open_group(self.path, mode="r", use_consolidated=False)
+        if ATTR not in g.attrs:
+            raise InputError(f"{self.path}: not a scdino crop store (no {ATTR} attribute); make one with "
+                             "'scdino-engine ingest FOLDER OUT.zarr'")
+        self.meta = dict(g.attrs[ATTR])
+        self.channels = list(self.meta["channels"])
+        self.crop_size = int(self.meta["crop_size"])
+
+    def __reduce__(self):
+        return (CropStore, (self.path,))
+
+    @property
+    def array(self) -> zarr.Array:
+        return zarr.open_group(self.path, mode="r", use_consolidated=False)["crops"]
+
+    def table(self) -> pd.DataFrame:
+        from anndata.io import read_elem
+
+        g = zarr.open_group(self.path, mode="r", use_consolidated=False)
+        df = read_elem(g["obs"]).reset_index(drop=True)
+        df.insert(0, "store_index", np.arange(len(df)))
+        return df
+
+    def read(self, rows: np.ndarray, channels: Sequence[int]) -> np.ndarray:
+        """Crops of the given store rows (sorted ascending), selected channels."""
+        from scdino.plate import read_array
+
+        if len(rows) == 0:
+            return np.zeros((0, len(channels), self.crop_size, self.crop_size), self.meta["dtype"])
+        a, b = int(rows.min()), int(rows.max()) + 1
+        block = read_array(self.array, self.path, (slice(a, b), list(channels), slice(None), slice(None)))
+        return block[rows - a]

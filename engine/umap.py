@@ -1,0 +1,102 @@
+"""``scdino-engine umap``: UMAP of the CLS tokens with the paper's presets; cuML on a GPU, umap-learn on the CPU.
+
+For large stores the embedding is fitted on a seeded subsample of ``fit_max`` cells and the rest is transformed
+with that fit (recorded in ``uns["umap"]`` and in the figure title).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from scdino.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: SPEC section 4
+PRESETS = {
+    "ipsc-qc": {"metric": "euclidean", "n_neighbors": 30, "min_dist": 0.4, "spread": 1.1, "n_epochs": 500},
+    "ipsc-morphology": {"metric": "euclidean", "n_neighbors": 20, "min_dist": 0.1, "spread": 1.0, "n_epochs": 500},
+    "immune": {"metric": "euclidean", "n_neighbors": 50, "min_dist": 0.3, "spread": 1.0, "n_epochs": 500},
+}
+
+
+def _cuml_usable() -> bool:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False
+        import cuml  # noqa: F401
+    except Exception:  # cuML's import can fail in many ways without a working CUDA stack
+        return False
+    return True
+
+
+def fit_umap(x: np.ndarray, params: dict, device: str = "auto", fit_max: int = 200_000, seed: int = 0) -> tuple:
+    """2-D embedding of ``x``; returns (coordinates, info)."""
+    use_gpu = device == "cuda" or (device == "auto" and _cuml_usable())
+    if device == "cuda" and not _cuml_usable():
+        raise ConfigError("--device cuda for UMAP needs cuML and a GPU: pip install 'scdino[gpu]' plus cuml-cu12")
+    n = len(x)
+    rng = np.random.default_rng(seed)
+    fit_idx = np.sort(rng.choice(n, fit_max, replace=False)) if n > fit_max else np.arange(n)
+    nn = min(params["n_neighbors"], max(2, len(fit_idx) - 1))
+    kw = dict(n_neighbors=nn, min_dist=params["min_dist"], spread=params["spread"], n_epochs=params["n_epochs"],
+              metric=params["metric"], n_components=2, random_state=seed)
+    t = time.perf_counter()
+    if use_gpu:
+        from cuml.manifold import UMAP
+    else:
+        from umap import UMAP
+    reducer = UMAP(**kw)
+    out = np.empty((n, 2), np.float32)
+    out[fit_idx] = reducer.fit_transform(x[fit_idx])
+    if len(fit_idx) < n:
+        rest = np.setdiff1d(np.arange(n), fit_idx)
+        for a in range(0, len(rest), 100_000):
+            out[rest[a:a + 100_000]] = reducer.transform(x[rest[a:a + 100_000]])
+    info = {**params, "n_neighbors": nn, "engine": "cuml" if use_gpu else "umap-learn", "seed": seed,
+            "fitted_on": int(len(fit_idx)), "transformed": int(n - len(fit_idx)),
+            "seconds": round(time.perf_counter() - t, 2)}
+    return out, info
+
+
+def umap_command(cells: str, preset: str | None = "ipsc-qc", overrides: dict | None = None,
+                 color_by: str | None = None, device: str = "auto", fit_max: int = 200_000, seed: int = 0,
+                 png: str | None = None) -> dict:
+    import zarr
+
+    from scdino.engine.knn import read_embeddings
+    from scdino.engine.output import _consolidate
+    from scdino.engine.plots import scatter_png
+
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
+    params = {**PRESETS[preset or "ipsc-qc"], **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    x, obs = read_embeddings(cells)
+    color_by = color_by or next((c for c in ("class", "well") if c in obs), None)
+    if color_by is not None and color_by not in obs:
+        raise ConfigError(f"{cells}: no obs column {color_by!r} to colour by; columns are {', '.join(obs.columns)}")
+    xy, info = fit_umap(x, params, device, fit_max, seed)
+    info["preset"] = preset
+    g = zarr.open_group(cells, mode="r+", use_consolidated=False)
+    if "X_umap" in g["obsm"]:
+        del g["obsm"]["X_umap"]
+    arr = g["obsm"].create_array("X_umap", shape=xy.shape, dtype="float32", chunks=(min(len(xy), 65536), 2))
+    arr[...] = xy
+    arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+    from anndata.io import write_elem
+
+    write_elem(g["uns"], "umap", json.loads(json.dumps(info)))
+    _consolidate(cells)
+    png = png or os.path.join(os.path.dirname(os.path.abspath(cells)), Path(cells).stem + "_umap.png")
+    sub = f", fitted on {info['fitted_on']} of {len(xy)} cells" if info["transformed"] else ""
+    labels = obs[color_by].astype(str).to_numpy() if color_by else np.zeros(len(xy), int)
+    scatter_png(xy, labels, png, f"{Path(cells).name}: UMAP ({preset}, {info['engine']}{sub}), colour: {color_by}")
+    return {**info, "png": png, "n": int(len(xy))}
