@@ -100,7 +100,7 @@ def knn_command(cells: str, label_key: str, k: int = 20, temperature: float = 0.
         from scdino.engine.plots import confusion_png
 
         confusion_png(np.array(result["confusion_matrix"]), result["classes"], str(out_dir / "confusion.png"),
-                      f"{Path(cells).name}: k-NN top-1 {100 * result['top1']:.1f}% (k={k}, T={temperature})")
+                      f"{Path(cells).name}\nk-NN top-1 {100 * result['top1']:.1f}% (k={k}, T={temperature})")
     result.update(cells=cells, label_key=label_key)
     (out_dir / "knn.json").write_text(json.dumps(result, indent=2))
     result["out"] = str(out_dir)

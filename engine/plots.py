@@ -19,7 +19,7 @@ def _plt():
 def confusion_png(cm: np.ndarray, classes: Sequence[str], path: str, title: str = "") -> None:
     plt = _plt()
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * n, 1.0 + 0.55 * n))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 + 0.6 * n), max(4.0, 1.0 + 0.55 * n)))
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     for i in range(n):

@@ -22,6 +22,7 @@ def knn_predict(
     lab = torch.as_tensor(ref_labels, dtype=torch.long, device=device)
     n_classes = int(n_classes if n_classes is not None else int(lab.max()) + 1)
     k = min(k, ref.shape[0] - (1 if exclude_self else 0))
+    chunk = max(1, min(chunk, (1 << 27) // max(1, ref.shape[0])))  # similarity block <= 128 M floats (512 MB)
     out = np.empty(len(query), np.int64)
     for a in range(0, len(query), chunk):
         q = torch.nn.functional.normalize(

@@ -1,0 +1,141 @@
+import json
+import os
+import sys
+
+import anndata as ad
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import dino_full_checkpoint
+from scdino.engine.attention import attention_command
+from scdino.engine.evaluate import evaluate, raw_pixel_features
+from scdino.engine.ingest import CropStore, ingest
+from scdino.engine.knn import evaluate_knn, knn_command
+from scdino.engine.pipeline import RunConfig, run
+from scdino.engine.umap import PRESETS, umap_command
+from scdino.errors import InputError
+from scdino.knn import dominant_channel_labels, knn_predict
+
+
+def test_weighted_vote_against_hand_computed_answers():
+    # reference vectors at known angles; the query is at angle 0
+    ang = np.array([10, 20, 30, 80, 85]) * np.pi / 180
+    ref = np.stack([np.cos(ang), np.sin(ang)], 1)
+    lab = np.array([0, 0, 0, 1, 1])
+    q = np.array([[1.0, 0.0]])
+    # k=5, T=1: weights exp(cos): class 0 = e^.985+e^.940+e^.866, class 1 = e^.174+e^.087 -> class 0
+    assert knn_predict(ref, lab, q, k=5, temperature=1.0).tolist() == [0]
+    # a weighted vote that a plain majority would lose: 1 close neighbour of class 1 against 2 far ones of class 0
+    ref2 = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    lab2 = np.array([1, 0, 0])
+    sims = ref2 @ np.array([1.0, 0.0])
+    w1, w0 = np.exp(sims[0] / 0.07), np.exp(sims[1] / 0.07) + np.exp(sims[2] / 0.07)
+    assert w1 > w0
+    assert knn_predict(ref2, lab2, np.array([[1.0, 0.0]]), k=3, temperature=0.07).tolist() == [1]
+    # with T large the weights even out and the majority wins
+    assert knn_predict(ref2, lab2, np.array([[1.0, 0.0]]), k=3, temperature=100.0).tolist() == [0]
+    # leave-one-out never votes for itself
+    pts = np.array([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [0.1, 0.99]])
+    assert knn_predict(pts, np.array([0, 0, 1, 1]), pts, k=1, exclude_self=True).tolist() == [0, 0, 1, 1]
+    # chunking gives the same answer
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(300, 8)), rng.integers(0, 4, 300)
+    np.testing.assert_array_equal(knn_predict(x, y, x[:50], chunk=7), knn_predict(x, y, x[:50], chunk=4096))
+
+
+def test_class_codes_stable_when_a_class_is_missing_from_a_split():
+    x = np.eye(6)[[0, 0, 1, 1, 2, 2, 3, 3, 3, 4]] + 0.01
+    labels = np.array(["a", "a", "b", "b", "c", "c", "d", "d", "d", "zz"])  # "zz" has one cell
+    r = evaluate_knn(x, labels, k=3, train_fraction=0.7, seed=1)
+    assert r["classes"] == ["a", "b", "c", "d", "zz"] and not r["stratified"]
+    cm = np.array(r["confusion_matrix"])
+    assert cm.shape == (5, 5) and cm.sum() == r["n_query"]
+
+
+@pytest.fixture(scope="module")
+def authors_folder(tmp_path_factory):
+    """The paper's layout: FOLDER/<class>/*.tif, channels last, from real neocortex nucleus crops."""
+    from scdino.export.verify import packaged_crops
+
+    crops = packaged_crops()[:, :, 4:44, 4:44]  # 48 real crops, 40 px
+    labels = dominant_channel_labels(crops)
+    root = tmp_path_factory.mktemp("authors")
+    names = ["CTIP2", "BRN2", "ROR"]
+    for i, (c, lab) in enumerate(zip(crops, labels)):
+        (root / names[lab]).mkdir(exist_ok=True)
+        tifffile.imwrite(root / names[lab] / f"cell{i:03d}.tif", np.moveaxis(c, 0, -1))
+    return root, crops, labels
+
+
+def test_ingest_keeps_every_crop_with_its_file(authors_folder, tmp_path):
+    root, crops, _ = authors_folder
+    meta = ingest(root, tmp_path / "c.zarr", channels=["CTIP2", "BRN2", "ROR"], chunk=16, progress=False)
+    assert meta["n"] == 48 and meta["crop_size"] == 40
+    store = CropStore(tmp_path / "c.zarr")
+    table = store.table()
+    data = store.read(np.arange(48), [0, 1, 2])
+    for i, row in table.iterrows():
+        np.testing.assert_array_equal(data[i], np.moveaxis(tifffile.imread(root / row["path"]), -1, 0))
+        assert row["path"].split("/")[0] == row["class"]
+    with pytest.raises(InputError, match="same shape"):
+        bad = tmp_path / "bad"
+        (bad / "x").mkdir(parents=True)
+        tifffile.imwrite(bad / "x" / "a.tif", np.zeros((40, 40, 3), np.uint16))
+        tifffile.imwrite(bad / "x" / "b.tif", np.zeros((30, 30, 3), np.uint16))
+        ingest(bad, tmp_path / "bad.zarr", progress=False)
+
+
+def test_knn_and_umap_and_attention_on_a_crop_store(authors_folder, tmp_path):
+    root, crops, labels = authors_folder
+    ingest(root, tmp_path / "c.zarr", channels=["CTIP2", "BRN2", "ROR"], progress=False)
+    run(RunConfig(plate=str(tmp_path / "c.zarr"), out=str(tmp_path / "e.zarr"), model="random:vit_test16",
+                  input_size=64, progress=False, chunk_cells=20))
+    a = ad.read_zarr(tmp_path / "e.zarr")
+    assert a.n_obs == 48 and list(a.obs["class"].astype(str)) == list(CropStore(tmp_path / "c.zarr").table()["class"])
+    r = knn_command(str(tmp_path / "e.zarr"), "class", k=5, out=str(tmp_path / "k"))
+    assert 0 <= r["top1"] <= 1 and os.path.getsize(tmp_path / "k" / "confusion.png") > 1000
+    assert json.loads((tmp_path / "k" / "knn.json").read_text())["classes"] == ["BRN2", "CTIP2", "ROR"]
+    # classify the store's cells against itself as a labelled reference: obs column written, store readable
+    r2 = knn_command(str(tmp_path / "e.zarr"), "class", k=1, reference=str(tmp_path / "e.zarr"),
+                     out=str(tmp_path / "k2"))
+    b = ad.read_zarr(tmp_path / "e.zarr")
+    assert (b.obs["knn_class"].astype(str) == b.obs["class"].astype(str)).all()  # k=1: its own row wins
+    assert r2["predicted_counts"]
+    u = umap_command(str(tmp_path / "e.zarr"), "ipsc-morphology", {"n_epochs": 50}, fit_max=40, device="cpu")
+    assert u["engine"] == "umap-learn" and u["fitted_on"] == 40 and u["transformed"] == 8
+    assert u["n_neighbors"] == PRESETS["ipsc-morphology"]["n_neighbors"] and u["min_dist"] == 0.1
+    c = ad.read_zarr(tmp_path / "e.zarr")
+    assert c.obsm["X_umap"].shape == (48, 2) and np.isfinite(c.obsm["X_umap"]).all()
+    assert os.path.getsize(u["png"]) > 1000 and "cuml" not in sys.modules
+    att = attention_command(str(tmp_path / "c.zarr"), "random:vit_test16", str(tmp_path / "att"), per_class=2,
+                            input_size=64)
+    npz = np.load(tmp_path / "att" / "attention.npz")
+    assert npz["attention"].shape == (6, 2, 40, 40) and att["heads"] == 2
+    again = attention_command(str(tmp_path / "c.zarr"), "random:vit_test16", str(tmp_path / "att2"), per_class=2,
+                              input_size=64)
+    assert list(np.load(tmp_path / "att2" / "attention.npz")["ids"]) == list(npz["ids"])  # seeded choice
+    assert again["cells"] == 6
+
+
+def test_evaluate_grid_with_baselines_and_epochs(authors_folder, tmp_path):
+    root, crops, labels = authors_folder
+    ingest(root, tmp_path / "c.zarr", channels=["CTIP2", "BRN2", "ROR"], progress=False)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for ep in (0, 10):
+        dino_full_checkpoint(run_dir / f"checkpoint{ep:04d}.pth", arch="vit_test16", in_chans=3, seed=ep)
+    r = evaluate(str(tmp_path / "c.zarr"), ["random:vit_test16"], [("CTIP2",), ("CTIP2", "BRN2", "ROR")],
+                 str(tmp_path / "report"), input_size=64, run_dir=str(run_dir), baseline_arch="vit_test16",
+                 progress=False)
+    top1 = np.array(r["top1"])
+    assert top1.shape == (2, 3) and np.isfinite(top1).all()
+    assert r["columns"] == ["random:vit_test16", "untrained vit_test16", "raw pixels"]
+    assert [e["epoch"] for e in r["epochs"]] == [0, 10]
+    for f in ("heatmap.png", "epochs.png", "results.json", "report.md"):
+        assert os.path.getsize(tmp_path / "report" / f) > 200
+    # the raw-pixel baseline is what its definition says
+    x = raw_pixel_features(crops[:2, :1])
+    assert x.shape == (2, 40 * 40) and x.min() == 0 and x.max() == 1
+    # the same model twice gives the same accuracy: the grid is deterministic
+    assert top1[0, 0] == top1[0, 1]
