@@ -53,7 +53,9 @@ def _split(value: str | None) -> tuple[str, ...] | None:
 @click.option("--border", type=click.Choice(["pad", "skip"]), default="pad", show_default=True,
               help="Cells whose crop leaves the field: zero-pad and flag them, or skip them.")
 @click.option("--wells", help="Only these wells, e.g. A/1,B/03. Default: all.")
-@click.option("--input-size", type=int, default=224, show_default=True, help="Model input size; crops are resized.")
+@click.option("--input-size", type=int,
+              help="Model input size; crops are resized to it. Default: the size the model was trained at (224 for "
+                   "DINO's ImageNet models and random:ARCH); exported models have theirs built in.")
 @click.option("--adapt", default="mean", show_default=True,
               help="Adaptation of RGB models to N channels: mean (scDINO), scaled (timm) or map:R,G,B,...")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",

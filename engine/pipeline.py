@@ -40,7 +40,7 @@ class RunConfig:
     cells: CellOptions = field(default_factory=CellOptions)
     checkpoint_key: str = "teacher"
     adapt: str = "mean"
-    input_size: int = 224
+    input_size: int | None = None
     backend: str = "auto"
     device: str = "auto"
     batch_size: int = 64
@@ -53,7 +53,7 @@ class RunConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.batch_size < 1 or self.chunk_cells < 1 or self.workers < 1 or self.input_size < 1:
+        if self.batch_size < 1 or self.chunk_cells < 1 or self.workers < 1 or (self.input_size or 1) < 1:
             raise ConfigError("--batch-size, --chunk-cells, --workers and --input-size must be positive")
         if self.cells.crop_size is not None and self.cells.crop_um is not None:
             raise ConfigError("pass either --crop-size (pixels) or --crop-um (micrometres), not both")

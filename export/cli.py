@@ -48,7 +48,8 @@ def main(verbose: int) -> None:
 @click.option("--n-channels", type=int, help="Number of channels when names are not known.")
 @click.option("--crop-size", type=int, default=64, show_default=True,
               help="Raw crop side the model is verified at (the graph accepts other sizes too).")
-@click.option("--input-size", type=int, default=224, show_default=True, help="Model input side after resizing.")
+@click.option("--input-size", type=int,
+              help="Model input side after resizing. Default: the size the model was trained at (224 for DINO's).")
 @click.option("--dtype", type=click.Choice(["uint16", "uint8", "float32"]), default="uint16", show_default=True,
               help="Dtype of the raw crops the graph takes.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,

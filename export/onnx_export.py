@@ -103,7 +103,7 @@ def export_onnx(
     n_channels: int | None = None,
     channels: Sequence[str] | None = None,
     crop_size: int = 64,
-    input_size: int = 224,
+    input_size: int | None = None,
     dtype: str = "uint16",
     attention: bool = False,
     precision: str = "fp32",
@@ -122,6 +122,7 @@ def export_onnx(
     if n_channels is None:
         n_channels = native_channels(model, checkpoint_key)
     lm = load_model(model, n_channels, input_size, checkpoint_key, adapt)
+    input_size = lm.prep.input_size
     c = lm.model.cfg.in_chans
     if channels is None and lm.channels:
         channels = lm.channels

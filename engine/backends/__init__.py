@@ -29,7 +29,7 @@ class BackendSpec:
 
     model: str
     n_channels: int
-    input_size: int = 224
+    input_size: int | None = None
     checkpoint_key: str | None = "teacher"
     adapt: str = "mean"
     kind: str = "torch"

@@ -78,7 +78,7 @@ def native_channels(spec: str, checkpoint_key: str | None = "teacher") -> int:
 def load_model(
     spec: str,
     n_channels: int,
-    input_size: int = 224,
+    input_size: int | None = None,
     checkpoint_key: str | None = "teacher",
     adapt: str = "mean",
     seed: int = 0,
@@ -87,11 +87,14 @@ def load_model(
 
     An RGB model (3 input channels and no channel names of its own) is channel-adapted to ``n_channels`` with
     ``adapt`` (see :mod:`scdino.models.adapt`). A model trained on N channels must get exactly N.
+    ``input_size`` None means the size the model was trained at (224 for DINO's and for random models).
     """
     if n_channels < 1:
         raise ConfigError(f"need at least one channel, got {n_channels}")
     ckpt = _checkpoint_for(spec, checkpoint_key)
     info: dict[str, Any] = {"model": spec, "untrained": ckpt is None}
+    if input_size is None:
+        input_size = int(ckpt.meta.get("input_size") or ckpt.config.img_size) if ckpt is not None else 224
     if ckpt is None:
         torch.manual_seed(seed)
         cfg = arch_config(spec.split(":", 1)[1], in_chans=n_channels, img_size=input_size)

@@ -1,0 +1,3 @@
+from scdino.training.cli import main
+
+main()

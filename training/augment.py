@@ -1,0 +1,140 @@
+"""Multi-crop augmentation for microscopy (SPEC section 5), batched on the device.
+
+Each channel is a grey image: no colour jitter. For every crop of every view: random resized crop (area scale range,
+aspect ratio 3/4..4/3) resampled bilinearly to the view size, horizontal and vertical flips, brightness scaled per
+channel, gaussian blur, solarisation (global view 2), then per-channel mean/std normalisation.
+
+Randomness comes from a generator seeded by (seed, epoch, iteration) and is drawn for the *global* batch, of which
+each DDP rank takes its slice: one process with batch 2B and two with batch B see identical views, and a resumed run
+repeats exactly the views of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from scdino.preprocess import minmax_scale
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    size: int
+    scale: tuple[float, float]
+    blur_p: float
+    solarize_p: float = 0.0
+
+
+def views_of(cfg) -> list[ViewSpec]:
+    """2 global views then ``local_crops`` local views, with the recipe's probabilities."""
+    g1 = ViewSpec(cfg.global_size, tuple(cfg.global_scale), cfg.blur_p[0])
+    g2 = ViewSpec(cfg.global_size, tuple(cfg.global_scale), cfg.blur_p[1], cfg.solarize_p)
+    loc = ViewSpec(cfg.local_size, tuple(cfg.local_scale), cfg.blur_p[2])
+    return [g1, g2] + [loc] * cfg.local_crops
+
+
+def make_generator(seed: int, epoch: int, it: int, device: torch.device | str = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + it)
+    return g
+
+
+def _uniform(g: torch.Generator, n: int, lo: float, hi: float, device) -> torch.Tensor:
+    return torch.rand(n, generator=g, device=device) * (hi - lo) + lo
+
+
+def crop_params(g: torch.Generator, n: int, scale: tuple[float, float], device) -> torch.Tensor:
+    """(n, 2, 3) affine grids of random resized crops (as fractions of the image) with random flips."""
+    area = _uniform(g, n, scale[0], scale[1], device)
+    logr = _uniform(g, n, math.log(3 / 4), math.log(4 / 3), device)
+    ratio = logr.exp()
+    w = (area * ratio).sqrt().clamp(max=1.0)
+    h = (area / ratio).sqrt().clamp(max=1.0)
+    cx = (torch.rand(n, generator=g, device=device) * 2 - 1) * (1 - w)
+    cy = (torch.rand(n, generator=g, device=device) * 2 - 1) * (1 - h)
+    return torch.stack([w, h, cx, cy], 1)
+
+
+def _affine(box: torch.Tensor, flip_x: torch.Tensor, flip_y: torch.Tensor) -> torch.Tensor:
+    w, h, cx, cy = box.unbind(1)
+    theta = torch.zeros(len(box), 2, 3, device=box.device)
+    theta[:, 0, 0] = w * torch.where(flip_x, -1.0, 1.0)
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = h * torch.where(flip_y, -1.0, 1.0)
+    theta[:, 1, 2] = cy
+    return theta
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """Blur each sample with its own sigma (where ``apply``), each channel separately."""
+    b, c, h, w = x.shape
+    radius = int(math.ceil(3 * float(sigma.max()))) if apply.any() else 0
+    if radius == 0:
+        return x
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t[None] / sigma[:, None]) ** 2)
+    k = k / k.sum(1, keepdim=True)
+    delta = (t == 0).to(x.dtype)[None].expand(b, -1)
+    k = torch.where(apply[:, None], k, delta)
+    k = k.repeat_interleave(c, 0)  # (b*c, taps)
+    y = x.reshape(1, b * c, h, w)
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), k[:, None, :, None], groups=b * c)
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), k[:, None, None, :], groups=b * c)
+    return y.reshape(b, c, h, w)
+
+
+class MultiCrop:
+    """Raw crops (B, C, S, S) -> list of normalised views, global views first."""
+
+    def __init__(self, cfg, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.cfg = cfg
+        self.views = views_of(cfg)
+        self.mean = mean.view(1, -1, 1, 1)
+        self.std = std.view(1, -1, 1, 1)
+
+    def __call__(self, raw: torch.Tensor, g: torch.Generator, n_global: int | None = None,
+                 offset: int = 0) -> list[torch.Tensor]:
+        """Views of ``raw``. Parameters are drawn for ``n_global`` crops (the global batch; default ``len(raw)``) and
+        this process uses rows ``offset .. offset + len(raw)`` of them."""
+        cfg = self.cfg
+        dev = raw.device
+        x = minmax_scale(raw)
+        n_total = n_global or len(x)
+        sl = slice(offset, offset + len(x))
+        out = []
+        for v in self.views:
+            box = crop_params(g, n_total, v.scale, dev)
+            fx = torch.rand(n_total, generator=g, device=dev) < cfg.flip_p
+            fy = torch.rand(n_total, generator=g, device=dev) < cfg.flip_p
+            bright = _uniform(g, n_total * x.shape[1], cfg.brightness[0], cfg.brightness[1], dev).view(n_total, -1)
+            do_bright = torch.rand(n_total, generator=g, device=dev) < cfg.brightness_p
+            sigma = _uniform(g, n_total, cfg.blur_sigma[0], cfg.blur_sigma[1], dev)
+            do_blur = torch.rand(n_total, generator=g, device=dev) < v.blur_p
+            do_sol = torch.rand(n_total, generator=g, device=dev) < v.solarize_p
+            theta = _affine(box[sl], fx[sl], fy[sl])
+            grid = F.affine_grid(theta, [len(x), x.shape[1], v.size, v.size], align_corners=False)
+            y = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+            factor = torch.where(do_bright[sl, None], bright[sl], torch.ones_like(bright[sl]))
+            y = (y * factor[:, :, None, None]).clamp(0, 1)
+            y = gaussian_blur(y, sigma[sl], do_blur[sl])
+            y = torch.where(do_sol[sl, None, None, None] & (y > 0.5), 1 - y, y)
+            out.append((y - self.mean) / self.std)
+        return out
+
+
+def channel_stats(raw: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of min-max scaled training crops (stored with the model)."""
+    s = torch.zeros(raw.shape[1], dtype=torch.float64)
+    s2 = torch.zeros_like(s)
+    n = 0
+    for a in range(0, len(raw), chunk):
+        x = minmax_scale(raw[a:a + chunk]).double()
+        s += x.sum((0, 2, 3))
+        s2 += (x * x).sum((0, 2, 3))
+        n += x.shape[0] * x.shape[2] * x.shape[3]
+    mean = s / n
+    std = (s2 / n - mean * mean).clamp_min(1e-12).sqrt()
+    return mean.float(), std.float().clamp_min(1e-3)

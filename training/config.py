@@ -1,0 +1,139 @@
+"""Typed training configuration: every hyperparameter of the scDINO recipe (SPEC section 5) as the default."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from scdino.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = ""
+    out: str = ""
+    channels: list[str] | None = None
+    labels: str | None = None  # nucleus label image of a plate (else segmentation)
+    segment_channel: str | None = None
+    crop_size: int = 64  # crops cut from a plate (crop stores keep their own size)
+    val_data: str | None = None  # labelled crop store or run output for k-NN monitoring
+    val_label_key: str = "class"
+    # model
+    arch: str = "vit_small"
+    patch: int = 16
+    init: str = "scratch"  # scratch | dino_vits16 (hub name) | a checkpoint file
+    drop_path: float = 0.1
+    out_dim: int = 65536
+    head_hidden: int = 2048
+    head_bottleneck: int = 256
+    norm_last_layer: bool = True
+    # multi-crop
+    global_size: int = 224
+    local_size: int = 96
+    local_crops: int = 8
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    flip_p: float = 0.5
+    brightness: tuple[float, float] = (0.5, 1.25)
+    brightness_p: float = 0.8
+    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)  # global 1, global 2, locals
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.2  # global 2
+    # optimisation
+    epochs: int = 100
+    batch_size_per_device: int = 30
+    lr: float = 5e-4  # for a global batch of 256; scaled linearly
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0
+    freeze_last_layer: int = 1
+    momentum_teacher: float = 0.996
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    center_momentum: float = 0.9
+    precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp16 with scaling; fp32 on CPU) | fp32 | fp16 | bf16
+    # run
+    seed: int = 0
+    saveckp_freq: int = 20
+    knn_freq: int = 0  # epochs between k-NN checks on val_data (0: never)
+    device: str = "auto"
+    threads: int | None = None
+    max_iters_per_epoch: int | None = None  # for smoke tests and benchmarks
+
+    def validate(self) -> "TrainConfig":
+        if not self.data or not self.out:
+            raise ConfigError("--data and --out are required")
+        for name in ("epochs", "batch_size_per_device", "global_size", "local_size", "patch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.global_size % self.patch or self.local_size % self.patch:
+            raise ConfigError(f"crop sizes {self.global_size}/{self.local_size} must be multiples of the patch {self.patch}")
+        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise ConfigError(f"precision {self.precision!r}: expected auto, fp32, fp16 or bf16")
+        if self.knn_freq and not self.val_data:
+            raise ConfigError("knn_freq needs val_data (a labelled crop store)")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def arch_name(self) -> str:
+        return f"{self.arch}{self.patch}"
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    t = str(f.type)
+    if isinstance(value, str):
+        if value.lower() in ("none", "null") and "None" in t:
+            return None
+        if t.startswith("tuple") or t.startswith("list"):
+            parts = [v.strip() for v in value.strip("()[]").split(",") if v.strip()]
+            conv = float if "float" in t else str
+            return tuple(conv(p) for p in parts) if t.startswith("tuple") else [conv(p) for p in parts]
+        if t.startswith("bool"):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ConfigError(f"{f.name}={value!r}: expected true or false")
+            return value.lower() in ("true", "1", "yes")
+        if t.startswith("int"):
+            return int(value)
+        if t.startswith("float"):
+            return float(value)
+    if isinstance(value, list) and t.startswith("tuple"):
+        return tuple(value)
+    return value
+
+
+def build_config(file: str | None = None, sets: list[str] | tuple[str, ...] = (), **options: Any) -> TrainConfig:
+    """Defaults <- config file (YAML or JSON) <- command-line options <- ``--set key=value``."""
+    known = {f.name: f for f in fields(TrainConfig)}
+    values: dict[str, Any] = {}
+    if file:
+        text = Path(file).read_text()
+        try:
+            import yaml
+
+            loaded = yaml.safe_load(text)
+        except ImportError:
+            loaded = json.loads(text)
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{file}: expected a mapping of option: value")
+        values.update(loaded)
+    values.update({k: v for k, v in options.items() if v is not None})
+    for s in sets:
+        if "=" not in s:
+            raise ConfigError(f"--set {s!r}: expected key=value")
+        k, v = s.split("=", 1)
+        values[k.strip().replace("-", "_")] = v.strip()
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return TrainConfig(**{k: _coerce(known[k], v) for k, v in values.items()}).validate()
