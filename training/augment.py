@@ -68,12 +68,15 @@ def _affine(box: torch.Tensor, flip_x: torch.Tensor, flip_y: torch.Tensor) -> to
     return theta
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
-    """Blur each sample with its own sigma (where ``apply``), each channel separately."""
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor, max_sigma: float | None = None
+                  ) -> torch.Tensor:
+    """Blur each sample with its own sigma (where ``apply``), each channel separately. The kernel radius is
+    3 x ``max_sigma`` (default: the largest sigma given), the same whichever samples a process holds."""
     b, c, h, w = x.shape
-    radius = int(math.ceil(3 * float(sigma.max()))) if apply.any() else 0
-    if radius == 0:
+    if not bool(apply.any()):
         return x
+    radius = int(math.ceil(3 * (max_sigma if max_sigma is not None else float(sigma.max()))))
+    radius = min(radius, h - 1, w - 1)
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     k = torch.exp(-0.5 * (t[None] / sigma[:, None]) ** 2)
     k = k / k.sum(1, keepdim=True)
@@ -119,7 +122,7 @@ class MultiCrop:
             y = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
             factor = torch.where(do_bright[sl, None], bright[sl], torch.ones_like(bright[sl]))
             y = (y * factor[:, :, None, None]).clamp(0, 1)
-            y = gaussian_blur(y, sigma[sl], do_blur[sl])
+            y = gaussian_blur(y, sigma[sl], do_blur[sl], cfg.blur_sigma[1])
             y = torch.where(do_sol[sl, None, None, None] & (y > 0.5), 1 - y, y)
             out.append((y - self.mean) / self.std)
         return out

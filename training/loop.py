@@ -114,6 +114,7 @@ def train(cfg: TrainConfig) -> dict:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     crops, names, _ = load_crops(cfg.data, cfg.channels, cfg.labels, cfg.segment_channel, cfg.crop_size)
     mean, std = channel_stats(crops)
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process and every run
     student, teacher = build_networks(cfg, crops.shape[1])
     student, teacher = student.to(device), teacher.to(device)
     model = nn.parallel.DistributedDataParallel(student, device_ids=[local_rank] if device.type == "cuda" else None) \

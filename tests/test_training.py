@@ -1,0 +1,242 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scdino.errors import ConfigError
+from scdino.export.verify import packaged_crops
+from scdino.training import loop as loop_mod
+from scdino.training.augment import MultiCrop, channel_stats, gaussian_blur, make_generator
+from scdino.training.config import TrainConfig, build_config
+from scdino.training.dino import DINOLoss, cosine_scheduler
+from scdino.training.loop import TrainingDiverged, train
+
+TINY = ["global_size=32", "local_size=16", "local_crops=2", "out_dim=128", "head_hidden=64", "head_bottleneck=32",
+        "warmup_epochs=1", "drop_path=0.0", "saveckp_freq=1"]
+
+
+@pytest.fixture(scope="module")
+def crop_store(tmp_path_factory):
+    """48 real neocortex nucleus crops as a crop store (the paper's TIFF layout ingested)."""
+    import tifffile
+
+    from scdino.engine.ingest import ingest
+    from scdino.knn import dominant_channel_labels
+
+    crops = packaged_crops()[:, :, 8:40, 8:40]
+    root = tmp_path_factory.mktemp("tiffs")
+    for i, (c, lab) in enumerate(zip(crops, dominant_channel_labels(crops))):
+        (root / f"m{lab}").mkdir(exist_ok=True)
+        tifffile.imwrite(root / f"m{lab}" / f"c{i:03d}.tif", np.moveaxis(c, 0, -1))
+    out = tmp_path_factory.mktemp("store") / "crops.zarr"
+    ingest(root, out, channels=["CTIP2", "BRN2", "ROR"], progress=False)
+    return str(out)
+
+
+def cfg_for(store, out, **kw) -> TrainConfig:
+    sets = list(TINY) + [f"{k}={v}" for k, v in kw.items()]
+    return build_config(None, sets, data=store, out=str(out), arch="vit_test", patch=8, epochs=kw.pop("epochs", 2),
+                        batch_size_per_device=8, device="cpu")
+
+
+def test_config_defaults_are_the_recipe_and_overrides_are_typed(tmp_path):
+    c = TrainConfig(data="d", out="o")
+    assert (c.lr, c.min_lr, c.weight_decay, c.weight_decay_end, c.clip_grad) == (5e-4, 1e-6, 0.04, 0.4, 3.0)
+    assert (c.momentum_teacher, c.student_temp, c.teacher_temp, c.center_momentum) == (0.996, 0.1, 0.04, 0.9)
+    assert (c.out_dim, c.local_crops, c.global_scale, c.local_scale, c.drop_path) == (65536, 8, (0.4, 1.0),
+                                                                                      (0.05, 0.4), 0.1)
+    f = tmp_path / "c.yaml"
+    f.write_text("epochs: 7\nlocal_scale: [0.1, 0.3]\n")
+    c2 = build_config(str(f), ["lr=0.001", "norm_last_layer=false", "channels=A,B"], data="d", out="o")
+    assert c2.epochs == 7 and c2.local_scale == (0.1, 0.3) and c2.lr == 0.001 and c2.norm_last_layer is False
+    assert c2.channels == ["A", "B"]
+    with pytest.raises(ConfigError, match="unknown option\\(s\\) lrr"):
+        build_config(None, ["lrr=1"], data="d", out="o")
+    with pytest.raises(ConfigError, match="multiples of the patch"):
+        build_config(None, ["global_size=30"], data="d", out="o")
+
+
+def _aug(cfg_over=None):
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(global_size=32, local_size=16, local_crops=3, global_scale=(0.4, 1.0),
+                          local_scale=(0.05, 0.4), blur_p=(1.0, 0.1, 0.5), solarize_p=0.2, flip_p=0.5,
+                          brightness=(0.5, 1.25), brightness_p=0.8, blur_sigma=(0.1, 2.0))
+    for k, v in (cfg_over or {}).items():
+        setattr(cfg, k, v)
+    return MultiCrop(cfg, torch.zeros(3), torch.ones(3))
+
+
+def test_augmentation_shapes_ranges_determinism_and_slicing():
+    x = torch.from_numpy(packaged_crops()[:8].astype(np.int32))
+    aug = _aug()
+    v = aug(x, make_generator(0, 0, 0))
+    assert [t.shape for t in v] == [(8, 3, 32, 32)] * 2 + [(8, 3, 16, 16)] * 3
+    assert all(float(t.min()) >= 0 and float(t.max()) <= 1 for t in v)  # mean 0, std 1: the [0, 1] range
+    again = aug(x, make_generator(0, 0, 0))
+    assert all(torch.equal(a, b) for a, b in zip(v, again))
+    other = aug(x, make_generator(0, 0, 1))
+    assert not torch.equal(v[0], other[0])
+    # two ranks with half the batch each see exactly the views of one process with the whole batch
+    a = aug(x[:4], make_generator(0, 0, 0), 8, 0)
+    b = aug(x[4:], make_generator(0, 0, 0), 8, 4)
+    assert all(torch.allclose(torch.cat([p, q]), r) for p, q, r in zip(a, b, v))
+
+
+def test_augmentation_treats_channels_independently():
+    x = torch.from_numpy(packaged_crops()[:6].astype(np.int32))
+    y = x.clone()
+    y[:, 1] = torch.flip(y[:, 1], dims=[-1])  # change channel 1 only
+    aug = _aug()
+    v, w = aug(x, make_generator(3, 1, 2)), aug(y, make_generator(3, 1, 2))
+    for a, b in zip(v, w):
+        assert torch.equal(a[:, 0], b[:, 0]) and torch.equal(a[:, 2], b[:, 2])
+        assert not torch.equal(a[:, 1], b[:, 1])
+    # brightness factors are drawn per channel: a crop with identical channels gets different ones
+    same = x[:, :1].repeat(1, 3, 1, 1)
+    out = _aug({"blur_p": (0.0, 0.0, 0.0), "solarize_p": 0.0, "brightness_p": 1.0})(same, make_generator(0, 0, 0))
+    assert not torch.allclose(out[0][:, 0], out[0][:, 1])
+
+
+def test_gaussian_blur_matches_direct_convolution():
+    x = torch.rand(2, 1, 20, 20)
+    y = gaussian_blur(x, torch.tensor([1.0, 1.5]), torch.tensor([True, False]))
+    assert torch.equal(y[1], x[1])
+    r = 5  # ceil(3 * 1.5)
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / 1.0) ** 2)
+    k = (k / k.sum())
+    k2 = k[:, None] * k[None, :]
+    ref = F.conv2d(F.pad(x[:1], (r, r, r, r), mode="reflect"), k2[None, None])
+    torch.testing.assert_close(y[:1], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_dino_loss_against_the_direct_formula():
+    torch.manual_seed(0)
+    n_crops, b, d = 4, 3, 5
+    s, t = torch.randn(n_crops * b, d), torch.randn(2 * b, d)
+    loss = DINOLoss(d, n_crops, 0.04, 0.04, 0, 10, student_temp=0.1, center_momentum=0.9)
+    loss.center.fill_(0.2)
+    got = loss(s, t, epoch=0)
+    total, terms = 0.0, 0
+    for iq in range(2):
+        q = torch.softmax((t[iq * b:(iq + 1) * b] - 0.2) / 0.04, -1)
+        for v in range(n_crops):
+            if v == iq:
+                continue
+            p = torch.log_softmax(s[v * b:(v + 1) * b] / 0.1, -1)
+            total += (-(q * p).sum(-1)).mean()
+            terms += 1
+    torch.testing.assert_close(got, total / terms)
+    torch.testing.assert_close(loss.center, 0.2 * 0.9 + 0.1 * t.mean(0, keepdim=True))
+    warm = DINOLoss(d, 2, 0.04, 0.07, 3, 10)
+    assert np.allclose(warm.teacher_temp_schedule[:4], [0.04, 0.055, 0.07, 0.07])
+
+
+def test_schedules():
+    s = cosine_scheduler(1.0, 0.1, epochs=4, niter_per_ep=5, warmup_epochs=1)
+    assert len(s) == 20 and s[0] == 0.0 and np.isclose(s[4], 1.0) and np.isclose(s[5], 1.0)
+    assert np.isclose(s[-1], 0.1 + 0.45 * (1 + np.cos(np.pi * 14 / 15))) and np.all(np.diff(s[5:]) <= 0)
+    m = cosine_scheduler(0.996, 1.0, 10, 3)
+    assert np.isclose(m[0], 0.996) and m[-1] < 1.0 and np.all(np.diff(m) >= 0)
+
+
+def _ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_resume_equals_uninterrupted(crop_store, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    train(cfg_for(crop_store, full, epochs=2))
+    part = tmp_path / "part"
+    real = loop_mod.epoch_order
+
+    def stop_at_second_epoch(n, epoch, seed):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real(n, epoch, seed)
+
+    monkeypatch.setattr(loop_mod, "epoch_order", stop_at_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for(crop_store, part, epochs=2))
+    assert _ckpt(part / "checkpoint.pth")["epoch"] == 1
+    monkeypatch.setattr(loop_mod, "epoch_order", real)
+    train(cfg_for(crop_store, part, epochs=2))
+    a, b = _ckpt(full / "checkpoint.pth"), _ckpt(part / "checkpoint.pth")
+    assert a["epoch"] == b["epoch"] == 2
+    for k in a["teacher"]:
+        assert torch.equal(a["teacher"][k], b["teacher"][k]), k  # bit for bit on the CPU
+    assert torch.equal(a["dino_loss"]["center"], b["dino_loss"]["center"])
+    log = [json.loads(line) for line in (part / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log if r.get("summary")] == [1, 2]
+
+
+def test_checkpoint_layout_and_use_in_engine_and_export(crop_store, tmp_path):
+    out = tmp_path / "run"
+    s = train(cfg_for(crop_store, out, epochs=1))
+    assert s["crops_per_s"] > 0
+    ck = _ckpt(out / "checkpoint.pth")
+    assert set(ck) >= {"student", "teacher", "optimizer", "epoch", "args", "dino_loss", "fp16_scaler", "scdino"}
+    assert all(k.startswith("module.") for k in ck["student"])
+    assert any(k.startswith("backbone.") for k in ck["teacher"]) and "head.last_layer.weight_g" in ck["teacher"]
+    assert ck["scdino"]["channels"] == ["CTIP2", "BRN2", "ROR"] and len(ck["scdino"]["mean"]) == 3
+    assert (out / "checkpoint0001.pth").is_file() and json.loads((out / "config.json").read_text())["epochs"] == 1
+    from scdino.engine.pipeline import RunConfig, run
+    from scdino.export.onnx_export import export_onnx
+
+    r = run(RunConfig(plate=crop_store, out=str(tmp_path / "e.zarr"), model=str(out / "checkpoint.pth"),
+                      progress=False))
+    assert r.n_cells == 48 and not r.untrained
+    import anndata as ad
+
+    prep = ad.read_zarr(tmp_path / "e.zarr").uns["scdino"]["preprocessing"]
+    assert prep["input_size"] == 32 and np.allclose(prep["mean"], ck["scdino"]["mean"])
+    meta = export_onnx(str(out / "checkpoint.pth"), tmp_path / "m.onnx", crop_size=32)
+    assert meta["channels"] == ["CTIP2", "BRN2", "ROR"] and meta["verification"]["passed"]
+
+
+def test_a_few_steps_reduce_the_loss_on_real_crops(crop_store, tmp_path):
+    out = tmp_path / "fit"
+    # with the teacher held at its initial weights and a fast centre the targets settle within the first epoch;
+    # what is left is the student learning them (lr 0.05 x batch 8 / 256 = 1.6e-3)
+    train(cfg_for(crop_store, out, epochs=8, lr=0.05, warmup_epochs=0, momentum_teacher=1.0, center_momentum=0.5))
+    ep = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines() if '"summary"' in line]
+    assert ep[-1] < ep[0] - 0.5 and ep[-1] < ep[1] - 0.2, ep
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(crop_store, tmp_path, monkeypatch):
+    out = tmp_path / "nan"
+    train(cfg_for(crop_store, out, epochs=1))
+    good = (out / "checkpoint.pth").read_bytes()
+    monkeypatch.setattr(DINOLoss, "forward", lambda self, s, t, e: (s.sum() + t.sum()) * float("nan"))
+    with pytest.raises(TrainingDiverged, match="diverged.*last good checkpoint"):
+        train(cfg_for(crop_store, out, epochs=2))
+    assert (out / "checkpoint.pth").read_bytes() == good
+
+
+def test_torchrun_two_processes_match_one(crop_store, tmp_path):
+    """gloo DDP with batch 8 per process == one process with batch 16 (same global batch)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--data", crop_store, "--arch", "vit_test", "--patch", "8", "--epochs", "1", "--device", "cpu",
+              *[a for s in TINY for a in ("--set", s)], "--set", "threads=1"]
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        "29617", "-m", "scdino.training", "--out", str(tmp_path / "ddp"), "--batch-size-per-device",
+                        "8", *common], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p1 = subprocess.run([sys.executable, "-m", "scdino.training", "--out", str(tmp_path / "one"),
+                         "--batch-size-per-device", "16", *common], env=env, capture_output=True, text=True,
+                        timeout=300)
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    a, b = _ckpt(tmp_path / "ddp" / "checkpoint.pth"), _ckpt(tmp_path / "one" / "checkpoint.pth")
+    assert a["args"].batch_size_per_device == 8 and b["args"].batch_size_per_device == 16
+    for k in a["teacher"]:
+        torch.testing.assert_close(a["teacher"][k], b["teacher"][k], rtol=1e-4, atol=1e-5)
+    for k in a["student"]:
+        torch.testing.assert_close(a["student"][k], b["student"][k], rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(a["dino_loss"]["center"], b["dino_loss"]["center"], rtol=1e-4, atol=1e-6)
