@@ -12,7 +12,8 @@ import click
 from scdino._cli import ErrorGroup, configure_logging
 
 MODEL_HELP = (
-    "Model: an exported model.onnx or TensorRT model.plan (from scdino-export), "
+    "Model: 'default' (a small scDINO model shipped with scdino, trained on the neocortex sample plate's "
+    "CTIP2, BRN2, ROR channels; see the README), an exported model.onnx or TensorRT model.plan (from scdino-export), "
     "a checkpoint file (DINO full checkpoint, backbone-only, scDINO or scdino-train), a hub name "
     "(dino_vits16, dino_vits8, dino_vitb16, dino_vitb8; downloaded once into the torch hub cache), or random:ARCH "
     "(e.g. random:vit_small16) for an untrained model whose embeddings carry no learned features."
@@ -39,7 +40,7 @@ def _split(value: str | None) -> tuple[str, ...] | None:
 
 @main.command("run")
 @click.argument("plate", type=click.Path(file_okay=False))
-@click.option("--model", required=True, help=MODEL_HELP)
+@click.option("--model", default="default", show_default=True, help=MODEL_HELP)
 @click.option("--out", required=True, type=click.Path(), help="Output AnnData zarr store (e.g. cells.zarr).")
 @click.option("--checkpoint-key", default="teacher", show_default=True,
               help="Which network of a DINO full checkpoint to use (teacher or student).")

@@ -36,7 +36,7 @@ class RunConfig:
 
     plate: str
     out: str
-    model: str
+    model: str = "default"
     cells: CellOptions = field(default_factory=CellOptions)
     checkpoint_key: str = "teacher"
     adapt: str = "mean"
@@ -231,10 +231,14 @@ def run(cfg: RunConfig) -> RunResult:
     info = _model_info(spec)  # fails early (bad checkpoint, channel count) before any work is distributed
     model_channels = info.get("channels")
     if model_channels and list(model_channels) != list(first.channel_names):
-        raise ConfigError(
-            f"{cfg.model}: trained on channels {', '.join(model_channels)}, the run selects "
-            f"{', '.join(first.channel_names)}; pass --channels {','.join(model_channels)}"
-        )
+        available = source.channels if isinstance(source, CropStore) else source.channel_names(first.ref)
+        missing = [c for c in model_channels if c not in available]
+        hint = (f"pass --channels {','.join(model_channels)}" if not missing else
+                "this plate lacks them: pass --model with a model for its channels (e.g. dino_vits16, adapted to any "
+                "channels, or one trained with scdino-train)")
+        name = "the default model" if cfg.model == "default" else cfg.model
+        raise ConfigError(f"{name}: trained on channels {', '.join(model_channels)}, the run selects "
+                          f"{', '.join(first.channel_names)}; {hint}")
     fp = _fingerprint(cfg, spec, info, first, len(fields))
 
     status = store_status(cfg.out)

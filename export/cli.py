@@ -112,5 +112,18 @@ def tensorrt_cmd(model, out, fp16, int8, calibration, max_batch, opt_batch, work
                f"{meta['precision']}) in {t['build_seconds']} s")
 
 
+@main.command("backbone")
+@click.argument("checkpoint")
+@click.option("--out", required=True, type=click.Path())
+@click.option("--half", is_flag=True, help="Store the weights in float16 (half the size; loaded back as float32).")
+@click.option("--checkpoint-key", default="teacher", show_default=True)
+def backbone_cmd(checkpoint, out, half, checkpoint_key) -> None:
+    """A compact model file from a training checkpoint: the backbone and its channels, mean/std and input size."""
+    from scdino.export.package import package_backbone
+
+    info = package_backbone(checkpoint, out, half, checkpoint_key)
+    click.echo(f"wrote {out} ({info['arch']}, {info['mb']:.1f} MB, channels {', '.join(info['channels'] or [])})")
+
+
 if __name__ == "__main__":
     main()

@@ -18,8 +18,14 @@ class TrainConfig:
     out: str = ""
     channels: list[str] | None = None
     labels: str | None = None  # nucleus label image of a plate (else segmentation)
+    wells: list[str] | None = None  # plate data: only these wells
     segment_channel: str | None = None
     crop_size: int = 64  # crops cut from a plate (crop stores keep their own size)
+    sigma: float = 2.0  # plate segmentation, as scdino-engine run's options
+    threshold: str = "otsu"
+    min_distance: int = 7
+    min_area: int = 30
+    max_area: int = 0
     val_data: str | None = None  # labelled crop store or run output for k-NN monitoring
     val_label_key: str = "class"
     # model

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def load_crops(path: str, channels=None, labels: str | None = None, segment_channel: str | None = None,
-               crop_size: int = 64) -> tuple[torch.Tensor, list[str], pd.DataFrame]:
+               crop_size: int = 64, segment=None, wells=None) -> tuple[torch.Tensor, list[str], pd.DataFrame]:
     """(crops (n, C, S, S) as int32/float32 tensor, channel names, cell table) of a crop store or plate."""
     from scdino.engine.cells import CellOptions, field_cells, plan_field, read_crops
     from scdino.engine.ingest import CropStore, is_crop_store
@@ -32,11 +32,13 @@ def load_crops(path: str, channels=None, labels: str | None = None, segment_chan
         names = [store.channels[i] for i in idx]
     else:
         plate = Plate(path)
+        from scdino.engine.segment import SegmentParams
+
         opts = CellOptions(channels=tuple(channels) if channels else None, labels=labels,
-                           segment_channel=segment_channel, crop_size=crop_size)
+                           segment_channel=segment_channel, crop_size=crop_size, segment=segment or SegmentParams())
         parts, tables = [], []
         names = None
-        for ref in plate.fields():
+        for ref in plate.fields(wells):
             plan = plan_field(plate, ref, opts)
             names = names or list(plan.channel_names)
             df = field_cells(plate, ref, opts)

@@ -112,7 +112,11 @@ def train(cfg: TrainConfig) -> dict:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    crops, names, _ = load_crops(cfg.data, cfg.channels, cfg.labels, cfg.segment_channel, cfg.crop_size)
+    from scdino.engine.segment import SegmentParams
+
+    seg = SegmentParams(cfg.sigma, cfg.threshold, cfg.min_distance, cfg.min_area, cfg.max_area)
+    crops, names, _ = load_crops(cfg.data, cfg.channels, cfg.labels, cfg.segment_channel, cfg.crop_size, seg,
+                                 cfg.wells)
     mean, std = channel_stats(crops)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process and every run
     student, teacher = build_networks(cfg, crops.shape[1])

@@ -55,9 +55,25 @@ def build_model(cfg: ViTConfig, state_dict: dict[str, torch.Tensor] | None = Non
     return model.eval()
 
 
+DEFAULT = "default"
+
+
+def default_model_path():
+    """The trained default model shipped in the package (see README: how it was trained)."""
+    import importlib.resources
+
+    return importlib.resources.files("scdino.data").joinpath("default_model.pth")
+
+
 def _checkpoint_for(spec: str, key: str | None) -> Checkpoint | None:
     if spec.startswith("random:"):
         return None
+    if spec == DEFAULT:
+        path = default_model_path()
+        if not path.is_file():
+            raise CheckpointError("this installation has no default model file (scdino/data/default_model.pth); "
+                                  "pass --model with a checkpoint, a hub name or random:ARCH")
+        return read_checkpoint(str(path), key)
     if spec in HUB_URLS:
         return read_checkpoint(hub_path(spec), key)
     return read_checkpoint(spec, key)
@@ -109,6 +125,8 @@ def load_model(
         names = ckpt.meta.get("channels")
         if names is not None:
             info["channels"] = list(names)
+        if ckpt.meta.get("crop_size"):
+            info["crop_size"] = int(ckpt.meta["crop_size"])
         is_rgb = cfg.in_chans == 3 and names is None
         if cfg.in_chans != n_channels:
             if not is_rgb:

@@ -1,0 +1,84 @@
+"""k-NN of the shipped default model against both baselines on cells it never saw.
+
+The default model was trained on well A/2 of the neocortex sample plate (README, "The default model"). Here the cells
+of well A/1 are embedded by (a) the default model, (b) the same architecture untrained, and (c) raw pixels (min-max
+scaled per channel, flattened). The label is the dominant nuclear marker of each nucleus (CTIP2, BRN2 or ROR: the
+channel brightest at the crop centre relative to its spread over all crops), derived from the pixels and never used in
+training. k-NN as in the paper (k=20, T=0.07, 80/20 stratified split), over 5 split seeds: mean and sd.
+
+    python benchmarks/default_model_knn.py [--model default] [--wells A/1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--wells", default="A/1")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--out", default="benchmarks/results/default_model_knn.json")
+    args = ap.parse_args()
+    import anndata as ad
+
+    from scdino.engine.cells import CellOptions, read_crops
+    from scdino.engine.evaluate import raw_pixel_features
+    from scdino.engine.knn import evaluate_knn
+    from scdino.engine.pipeline import RunConfig, run
+    from scdino.engine.sample import write_sample_plate
+    from scdino.engine.segment import SegmentParams
+    from scdino.knn import dominant_channel_labels
+    from scdino.models import load_model
+    from scdino.plate import Plate
+
+    tmp = Path(tempfile.mkdtemp(prefix="scdino-default-"))
+    plate = write_sample_plate(tmp / "neocortex.zarr", "neocortex")
+    lm = load_model(args.model, 3)
+    arch, size = lm.info["arch"], lm.prep.input_size
+    crop = int(lm.info.get("crop_size") or 32)
+    cells = CellOptions(segment_channel="CTIP2,BRN2,ROR", crop_size=crop, wells=tuple(args.wells.split(",")),
+                        segment=SegmentParams(sigma=1.0, min_distance=4, min_area=15))
+    feats = {}
+    for name, model in ((f"trained ({args.model})", args.model), (f"untrained {arch}", f"random:{arch}")):
+        out = tmp / f"{len(feats)}.zarr"
+        run(RunConfig(plate=plate, out=str(out), model=model, cells=cells, input_size=size, progress=False))
+        a = ad.read_zarr(out)
+        feats[name] = a.obsm["X_scdino"]
+        table = a.obs.reset_index(drop=True)
+    crops = read_crops(Plate(plate), table, [0, 1, 2], crop)
+    feats["raw pixels"] = raw_pixel_features(crops)
+    labels = np.array(["CTIP2", "BRN2", "ROR"])[dominant_channel_labels(crops)]
+    rows = []
+    for name, x in feats.items():
+        acc = [evaluate_knn(x, labels, seed=s) for s in range(args.seeds)]
+        top1 = [r["top1"] for r in acc]
+        bal = [r["balanced_accuracy"] for r in acc]
+        rows.append({"features": name, "top1_mean": float(np.mean(top1)), "top1_sd": float(np.std(top1)),
+                     "balanced_mean": float(np.mean(bal)), "top1": top1})
+    print(f"\n{len(labels)} cells of {args.wells} (classes {dict(zip(*np.unique(labels, return_counts=True)))}), "
+          f"{arch} at {size} px, k=20, T=0.07, 80/20 split x {args.seeds} seeds\n")
+    print("| features | k-NN top-1 (mean +- sd) | balanced accuracy |")
+    print("|---|---|---|")
+    for r in rows:
+        print(f"| {r['features']} | {100 * r['top1_mean']:.1f} +- {100 * r['top1_sd']:.1f} | "
+              f"{100 * r['balanced_mean']:.1f} |")
+    res = {"benchmark": "default_model_knn", "model": args.model, "model_info": lm.info, "wells": args.wells,
+           "n_cells": int(len(labels)), "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+           "results": rows, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2, default=str))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
