@@ -25,8 +25,9 @@ def synthetic(n: int, d: int = 384, classes: int = 8, seed: int = 0) -> tuple[np
     y = rng.integers(0, classes, n)
     x = np.empty((n, d), np.float32)
     for a in range(0, n, 100_000):
-        x[a:a + 100_000] = centres[y[a:a + 100_000]] + 1.5 * rng.standard_normal((min(100_000, n - a), d),
-                                                                                 dtype=np.float32)
+        x[a : a + 100_000] = centres[y[a : a + 100_000]] + 1.5 * rng.standard_normal(
+            (min(100_000, n - a), d), dtype=np.float32
+        )
     return x, y
 
 
@@ -57,15 +58,29 @@ def main() -> None:
         _, info = fit_umap(x, PRESETS[args.preset], "cpu", fit_max=args.fit_max)
         umap_s = time.perf_counter() - t
         print(f"  {n} cells: UMAP {umap_s:.1f} s (fitted on {info['fitted_on']})", flush=True)
-        rows.append({"cells": n, "knn_s": knn_s, "knn_top1": r["top1"], "umap_s": umap_s,
-                     "umap_fitted_on": info["fitted_on"], "umap_transformed": info["transformed"]})
+        rows.append(
+            {
+                "cells": n,
+                "knn_s": knn_s,
+                "knn_top1": r["top1"],
+                "umap_s": umap_s,
+                "umap_fitted_on": info["fitted_on"],
+                "umap_transformed": info["transformed"],
+            }
+        )
     print(f"\n| cells | k-NN (80/20, k=20) s | UMAP ({args.preset}, 500 epochs) s | UMAP fitted on |")
     print("|---|---|---|---|")
     for r in rows:
         print(f"| {r['cells']:,} | {r['knn_s']:.1f} | {r['umap_s']:.1f} | {r['umap_fitted_on']:,} |")
-    res = {"benchmark": "analysis", "preset": args.preset, "umap_warmup_s": warm, "torch_threads":
-           torch.get_num_threads(), "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-           "results": rows, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    res = {
+        "benchmark": "analysis",
+        "preset": args.preset,
+        "umap_warmup_s": warm,
+        "torch_threads": torch.get_num_threads(),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "results": rows,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
     print(f"\nwrote {args.out}")

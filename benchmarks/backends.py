@@ -58,18 +58,34 @@ def main() -> None:
         q = tmp / f"m.{method}.onnx"
         quantize(onnx_fp32, q, method=method)
         models[f"onnxruntime int8 {method}"] = str(q)
-    cells = CellOptions(segment_channel=",".join(chans), crop_size=crop, wells=tuple(args.wells.split(",")),
-                        segment=SegmentParams(sigma=1.0, min_distance=4, min_area=15))
+    cells = CellOptions(
+        segment_channel=",".join(chans),
+        crop_size=crop,
+        wells=tuple(args.wells.split(",")),
+        segment=SegmentParams(sigma=1.0, min_distance=4, min_area=15),
+    )
     times: dict[str, list[float]] = {k: [] for k in models}
     emb: dict[str, np.ndarray] = {}
     for r in range(args.repeats):
         for name, model in models.items():
             out = tmp / f"{name.replace(' ', '_')}.zarr"
-            res = run(RunConfig(plate=plate, out=str(out), model=model, cells=cells, input_size=args.input_size,
-                                batch_size=args.batch_size, overwrite=True, progress=False))
+            res = run(
+                RunConfig(
+                    plate=plate,
+                    out=str(out),
+                    model=model,
+                    cells=cells,
+                    input_size=args.input_size,
+                    batch_size=args.batch_size,
+                    overwrite=True,
+                    progress=False,
+                )
+            )
             times[name].append(res.phase_seconds["embed_s"])
-            print(f"  repeat {r + 1} {name}: {res.n_cells} cells, embedding {res.phase_seconds['embed_s']:.1f} s",
-                  flush=True)
+            print(
+                f"  repeat {r + 1} {name}: {res.n_cells} cells, embedding {res.phase_seconds['embed_s']:.1f} s",
+                flush=True,
+            )
             if r == 0:
                 a = ad.read_zarr(out)
                 emb[name] = a.obsm["X_scdino"]
@@ -88,21 +104,42 @@ def main() -> None:
         cos = (e * ref).sum(1) / np.linalg.norm(e, axis=1) / np.linalg.norm(ref, axis=1)
         pred = knn_predict(emb[name], labels, emb[name], k=20, exclude_self=True)
         med = statistics.median(times[name])
-        rows.append({"backend": name, "cells": n, "median_embed_s": med, "cells_per_s": n / med,
-                     "min_cosine_to_torch": float(cos.min()), "median_cosine_to_torch": float(np.median(cos)),
-                     "knn_top1_dominant_marker": float((pred == labels).mean()), "embed_s": times[name]})
+        rows.append(
+            {
+                "backend": name,
+                "cells": n,
+                "median_embed_s": med,
+                "cells_per_s": n / med,
+                "min_cosine_to_torch": float(cos.min()),
+                "median_cosine_to_torch": float(np.median(cos)),
+                "knn_top1_dominant_marker": float((pred == labels).mean()),
+                "embed_s": times[name],
+            }
+        )
     base = rows[0]["cells_per_s"]
-    print(f"\nViT-S/16 at {args.input_size} px, batch {args.batch_size}, {n} cells ({args.wells}), "
-          f"median of {args.repeats}\n")
+    print(
+        f"\nViT-S/16 at {args.input_size} px, batch {args.batch_size}, {n} cells ({args.wells}), "
+        f"median of {args.repeats}\n"
+    )
     print("| backend | cells/s | vs torch | min cosine to torch | k-NN top-1 (dominant marker) |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['backend']} | {r['cells_per_s']:.1f} | {r['cells_per_s'] / base:.2f}x | "
-              f"{r['min_cosine_to_torch']:.5f} | {r['knn_top1_dominant_marker']:.3f} |")
-    result = {"benchmark": "backends", "input_size": args.input_size, "batch_size": args.batch_size,
-              "wells": args.wells, "repeats": args.repeats, "label_classes": np.bincount(labels).tolist(),
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "versions": versions(),
-              "results": rows, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        print(
+            f"| {r['backend']} | {r['cells_per_s']:.1f} | {r['cells_per_s'] / base:.2f}x | "
+            f"{r['min_cosine_to_torch']:.5f} | {r['knn_top1_dominant_marker']:.3f} |"
+        )
+    result = {
+        "benchmark": "backends",
+        "input_size": args.input_size,
+        "batch_size": args.batch_size,
+        "wells": args.wells,
+        "repeats": args.repeats,
+        "label_classes": np.bincount(labels).tolist(),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "versions": versions(),
+        "results": rows,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.out}")

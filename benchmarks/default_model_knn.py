@@ -46,8 +46,12 @@ def main() -> None:
     lm = load_model(args.model, 3)
     arch, size = lm.info["arch"], lm.prep.input_size
     crop = int(lm.info.get("crop_size") or 32)
-    cells = CellOptions(segment_channel="CTIP2,BRN2,ROR", crop_size=crop, wells=tuple(args.wells.split(",")),
-                        segment=SegmentParams(sigma=1.0, min_distance=4, min_area=15))
+    cells = CellOptions(
+        segment_channel="CTIP2,BRN2,ROR",
+        crop_size=crop,
+        wells=tuple(args.wells.split(",")),
+        segment=SegmentParams(sigma=1.0, min_distance=4, min_area=15),
+    )
     feats = {}
     for name, model in ((f"trained ({args.model})", args.model), (f"untrained {arch}", f"random:{arch}")):
         out = tmp / f"{len(feats)}.zarr"
@@ -63,18 +67,36 @@ def main() -> None:
         acc = [evaluate_knn(x, labels, seed=s) for s in range(args.seeds)]
         top1 = [r["top1"] for r in acc]
         bal = [r["balanced_accuracy"] for r in acc]
-        rows.append({"features": name, "top1_mean": float(np.mean(top1)), "top1_sd": float(np.std(top1)),
-                     "balanced_mean": float(np.mean(bal)), "top1": top1})
-    print(f"\n{len(labels)} cells of {args.wells} (classes {dict(zip(*np.unique(labels, return_counts=True)))}), "
-          f"{arch} at {size} px, k=20, T=0.07, 80/20 split x {args.seeds} seeds\n")
+        rows.append(
+            {
+                "features": name,
+                "top1_mean": float(np.mean(top1)),
+                "top1_sd": float(np.std(top1)),
+                "balanced_mean": float(np.mean(bal)),
+                "top1": top1,
+            }
+        )
+    print(
+        f"\n{len(labels)} cells of {args.wells} (classes {dict(zip(*np.unique(labels, return_counts=True)))}), "
+        f"{arch} at {size} px, k=20, T=0.07, 80/20 split x {args.seeds} seeds\n"
+    )
     print("| features | k-NN top-1 (mean +- sd) | balanced accuracy |")
     print("|---|---|---|")
     for r in rows:
-        print(f"| {r['features']} | {100 * r['top1_mean']:.1f} +- {100 * r['top1_sd']:.1f} | "
-              f"{100 * r['balanced_mean']:.1f} |")
-    res = {"benchmark": "default_model_knn", "model": args.model, "model_info": lm.info, "wells": args.wells,
-           "n_cells": int(len(labels)), "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-           "results": rows, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        print(
+            f"| {r['features']} | {100 * r['top1_mean']:.1f} +- {100 * r['top1_sd']:.1f} | "
+            f"{100 * r['balanced_mean']:.1f} |"
+        )
+    res = {
+        "benchmark": "default_model_knn",
+        "model": args.model,
+        "model_info": lm.info,
+        "wells": args.wells,
+        "n_cells": int(len(labels)),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "results": rows,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2, default=str))
     print(f"\nwrote {args.out}")

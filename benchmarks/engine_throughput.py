@@ -21,8 +21,9 @@ from pathlib import Path
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--settings", nargs="+", default=["random:vit_small16@224"],
-                    help="MODEL@INPUT_SIZE entries to compare")
+    ap.add_argument(
+        "--settings", nargs="+", default=["random:vit_small16@224"], help="MODEL@INPUT_SIZE entries to compare"
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=1)
@@ -36,38 +37,65 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="scdino-bench-"))
     plate = write_sample_plate(tmp / "neocortex.zarr", "neocortex")
-    cells = CellOptions(segment_channel="CTIP2,BRN2,ROR", crop_size=32,
-                        segment=SegmentParams(sigma=1.0, min_distance=4, min_area=15))
+    cells = CellOptions(
+        segment_channel="CTIP2,BRN2,ROR", crop_size=32, segment=SegmentParams(sigma=1.0, min_distance=4, min_area=15)
+    )
     rows = []
     for setting in args.settings:
         model, size = setting.rsplit("@", 1)
         runs = []
         for r in range(args.repeats):
             t = time.perf_counter()
-            res = run(RunConfig(plate=plate, out=str(tmp / "cells.zarr"), model=model, cells=cells,
-                                input_size=int(size), batch_size=args.batch_size, workers=args.workers,
-                                overwrite=True, progress=False))
+            res = run(
+                RunConfig(
+                    plate=plate,
+                    out=str(tmp / "cells.zarr"),
+                    model=model,
+                    cells=cells,
+                    input_size=int(size),
+                    batch_size=args.batch_size,
+                    workers=args.workers,
+                    overwrite=True,
+                    progress=False,
+                )
+            )
             wall = time.perf_counter() - t
             runs.append({"cells": res.n_cells, "wall_s": wall, **res.phase_seconds})
-            print(f"  {setting} run {r + 1}: {res.n_cells} cells, {wall:.1f} s wall, "
-                  f"embed {res.phase_seconds['embed_s']:.1f} s", flush=True)
+            print(
+                f"  {setting} run {r + 1}: {res.n_cells} cells, {wall:.1f} s wall, "
+                f"embed {res.phase_seconds['embed_s']:.1f} s",
+                flush=True,
+            )
         n = runs[0]["cells"]
-        rows.append({
-            "setting": setting, "cells": n, "runs": runs,
-            "median_wall_s": statistics.median(r["wall_s"] for r in runs),
-            "median_embed_s": statistics.median(r["embed_s"] for r in runs),
-            "cells_per_s_end_to_end": n / statistics.median(r["wall_s"] for r in runs),
-            "cells_per_s_embedding": n / statistics.median(r["embed_s"] for r in runs),
-        })
+        rows.append(
+            {
+                "setting": setting,
+                "cells": n,
+                "runs": runs,
+                "median_wall_s": statistics.median(r["wall_s"] for r in runs),
+                "median_embed_s": statistics.median(r["embed_s"] for r in runs),
+                "cells_per_s_end_to_end": n / statistics.median(r["wall_s"] for r in runs),
+                "cells_per_s_embedding": n / statistics.median(r["embed_s"] for r in runs),
+            }
+        )
     print("\n| setting | cells | median wall s | cells/s end to end | cells/s embedding phase |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['setting']} | {r['cells']} | {r['median_wall_s']:.1f} | {r['cells_per_s_end_to_end']:.1f} | "
-              f"{r['cells_per_s_embedding']:.1f} |")
-    result = {"benchmark": "engine_throughput", "plate": "neocortex sample", "repeats": args.repeats,
-              "batch_size": args.batch_size, "workers": args.workers, "machine": {
-                  "cpus": os.cpu_count(), "processor": platform.processor(), "platform": platform.platform()},
-              "versions": versions(), "results": rows, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        print(
+            f"| {r['setting']} | {r['cells']} | {r['median_wall_s']:.1f} | {r['cells_per_s_end_to_end']:.1f} | "
+            f"{r['cells_per_s_embedding']:.1f} |"
+        )
+    result = {
+        "benchmark": "engine_throughput",
+        "plate": "neocortex sample",
+        "repeats": args.repeats,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor(), "platform": platform.platform()},
+        "versions": versions(),
+        "results": rows,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.out}")

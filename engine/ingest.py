@@ -43,8 +43,15 @@ def _to_cyx(img: np.ndarray, where: str, channels_last: bool) -> np.ndarray:
     return np.moveaxis(img, -1, 0) if channels_last else img
 
 
-def ingest(folder: str | os.PathLike, out: str | os.PathLike, channels: Sequence[str] | None = None,
-           channels_last: bool = True, chunk: int = 1024, overwrite: bool = False, progress: bool = True) -> dict:
+def ingest(
+    folder: str | os.PathLike,
+    out: str | os.PathLike,
+    channels: Sequence[str] | None = None,
+    channels_last: bool = True,
+    chunk: int = 1024,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
     """Read ``folder/<class>/*.tif`` into a crop store at ``out``; returns its attributes."""
     tifffile = require("tifffile")
     folder, out = Path(folder), str(out)
@@ -53,7 +60,9 @@ def ingest(folder: str | os.PathLike, out: str | os.PathLike, channels: Sequence
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
     files = [(c, p) for c in classes for p in sorted((folder / c).iterdir()) if p.suffix.lower() in EXTS]
     if not files:
-        raise InputError(f"{folder}: no .tif files in class sub-folders (found folders: {', '.join(classes) or 'none'})")
+        raise InputError(
+            f"{folder}: no .tif files in class sub-folders (found folders: {', '.join(classes) or 'none'})"
+        )
     if os.path.exists(out):
         if not overwrite:
             raise OutputError(f"{out}: already exists; pass --overwrite or choose another path")
@@ -71,24 +80,36 @@ def ingest(folder: str | os.PathLike, out: str | os.PathLike, channels: Sequence
 
     buf = np.zeros((min(chunk, len(files)), c, s, s), first.dtype)
     for a in tqdm(range(0, len(files), chunk), desc="ingest", unit="chunk", disable=not progress or None):
-        part = files[a:a + chunk]
+        part = files[a : a + chunk]
         for i, (_, p) in enumerate(part):
             img = _to_cyx(tifffile.imread(p), str(p), channels_last)
             if img.shape != (c, s, s) or img.dtype != first.dtype:
-                raise InputError(f"{p}: crop {img.shape} {img.dtype}; the first crop ({files[0][1].name}) is "
-                                 f"{(c, s, s)} {first.dtype}: every crop of a store must have the same shape")
+                raise InputError(
+                    f"{p}: crop {img.shape} {img.dtype}; the first crop ({files[0][1].name}) is "
+                    f"{(c, s, s)} {first.dtype}: every crop of a store must have the same shape"
+                )
             buf[i] = img
-        arr[a:a + len(part)] = buf[:len(part)]
-    obs = pd.DataFrame({"class": pd.Categorical([k for k, _ in files], categories=classes),
-                        "path": [str(p.relative_to(folder)) for _, p in files]})
+        arr[a : a + len(part)] = buf[: len(part)]
+    obs = pd.DataFrame(
+        {
+            "class": pd.Categorical([k for k, _ in files], categories=classes),
+            "path": [str(p.relative_to(folder)) for _, p in files],
+        }
+    )
     obs.index = obs["path"].values
     from anndata.io import write_elem
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning)
         write_elem(root, "obs", obs)
-    meta = {"channels": names, "crop_size": s, "dtype": str(first.dtype), "source": str(folder.resolve()),
-            "n": len(files), "classes": classes}
+    meta = {
+        "channels": names,
+        "crop_size": s,
+        "dtype": str(first.dtype),
+        "source": str(folder.resolve()),
+        "n": len(files),
+        "classes": classes,
+    }
     root.attrs[ATTR] = meta
     return meta
 
@@ -100,8 +121,10 @@ class CropStore:
         self.path = str(path)
         g = zarr.open_group(self.path, mode="r", use_consolidated=False)
         if ATTR not in g.attrs:
-            raise InputError(f"{self.path}: not a scdino crop store (no {ATTR} attribute); make one with "
-                             "'scdino-engine ingest FOLDER OUT.zarr'")
+            raise InputError(
+                f"{self.path}: not a scdino crop store (no {ATTR} attribute); make one with "
+                "'scdino-engine ingest FOLDER OUT.zarr'"
+            )
         self.meta = dict(g.attrs[ATTR])
         self.channels = list(self.meta["channels"])
         self.crop_size = int(self.meta["crop_size"])

@@ -65,7 +65,9 @@ class EmbeddingStore:
         if "path" in obs:  # a crop store: each cell is its source file
             obs.index = obs["path"].astype(str).values
         else:
-            obs.index = (obs["well"].astype(str) + "/" + obs["field"].astype(str) + "/" + obs["label"].astype(str)).values
+            obs.index = (
+                obs["well"].astype(str) + "/" + obs["field"].astype(str) + "/" + obs["label"].astype(str)
+            ).values
         if obs.index.has_duplicates:
             dup = obs.index[obs.index.duplicated()][0]
             raise OutputError(f"{path}: cell {dup} appears twice in the cell table; this is a bug, please report it")
@@ -76,8 +78,9 @@ class EmbeddingStore:
         g = zarr.open_group(path, mode="r+", use_consolidated=False)
         g.attrs["scdino"] = {"status": "creating"}
         n = len(table)
-        x = g["obsm"].create_array(KEY, shape=(n, embed_dim), chunks=(chunk, embed_dim), dtype="float32",
-                                   fill_value=np.nan)
+        x = g["obsm"].create_array(
+            KEY, shape=(n, embed_dim), chunks=(chunk, embed_dim), dtype="float32", fill_value=np.nan
+        )
         x.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
         nb = -(-n // chunk)
         p = g["uns"].create_array("scdino_progress", shape=(nb,), chunks=(1,), dtype="uint8", fill_value=0)

@@ -15,7 +15,7 @@ import platform
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
@@ -78,9 +78,15 @@ def versions() -> dict[str, str]:
 
     import scdino
 
-    return {"scdino": scdino.__version__, "python": sys.version.split()[0], "torch": torch.__version__,
-            "dask": dask.__version__, "zarr": zarr.__version__, "numpy": np.__version__,
-            "platform": platform.platform()}
+    return {
+        "scdino": scdino.__version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "dask": dask.__version__,
+        "zarr": zarr.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+    }
 
 
 @contextmanager
@@ -103,8 +109,9 @@ def dask_client(scheduler: str | None, workers: int, threads: int | None) -> Ite
         return
     except ValueError:
         pass
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                           silence_logs=logging.WARNING)
+    cluster = LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.WARNING
+    )
     client = Client(cluster)
     try:
         yield client
@@ -115,8 +122,12 @@ def dask_client(scheduler: str | None, workers: int, threads: int | None) -> Ite
 
 def _fingerprint(cfg: RunConfig, spec: BackendSpec, model_info: dict, plan: FieldPlan, n_fields: int) -> str:
     key = {
-        "plate": os.path.abspath(cfg.plate), "n_fields": n_fields, "cells": cfg.cells.to_dict(),
-        "channels": plan.channel_names, "crop": plan.crop, "model": model_info.get("checkpoint_sha256") or cfg.model,
+        "plate": os.path.abspath(cfg.plate),
+        "n_fields": n_fields,
+        "cells": cfg.cells.to_dict(),
+        "channels": plan.channel_names,
+        "crop": plan.crop,
+        "model": model_info.get("checkpoint_sha256") or cfg.model,
         "spec": {k: v for k, v in spec.to_dict().items() if k not in ("batch_size", "threads", "device")},
         "exported": model_info.get("exported_sha256"),
         "chunk": cfg.chunk_cells,
@@ -147,10 +158,10 @@ def crops_array(source, table: pd.DataFrame, channels: tuple[int, ...], crop: in
     blocks = []
     for a in range(0, len(table), chunk):
         if isinstance(source, CropStore):
-            rows = table["store_index"].to_numpy()[a:a + chunk]
+            rows = table["store_index"].to_numpy()[a : a + chunk]
             d = dask.delayed(_read_store_rows, pure=True)(source, rows, channels)
         else:
-            rows = table.iloc[a:a + chunk][["well", "field", "crop_y0", "crop_x0"]].reset_index(drop=True)
+            rows = table.iloc[a : a + chunk][["well", "field", "crop_y0", "crop_x0"]].reset_index(drop=True)
             d = dask.delayed(read_crops, pure=True)(source, rows, channels, crop, dtype)
         blocks.append(da.from_delayed(d, shape=(len(rows), len(channels), crop, crop), dtype=dtype))
     if not blocks:
@@ -160,8 +171,14 @@ def crops_array(source, table: pd.DataFrame, channels: tuple[int, ...], crop: in
 
 def embeddings_array(crops, spec: BackendSpec, embed_dim: int):
     """Map the backend over the blocks of ``crops``: (n, embed_dim) float32, same chunks along cells."""
-    return crops.map_blocks(_embed_block, spec, dtype=np.float32, drop_axis=[2, 3],
-                            chunks=(crops.chunks[0], (embed_dim,)), meta=np.empty((0, 0), np.float32))
+    return crops.map_blocks(
+        _embed_block,
+        spec,
+        dtype=np.float32,
+        drop_axis=[2, 3],
+        chunks=(crops.chunks[0], (embed_dim,)),
+        meta=np.empty((0, 0), np.float32),
+    )
 
 
 def _model_info(spec: BackendSpec) -> dict:
@@ -181,17 +198,31 @@ def _model_info(spec: BackendSpec) -> dict:
         )
     from scdino.models.checkpoint import sha256_of
 
-    return {"model": spec.model, "untrained": bool(meta.get("untrained")), "arch": meta["arch"],
-            "embed_dim": meta["embed_dim"], "channels": meta.get("channels"), "input_size": meta["input_size"],
-            "checkpoint_sha256": meta.get("checkpoint_sha256"), "exported_sha256": sha256_of(spec.model),
-            "precision": meta["precision"], "preprocessing": meta["preprocessing"], "source": meta.get("model")}
+    return {
+        "model": spec.model,
+        "untrained": bool(meta.get("untrained")),
+        "arch": meta["arch"],
+        "embed_dim": meta["embed_dim"],
+        "channels": meta.get("channels"),
+        "input_size": meta["input_size"],
+        "checkpoint_sha256": meta.get("checkpoint_sha256"),
+        "exported_sha256": sha256_of(spec.model),
+        "precision": meta["precision"],
+        "preprocessing": meta["preprocessing"],
+        "source": meta.get("model"),
+    }
 
 
 def _tqdm(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="cell" if "emb" in desc else "field", disable=not enabled or None,
-                dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="cell" if "emb" in desc else "field",
+        disable=not enabled or None,
+        dynamic_ncols=True,
+    )
 
 
 def run(cfg: RunConfig) -> RunResult:
@@ -203,10 +234,13 @@ def run(cfg: RunConfig) -> RunResult:
     if is_crop_store(cfg.plate):
         source: Any = CropStore(cfg.plate)
         if cfg.cells.crop_size not in (None, source.crop_size) or cfg.cells.crop_um is not None:
-            raise ConfigError(f"{cfg.plate}: a crop store holds {source.crop_size} px crops; drop --crop-size/--crop-um")
+            raise ConfigError(
+                f"{cfg.plate}: a crop store holds {source.crop_size} px crops; drop --crop-size/--crop-um"
+            )
         chans = resolve_channels(source.channels, cfg.cells.channels, cfg.plate)
-        first = FieldPlan(None, tuple(chans), tuple(source.channels[c] for c in chans), tuple(chans[:1]),
-                          source.crop_size)
+        first = FieldPlan(
+            None, tuple(chans), tuple(source.channels[c] for c in chans), tuple(chans[:1]), source.crop_size
+        )
         dtype = np.dtype(source.meta["dtype"])
         fields: list = []
     else:
@@ -226,29 +260,54 @@ def run(cfg: RunConfig) -> RunResult:
         dtype = plate.image(first.ref).array.dtype
     kind, device = resolve(cfg.backend, cfg.device, cfg.model)
     threads = cfg.threads or (max(1, (os.cpu_count() or 1) // cfg.workers) if not cfg.scheduler else None)
-    spec = BackendSpec(cfg.model, len(first.channels), cfg.input_size, cfg.checkpoint_key, cfg.adapt, kind, device,
-                       cfg.batch_size, threads, cfg.seed)
+    spec = BackendSpec(
+        cfg.model,
+        len(first.channels),
+        cfg.input_size,
+        cfg.checkpoint_key,
+        cfg.adapt,
+        kind,
+        device,
+        cfg.batch_size,
+        threads,
+        cfg.seed,
+    )
     info = _model_info(spec)  # fails early (bad checkpoint, channel count) before any work is distributed
     model_channels = info.get("channels")
     if model_channels and list(model_channels) != list(first.channel_names):
         available = source.channels if isinstance(source, CropStore) else source.channel_names(first.ref)
         missing = [c for c in model_channels if c not in available]
-        hint = (f"pass --channels {','.join(model_channels)}" if not missing else
-                "this plate lacks them: pass --model with a model for its channels (e.g. dino_vits16, adapted to any "
-                "channels, or one trained with scdino-train)")
+        hint = (
+            f"pass --channels {','.join(model_channels)}"
+            if not missing
+            else "this plate lacks them: pass --model with a model for its channels (e.g. dino_vits16, adapted to any "
+            "channels, or one trained with scdino-train)"
+        )
         name = "the default model" if cfg.model == "default" else cfg.model
-        raise ConfigError(f"{name}: trained on channels {', '.join(model_channels)}, the run selects "
-                          f"{', '.join(first.channel_names)}; {hint}")
+        raise ConfigError(
+            f"{name}: trained on channels {', '.join(model_channels)}, the run selects "
+            f"{', '.join(first.channel_names)}; {hint}"
+        )
     fp = _fingerprint(cfg, spec, info, first, len(fields))
 
     status = store_status(cfg.out)
     if status is not None and not cfg.overwrite:
         if status.get("status") == "complete" and status.get("fingerprint") == fp:
             log.info("%s is already complete; nothing to do", cfg.out)
-            return RunResult(cfg.out, int(status.get("n_cells", 0)), 0.0, 0, True, {}, bool(info.get("untrained")),
-                             f"{spec.kind} on {spec.device}")
+            return RunResult(
+                cfg.out,
+                int(status.get("n_cells", 0)),
+                0.0,
+                0,
+                True,
+                {},
+                bool(info.get("untrained")),
+                f"{spec.kind} on {spec.device}",
+            )
         if status.get("status") != "running":
-            raise OutputError(f"{cfg.out}: exists and is not an unfinished scdino run; pass --overwrite or another --out")
+            raise OutputError(
+                f"{cfg.out}: exists and is not an unfinished scdino run; pass --overwrite or another --out"
+            )
     resumed = status is not None and status.get("status") == "running" and not cfg.overwrite
     phases: dict[str, float] = {}
     with dask_client(cfg.scheduler, cfg.workers, threads) as client:
@@ -260,8 +319,9 @@ def run(cfg: RunConfig) -> RunResult:
             log.info("resuming %s: %d of %d blocks done", cfg.out, int(store.done().sum()), store.n_blocks)
         elif isinstance(source, CropStore):
             table = source.table()
-            store = EmbeddingStore.create(cfg.out, table, info["embed_dim"], cfg.chunk_cells,
-                                          _uns(cfg, spec, info, first, "running"), fp)
+            store = EmbeddingStore.create(
+                cfg.out, table, info["embed_dim"], cfg.chunk_cells, _uns(cfg, spec, info, first, "running"), fp
+            )
         else:
             t1 = time.perf_counter()
             futs = client.map(field_cells, [plate] * len(fields), fields, [cfg.cells] * len(fields), pure=False)
@@ -280,8 +340,9 @@ def run(cfg: RunConfig) -> RunResult:
                     f"{cfg.plate}: no nuclei found in {len(fields)} fields with {how}; check --segment-channel and "
                     "the segmentation parameters, or pass --labels with a label image of the plate"
                 )
-            store = EmbeddingStore.create(cfg.out, table, info["embed_dim"], cfg.chunk_cells,
-                                          _uns(cfg, spec, info, first, "running"), fp)
+            store = EmbeddingStore.create(
+                cfg.out, table, info["embed_dim"], cfg.chunk_cells, _uns(cfg, spec, info, first, "running"), fp
+            )
         t2 = time.perf_counter()
         crops = crops_array(source, table, first.channels, first.crop, dtype, cfg.chunk_cells)
         emb = embeddings_array(crops, spec, info["embed_dim"])
@@ -301,24 +362,34 @@ def run(cfg: RunConfig) -> RunResult:
     uns = _uns(cfg, spec, info, first, "complete")
     uns["timing"] = _plain({"seconds": seconds, **phases, "blocks_run": len(todo), "resumed": resumed})
     store.finish(uns)
-    return RunResult(cfg.out, len(table), seconds, len(todo), resumed, phases, bool(info.get("untrained")),
-                     f"{spec.kind} on {spec.device}")
+    return RunResult(
+        cfg.out,
+        len(table),
+        seconds,
+        len(todo),
+        resumed,
+        phases,
+        bool(info.get("untrained")),
+        f"{spec.kind} on {spec.device}",
+    )
 
 
 def _uns(cfg: RunConfig, spec: BackendSpec, info: dict, plan: FieldPlan, status: str) -> dict:
-    return _plain({
-        "status": status,
-        "untrained": bool(info.get("untrained")),
-        "model": {k: v for k, v in info.items() if k != "preprocessing"},
-        "checkpoint_sha256": info.get("checkpoint_sha256"),
-        "channels": list(plan.channel_names),
-        "crop_size": plan.crop,
-        "preprocessing": info["preprocessing"],
-        "backend": spec.to_dict(),
-        "cells": cfg.cells.to_dict(),
-        "plate": os.path.abspath(cfg.plate),
-        "versions": versions(),
-    })
+    return _plain(
+        {
+            "status": status,
+            "untrained": bool(info.get("untrained")),
+            "model": {k: v for k, v in info.items() if k != "preprocessing"},
+            "checkpoint_sha256": info.get("checkpoint_sha256"),
+            "channels": list(plan.channel_names),
+            "crop_size": plan.crop,
+            "preprocessing": info["preprocessing"],
+            "backend": spec.to_dict(),
+            "cells": cfg.cells.to_dict(),
+            "plate": os.path.abspath(cfg.plate),
+            "versions": versions(),
+        }
+    )
 
 
 def _plain(obj: Any) -> Any:

@@ -24,8 +24,15 @@ def confusion_png(cm: np.ndarray, classes: Sequence[str], path: str, title: str 
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
-                    color="white" if norm[i, j] > 0.6 else "black")
+            ax.text(
+                j,
+                i,
+                str(cm[i, j]),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if norm[i, j] > 0.6 else "black",
+            )
     ax.set_xticks(range(n), classes, rotation=45, ha="right")
     ax.set_yticks(range(n), classes)
     ax.set_xlabel("predicted")
@@ -45,8 +52,15 @@ def scatter_png(xy: np.ndarray, labels: Sequence, path: str, title: str = "", ma
     size = max(0.5, min(12.0, 3000.0 / max(len(xy), 1)))
     for i, c in enumerate(cats):
         m = lab == c
-        ax.scatter(xy[m, 0], xy[m, 1], s=size, color=cmap(i % cmap.N), label=c if len(cats) <= max_legend else None,
-                   linewidths=0, alpha=0.8)
+        ax.scatter(
+            xy[m, 0],
+            xy[m, 1],
+            s=size,
+            color=cmap(i % cmap.N),
+            label=c if len(cats) <= max_legend else None,
+            linewidths=0,
+            alpha=0.8,
+        )
     if len(cats) <= max_legend:
         ax.legend(markerscale=max(1, 12 / size), fontsize=7, loc="best", frameon=False)
     ax.set_xlabel("UMAP 1")
@@ -65,8 +79,15 @@ def heatmap_png(values: np.ndarray, rows: Sequence[str], cols: Sequence[str], pa
     for i in range(len(rows)):
         for j in range(len(cols)):
             v = values[i, j]
-            ax.text(j, i, "-" if np.isnan(v) else f"{100 * v:.1f}", ha="center", va="center", fontsize=9,
-                    color="black" if v > 0.6 else "white")
+            ax.text(
+                j,
+                i,
+                "-" if np.isnan(v) else f"{100 * v:.1f}",
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="black" if v > 0.6 else "white",
+            )
     ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), rows)
     ax.set_title(title, fontsize=9)
@@ -75,8 +96,9 @@ def heatmap_png(values: np.ndarray, rows: Sequence[str], cols: Sequence[str], pa
     plt.close(fig)
 
 
-def epochs_png(epochs: Sequence[int], acc: Sequence[float], path: str, baselines: dict[str, float] | None = None,
-               title: str = "") -> None:
+def epochs_png(
+    epochs: Sequence[int], acc: Sequence[float], path: str, baselines: dict[str, float] | None = None, title: str = ""
+) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     ax.plot(epochs, [100 * a for a in acc], "o-", label="checkpoint")
@@ -91,8 +113,9 @@ def epochs_png(epochs: Sequence[int], acc: Sequence[float], path: str, baselines
     plt.close(fig)
 
 
-def attention_png(crops: np.ndarray, attn: np.ndarray, titles: Sequence[str], channel_names: Sequence[str],
-                  path: str) -> None:
+def attention_png(
+    crops: np.ndarray, attn: np.ndarray, titles: Sequence[str], channel_names: Sequence[str], path: str
+) -> None:
     """One row per cell: its channels (grey, min-max), then each head's attention (upsampled to the crop)."""
     plt = _plt()
     n, c = crops.shape[:2]

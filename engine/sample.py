@@ -62,12 +62,15 @@ def write_plate(
     rows = sorted({w.split("/")[0] for w in wells})
     cols = sorted({w.split("/")[1] for w in wells}, key=lambda c: (len(c), c))
     nfield = max(len(f) for f in wells.values())
-    writer.write_plate_metadata(root, rows, cols, list(wells), fmt=fmt, field_count=nfield,
-                                name=name or os.path.basename(path.rstrip("/")))
+    writer.write_plate_metadata(
+        root, rows, cols, list(wells), fmt=fmt, field_count=nfield, name=name or os.path.basename(path.rstrip("/"))
+    )
     extra = {}
     if pixel_size_um is not None:
-        extra = {"scale": {"c": 1.0, "y": pixel_size_um, "x": pixel_size_um},
-                 "axes_units": {"y": "micrometer", "x": "micrometer"}}
+        extra = {
+            "scale": {"c": 1.0, "y": pixel_size_um, "x": pixel_size_um},
+            "axes_units": {"y": "micrometer", "x": "micrometer"},
+        }
     for well, fields in wells.items():
         r, c = well.split("/")
         wg = root.require_group(r).require_group(c)
@@ -76,14 +79,17 @@ def write_plate(
             if f.image.ndim != 3 or f.image.shape[0] != len(channel_names):
                 raise ConfigError(f"{well}/{i}: image of shape {f.image.shape}, expected ({len(channel_names)}, y, x)")
             g = wg.require_group(str(i))
-            writer.write_image(f.image, g, axes="cyx", fmt=fmt, scale_factors=[],
-                               storage_options={"chunks": (1, 512, 512)}, **extra)
-            writer.add_metadata(g, {"omero": {"channels": [{"label": n, "active": True} for n in channel_names]}},
-                                fmt=fmt)
+            writer.write_image(
+                f.image, g, axes="cyx", fmt=fmt, scale_factors=[], storage_options={"chunks": (1, 512, 512)}, **extra
+            )
+            writer.add_metadata(
+                g, {"omero": {"channels": [{"label": n, "active": True} for n in channel_names]}}, fmt=fmt
+            )
             for lname, lab in f.labels.items():
                 lextra = {k: {a: v[a] for a in ("y", "x")} for k, v in extra.items()}
-                writer.write_labels(lab.astype(np.uint32), g, name=lname, axes="yx", fmt=fmt, scale_factors=[],
-                                    **lextra)
+                writer.write_labels(
+                    lab.astype(np.uint32), g, name=lname, axes="yx", fmt=fmt, scale_factors=[], **lextra
+                )
     return path
 
 
@@ -96,7 +102,7 @@ def _ndev(name: str) -> np.ndarray:
         f = md.distribution("ndev-sampledata").locate_file(f"ndev_sampledata/samples/{name}")
     except md.PackageNotFoundError as exc:
         raise MissingDependencyError(
-            f"the sample images come from the ndev-sampledata package, which is not installed; "
+            "the sample images come from the ndev-sampledata package, which is not installed; "
             "run: pip install 'scdino[samples]'"
         ) from exc
     return tifffile.imread(f)
@@ -107,7 +113,7 @@ def sample_wells(dataset: str) -> tuple[dict[str, list[FieldImage]], list[str], 
     if dataset == "neocortex":
         img = _ndev("neocortex-3Ch.tiff")  # (3, 1112, 402) uint16
         h = img.shape[1] // 4
-        tiles = [FieldImage(np.ascontiguousarray(img[:, i * h:(i + 1) * h])) for i in range(4)]
+        tiles = [FieldImage(np.ascontiguousarray(img[:, i * h : (i + 1) * h])) for i in range(4)]
         return {"A/1": tiles[:2], "A/2": tiles[2:]}, ["CTIP2", "BRN2", "ROR"], None
     if dataset == "scratch":
         img = _ndev("scratch-assay-labeled-10T-2Ch.tiff")  # (4, 10, 210, 576): H3342, oblique, nuclei, cyto
@@ -119,8 +125,9 @@ def sample_wells(dataset: str) -> tuple[dict[str, list[FieldImage]], list[str], 
     raise ConfigError(f"unknown sample dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
 
 
-def write_sample_plate(path: str | os.PathLike, dataset: str = "neocortex", ngff: str = "0.5",
-                       overwrite: bool = False) -> str:
+def write_sample_plate(
+    path: str | os.PathLike, dataset: str = "neocortex", ngff: str = "0.5", overwrite: bool = False
+) -> str:
     """Write the sample ``dataset`` as an HCS plate at ``path``."""
     wells, names, px = sample_wells(dataset)
     return write_plate(path, wells, names, px, ngff=ngff, name=f"scdino-sample-{dataset}", overwrite=overwrite)
@@ -145,5 +152,7 @@ def verification_crops(n: int = 48, crop: int = 48) -> np.ndarray:
     out = np.zeros((n, img.shape[0], crop, crop), img.dtype)
     for j, i in enumerate(pick):
         cy, cx = (int(round(v)) for v in props[i].centroid)
-        out[j] = pad[:, cy + crop - crop // 2:cy + 2 * crop - crop // 2, cx + crop - crop // 2:cx + 2 * crop - crop // 2]
+        out[j] = pad[
+            :, cy + crop - crop // 2 : cy + 2 * crop - crop // 2, cx + crop - crop // 2 : cx + 2 * crop - crop // 2
+        ]
     return out

@@ -47,8 +47,15 @@ def fit_umap(x: np.ndarray, params: dict, device: str = "auto", fit_max: int = 2
     rng = np.random.default_rng(seed)
     fit_idx = np.sort(rng.choice(n, fit_max, replace=False)) if n > fit_max else np.arange(n)
     nn = min(params["n_neighbors"], max(2, len(fit_idx) - 1))
-    kw = dict(n_neighbors=nn, min_dist=params["min_dist"], spread=params["spread"], n_epochs=params["n_epochs"],
-              metric=params["metric"], n_components=2, random_state=seed)
+    kw = dict(
+        n_neighbors=nn,
+        min_dist=params["min_dist"],
+        spread=params["spread"],
+        n_epochs=params["n_epochs"],
+        metric=params["metric"],
+        n_components=2,
+        random_state=seed,
+    )
     t = time.perf_counter()
     if use_gpu:
         from cuml.manifold import UMAP
@@ -60,16 +67,29 @@ def fit_umap(x: np.ndarray, params: dict, device: str = "auto", fit_max: int = 2
     if len(fit_idx) < n:
         rest = np.setdiff1d(np.arange(n), fit_idx)
         for a in range(0, len(rest), 100_000):
-            out[rest[a:a + 100_000]] = reducer.transform(x[rest[a:a + 100_000]])
-    info = {**params, "n_neighbors": nn, "engine": "cuml" if use_gpu else "umap-learn", "seed": seed,
-            "fitted_on": int(len(fit_idx)), "transformed": int(n - len(fit_idx)),
-            "seconds": round(time.perf_counter() - t, 2)}
+            out[rest[a : a + 100_000]] = reducer.transform(x[rest[a : a + 100_000]])
+    info = {
+        **params,
+        "n_neighbors": nn,
+        "engine": "cuml" if use_gpu else "umap-learn",
+        "seed": seed,
+        "fitted_on": int(len(fit_idx)),
+        "transformed": int(n - len(fit_idx)),
+        "seconds": round(time.perf_counter() - t, 2),
+    }
     return out, info
 
 
-def umap_command(cells: str, preset: str | None = "ipsc-qc", overrides: dict | None = None,
-                 color_by: str | None = None, device: str = "auto", fit_max: int = 200_000, seed: int = 0,
-                 png: str | None = None) -> dict:
+def umap_command(
+    cells: str,
+    preset: str | None = "ipsc-qc",
+    overrides: dict | None = None,
+    color_by: str | None = None,
+    device: str = "auto",
+    fit_max: int = 200_000,
+    seed: int = 0,
+    png: str | None = None,
+) -> dict:
     import zarr
 
     from scdino.engine.knn import read_embeddings

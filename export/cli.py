@@ -18,8 +18,9 @@ def _load_crops(path: str | None):
     try:
         data = np.load(path)
     except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: cannot read crops ({exc}); expected a .npy array (n, C, S, S) or .npz with "
-                         "'crops'") from exc
+        raise InputError(
+            f"{path}: cannot read crops ({exc}); expected a .npy array (n, C, S, S) or .npz with 'crops'"
+        ) from exc
     crops = data["crops"] if hasattr(data, "files") else data
     if crops.ndim != 4:
         raise InputError(f"{path}: crops of shape {crops.shape}; expected (n, C, S, S)")
@@ -46,48 +47,104 @@ def main(verbose: int) -> None:
 @click.option("--out", required=True, type=click.Path(), help="Output .onnx file; model.json is written beside it.")
 @click.option("--channels", help="Channel names in input order (recorded for the engine's --channels check).")
 @click.option("--n-channels", type=int, help="Number of channels when names are not known.")
-@click.option("--crop-size", type=int, default=64, show_default=True,
-              help="Raw crop side the model is verified at (the graph accepts other sizes too).")
-@click.option("--input-size", type=int,
-              help="Model input side after resizing. Default: the size the model was trained at (224 for DINO's).")
-@click.option("--dtype", type=click.Choice(["uint16", "uint8", "float32"]), default="uint16", show_default=True,
-              help="Dtype of the raw crops the graph takes.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="fp16 (GPUs) keeps preprocessing and LayerNorm in fp32.")
+@click.option(
+    "--crop-size",
+    type=int,
+    default=64,
+    show_default=True,
+    help="Raw crop side the model is verified at (the graph accepts other sizes too).",
+)
+@click.option(
+    "--input-size",
+    type=int,
+    help="Model input side after resizing. Default: the size the model was trained at (224 for DINO's).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["uint16", "uint8", "float32"]),
+    default="uint16",
+    show_default=True,
+    help="Dtype of the raw crops the graph takes.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="fp16 (GPUs) keeps preprocessing and LayerNorm in fp32.",
+)
 @click.option("--attention", is_flag=True, help="Second output: last block's CLS-to-patch attention per head.")
 @click.option("--checkpoint-key", default="teacher", show_default=True)
 @click.option("--adapt", default="mean", show_default=True, help="Channel adaptation of RGB models.")
-@click.option("--verify-crops", type=click.Path(exists=True, dir_okay=False),
-              help="Crops (.npy / .npz) to verify on. Default: real nucleus crops shipped with scdino.")
-def onnx_cmd(model, out, channels, n_channels, crop_size, input_size, dtype, precision, attention, checkpoint_key,
-             adapt, verify_crops) -> None:
+@click.option(
+    "--verify-crops",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Crops (.npy / .npz) to verify on. Default: real nucleus crops shipped with scdino.",
+)
+def onnx_cmd(
+    model,
+    out,
+    channels,
+    n_channels,
+    crop_size,
+    input_size,
+    dtype,
+    precision,
+    attention,
+    checkpoint_key,
+    adapt,
+    verify_crops,
+) -> None:
     """Export MODEL (anything scdino-engine run --model accepts) to ONNX with preprocessing inside, verified."""
     from scdino.export.onnx_export import export_onnx
 
     names = tuple(c.strip() for c in channels.split(",")) if channels else None
-    meta = export_onnx(model, out, n_channels=n_channels, channels=names, crop_size=crop_size,
-                       input_size=input_size, dtype=dtype, attention=attention, precision=precision,
-                       checkpoint_key=checkpoint_key, adapt=adapt, verify_with=_load_crops(verify_crops))
+    meta = export_onnx(
+        model,
+        out,
+        n_channels=n_channels,
+        channels=names,
+        crop_size=crop_size,
+        input_size=input_size,
+        dtype=dtype,
+        attention=attention,
+        precision=precision,
+        checkpoint_key=checkpoint_key,
+        adapt=adapt,
+        verify_with=_load_crops(verify_crops),
+    )
     v = meta["verification"]
-    click.echo(f"wrote {out} ({meta['arch']}, {meta['in_chans']} channels, {dtype} crops, {precision}); verified "
-               f"against PyTorch: max abs diff {v['max_abs_diff']:.2e}, min cosine {v['min_cosine']:.6f}")
+    click.echo(
+        f"wrote {out} ({meta['arch']}, {meta['in_chans']} channels, {dtype} crops, {precision}); verified "
+        f"against PyTorch: max abs diff {v['max_abs_diff']:.2e}, min cosine {v['min_cosine']:.6f}"
+    )
 
 
 @main.command("quantize")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path())
-@click.option("--method", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True,
-              help="dynamic: uint8 weights (best on AVX2 CPUs); static: calibrated QDQ activations and weights.")
-@click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
-              help="Crops (.npy / .npz) for calibration and the quality report. Default: shipped real crops.")
+@click.option(
+    "--method",
+    type=click.Choice(["dynamic", "static"]),
+    default="dynamic",
+    show_default=True,
+    help="dynamic: uint8 weights (best on AVX2 CPUs); static: calibrated QDQ activations and weights.",
+)
+@click.option(
+    "--calibration",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Crops (.npy / .npz) for calibration and the quality report. Default: shipped real crops.",
+)
 def quantize_cmd(model, out, method, calibration) -> None:
     """int8 copy of an exported fp32 MODEL for CPU PCs, with cosine and k-NN change against fp32."""
     from scdino.export.quantize import quantize
 
     q = quantize(model, out, method=method, calibration=_load_crops(calibration))["quantization"]
     acc = q["knn_leave_one_out_top1"]
-    click.echo(f"wrote {out} (int8 {method}): cosine to fp32 min {q['min_cosine_to_fp32']:.5f} median "
-               f"{q['median_cosine_to_fp32']:.5f}; k-NN top-1 {acc['fp32']:.3f} -> {acc['int8']:.3f}")
+    click.echo(
+        f"wrote {out} (int8 {method}): cosine to fp32 min {q['min_cosine_to_fp32']:.5f} median "
+        f"{q['median_cosine_to_fp32']:.5f}; k-NN top-1 {acc['fp32']:.3f} -> {acc['int8']:.3f}"
+    )
 
 
 @main.command("tensorrt")
@@ -104,12 +161,22 @@ def tensorrt_cmd(model, out, fp16, int8, calibration, max_batch, opt_batch, work
     """Build a TensorRT plan from an exported MODEL on this machine's GPU (plans run only where built)."""
     from scdino.export.tensorrt_build import build_engine
 
-    meta = build_engine(model, out, fp16=fp16, int8=int8, calibration=_load_crops(calibration),
-                        max_batch=max_batch, opt_batch=opt_batch, workspace_gb=workspace_gb,
-                        timing_cache=timing_cache)
+    meta = build_engine(
+        model,
+        out,
+        fp16=fp16,
+        int8=int8,
+        calibration=_load_crops(calibration),
+        max_batch=max_batch,
+        opt_batch=opt_batch,
+        workspace_gb=workspace_gb,
+        timing_cache=timing_cache,
+    )
     t = meta["tensorrt"]
-    click.echo(f"wrote {out} for {t['gpu']} (sm {t['compute_capability']}, TensorRT {t['version']}, "
-               f"{meta['precision']}) in {t['build_seconds']} s")
+    click.echo(
+        f"wrote {out} for {t['gpu']} (sm {t['compute_capability']}, TensorRT {t['version']}, "
+        f"{meta['precision']}) in {t['build_seconds']} s"
+    )
 
 
 @main.command("backbone")

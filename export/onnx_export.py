@@ -34,8 +34,9 @@ OPSET = 18
 
 class _FP32LayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
-                            self.eps).to(x.dtype)
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps).to(
+            x.dtype
+        )
 
 
 class ExportModule(nn.Module):
@@ -139,20 +140,43 @@ def export_onnx(
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(wrapper, (dummy,), str(tmp), input_names=["crops"], output_names=names,
-                          dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=True)
+        torch.onnx.export(
+            wrapper,
+            (dummy,),
+            str(tmp),
+            input_names=["crops"],
+            output_names=names,
+            dynamic_axes=axes,
+            opset_version=OPSET,
+            dynamo=False,
+            do_constant_folding=True,
+        )
     if dtype != "float32":
         _prepend_cast(str(tmp), dtype)
     export_s = time.perf_counter() - t0
     cfg = lm.model.cfg
     meta = {
-        "model": model, "arch": lm.info["arch"], "patch_size": cfg.patch_size, "embed_dim": cfg.embed_dim,
-        "num_heads": cfg.num_heads, "in_chans": c, "channels": list(channels) if channels else None,
-        "crop_size": crop_size, "input_size": input_size, "dtype": dtype, "precision": precision,
-        "preprocessing": lm.prep.to_dict(), "attention_output": attention, "opset": OPSET,
-        "checkpoint_sha256": lm.info.get("checkpoint_sha256"), "untrained": lm.info.get("untrained"),
-        "adaptation": lm.info.get("adaptation"), "checkpoint_key": lm.info.get("checkpoint_key"),
-        "outputs": names, "export_seconds": round(export_s, 2), "torch": torch.__version__,
+        "model": model,
+        "arch": lm.info["arch"],
+        "patch_size": cfg.patch_size,
+        "embed_dim": cfg.embed_dim,
+        "num_heads": cfg.num_heads,
+        "in_chans": c,
+        "channels": list(channels) if channels else None,
+        "crop_size": crop_size,
+        "input_size": input_size,
+        "dtype": dtype,
+        "precision": precision,
+        "preprocessing": lm.prep.to_dict(),
+        "attention_output": attention,
+        "opset": OPSET,
+        "checkpoint_sha256": lm.info.get("checkpoint_sha256"),
+        "untrained": lm.info.get("untrained"),
+        "adaptation": lm.info.get("adaptation"),
+        "checkpoint_key": lm.info.get("checkpoint_key"),
+        "outputs": names,
+        "export_seconds": round(export_s, 2),
+        "torch": torch.__version__,
     }
     from scdino.export.verify import verify
 
@@ -163,6 +187,12 @@ def export_onnx(
         raise
     os.replace(tmp, out)
     write_sidecar(out, meta)
-    log.info("exported %s -> %s in %.1f s (verified: max abs %.2e, min cosine %.6f)", model, out, export_s,
-             meta["verification"]["max_abs_diff"], meta["verification"]["min_cosine"])
+    log.info(
+        "exported %s -> %s in %.1f s (verified: max abs %.2e, min cosine %.6f)",
+        model,
+        out,
+        export_s,
+        meta["verification"]["max_abs_diff"],
+        meta["verification"]["min_cosine"],
+    )
     return meta

@@ -13,8 +13,13 @@ from scdino.models.vit import arch_name
 def package_backbone(checkpoint: str, out: str, half: bool = False, key: str = "teacher") -> dict:
     ck = read_checkpoint(checkpoint, key)
     sd = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in ck.state_dict.items()}
-    meta = {**ck.meta, "arch": ck.meta.get("arch") or arch_name(ck.config), "source_sha256": ck.sha256,
-            "source_checkpoint_key": ck.key, "stored_as": "float16" if half else "float32"}
+    meta = {
+        **ck.meta,
+        "arch": ck.meta.get("arch") or arch_name(ck.config),
+        "source_sha256": ck.sha256,
+        "source_checkpoint_key": ck.key,
+        "stored_as": "float16" if half else "float32",
+    }
     tmp = f"{out}.tmp"
     torch.save({"model": sd, "scdino": meta}, tmp)
     os.replace(tmp, out)

@@ -34,21 +34,22 @@ def _session(path: str, threads: int | None = None):
 
 
 def _embed(sess, crops: np.ndarray, batch: int = 16) -> np.ndarray:
-    return np.concatenate([sess.run(["cls"], {"crops": crops[i:i + batch]})[0] for i in range(0, len(crops), batch)])
+    return np.concatenate([sess.run(["cls"], {"crops": crops[i : i + batch]})[0] for i in range(0, len(crops), batch)])
 
 
 class _Reader:
     """CalibrationDataReader over crops."""
 
     def __init__(self, crops: np.ndarray, batch: int = 8) -> None:
-        self.batches = iter([{"crops": crops[i:i + batch]} for i in range(0, len(crops), batch)])
+        self.batches = iter([{"crops": crops[i : i + batch]} for i in range(0, len(crops), batch)])
 
     def get_next(self):
         return next(self.batches, None)
 
 
-def quantize(model: str | os.PathLike, out: str | os.PathLike, method: str = "dynamic",
-             calibration: np.ndarray | None = None) -> dict:
+def quantize(
+    model: str | os.PathLike, out: str | os.PathLike, method: str = "dynamic", calibration: np.ndarray | None = None
+) -> dict:
     """Write an int8 copy of an exported fp32 model and its sidecar with the quality report."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -60,8 +61,9 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike, method: str = "dy
         raise ConfigError(f"{model}: quantise an fp32 export, not {meta.get('precision')}")
     if method not in ("dynamic", "static"):
         raise ConfigError(f"--method {method!r}: expected dynamic or static")
-    crops = fit_crops(packaged_crops() if calibration is None else calibration, meta["in_chans"], meta["crop_size"],
-                      meta["dtype"])
+    crops = fit_crops(
+        packaged_crops() if calibration is None else calibration, meta["in_chans"], meta["crop_size"], meta["dtype"]
+    )
     out = Path(out)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,9 +73,16 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike, method: str = "dy
         if method == "dynamic":
             quantize_dynamic(pre, target, weight_type=QuantType.QUInt8, op_types_to_quantize=["MatMul", "Gemm"])
         else:
-            quantize_static(pre, target, _Reader(crops), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            op_types_to_quantize=["MatMul", "Gemm", "Conv"])
+            quantize_static(
+                pre,
+                target,
+                _Reader(crops),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+            )
         shutil.move(target, out)
     seconds = time.perf_counter() - t0
     ref, q = _embed(_session(str(model)), crops), _embed(_session(str(out)), crops)
@@ -84,10 +93,17 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike, method: str = "dy
     for name, emb in (("fp32", ref), ("int8", q)):
         pred = knn_predict(emb, labels, emb, k=20, exclude_self=True)
         acc[name] = float((pred == labels).mean())
-    report = {"method": method, "weights": "uint8" if method == "dynamic" else "int8 per channel",
-              "seconds": round(seconds, 2), "n_crops": int(len(crops)), "min_cosine_to_fp32": cmin,
-              "median_cosine_to_fp32": float(np.median(cos)), "max_abs_diff": diff,
-              "knn_leave_one_out_top1": acc, "knn_labels": "dominant channel of each crop (derived from pixels)"}
+    report = {
+        "method": method,
+        "weights": "uint8" if method == "dynamic" else "int8 per channel",
+        "seconds": round(seconds, 2),
+        "n_crops": int(len(crops)),
+        "min_cosine_to_fp32": cmin,
+        "median_cosine_to_fp32": float(np.median(cos)),
+        "max_abs_diff": diff,
+        "knn_leave_one_out_top1": acc,
+        "knn_labels": "dominant channel of each crop (derived from pixels)",
+    }
     qmeta = {**meta, "precision": "int8", "quantization": report, "source_onnx": str(model)}
     write_sidecar(out, qmeta)
     log.info("int8 (%s): min cosine to fp32 %.5f, k-NN %.3f -> %.3f", method, cmin, acc["fp32"], acc["int8"])

@@ -47,8 +47,10 @@ def check_plan(meta: dict, trt_version: str, gpu: dict, plan: str = "model.plan"
     if built.get("version") != trt_version:
         problems.append(f"TensorRT {built.get('version')} (this machine: {trt_version})")
     if built.get("compute_capability") != gpu["compute_capability"] or built.get("gpu") != gpu["gpu"]:
-        problems.append(f"GPU {built.get('gpu')} sm {built.get('compute_capability')} "
-                        f"(this machine: {gpu['gpu']} sm {gpu['compute_capability']})")
+        problems.append(
+            f"GPU {built.get('gpu')} sm {built.get('compute_capability')} "
+            f"(this machine: {gpu['gpu']} sm {gpu['compute_capability']})"
+        )
     if problems:
         src = meta.get("source_onnx", "model.onnx")
         raise CheckpointError(
@@ -68,9 +70,17 @@ def _widen_uint16_input(src: str, dst: str) -> None:
     onnx.save(model, dst)
 
 
-def build_engine(onnx_path: str | os.PathLike, out: str | os.PathLike, fp16: bool = False, int8: bool = False,
-                 calibration: np.ndarray | None = None, max_batch: int = 256, opt_batch: int = 64,
-                 workspace_gb: float = 4.0, timing_cache: str | None = None) -> dict:
+def build_engine(
+    onnx_path: str | os.PathLike,
+    out: str | os.PathLike,
+    fp16: bool = False,
+    int8: bool = False,
+    calibration: np.ndarray | None = None,
+    max_batch: int = 256,
+    opt_batch: int = 64,
+    workspace_gb: float = 4.0,
+    timing_cache: str | None = None,
+) -> dict:
     """Build a TensorRT plan from an exported ONNX model. Returns the plan's sidecar."""
     trt = require("tensorrt")
     meta = read_sidecar(onnx_path)
@@ -132,11 +142,22 @@ def build_engine(onnx_path: str | os.PathLike, out: str | os.PathLike, fp16: boo
         tmp_plan.write_bytes(memoryview(serialized))
         os.replace(tmp_plan, out)
         cache_path.write_bytes(memoryview(config.get_timing_cache().serialize()))
-    pmeta = {**meta, "precision": "int8" if int8 else "fp16" if fp16 or meta["precision"] == "fp16" else "fp32",
-             "source_onnx": str(onnx_path), "input_dtype": "int32" if meta["dtype"] == "uint16" else meta["dtype"],
-             "tensorrt": {"version": trt.__version__, **gpu, "max_batch": max_batch, "opt_batch": opt_batch,
-                          "fp16": fp16, "int8": int8, "build_seconds": round(time.perf_counter() - t0, 1),
-                          "timing_cache": str(cache_path)}}
+    pmeta = {
+        **meta,
+        "precision": "int8" if int8 else "fp16" if fp16 or meta["precision"] == "fp16" else "fp32",
+        "source_onnx": str(onnx_path),
+        "input_dtype": "int32" if meta["dtype"] == "uint16" else meta["dtype"],
+        "tensorrt": {
+            "version": trt.__version__,
+            **gpu,
+            "max_batch": max_batch,
+            "opt_batch": opt_batch,
+            "fp16": fp16,
+            "int8": int8,
+            "build_seconds": round(time.perf_counter() - t0, 1),
+            "timing_cache": str(cache_path),
+        },
+    }
     write_sidecar(out, pmeta)
     return pmeta
 

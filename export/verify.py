@@ -34,7 +34,7 @@ def fit_crops(crops: np.ndarray, n_channels: int, size: int, dtype: str) -> np.n
     s = c.shape[-1]
     if s > size:
         o = (s - size) // 2
-        c = c[..., o:o + size, o:o + size]
+        c = c[..., o : o + size, o : o + size]
     elif s < size:
         o = (size - s) // 2
         c = np.pad(c, ((0, 0), (0, 0), (o, size - s - o), (o, size - s - o)))
@@ -72,8 +72,9 @@ def compare(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return diff, float(cos.min())
 
 
-def verify(onnx_path: str, lm: LoadedModel, meta: dict, crops: np.ndarray | None = None,
-           tolerance: dict | None = None) -> dict:
+def verify(
+    onnx_path: str, lm: LoadedModel, meta: dict, crops: np.ndarray | None = None, tolerance: dict | None = None
+) -> dict:
     """Run ONNX Runtime (CPU) on real crops and edge cases; compare with PyTorch; raise above the tolerance."""
     import onnxruntime as ort
 
@@ -84,8 +85,13 @@ def verify(onnx_path: str, lm: LoadedModel, meta: dict, crops: np.ndarray | None
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     sess = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
-    report: dict = {"provider": "CPUExecutionProvider", "onnxruntime": ort.__version__, "tolerance": tol,
-                    "n_real_crops": int(len(real)), "source": "given crops" if crops is not None else "packaged"}
+    report: dict = {
+        "provider": "CPUExecutionProvider",
+        "onnxruntime": ort.__version__,
+        "tolerance": tol,
+        "n_real_crops": int(len(real)),
+        "source": "given crops" if crops is not None else "packaged",
+    }
     worst_diff, worst_cos = 0.0, 1.0
     for name, batch in batches.items():
         outs = sess.run(None, {"crops": batch})

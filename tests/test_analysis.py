@@ -89,16 +89,25 @@ def test_ingest_keeps_every_crop_with_its_file(authors_folder, tmp_path):
 def test_knn_and_umap_and_attention_on_a_crop_store(authors_folder, tmp_path):
     root, crops, labels = authors_folder
     ingest(root, tmp_path / "c.zarr", channels=["CTIP2", "BRN2", "ROR"], progress=False)
-    run(RunConfig(plate=str(tmp_path / "c.zarr"), out=str(tmp_path / "e.zarr"), model="random:vit_test16",
-                  input_size=64, progress=False, chunk_cells=20))
+    run(
+        RunConfig(
+            plate=str(tmp_path / "c.zarr"),
+            out=str(tmp_path / "e.zarr"),
+            model="random:vit_test16",
+            input_size=64,
+            progress=False,
+            chunk_cells=20,
+        )
+    )
     a = ad.read_zarr(tmp_path / "e.zarr")
     assert a.n_obs == 48 and list(a.obs["class"].astype(str)) == list(CropStore(tmp_path / "c.zarr").table()["class"])
     r = knn_command(str(tmp_path / "e.zarr"), "class", k=5, out=str(tmp_path / "k"))
     assert 0 <= r["top1"] <= 1 and os.path.getsize(tmp_path / "k" / "confusion.png") > 1000
     assert json.loads((tmp_path / "k" / "knn.json").read_text())["classes"] == ["BRN2", "CTIP2", "ROR"]
     # classify the store's cells against itself as a labelled reference: obs column written, store readable
-    r2 = knn_command(str(tmp_path / "e.zarr"), "class", k=1, reference=str(tmp_path / "e.zarr"),
-                     out=str(tmp_path / "k2"))
+    r2 = knn_command(
+        str(tmp_path / "e.zarr"), "class", k=1, reference=str(tmp_path / "e.zarr"), out=str(tmp_path / "k2")
+    )
     b = ad.read_zarr(tmp_path / "e.zarr")
     assert (b.obs["knn_class"].astype(str) == b.obs["class"].astype(str)).all()  # k=1: its own row wins
     assert r2["predicted_counts"]
@@ -108,12 +117,14 @@ def test_knn_and_umap_and_attention_on_a_crop_store(authors_folder, tmp_path):
     c = ad.read_zarr(tmp_path / "e.zarr")
     assert c.obsm["X_umap"].shape == (48, 2) and np.isfinite(c.obsm["X_umap"]).all()
     assert os.path.getsize(u["png"]) > 1000 and "cuml" not in sys.modules
-    att = attention_command(str(tmp_path / "c.zarr"), "random:vit_test16", str(tmp_path / "att"), per_class=2,
-                            input_size=64)
+    att = attention_command(
+        str(tmp_path / "c.zarr"), "random:vit_test16", str(tmp_path / "att"), per_class=2, input_size=64
+    )
     npz = np.load(tmp_path / "att" / "attention.npz")
     assert npz["attention"].shape == (6, 2, 40, 40) and att["heads"] == 2
-    again = attention_command(str(tmp_path / "c.zarr"), "random:vit_test16", str(tmp_path / "att2"), per_class=2,
-                              input_size=64)
+    again = attention_command(
+        str(tmp_path / "c.zarr"), "random:vit_test16", str(tmp_path / "att2"), per_class=2, input_size=64
+    )
     assert list(np.load(tmp_path / "att2" / "attention.npz")["ids"]) == list(npz["ids"])  # seeded choice
     assert again["cells"] == 6
 
@@ -125,9 +136,16 @@ def test_evaluate_grid_with_baselines_and_epochs(authors_folder, tmp_path):
     run_dir.mkdir()
     for ep in (0, 10):
         dino_full_checkpoint(run_dir / f"checkpoint{ep:04d}.pth", arch="vit_test16", in_chans=3, seed=ep)
-    r = evaluate(str(tmp_path / "c.zarr"), ["random:vit_test16"], [("CTIP2",), ("CTIP2", "BRN2", "ROR")],
-                 str(tmp_path / "report"), input_size=64, run_dir=str(run_dir), baseline_arch="vit_test16",
-                 progress=False)
+    r = evaluate(
+        str(tmp_path / "c.zarr"),
+        ["random:vit_test16"],
+        [("CTIP2",), ("CTIP2", "BRN2", "ROR")],
+        str(tmp_path / "report"),
+        input_size=64,
+        run_dir=str(run_dir),
+        baseline_arch="vit_test16",
+        progress=False,
+    )
     top1 = np.array(r["top1"])
     assert top1.shape == (2, 3) and np.isfinite(top1).all()
     assert r["columns"] == ["random:vit_test16", "untrained vit_test16", "raw pixels"]

@@ -1,4 +1,3 @@
-import os
 import subprocess
 import sys
 import tomllib
@@ -17,19 +16,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args, check=False) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "scdino.engine", *map(str, args)], capture_output=True, text=True,
-                       timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "scdino.engine", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
     if check and p.returncode != 0:
         raise AssertionError(p.stderr)
     return p
 
 
 def test_help_works_without_torch():
-    code = ("import sys\nfrom scdino.engine.cli import main\n"
-            "for a in (['--help'], ['run', '--help'], ['sample-plate', '--help']):\n"
-            "    try:\n        main(a)\n    except SystemExit as e:\n        assert e.code == 0, e.code\n"
-            "heavy = [m for m in ('torch', 'dask', 'zarr', 'anndata', 'distributed') if m in sys.modules]\n"
-            "assert not heavy, heavy\n")
+    code = (
+        "import sys\nfrom scdino.engine.cli import main\n"
+        "for a in (['--help'], ['run', '--help'], ['sample-plate', '--help']):\n"
+        "    try:\n        main(a)\n    except SystemExit as e:\n        assert e.code == 0, e.code\n"
+        "heavy = [m for m in ('torch', 'dask', 'zarr', 'anndata', 'distributed') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert "--crop-um" in p.stdout and "--scheduler" in p.stdout and "random:ARCH" in p.stdout
@@ -49,9 +51,27 @@ def test_every_subpackage_is_in_the_wheel():
 def test_end_to_end_on_the_real_sample_plates(tmp_path):
     neo = tmp_path / "neocortex.zarr"
     assert "wrote" in cli("sample-plate", neo, check=True).stdout
-    p = cli("run", neo, "--model", "random:vit_test16", "--out", tmp_path / "n.zarr", "--segment-channel", "CTIP2,BRN2,ROR",
-            "--sigma", "1", "--min-distance", "4", "--min-area", "15", "--crop-size", "32", "--input-size", "64",
-            check=True)
+    p = cli(
+        "run",
+        neo,
+        "--model",
+        "random:vit_test16",
+        "--out",
+        tmp_path / "n.zarr",
+        "--segment-channel",
+        "CTIP2,BRN2,ROR",
+        "--sigma",
+        "1",
+        "--min-distance",
+        "4",
+        "--min-area",
+        "15",
+        "--crop-size",
+        "32",
+        "--input-size",
+        "64",
+        check=True,
+    )
     assert "untrained" in p.stdout
     a = ad.read_zarr(tmp_path / "n.zarr")
     assert a.n_obs > 500 and a.obsm["X_scdino"].shape == (a.n_obs, 32)
@@ -60,8 +80,23 @@ def test_end_to_end_on_the_real_sample_plates(tmp_path):
 
     scratch = tmp_path / "scratch.zarr"
     cli("sample-plate", scratch, "--dataset", "scratch", "--ngff", "0.4", check=True)
-    cli("run", scratch, "--model", "random:vit_test8", "--out", tmp_path / "s.zarr", "--labels", "nuclei",
-        "--channels", "H3342", "--crop-um", "20", "--input-size", "32", check=True)
+    cli(
+        "run",
+        scratch,
+        "--model",
+        "random:vit_test8",
+        "--out",
+        tmp_path / "s.zarr",
+        "--labels",
+        "nuclei",
+        "--channels",
+        "H3342",
+        "--crop-um",
+        "20",
+        "--input-size",
+        "32",
+        check=True,
+    )
     s = ad.read_zarr(tmp_path / "s.zarr")
     from scdino.plate import Plate
 
@@ -110,17 +145,25 @@ def test_bad_inputs_give_one_clear_line(plate2, tmp_path):
 
 
 def test_no_nuclei_and_unreadable_chunks(tmp_path):
-    blank = write_plate(tmp_path / "blank.zarr", {"A/1": [FieldImage(np.full((1, 64, 64), 100, np.uint16))]},
-                        ["DAPI"], ngff="0.4")
+    blank = write_plate(
+        tmp_path / "blank.zarr", {"A/1": [FieldImage(np.full((1, 64, 64), 100, np.uint16))]}, ["DAPI"], ngff="0.4"
+    )
     out = tmp_path / "o.zarr"
-    _bad(cli("run", blank, "--model", "random:vit_test8", "--out", out), "blank.zarr", "no nuclei found in 1 fields",
-         "--labels")
+    _bad(
+        cli("run", blank, "--model", "random:vit_test8", "--out", out),
+        "blank.zarr",
+        "no nuclei found in 1 fields",
+        "--labels",
+    )
     assert store_status(str(out)) is None
     plate = make_tiny_plate(tmp_path / "t.zarr")
     chunk = next(Path(plate, "B", "2", "0", "s0").rglob("c/*/*/*"))
     chunk.write_bytes(b"\x00" * 10)
-    _bad(cli("run", plate, "--model", "random:vit_test8", "--labels", "nuclei", "--out", out, "--input-size", "32"),
-         "t.zarr/B/2/0", "chunk cannot be read")
+    _bad(
+        cli("run", plate, "--model", "random:vit_test8", "--labels", "nuclei", "--out", out, "--input-size", "32"),
+        "t.zarr/B/2/0",
+        "chunk cannot be read",
+    )
     st = store_status(str(out))
     assert st is None or st.get("status") != "complete"
 
@@ -129,6 +172,9 @@ def test_existing_foreign_output_is_not_overwritten(plate2, tmp_path):
     out = tmp_path / "x.zarr"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    _bad(cli("run", plate2, "--model", "random:vit_test8", "--labels", "nuclei", "--out", out),
-         "not an unfinished scdino run", "--overwrite")
+    _bad(
+        cli("run", plate2, "--model", "random:vit_test8", "--labels", "nuclei", "--out", out),
+        "not an unfinished scdino run",
+        "--overwrite",
+    )
     assert (out / "precious.txt").exists()

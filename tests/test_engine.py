@@ -51,8 +51,15 @@ def plain_loop(plate_path: str, model: str, opts: CellOptions, input_size: int):
 
 def cfg(plate, out, **kw) -> RunConfig:
     cells = kw.pop("cells", CellOptions(labels="nuclei", crop_size=24))
-    return RunConfig(plate=plate, out=str(out), model=kw.pop("model", "random:vit_test8"), cells=cells,
-                     input_size=kw.pop("input_size", 32), progress=False, **kw)
+    return RunConfig(
+        plate=plate,
+        out=str(out),
+        model=kw.pop("model", "random:vit_test8"),
+        cells=cells,
+        input_size=kw.pop("input_size", 32),
+        progress=False,
+        **kw,
+    )
 
 
 def test_dask_engine_equals_plain_loop(tiny_plate, tmp_path, client):
@@ -105,18 +112,48 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(scratch_plate, tmp_p
 def test_distributed_scheduler_with_two_workers(tiny_plate, tmp_path):
     sched_file = tmp_path / "scheduler.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                               "--port", "0", "--no-dashboard", "--scheduler-file", str(sched_file)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "distributed.cli.dask_scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-dashboard",
+                "--scheduler-file",
+                str(sched_file),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    ]
     try:
         for _ in range(300):
             if sched_file.exists() and sched_file.stat().st_size:
                 break
             time.sleep(0.1)
         for _ in range(2):
-            procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
-                                           str(sched_file), "--nthreads", "1", "--no-dashboard"],
-                                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "distributed.cli.dask_worker",
+                        "--scheduler-file",
+                        str(sched_file),
+                        "--nthreads",
+                        "1",
+                        "--no-dashboard",
+                    ],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
         import json
 
         from distributed import Client
@@ -142,11 +179,23 @@ def test_distributed_scheduler_with_two_workers(tiny_plate, tmp_path):
 def test_killed_process_resumes_to_the_same_embeddings(scratch_plate, tmp_path):
     """SIGKILL the real command midway, run it again, compare with an uninterrupted run."""
     out, ref = tmp_path / "k.zarr", tmp_path / "r.zarr"
-    args = ["--model", "random:vit_tiny16", "--labels", "nuclei", "--crop-size", "32", "--input-size", "64",
-            "--chunk-cells", "16", "--no-progress"]
+    args = [
+        "--model",
+        "random:vit_tiny16",
+        "--labels",
+        "nuclei",
+        "--crop-size",
+        "32",
+        "--input-size",
+        "64",
+        "--chunk-cells",
+        "16",
+        "--no-progress",
+    ]
     cmd = [sys.executable, "-m", "scdino.engine", "run", scratch_plate, *args]
-    p = subprocess.Popen([*cmd, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
+    p = subprocess.Popen(
+        [*cmd, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     done = 0
     deadline = time.time() + 120
     while time.time() < deadline and p.poll() is None:

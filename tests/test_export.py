@@ -51,8 +51,18 @@ def test_onnx_parity_per_dtype(tmp_path, dtype):
         d, cmin = compare(_ort(out).run(None, {"crops": batch})[0], _torch(lm, batch))
         assert d < 1e-4 and cmin > 0.99999
     side = read_sidecar(out)
-    for key in ("arch", "patch_size", "crop_size", "input_size", "channels", "preprocessing", "embed_dim",
-                "checkpoint_sha256", "opset", "verification"):
+    for key in (
+        "arch",
+        "patch_size",
+        "crop_size",
+        "input_size",
+        "channels",
+        "preprocessing",
+        "embed_dim",
+        "checkpoint_sha256",
+        "opset",
+        "verification",
+    ):
         assert key in side
 
 
@@ -60,24 +70,25 @@ def test_adapted_vits16_checkpoint_parity_and_attention(tmp_path):
     ckpt = tmp_path / "dino.pth"
     dino_full_checkpoint(ckpt, arch="vit_small16", in_chans=3)
     out = tmp_path / "s.onnx"
-    meta = export_onnx(str(ckpt), out, channels=("BF", "DAPI", "GFP", "PE", "APC"), crop_size=50, input_size=112,
-                       attention=True)
+    meta = export_onnx(
+        str(ckpt), out, channels=("BF", "DAPI", "GFP", "PE", "APC"), crop_size=50, input_size=112, attention=True
+    )
     assert meta["adaptation"] == "mean" and meta["channels"] == ["BF", "DAPI", "GFP", "PE", "APC"]
     assert meta["checkpoint_sha256"] and meta["verification"]["min_cosine"] > 0.99999
     lm = load_model(str(ckpt), 5, 112)
     crops = fit_crops(packaged_crops()[:6], 5, 50, "uint16")
     cls, att = _ort(out).run(None, {"crops": crops})
     with torch.inference_mode():
-        want_cls, want_att = lm.model.forward_with_attention(apply(torch.from_numpy(crops.astype(np.float32)),
-                                                                   lm.prep))
+        want_cls, want_att = lm.model.forward_with_attention(apply(torch.from_numpy(crops.astype(np.float32)), lm.prep))
     assert att.shape == (6, 6, 49)
     np.testing.assert_allclose(cls, want_cls.numpy(), atol=1e-4)
     np.testing.assert_allclose(att, want_att.numpy(), atol=1e-5)
 
 
 def test_fp16_export_keeps_accuracy(tmp_path):
-    meta = export_onnx("random:vit_test16", tmp_path / "h.onnx", n_channels=3, crop_size=32, input_size=64,
-                       precision="fp16")
+    meta = export_onnx(
+        "random:vit_test16", tmp_path / "h.onnx", n_channels=3, crop_size=32, input_size=64, precision="fp16"
+    )
     assert meta["verification"]["min_cosine"] >= 0.999
     g = onnx.shape_inference.infer_shapes(onnx.load(tmp_path / "h.onnx"))
     types = {v.name: v.type.tensor_type.elem_type for v in [*g.graph.value_info, *g.graph.input, *g.graph.output]}
@@ -93,8 +104,14 @@ def test_fp16_export_keeps_accuracy(tmp_path):
 def test_failed_verification_writes_nothing(tmp_path):
     out = tmp_path / "bad.onnx"
     with pytest.raises(VerificationError, match="differs from PyTorch"):
-        export_onnx("random:vit_test16", out, n_channels=2, crop_size=32, input_size=64,
-                    tolerance={"max_abs_diff": 0.0, "min_cosine": 1.01})
+        export_onnx(
+            "random:vit_test16",
+            out,
+            n_channels=2,
+            crop_size=32,
+            input_size=64,
+            tolerance={"max_abs_diff": 0.0, "min_cosine": 1.01},
+        )
     assert not out.exists() and not out.with_suffix(".json").exists()
     assert not list(tmp_path.glob("*.onnx"))
 
@@ -145,11 +162,16 @@ def test_wrong_onnxruntime_installs_fail_loudly(monkeypatch):
 
 
 def test_plan_from_another_gpu_is_refused():
-    meta = {"source_onnx": "m.onnx", "tensorrt": {"version": "10.3.0", "gpu": "NVIDIA RTX 4090",
-                                                  "compute_capability": "8.9"}}
+    meta = {
+        "source_onnx": "m.onnx",
+        "tensorrt": {"version": "10.3.0", "gpu": "NVIDIA RTX 4090", "compute_capability": "8.9"},
+    }
     check_plan(meta, "10.3.0", {"gpu": "NVIDIA RTX 4090", "compute_capability": "8.9"})
-    with pytest.raises(CheckpointError, match="built for GPU NVIDIA RTX 4090 sm 8.9 .*Rebuild it on this machine: "
-                                              "scdino-export tensorrt m.onnx --out x.plan"):
+    with pytest.raises(
+        CheckpointError,
+        match="built for GPU NVIDIA RTX 4090 sm 8.9 .*Rebuild it on this machine: "
+        "scdino-export tensorrt m.onnx --out x.plan",
+    ):
         check_plan(meta, "10.3.0", {"gpu": "NVIDIA A100", "compute_capability": "8.0"}, "x.plan")
     with pytest.raises(CheckpointError, match="TensorRT 10.3.0 \\(this machine: 10.8.0\\)"):
         check_plan(meta, "10.8.0", {"gpu": "NVIDIA RTX 4090", "compute_capability": "8.9"})

@@ -22,8 +22,17 @@ def _cos(a, b):
 
 
 def _run(plate, out, model, **kw):
-    run(RunConfig(plate=plate, out=str(out), model=model, input_size=112, progress=False,
-                  cells=CellOptions(labels="nuclei", crop_size=32), **kw))
+    run(
+        RunConfig(
+            plate=plate,
+            out=str(out),
+            model=model,
+            input_size=112,
+            progress=False,
+            cells=CellOptions(labels="nuclei", crop_size=32),
+            **kw,
+        )
+    )
     return ad.read_zarr(out).obsm["X_scdino"]
 
 
@@ -50,8 +59,9 @@ def test_tensorrt_plan_matches_onnxruntime(scratch_plate, tmp_path, precision):
 
     src_precision = "fp16" if precision == "fp16" and int(trt.__version__.split(".")[0]) >= 11 else "fp32"
     m = tmp_path / "m.onnx"
-    export_onnx("random:vit_small16", m, channels=("H3342", "oblique"), crop_size=32, input_size=112,
-                precision=src_precision)
+    export_onnx(
+        "random:vit_small16", m, channels=("H3342", "oblique"), crop_size=32, input_size=112, precision=src_precision
+    )
     plan = tmp_path / "m.plan"
     meta = build_engine(m, plan, fp16=precision == "fp16", int8=precision == "int8", max_batch=128)
     assert meta["tensorrt"]["gpu"] == torch.cuda.get_device_name()

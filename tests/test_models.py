@@ -1,7 +1,4 @@
-import argparse
-import math
 import os
-import pickle
 import urllib.error
 
 import numpy as np

@@ -54,8 +54,7 @@ def test_missing_labels_are_named(tiny_plate):
 def test_unreadable_chunk_names_the_field(tmp_path):
     path = make_tiny_plate(tmp_path / "p.zarr")
     level0 = Plate(path).image(FieldRef("A/1", "1")).array.path  # "A/1/1/s0"
-    chunks = [os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(path, level0)) for f in fs
-              if f != "zarr.json"]
+    chunks = [os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(path, level0)) for f in fs if f != "zarr.json"]
     assert chunks
     with open(chunks[0], "wb") as f:
         f.write(b"garbage, not a chunk")
@@ -112,7 +111,7 @@ def test_crops_equal_direct_slicing_with_zero_padding(tiny_plate):
         img = plate.read(FieldRef(row["well"], row["field"]), [1, 0])
         pad = np.pad(img, ((0, 0), (40, 40), (40, 40)))
         y0, x0 = row["crop_y0"] + 40, row["crop_x0"] + 40
-        np.testing.assert_array_equal(crops[i], pad[:, y0:y0 + 40, x0:x0 + 40])
+        np.testing.assert_array_equal(crops[i], pad[:, y0 : y0 + 40, x0 : x0 + 40])
     assert table["border"].any()
 
 

@@ -7,8 +7,9 @@ from scdino.preprocess import Preprocessing, apply, minmax_scale, preprocess
 
 
 def test_minmax_per_image_per_channel():
-    x = torch.tensor([[[[0, 10], [20, 40]], [[5, 5], [5, 5]]], [[[100, 100], [100, 300]], [[1, 2], [3, 4]]]],
-                     dtype=torch.int32)
+    x = torch.tensor(
+        [[[[0, 10], [20, 40]], [[5, 5], [5, 5]]], [[[100, 100], [100, 300]], [[1, 2], [3, 4]]]], dtype=torch.int32
+    )
     y = minmax_scale(x)
     torch.testing.assert_close(y[0, 0], torch.tensor([[0, 0.25], [0.5, 1.0]]))
     torch.testing.assert_close(y[0, 1], torch.zeros(2, 2))  # constant channel -> 0

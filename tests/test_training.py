@@ -2,7 +2,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,13 +11,22 @@ import torch.nn.functional as F
 from scdino.errors import ConfigError
 from scdino.export.verify import packaged_crops
 from scdino.training import loop as loop_mod
-from scdino.training.augment import MultiCrop, channel_stats, gaussian_blur, make_generator
+from scdino.training.augment import MultiCrop, gaussian_blur, make_generator
 from scdino.training.config import TrainConfig, build_config
 from scdino.training.dino import DINOLoss, cosine_scheduler
 from scdino.training.loop import TrainingDiverged, train
 
-TINY = ["global_size=32", "local_size=16", "local_crops=2", "out_dim=128", "head_hidden=64", "head_bottleneck=32",
-        "warmup_epochs=1", "drop_path=0.0", "saveckp_freq=1"]
+TINY = [
+    "global_size=32",
+    "local_size=16",
+    "local_crops=2",
+    "out_dim=128",
+    "head_hidden=64",
+    "head_bottleneck=32",
+    "warmup_epochs=1",
+    "drop_path=0.0",
+    "saveckp_freq=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +49,30 @@ def crop_store(tmp_path_factory):
 
 def cfg_for(store, out, **kw) -> TrainConfig:
     sets = list(TINY) + [f"{k}={v}" for k, v in kw.items()]
-    return build_config(None, sets, data=store, out=str(out), arch="vit_test", patch=8, epochs=kw.pop("epochs", 2),
-                        batch_size_per_device=8, device="cpu")
+    return build_config(
+        None,
+        sets,
+        data=store,
+        out=str(out),
+        arch="vit_test",
+        patch=8,
+        epochs=kw.pop("epochs", 2),
+        batch_size_per_device=8,
+        device="cpu",
+    )
 
 
 def test_config_defaults_are_the_recipe_and_overrides_are_typed(tmp_path):
     c = TrainConfig(data="d", out="o")
     assert (c.lr, c.min_lr, c.weight_decay, c.weight_decay_end, c.clip_grad) == (5e-4, 1e-6, 0.04, 0.4, 3.0)
     assert (c.momentum_teacher, c.student_temp, c.teacher_temp, c.center_momentum) == (0.996, 0.1, 0.04, 0.9)
-    assert (c.out_dim, c.local_crops, c.global_scale, c.local_scale, c.drop_path) == (65536, 8, (0.4, 1.0),
-                                                                                      (0.05, 0.4), 0.1)
+    assert (c.out_dim, c.local_crops, c.global_scale, c.local_scale, c.drop_path) == (
+        65536,
+        8,
+        (0.4, 1.0),
+        (0.05, 0.4),
+        0.1,
+    )
     f = tmp_path / "c.yaml"
     f.write_text("epochs: 7\nlocal_scale: [0.1, 0.3]\n")
     c2 = build_config(str(f), ["lr=0.001", "norm_last_layer=false", "channels=A,B"], data="d", out="o")
@@ -65,9 +87,19 @@ def test_config_defaults_are_the_recipe_and_overrides_are_typed(tmp_path):
 def _aug(cfg_over=None):
     from types import SimpleNamespace
 
-    cfg = SimpleNamespace(global_size=32, local_size=16, local_crops=3, global_scale=(0.4, 1.0),
-                          local_scale=(0.05, 0.4), blur_p=(1.0, 0.1, 0.5), solarize_p=0.2, flip_p=0.5,
-                          brightness=(0.5, 1.25), brightness_p=0.8, blur_sigma=(0.1, 2.0))
+    cfg = SimpleNamespace(
+        global_size=32,
+        local_size=16,
+        local_crops=3,
+        global_scale=(0.4, 1.0),
+        local_scale=(0.05, 0.4),
+        blur_p=(1.0, 0.1, 0.5),
+        solarize_p=0.2,
+        flip_p=0.5,
+        brightness=(0.5, 1.25),
+        brightness_p=0.8,
+        blur_sigma=(0.1, 2.0),
+    )
     for k, v in (cfg_over or {}).items():
         setattr(cfg, k, v)
     return MultiCrop(cfg, torch.zeros(3), torch.ones(3))
@@ -111,7 +143,7 @@ def test_gaussian_blur_matches_direct_convolution():
     r = 5  # ceil(3 * 1.5)
     t = torch.arange(-r, r + 1, dtype=torch.float32)
     k = torch.exp(-0.5 * (t / 1.0) ** 2)
-    k = (k / k.sum())
+    k = k / k.sum()
     k2 = k[:, None] * k[None, :]
     ref = F.conv2d(F.pad(x[:1], (r, r, r, r), mode="reflect"), k2[None, None])
     torch.testing.assert_close(y[:1], ref, atol=1e-5, rtol=1e-5)
@@ -126,11 +158,11 @@ def test_dino_loss_against_the_direct_formula():
     got = loss(s, t, epoch=0)
     total, terms = 0.0, 0
     for iq in range(2):
-        q = torch.softmax((t[iq * b:(iq + 1) * b] - 0.2) / 0.04, -1)
+        q = torch.softmax((t[iq * b : (iq + 1) * b] - 0.2) / 0.04, -1)
         for v in range(n_crops):
             if v == iq:
                 continue
-            p = torch.log_softmax(s[v * b:(v + 1) * b] / 0.1, -1)
+            p = torch.log_softmax(s[v * b : (v + 1) * b] / 0.1, -1)
             total += (-(q * p).sum(-1)).mean()
             terms += 1
     torch.testing.assert_close(got, total / terms)
@@ -190,8 +222,9 @@ def test_checkpoint_layout_and_use_in_engine_and_export(crop_store, tmp_path):
     from scdino.engine.pipeline import RunConfig, run
     from scdino.export.onnx_export import export_onnx
 
-    r = run(RunConfig(plate=crop_store, out=str(tmp_path / "e.zarr"), model=str(out / "checkpoint.pth"),
-                      progress=False))
+    r = run(
+        RunConfig(plate=crop_store, out=str(tmp_path / "e.zarr"), model=str(out / "checkpoint.pth"), progress=False)
+    )
     assert r.n_cells == 48 and not r.untrained
     import anndata as ad
 
@@ -223,15 +256,60 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(crop_store, tmp_path,
 def test_torchrun_two_processes_match_one(crop_store, tmp_path):
     """gloo DDP with batch 8 per process == one process with batch 16 (same global batch)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    common = ["--data", crop_store, "--arch", "vit_test", "--patch", "8", "--epochs", "1", "--device", "cpu",
-              *[a for s in TINY for a in ("--set", s)], "--set", "threads=1"]
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        "29617", "-m", "scdino.training", "--out", str(tmp_path / "ddp"), "--batch-size-per-device",
-                        "8", *common], env=env, capture_output=True, text=True, timeout=300)
+    common = [
+        "--data",
+        crop_store,
+        "--arch",
+        "vit_test",
+        "--patch",
+        "8",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        *[a for s in TINY for a in ("--set", s)],
+        "--set",
+        "threads=1",
+    ]
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29617",
+            "-m",
+            "scdino.training",
+            "--out",
+            str(tmp_path / "ddp"),
+            "--batch-size-per-device",
+            "8",
+            *common,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
-    p1 = subprocess.run([sys.executable, "-m", "scdino.training", "--out", str(tmp_path / "one"),
-                         "--batch-size-per-device", "16", *common], env=env, capture_output=True, text=True,
-                        timeout=300)
+    p1 = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scdino.training",
+            "--out",
+            str(tmp_path / "one"),
+            "--batch-size-per-device",
+            "16",
+            *common,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p1.returncode == 0, p1.stderr[-3000:]
     a, b = _ckpt(tmp_path / "ddp" / "checkpoint.pth"), _ckpt(tmp_path / "one" / "checkpoint.pth")
     assert a["args"].batch_size_per_device == 8 and b["args"].batch_size_per_device == 16

@@ -68,8 +68,9 @@ def _affine(box: torch.Tensor, flip_x: torch.Tensor, flip_y: torch.Tensor) -> to
     return theta
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor, max_sigma: float | None = None
-                  ) -> torch.Tensor:
+def gaussian_blur(
+    x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor, max_sigma: float | None = None
+) -> torch.Tensor:
     """Blur each sample with its own sigma (where ``apply``), each channel separately. The kernel radius is
     3 x ``max_sigma`` (default: the largest sigma given), the same whichever samples a process holds."""
     b, c, h, w = x.shape
@@ -98,8 +99,9 @@ class MultiCrop:
         self.mean = mean.view(1, -1, 1, 1)
         self.std = std.view(1, -1, 1, 1)
 
-    def __call__(self, raw: torch.Tensor, g: torch.Generator, n_global: int | None = None,
-                 offset: int = 0) -> list[torch.Tensor]:
+    def __call__(
+        self, raw: torch.Tensor, g: torch.Generator, n_global: int | None = None, offset: int = 0
+    ) -> list[torch.Tensor]:
         """Views of ``raw``. Parameters are drawn for ``n_global`` crops (the global batch; default ``len(raw)``) and
         this process uses rows ``offset .. offset + len(raw)`` of them."""
         cfg = self.cfg
@@ -134,7 +136,7 @@ def channel_stats(raw: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, t
     s2 = torch.zeros_like(s)
     n = 0
     for a in range(0, len(raw), chunk):
-        x = minmax_scale(raw[a:a + chunk]).double()
+        x = minmax_scale(raw[a : a + chunk]).double()
         s += x.sum((0, 2, 3))
         s2 += (x * x).sum((0, 2, 3))
         n += x.shape[0] * x.shape[2] * x.shape[3]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from scdino._cli import configure_logging
+from scdino._cli import configure_logging, handle_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -23,36 +23,56 @@ from scdino._cli import configure_logging
 @click.option("--set", "sets", multiple=True, help="Any option as key=value (e.g. --set lr=0.001), repeatable.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("-v", "--verbose", count=True)
-def main(data, out, arch, patch, channels, labels, segment_channel, crop_size, epochs, batch_size_per_device, init,
-         config_file, sets, device, verbose) -> None:
+def main(
+    data,
+    out,
+    arch,
+    patch,
+    channels,
+    labels,
+    segment_channel,
+    crop_size,
+    epochs,
+    batch_size_per_device,
+    init,
+    config_file,
+    sets,
+    device,
+    verbose,
+) -> None:
     """DINO self-supervised training of a channel-adapted ViT on single-cell crops (the scDINO recipe).
 
     Every hyperparameter defaults to the recipe (SPEC section 5) and can be changed with --config or --set; the
     resolved configuration is written to OUT/config.json. Running the same command again resumes from
     OUT/checkpoint.pth. For several processes: torchrun --nproc-per-node N -m scdino.training --data ... --out ...
     """
-    import sys
-
-    from scdino.errors import ScdinoError
-
     configure_logging(verbose)
     from scdino.training.config import build_config
     from scdino.training.loop import train
 
-    try:
-        cfg = build_config(config_file, list(sets), data=data, out=out, arch=arch, patch=patch,
-                           channels=[c.strip() for c in channels.split(",")] if channels else None, labels=labels,
-                           segment_channel=segment_channel, crop_size=crop_size, epochs=epochs,
-                           batch_size_per_device=batch_size_per_device, init=init, device=device)
-        s = train(cfg)
-    except ScdinoError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("interrupted: run the same command again to resume from the last checkpoint", err=True)
-        sys.exit(130)
+    cfg = handle_errors(
+        lambda: build_config(
+            config_file,
+            list(sets),
+            data=data,
+            out=out,
+            arch=arch,
+            patch=patch,
+            channels=[c.strip() for c in channels.split(",")] if channels else None,
+            labels=labels,
+            segment_channel=segment_channel,
+            crop_size=crop_size,
+            epochs=epochs,
+            batch_size_per_device=batch_size_per_device,
+            init=init,
+            device=device,
+        )
+    )
+    s = handle_errors(lambda: train(cfg), "run the same command again to resume from the last checkpoint")
     if s:
-        click.echo(f"epoch {s['epoch']}: loss {s['loss']:.4f}, {s['crops_per_s']:.1f} crops/s; checkpoints in {cfg.out}")
+        click.echo(
+            f"epoch {s['epoch']}: loss {s['loss']:.4f}, {s['crops_per_s']:.1f} crops/s; checkpoints in {cfg.out}"
+        )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,9 @@ class TrainConfig:
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: int = 0
     center_momentum: float = 0.9
-    precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp16 with scaling; fp32 on CPU) | fp32 | fp16 | bf16
+    precision: str = (
+        "auto"  # auto (bf16 on GPUs that have it, else fp16 with scaling; fp32 on CPU) | fp32 | fp16 | bf16
+    )
     # run
     seed: int = 0
     saveckp_freq: int = 20
@@ -81,7 +83,9 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.global_size % self.patch or self.local_size % self.patch:
-            raise ConfigError(f"crop sizes {self.global_size}/{self.local_size} must be multiples of the patch {self.patch}")
+            raise ConfigError(
+                f"crop sizes {self.global_size}/{self.local_size} must be multiples of the patch {self.patch}"
+            )
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise ConfigError(f"precision {self.precision!r}: expected auto, fp32, fp16 or bf16")
         if self.knn_freq and not self.val_data:

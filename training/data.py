@@ -17,8 +17,15 @@ from scdino.errors import InputError
 log = logging.getLogger(__name__)
 
 
-def load_crops(path: str, channels=None, labels: str | None = None, segment_channel: str | None = None,
-               crop_size: int = 64, segment=None, wells=None) -> tuple[torch.Tensor, list[str], pd.DataFrame]:
+def load_crops(
+    path: str,
+    channels=None,
+    labels: str | None = None,
+    segment_channel: str | None = None,
+    crop_size: int = 64,
+    segment=None,
+    wells=None,
+) -> tuple[torch.Tensor, list[str], pd.DataFrame]:
     """(crops (n, C, S, S) as int32/float32 tensor, channel names, cell table) of a crop store or plate."""
     from scdino.engine.cells import CellOptions, field_cells, plan_field, read_crops
     from scdino.engine.ingest import CropStore, is_crop_store
@@ -34,8 +41,13 @@ def load_crops(path: str, channels=None, labels: str | None = None, segment_chan
         plate = Plate(path)
         from scdino.engine.segment import SegmentParams
 
-        opts = CellOptions(channels=tuple(channels) if channels else None, labels=labels,
-                           segment_channel=segment_channel, crop_size=crop_size, segment=segment or SegmentParams())
+        opts = CellOptions(
+            channels=tuple(channels) if channels else None,
+            labels=labels,
+            segment_channel=segment_channel,
+            crop_size=crop_size,
+            segment=segment or SegmentParams(),
+        )
         parts, tables = [], []
         names = None
         for ref in plate.fields(wells):

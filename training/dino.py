@@ -28,11 +28,13 @@ class WeightNormLinear(nn.Module):
 class DINOHead(nn.Module):
     """3-layer MLP (GELU) -> L2 normalisation -> weight-normalised last layer (SPEC section 5)."""
 
-    def __init__(self, in_dim: int, out_dim: int = 65536, hidden: int = 2048, bottleneck: int = 256,
-                 norm_last_layer: bool = True) -> None:
+    def __init__(
+        self, in_dim: int, out_dim: int = 65536, hidden: int = 2048, bottleneck: int = 256, norm_last_layer: bool = True
+    ) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
-                                 nn.Linear(hidden, bottleneck))
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, bottleneck)
+        )
         for m in self.mlp:
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -57,8 +59,7 @@ class MultiCropWrapper(nn.Module):
         feats, start = [], 0
         for end in ends:
             x = torch.cat(crops[start:end])
-            feats.append(self.backbone(x) if self.backbone.cfg.img_size == x.shape[-1] else
-                         self.backbone_at(x))
+            feats.append(self.backbone(x) if self.backbone.cfg.img_size == x.shape[-1] else self.backbone_at(x))
             start = end
         return self.head(torch.cat(feats))
 
@@ -80,18 +81,28 @@ class DINOLoss(nn.Module):
     """Cross-entropy between the teacher's centred, sharpened softmax on the global views and the student's softmax on
     every other view; the centre is an EMA of the teacher outputs, all-reduced across processes."""
 
-    def __init__(self, out_dim: int, n_crops: int, warmup_teacher_temp: float, teacher_temp: float,
-                 warmup_teacher_temp_epochs: int, epochs: int, student_temp: float = 0.1,
-                 center_momentum: float = 0.9) -> None:
+    def __init__(
+        self,
+        out_dim: int,
+        n_crops: int,
+        warmup_teacher_temp: float,
+        teacher_temp: float,
+        warmup_teacher_temp_epochs: int,
+        epochs: int,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+    ) -> None:
         super().__init__()
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.n_crops = n_crops
         self.register_buffer("center", torch.zeros(1, out_dim))
-        self.teacher_temp_schedule = np.concatenate((
-            np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
-            np.ones(max(0, epochs - warmup_teacher_temp_epochs)) * teacher_temp,
-        ))
+        self.teacher_temp_schedule = np.concatenate(
+            (
+                np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
+                np.ones(max(0, epochs - warmup_teacher_temp_epochs)) * teacher_temp,
+            )
+        )
 
     def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, epoch: int) -> torch.Tensor:
         s = (student_out / self.student_temp).chunk(self.n_crops)
@@ -118,8 +129,9 @@ class DINOLoss(nn.Module):
         self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
 
 
-def cosine_scheduler(base: float, final: float, epochs: int, niter_per_ep: int, warmup_epochs: int = 0,
-                     start_warmup_value: float = 0.0) -> np.ndarray:
+def cosine_scheduler(
+    base: float, final: float, epochs: int, niter_per_ep: int, warmup_epochs: int = 0, start_warmup_value: float = 0.0
+) -> np.ndarray:
     """Per-iteration values: linear warmup, then cosine from ``base`` to ``final`` (DINO's utils.cosine_scheduler)."""
     warmup_iters = warmup_epochs * niter_per_ep
     warm = np.linspace(start_warmup_value, base, warmup_iters) if warmup_iters > 0 else np.array([])
@@ -156,5 +168,3 @@ def cancel_last_layer_gradients(epoch: int, model: nn.Module, freeze_last_layer:
     for n, p in model.named_parameters():
         if "last_layer" in n:
             p.grad = None
-
-

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import math
@@ -24,8 +23,15 @@ from scdino.preprocess import preprocess
 from scdino.training.augment import MultiCrop, channel_stats, make_generator
 from scdino.training.config import TrainConfig
 from scdino.training.data import epoch_order, load_crops
-from scdino.training.dino import (DINOHead, DINOLoss, MultiCropWrapper, cancel_last_layer_gradients, clip_gradients,
-                                  cosine_scheduler, param_groups)
+from scdino.training.dino import (
+    DINOHead,
+    DINOLoss,
+    MultiCropWrapper,
+    cancel_last_layer_gradients,
+    clip_gradients,
+    cosine_scheduler,
+    param_groups,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +76,9 @@ def build_networks(cfg: TrainConfig, in_chans: int) -> tuple[MultiCropWrapper, M
         log.info("initialised the backbone from %s", cfg.init)
     teacher_bb = VisionTransformer(arch_config(cfg.arch_name, in_chans=in_chans, img_size=cfg.global_size))
     d = arch.embed_dim
-    student = MultiCropWrapper(student_bb, DINOHead(d, cfg.out_dim, cfg.head_hidden, cfg.head_bottleneck,
-                                                    cfg.norm_last_layer))
+    student = MultiCropWrapper(
+        student_bb, DINOHead(d, cfg.out_dim, cfg.head_hidden, cfg.head_bottleneck, cfg.norm_last_layer)
+    )
     teacher = MultiCropWrapper(teacher_bb, DINOHead(d, cfg.out_dim, cfg.head_hidden, cfg.head_bottleneck))
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
@@ -96,7 +103,7 @@ def embed_with(backbone: VisionTransformer, raw: torch.Tensor, mean, std, size: 
     backbone.eval()
     with torch.inference_mode():
         for a in range(0, len(raw), bs):
-            x = preprocess(raw[a:a + bs].to(device), size, mean, std)
+            x = preprocess(raw[a : a + bs].to(device), size, mean, std)
             out.append(backbone(x).float().cpu())
     return torch.cat(out).numpy()
 
@@ -115,17 +122,27 @@ def train(cfg: TrainConfig) -> dict:
     from scdino.engine.segment import SegmentParams
 
     seg = SegmentParams(cfg.sigma, cfg.threshold, cfg.min_distance, cfg.min_area, cfg.max_area)
-    crops, names, _ = load_crops(cfg.data, cfg.channels, cfg.labels, cfg.segment_channel, cfg.crop_size, seg,
-                                 cfg.wells)
+    crops, names, _ = load_crops(cfg.data, cfg.channels, cfg.labels, cfg.segment_channel, cfg.crop_size, seg, cfg.wells)
     mean, std = channel_stats(crops)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process and every run
     student, teacher = build_networks(cfg, crops.shape[1])
     student, teacher = student.to(device), teacher.to(device)
-    model = nn.parallel.DistributedDataParallel(student, device_ids=[local_rank] if device.type == "cuda" else None) \
-        if world > 1 else student
+    model = (
+        nn.parallel.DistributedDataParallel(student, device_ids=[local_rank] if device.type == "cuda" else None)
+        if world > 1
+        else student
+    )
     n_crops = 2 + cfg.local_crops
-    loss_fn = DINOLoss(cfg.out_dim, n_crops, cfg.warmup_teacher_temp, cfg.teacher_temp,
-                       cfg.warmup_teacher_temp_epochs, cfg.epochs, cfg.student_temp, cfg.center_momentum).to(device)
+    loss_fn = DINOLoss(
+        cfg.out_dim,
+        n_crops,
+        cfg.warmup_teacher_temp,
+        cfg.teacher_temp,
+        cfg.warmup_teacher_temp_epochs,
+        cfg.epochs,
+        cfg.student_temp,
+        cfg.center_momentum,
+    ).to(device)
     optimizer = torch.optim.AdamW(param_groups(student))
     amp = _precision(cfg, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
@@ -133,8 +150,9 @@ def train(cfg: TrainConfig) -> dict:
     gb = bs * world
     n_iter = len(crops) // gb
     if n_iter == 0:
-        raise ScdinoError(f"{cfg.data}: {len(crops)} crops, fewer than one global batch ({gb}); lower "
-                          "--batch-size-per-device")
+        raise ScdinoError(
+            f"{cfg.data}: {len(crops)} crops, fewer than one global batch ({gb}); lower --batch-size-per-device"
+        )
     if cfg.max_iters_per_epoch:
         n_iter = min(n_iter, cfg.max_iters_per_epoch)
     lr_s = cosine_scheduler(cfg.lr * gb / 256.0, cfg.min_lr, cfg.epochs, n_iter, cfg.warmup_epochs)
@@ -171,11 +189,10 @@ def train(cfg: TrainConfig) -> dict:
         student.train()
         t0 = time.perf_counter()
         losses = []
-        bar = tqdm(range(n_iter), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=rank != 0 or None,
-                   dynamic_ncols=True)
+        bar = tqdm(range(n_iter), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=rank != 0 or None, dynamic_ncols=True)
         for it in bar:
             gi = epoch * n_iter + it
-            idx = order[it * gb:(it + 1) * gb][rank * bs:(rank + 1) * bs]
+            idx = order[it * gb : (it + 1) * gb][rank * bs : (rank + 1) * bs]
             raw = crops[idx].to(device, non_blocking=True)
             views = augment(raw, make_generator(cfg.seed, epoch, it, device), gb, rank * bs)
             torch.manual_seed(((cfg.seed * 1_000_003 + epoch) * 1_000_033 + it) * 131 + rank)  # drop path
@@ -188,8 +205,10 @@ def train(cfg: TrainConfig) -> dict:
                 s_out = model(views)
                 loss = loss_fn(s_out.float(), t_out.float(), epoch)
             if not math.isfinite(loss.item()):
-                msg = (f"loss is {loss.item()} at epoch {epoch + 1}, iteration {it}: training diverged. The last good "
-                       f"checkpoint ({ckpt_path}) is kept; lower --set lr=... or use --set precision=fp32")
+                msg = (
+                    f"loss is {loss.item()} at epoch {epoch + 1}, iteration {it}: training diverged. The last good "
+                    f"checkpoint ({ckpt_path}) is kept; lower --set lr=... or use --set precision=fp32"
+                )
                 if logf:
                     logf.write(json.dumps({"epoch": epoch, "iteration": it, "error": "non-finite loss"}) + "\n")
                     logf.close()
@@ -216,16 +235,33 @@ def train(cfg: TrainConfig) -> dict:
             if rank == 0:
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 if it % 10 == 0 or it == n_iter - 1:
-                    logf.write(json.dumps({"epoch": epoch, "iteration": it, "loss": losses[-1], "lr": float(lr_s[gi]),
-                                           "wd": float(wd_s[gi]), "momentum": m}) + "\n")
+                    logf.write(
+                        json.dumps(
+                            {
+                                "epoch": epoch,
+                                "iteration": it,
+                                "loss": losses[-1],
+                                "lr": float(lr_s[gi]),
+                                "wd": float(wd_s[gi]),
+                                "momentum": m,
+                            }
+                        )
+                        + "\n"
+                    )
         seconds = time.perf_counter() - t0
         mean_loss = torch.tensor(float(np.mean(losses)), device=device)
         if world > 1:
             dist.all_reduce(mean_loss)
             mean_loss /= world
-        summary = {"epoch": epoch + 1, "loss": float(mean_loss), "seconds": seconds,
-                   "crops_per_s": n_iter * gb / seconds, "lr": float(lr_s[(epoch + 1) * n_iter - 1]),
-                   "wd": float(wd_s[(epoch + 1) * n_iter - 1]), "momentum": float(mom_s[(epoch + 1) * n_iter - 1])}
+        summary = {
+            "epoch": epoch + 1,
+            "loss": float(mean_loss),
+            "seconds": seconds,
+            "crops_per_s": n_iter * gb / seconds,
+            "lr": float(lr_s[(epoch + 1) * n_iter - 1]),
+            "wd": float(wd_s[(epoch + 1) * n_iter - 1]),
+            "momentum": float(mom_s[(epoch + 1) * n_iter - 1]),
+        }
         if val is not None and (epoch + 1) % cfg.knn_freq == 0:
             from scdino.engine.knn import evaluate_knn
 
@@ -236,11 +272,21 @@ def train(cfg: TrainConfig) -> dict:
             logf.flush()
             save = {
                 "student": {f"module.{k}": v for k, v in student.state_dict().items()},
-                "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                "args": _args_namespace(cfg), "dino_loss": loss_fn.state_dict(),
+                "teacher": teacher.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch + 1,
+                "args": _args_namespace(cfg),
+                "dino_loss": loss_fn.state_dict(),
                 "fp16_scaler": scaler.state_dict() if scaler is not None else None,
-                "scdino": {"channels": names, "mean": mean.tolist(), "std": std.tolist(), "arch": cfg.arch_name,
-                           "input_size": cfg.global_size, "crop_size": int(crops.shape[-1]), "data": cfg.data},
+                "scdino": {
+                    "channels": names,
+                    "mean": mean.tolist(),
+                    "std": std.tolist(),
+                    "arch": cfg.arch_name,
+                    "input_size": cfg.global_size,
+                    "crop_size": int(crops.shape[-1]),
+                    "data": cfg.data,
+                },
             }
             _atomic_save(save, ckpt_path)
             if cfg.saveckp_freq and ((epoch + 1) % cfg.saveckp_freq == 0 or epoch + 1 == cfg.epochs):

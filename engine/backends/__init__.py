@@ -99,9 +99,11 @@ def resolve(kind: str, device: str, model: str = "") -> tuple[str, str]:
     if kind not in ("auto", *KINDS):
         raise ConfigError(f"unknown backend {kind!r}; expected auto, {', '.join(KINDS)}")
     if kind != "auto" and kind != native:
-        hint = {"onnxruntime": f"export it first: scdino-export onnx {model} --out model.onnx",
-                "tensorrt": "export it and build a plan: scdino-export onnx ... then scdino-export tensorrt ...",
-                "torch": "pass the checkpoint the model was exported from"}[kind]
+        hint = {
+            "onnxruntime": f"export it first: scdino-export onnx {model} --out model.onnx",
+            "tensorrt": "export it and build a plan: scdino-export onnx ... then scdino-export tensorrt ...",
+            "torch": "pass the checkpoint the model was exported from",
+        }[kind]
         raise ConfigError(f"--backend {kind} cannot run {model} (a {fmt} model); {hint}")
     if device == "auto":
         if fmt == "plan":

@@ -42,8 +42,10 @@ def import_ort():
     try:
         import onnxruntime as ort
     except ImportError as exc:
-        raise ConfigError(f"ONNX Runtime is not installed ({exc}); run: pip install 'scdino[onnx]' "
-                          "(CPU) or 'scdino[gpu]' (NVIDIA GPU)") from exc
+        raise ConfigError(
+            f"ONNX Runtime is not installed ({exc}); run: pip install 'scdino[onnx]' "
+            "(CPU) or 'scdino[gpu]' (NVIDIA GPU)"
+        ) from exc
     return ort
 
 
@@ -87,9 +89,15 @@ class OnnxRuntimeBackend:
             )
         self.dtype = np.dtype(self.meta["dtype"])
         self.embed_dim = int(self.meta["embed_dim"])
-        self.info = {"backend": "onnxruntime", "device": spec.device, "providers": got,
-                     "onnxruntime": ort.__version__, "precision": self.meta["precision"],
-                     "threads": spec.threads, "model_json": self.meta}
+        self.info = {
+            "backend": "onnxruntime",
+            "device": spec.device,
+            "providers": got,
+            "onnxruntime": ort.__version__,
+            "precision": self.meta["precision"],
+            "threads": spec.threads,
+            "model_json": self.meta,
+        }
 
     def _cast(self, crops: np.ndarray) -> np.ndarray:
         if crops.dtype == self.dtype:
@@ -107,7 +115,7 @@ class OnnxRuntimeBackend:
         bs = self.spec.batch_size
         out = np.empty((len(x), self.embed_dim), np.float32)
         for i in range(0, len(x), bs):
-            out[i:i + bs] = self.session.run(["cls"], {"crops": x[i:i + bs]})[0]
+            out[i : i + bs] = self.session.run(["cls"], {"crops": x[i : i + bs]})[0]
         return out
 
     def close(self) -> None:

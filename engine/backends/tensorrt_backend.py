@@ -31,8 +31,10 @@ class TensorRTBackend:
         self.meta = read_sidecar(spec.model)
         check_plan(self.meta, trt.__version__, gpu_identity(), str(spec.model))
         if self.meta["in_chans"] != spec.n_channels:
-            raise ConfigError(f"{spec.model}: built for {self.meta['in_chans']} channels, the run gives "
-                              f"{spec.n_channels}; pass --channels")
+            raise ConfigError(
+                f"{spec.model}: built for {self.meta['in_chans']} channels, the run gives "
+                f"{spec.n_channels}; pass --channels"
+            )
         self.logger = trt.Logger(trt.Logger.WARNING)
         with open(spec.model, "rb") as f:
             self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(f.read())
@@ -46,17 +48,26 @@ class TensorRTBackend:
         self.np_dtype = np.dtype(self.meta["input_dtype"])
         self.slots = []
         for _ in range(2):
-            self.slots.append({
-                "stream": torch.cuda.Stream(),
-                "ctx": self.engine.create_execution_context(),
-                "h_in": torch.empty((self.batch, c, s, s), dtype=tdtype, pin_memory=True),
-                "d_in": torch.empty((self.batch, c, s, s), dtype=tdtype, device="cuda"),
-                "d_out": torch.empty((self.batch, self.embed_dim), dtype=torch.float32, device="cuda"),
-                "h_out": torch.empty((self.batch, self.embed_dim), dtype=torch.float32, pin_memory=True),
-                "done": torch.cuda.Event(), "pending": None,
-            })
-        self.info = {"backend": "tensorrt", "device": "cuda", "tensorrt": trt.__version__,
-                     "precision": self.meta["precision"], "gpu": self.meta["tensorrt"]["gpu"], "batch": self.batch}
+            self.slots.append(
+                {
+                    "stream": torch.cuda.Stream(),
+                    "ctx": self.engine.create_execution_context(),
+                    "h_in": torch.empty((self.batch, c, s, s), dtype=tdtype, pin_memory=True),
+                    "d_in": torch.empty((self.batch, c, s, s), dtype=tdtype, device="cuda"),
+                    "d_out": torch.empty((self.batch, self.embed_dim), dtype=torch.float32, device="cuda"),
+                    "h_out": torch.empty((self.batch, self.embed_dim), dtype=torch.float32, pin_memory=True),
+                    "done": torch.cuda.Event(),
+                    "pending": None,
+                }
+            )
+        self.info = {
+            "backend": "tensorrt",
+            "device": "cuda",
+            "tensorrt": trt.__version__,
+            "precision": self.meta["precision"],
+            "gpu": self.meta["tensorrt"]["gpu"],
+            "batch": self.batch,
+        }
 
     def _launch(self, slot: dict, crops: np.ndarray, start: int) -> None:
         import torch
@@ -80,20 +91,22 @@ class TensorRTBackend:
             return
         slot["done"].synchronize()
         start, n = slot["pending"]
-        out[start:start + n] = slot["h_out"][:n].numpy()
+        out[start : start + n] = slot["h_out"][:n].numpy()
         slot["pending"] = None
 
     def infer(self, crops: np.ndarray) -> np.ndarray:
         check_crops(crops, self.spec.n_channels)
         if crops.shape[-1] != self.meta["crop_size"]:
-            raise ConfigError(f"{self.spec.model}: built for {self.meta['crop_size']} px crops, got "
-                              f"{crops.shape[-1]}; rebuild the plan or use --crop-size {self.meta['crop_size']}")
+            raise ConfigError(
+                f"{self.spec.model}: built for {self.meta['crop_size']} px crops, got "
+                f"{crops.shape[-1]}; rebuild the plan or use --crop-size {self.meta['crop_size']}"
+            )
         x = crops.astype(self.np_dtype, copy=False)
         out = np.empty((len(x), self.embed_dim), np.float32)
         for k, i in enumerate(range(0, len(x), self.batch)):
             slot = self.slots[k % 2]
             self._collect(slot, out)  # its previous batch must be out before its buffers are reused
-            self._launch(slot, x[i:i + self.batch], i)
+            self._launch(slot, x[i : i + self.batch], i)
         for slot in self.slots:
             self._collect(slot, out)
         return out

@@ -24,8 +24,11 @@ class TorchBackend:
         self.embed_dim = lm.model.embed_dim
         self.autocast = self.device.type == "cuda"
         self.info = {
-            "backend": "torch", "device": str(self.device), "torch": torch.__version__,
-            "precision": "fp16-autocast" if self.autocast else "fp32", "threads": torch.get_num_threads(),
+            "backend": "torch",
+            "device": str(self.device),
+            "torch": torch.__version__,
+            "precision": "fp16-autocast" if self.autocast else "fp32",
+            "threads": torch.get_num_threads(),
         }
 
     @torch.inference_mode()
@@ -34,11 +37,11 @@ class TorchBackend:
         out = np.empty((len(crops), self.embed_dim), np.float32)
         bs = self.spec.batch_size
         for i in range(0, len(crops), bs):
-            x = torch.from_numpy(np.ascontiguousarray(crops[i:i + bs])).to(self.device, non_blocking=True)
+            x = torch.from_numpy(np.ascontiguousarray(crops[i : i + bs])).to(self.device, non_blocking=True)
             x = apply(x, self.prep)
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.autocast):
                 y = self.model(x)
-            out[i:i + len(y)] = y.float().cpu().numpy()
+            out[i : i + len(y)] = y.float().cpu().numpy()
         return out
 
     def close(self) -> None:

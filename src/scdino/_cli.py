@@ -24,15 +24,20 @@ def configure_logging(verbose: int) -> None:
         warnings.filterwarnings("ignore", category=UserWarning, module=r"zarr\..*|anndata\..*|contextlib")
 
 
+def handle_errors(fn, resume_hint: str = "run the same command again to continue where it stopped"):
+    """Call ``fn``; scdino's own errors become one line on stderr and exit code 2, Ctrl-C exit code 130."""
+    try:
+        return fn()
+    except ScdinoError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: {resume_hint}", err=True)
+        sys.exit(130)
+
+
 class ErrorGroup(click.Group):
-    """Turn scdino's own errors into one line on stderr and exit code 2; Ctrl-C into exit code 130."""
+    """A click group whose commands report errors through :func:`handle_errors`."""
 
     def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except ScdinoError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted: run the same command again to continue where it stopped", err=True)
-            sys.exit(130)
+        return handle_errors(lambda: super(ErrorGroup, self).invoke(ctx))

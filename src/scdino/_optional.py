@@ -29,4 +29,6 @@ def require(module: str) -> ModuleType:
     except ImportError as exc:
         extra, purpose = EXTRAS.get(module.split(".")[0], (None, "this feature"))
         hint = f"pip install 'scdino[{extra}]'" if extra else f"pip install {module.split('.')[0]}"
-        raise MissingDependencyError(f"{module} is needed for {purpose} but cannot be imported ({exc}); run: {hint}") from exc
+        raise MissingDependencyError(
+            f"{module} is needed for {purpose} but cannot be imported ({exc}); run: {hint}"
+        ) from exc

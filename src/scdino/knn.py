@@ -11,8 +11,15 @@ import torch
 
 
 def knn_predict(
-    reference: np.ndarray, ref_labels: np.ndarray, query: np.ndarray, k: int = 20, temperature: float = 0.07,
-    n_classes: int | None = None, chunk: int = 4096, exclude_self: bool = False, device: str = "cpu",
+    reference: np.ndarray,
+    ref_labels: np.ndarray,
+    query: np.ndarray,
+    k: int = 20,
+    temperature: float = 0.07,
+    n_classes: int | None = None,
+    chunk: int = 4096,
+    exclude_self: bool = False,
+    device: str = "cpu",
 ) -> np.ndarray:
     """Predicted class codes of ``query`` rows. ``ref_labels`` are integer codes 0..n_classes-1.
 
@@ -26,7 +33,8 @@ def knn_predict(
     out = np.empty(len(query), np.int64)
     for a in range(0, len(query), chunk):
         q = torch.nn.functional.normalize(
-            torch.as_tensor(query[a:a + chunk], dtype=torch.float32, device=device), dim=1)
+            torch.as_tensor(query[a : a + chunk], dtype=torch.float32, device=device), dim=1
+        )
         sim = q @ ref.T
         if exclude_self:
             idx = torch.arange(a, a + len(q), device=device)
@@ -34,7 +42,7 @@ def knn_predict(
         top, nn_idx = sim.topk(k, dim=1)
         votes = torch.zeros(len(q), n_classes, device=device)
         votes.scatter_add_(1, lab[nn_idx], (top / temperature).exp())
-        out[a:a + len(q)] = votes.argmax(1).cpu().numpy()
+        out[a : a + len(q)] = votes.argmax(1).cpu().numpy()
     return out
 
 
@@ -43,6 +51,6 @@ def dominant_channel_labels(crops: np.ndarray) -> np.ndarray:
     spread over all crops (e.g. which nuclear marker a neocortex nucleus expresses)."""
     c = crops.astype(np.float64)
     s = c.shape[-1]
-    centre = c[..., s // 4: s - s // 4, s // 4: s - s // 4].mean(axis=(2, 3))
+    centre = c[..., s // 4 : s - s // 4, s // 4 : s - s // 4].mean(axis=(2, 3))
     lo, hi = np.percentile(centre, 5, axis=0), np.percentile(centre, 95, axis=0)
     return np.argmax((centre - lo) / np.maximum(hi - lo, 1e-9), axis=1)

@@ -53,7 +53,9 @@ def _open_group(path: str | os.PathLike, what: str) -> zarr.Group:
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise InputError(f"{path}: no zarr group here; expected {what}") from exc
     except Exception as exc:  # zarr raises various errors for corrupt metadata
-        raise InputError(f"{path}: cannot be opened as a zarr group ({type(exc).__name__}: {exc}); expected {what}") from exc
+        raise InputError(
+            f"{path}: cannot be opened as a zarr group ({type(exc).__name__}: {exc}); expected {what}"
+        ) from exc
 
 
 _UNIT_TO_UM = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3, "meter": 1e6, "angstrom": 1e-4}
@@ -73,7 +75,7 @@ def read_multiscale(group: zarr.Group, where: str) -> Multiscale:
     except KeyError as exc:
         raise InputError(f"{where}: multiscale level {ds0['path']!r} is missing") from exc
     if not axes:  # NGFF < 0.4 had no axes: (t, c, z, y, x)
-        axes = ("t", "c", "z", "y", "x")[-arr.ndim:]
+        axes = ("t", "c", "z", "y", "x")[-arr.ndim :]
     if len(axes) != arr.ndim:
         raise InputError(f"{where}: {len(axes)} axes in the metadata but the array has {arr.ndim} dimensions")
     pixel = None
@@ -155,8 +157,9 @@ class Plate:
         names = [str(c.get("label") or i) for i, c in enumerate(chans)]
         if len(names) != n:
             if names:
-                log.warning("%s/%s: %d omero channels for %d image channels; using indices", self.path, ref.path,
-                            len(names), n)
+                log.warning(
+                    "%s/%s: %d omero channels for %d image channels; using indices", self.path, ref.path, len(names), n
+                )
             names = [str(i) for i in range(n)]
         return names
 
@@ -180,7 +183,9 @@ class Plate:
         arr = read_array(ms.array, where)
         return squeeze_2d(arr, ms.axes, where)
 
-    def read(self, ref: FieldRef, channels: Sequence[int], y: slice = slice(None), x: slice = slice(None)) -> np.ndarray:
+    def read(
+        self, ref: FieldRef, channels: Sequence[int], y: slice = slice(None), x: slice = slice(None)
+    ) -> np.ndarray:
         """Raw pixels (C, Y, X) of the selected channels, in the stored dtype."""
         ms = self.image(ref)
         idx: list[Any] = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -24,8 +24,19 @@ from scdino.preprocess import Preprocessing
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "HUB_URLS", "Checkpoint", "LoadedModel", "native_channels", "ViTConfig", "VisionTransformer", "adapt_patch_weight",
-    "arch_config", "arch_name", "build_model", "load_model", "read_checkpoint", "resize_pos_embed",
+    "HUB_URLS",
+    "Checkpoint",
+    "LoadedModel",
+    "native_channels",
+    "ViTConfig",
+    "VisionTransformer",
+    "adapt_patch_weight",
+    "arch_config",
+    "arch_name",
+    "build_model",
+    "load_model",
+    "read_checkpoint",
+    "resize_pos_embed",
 ]
 
 
@@ -42,7 +53,9 @@ class LoadedModel:
         return self.info.get("channels")
 
 
-def build_model(cfg: ViTConfig, state_dict: dict[str, torch.Tensor] | None = None, source: str = "") -> VisionTransformer:
+def build_model(
+    cfg: ViTConfig, state_dict: dict[str, torch.Tensor] | None = None, source: str = ""
+) -> VisionTransformer:
     """Build a ViT and load ``state_dict`` strictly (missing or unexpected keys are an error)."""
     model = VisionTransformer(cfg)
     if state_dict is not None:
@@ -71,8 +84,10 @@ def _checkpoint_for(spec: str, key: str | None) -> Checkpoint | None:
     if spec == DEFAULT:
         path = default_model_path()
         if not path.is_file():
-            raise CheckpointError("this installation has no default model file (scdino/data/default_model.pth); "
-                                  "pass --model with a checkpoint, a hub name or random:ARCH")
+            raise CheckpointError(
+                "this installation has no default model file (scdino/data/default_model.pth); "
+                "pass --model with a checkpoint, a hub name or random:ARCH"
+            )
         return read_checkpoint(str(path), key)
     if spec in HUB_URLS:
         return read_checkpoint(hub_path(spec), key)

@@ -87,7 +87,7 @@ def _strip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             changed = False
             for p in _PREFIXES:
                 if k.startswith(p):
-                    k, changed = k[len(p):], True
+                    k, changed = k[len(p) :], True
         out[k] = v
     return out
 
@@ -135,7 +135,7 @@ def infer_config(sd: dict[str, torch.Tensor], arch_hint: str | None = None, sour
     if depth == 0:
         raise CheckpointError(f"{source}: no transformer blocks in the checkpoint")
     n = sd["pos_embed"].shape[1] - 1
-    grid = int(round(n ** 0.5))
+    grid = int(round(n**0.5))
     if grid * grid != n:
         raise CheckpointError(f"{source}: position embedding of {n} patches is not a square grid")
     hidden = sd["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in sd else 4 * d
@@ -147,8 +147,14 @@ def infer_config(sd: dict[str, torch.Tensor], arch_hint: str | None = None, sour
     if heads is None:
         heads = next((h for (dd, dep, h) in FAMILIES.values() if dd == d and dep == depth), max(1, d // 64))
     return ViTConfig(
-        embed_dim=d, depth=depth, num_heads=heads, patch_size=patch, in_chans=in_chans, img_size=grid * patch,
-        mlp_ratio=hidden / d, qkv_bias="blocks.0.attn.qkv.bias" in sd,
+        embed_dim=d,
+        depth=depth,
+        num_heads=heads,
+        patch_size=patch,
+        in_chans=in_chans,
+        img_size=grid * patch,
+        mlp_ratio=hidden / d,
+        qkv_bias="blocks.0.attn.qkv.bias" in sd,
     )
 
 
