@@ -86,6 +86,11 @@ class TrainConfig:
             raise ConfigError(
                 f"crop sizes {self.global_size}/{self.local_size} must be multiples of the patch {self.patch}"
             )
+        if self.warmup_epochs > self.epochs or self.warmup_teacher_temp_epochs > self.epochs:
+            raise ConfigError(
+                f"warmup_epochs ({self.warmup_epochs}) and warmup_teacher_temp_epochs "
+                f"({self.warmup_teacher_temp_epochs}) cannot exceed epochs ({self.epochs})"
+            )
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise ConfigError(f"precision {self.precision!r}: expected auto, fp32, fp16 or bf16")
         if self.knn_freq and not self.val_data:
