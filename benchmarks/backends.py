@@ -26,9 +26,10 @@ import numpy as np
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--input-size", type=int, default=224)
+    ap.add_argument("--input-size", type=int, help="Default: 224, or the trained model's own size")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--wells", default="A/1")
+    ap.add_argument("--model", help="A trained model instead of the seeded random ViT-S/16 (e.g. default)")
     ap.add_argument("--out", default="benchmarks/results/backends.json")
     args = ap.parse_args()
 
@@ -46,13 +47,17 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="scdino-bench-"))
     plate = write_sample_plate(tmp / "neocortex.zarr", "neocortex")
-    torch.manual_seed(0)
-    ckpt = tmp / "vits16.pth"
-    torch.save(build_model(arch_config("vit_small16")).state_dict(), ckpt)
     chans = ("CTIP2", "BRN2", "ROR")
     crop = 32
+    if args.model:
+        ckpt = args.model
+    else:
+        torch.manual_seed(0)
+        ckpt = tmp / "vits16.pth"
+        torch.save(build_model(arch_config("vit_small16")).state_dict(), ckpt)
     onnx_fp32 = tmp / "m.onnx"
-    export_onnx(str(ckpt), onnx_fp32, channels=chans, crop_size=crop, input_size=args.input_size)
+    meta = export_onnx(str(ckpt), onnx_fp32, channels=chans, crop_size=crop, input_size=args.input_size)
+    size = meta["input_size"]
     models = {"torch fp32": str(ckpt), "onnxruntime fp32": str(onnx_fp32)}
     for method in ("dynamic", "static"):
         q = tmp / f"m.{method}.onnx"
@@ -75,7 +80,7 @@ def main() -> None:
                     out=str(out),
                     model=model,
                     cells=cells,
-                    input_size=args.input_size,
+                    input_size=size,
                     batch_size=args.batch_size,
                     overwrite=True,
                     progress=False,
@@ -118,8 +123,7 @@ def main() -> None:
         )
     base = rows[0]["cells_per_s"]
     print(
-        f"\nViT-S/16 at {args.input_size} px, batch {args.batch_size}, {n} cells ({args.wells}), "
-        f"median of {args.repeats}\n"
+        f"\n{meta['arch']} at {size} px, batch {args.batch_size}, {n} cells ({args.wells}), median of {args.repeats}\n"
     )
     print("| backend | cells/s | vs torch | min cosine to torch | k-NN top-1 (dominant marker) |")
     print("|---|---|---|---|---|")
@@ -130,7 +134,8 @@ def main() -> None:
         )
     result = {
         "benchmark": "backends",
-        "input_size": args.input_size,
+        "model": args.model or "random vit_small16",
+        "input_size": size,
         "batch_size": args.batch_size,
         "wells": args.wells,
         "repeats": args.repeats,
