@@ -26,15 +26,23 @@ def cli(*args, check=False) -> subprocess.CompletedProcess:
 
 def test_help_works_without_torch():
     code = (
-        "import sys\nfrom scdino.engine.cli import main\n"
-        "for a in (['--help'], ['run', '--help'], ['sample-plate', '--help']):\n"
-        "    try:\n        main(a)\n    except SystemExit as e:\n        assert e.code == 0, e.code\n"
-        "heavy = [m for m in ('torch', 'dask', 'zarr', 'anndata', 'distributed') if m in sys.modules]\n"
+        "import sys\n"
+        "from scdino.engine.cli import main as engine\n"
+        "from scdino.export.cli import main as export\n"
+        "from scdino.training.cli import main as train\n"
+        "for cli, args in ((engine, ['--help']), (engine, ['run', '--help']), (engine, ['knn', '--help']),\n"
+        "                  (engine, ['evaluate', '--help']), (export, ['onnx', '--help']),\n"
+        "                  (export, ['tensorrt', '--help']), (train, ['--help'])):\n"
+        "    try:\n        cli(args)\n    except SystemExit as e:\n        assert e.code == 0, (args, e.code)\n"
+        "heavy = [m for m in ('torch', 'dask', 'zarr', 'anndata', 'distributed', 'onnx', 'onnxruntime', 'tensorrt',\n"
+        "                     'umap', 'cuml') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    assert "--crop-um" in p.stdout and "--scheduler" in p.stdout and "random:ARCH" in p.stdout
+    for flag in ("--crop-um", "--scheduler", "random:ARCH", "--label-key", "--channel-sets", "--precision", "--fp16",
+                 "--batch-size-per-device"):
+        assert flag in p.stdout, flag
 
 
 def test_every_subpackage_is_in_the_wheel():
