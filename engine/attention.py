@@ -72,7 +72,7 @@ def attention_command(
     per_class: int | None = None,
     label_key: str | None = None,
     channels: Sequence[str] | None = None,
-    input_size: int = 224,
+    input_size: int | None = None,
     checkpoint_key: str = "teacher",
     seed: int = 0,
 ) -> dict:
@@ -90,7 +90,7 @@ def attention_command(
     lm = load_model(model, len(names), input_size, checkpoint_key)
     with torch.inference_mode():
         _, att = lm.model.forward_with_attention(apply(torch.from_numpy(crops.astype(np.float32)), lm.prep))
-    g = input_size // lm.model.cfg.patch_size
+    g = lm.prep.input_size // lm.model.cfg.patch_size
     maps = att.reshape(len(crops), att.shape[1], g, g)
     maps = F.interpolate(maps, size=crops.shape[-2:], mode="nearest").numpy()
     os.makedirs(out, exist_ok=True)

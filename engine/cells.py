@@ -203,7 +203,7 @@ def read_crops(
     if n == 0:
         return out if out is not None else np.zeros((0, len(channels), crop, crop), np.uint16)
     y0s, x0s = rows["crop_y0"].to_numpy(), rows["crop_x0"].to_numpy()
-    for (well, fld), idx in rows.groupby(["well", "field"], sort=False).indices.items():
+    for (well, fld), idx in rows.groupby(["well", "field"], sort=False, observed=True).indices.items():
         ref = FieldRef(str(well), str(fld))
         ms = plate.image(ref)
         h, w = ms.array.shape[ms.axes.index("y")], ms.array.shape[ms.axes.index("x")]

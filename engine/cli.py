@@ -327,7 +327,7 @@ def umap_cmd(
 @click.option("--per-class", type=int, help="Random cells per class (seeded). Default: 4.")
 @click.option("--label-key", help="Class column for --per-class. Default: class, when present.")
 @click.option("--channels", help="Channels to show and feed the model. Default: those of the run.")
-@click.option("--input-size", type=int, default=224, show_default=True)
+@click.option("--input-size", type=int, help="Default: the size the model was trained at (224 for DINO's).")
 @click.option("--checkpoint-key", default="teacher", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def attention_cmd(source, model, out, cells, per_class, label_key, channels, input_size, checkpoint_key, seed) -> None:
@@ -351,7 +351,7 @@ def attention_cmd(source, model, out, cells, per_class, label_key, channels, inp
 @click.option("--k", type=int, default=20, show_default=True)
 @click.option("--temperature", type=float, default=0.07, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--input-size", type=int, default=224, show_default=True)
+@click.option("--input-size", type=int, help="Default: the size the model was trained at (224 for DINO's).")
 def evaluate_cmd(
     crops, models, channel_sets, out, label_key, run_dir, baseline_arch, k, temperature, seed, input_size
 ) -> None:

@@ -7,12 +7,13 @@ import json
 import logging
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from scdino.errors import InputError
+from scdino.errors import InputError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def evaluate(
     temperature: float = 0.07,
     train_fraction: float = 0.8,
     seed: int = 0,
-    input_size: int = 224,
+    input_size: int | None = None,
     batch_size: int = 64,
     run_dir: str | None = None,
     baseline_arch: str | None = None,
@@ -94,17 +95,19 @@ def evaluate(
 
         def embed(model: str, chans: tuple[str, ...], tag: str) -> np.ndarray:
             path = outdir / "embeddings" / f"{tag}.zarr"
-            run(
-                RunConfig(
-                    plate=crops,
-                    out=str(path),
-                    model=model,
-                    cells=CellOptions(channels=chans),
-                    input_size=input_size,
-                    batch_size=batch_size,
-                    progress=progress,
-                )
+            rc = RunConfig(
+                plate=crops,
+                out=str(path),
+                model=model,
+                cells=CellOptions(channels=chans),
+                input_size=input_size,
+                batch_size=batch_size,
+                progress=progress,
             )
+            try:  # a finished or interrupted grid cell of an earlier evaluate is reused or resumed
+                run(rc)
+            except OutputError:  # left by a grid with other settings: this report folder owns it
+                run(replace(rc, overwrite=True))
             return read_embeddings(str(path))[0]
 
         for i, chans in enumerate(sets):

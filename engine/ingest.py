@@ -150,6 +150,10 @@ class CropStore:
 
         if len(rows) == 0:
             return np.zeros((0, len(channels), self.crop_size, self.crop_size), self.meta["dtype"])
-        a, b = int(rows.min()), int(rows.max()) + 1
-        block = read_array(self.array, self.path, (slice(a, b), list(channels), slice(None), slice(None)))
-        return block[rows - a]
+        rows = np.asarray(rows)
+        if np.all(np.diff(rows) == 1):  # a contiguous block (the engine's case): one slice
+            idx = (slice(int(rows[0]), int(rows[-1]) + 1), list(channels), slice(None), slice(None))
+        else:  # scattered rows (attention's random cells): only their chunks
+            idx = (rows, list(channels), slice(None), slice(None))
+        block = read_array(self.array, self.path, idx)
+        return block.astype(block.dtype.newbyteorder("="), copy=False)

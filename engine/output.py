@@ -57,6 +57,10 @@ class EmbeddingStore:
         import anndata as ad
 
         if os.path.exists(path):
+            if not store_status(path) and os.listdir(path):
+                raise OutputError(
+                    f"{path}: exists and is not a scdino output store; refusing to delete it. Choose another --out"
+                )
             shutil.rmtree(path)
         obs = table.copy()
         for col in ("plate", "well", "field"):

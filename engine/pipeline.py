@@ -120,7 +120,9 @@ def dask_client(scheduler: str | None, workers: int, threads: int | None) -> Ite
         cluster.close()
 
 
-def _fingerprint(cfg: RunConfig, spec: BackendSpec, model_info: dict, plan: FieldPlan, n_fields: int) -> str:
+def _fingerprint(
+    cfg: RunConfig, spec: BackendSpec, model_info: dict, plan: FieldPlan, n_fields: int, source_id: dict
+) -> str:
     key = {
         "plate": os.path.abspath(cfg.plate),
         "n_fields": n_fields,
@@ -130,6 +132,8 @@ def _fingerprint(cfg: RunConfig, spec: BackendSpec, model_info: dict, plan: Fiel
         "model": model_info.get("checkpoint_sha256") or cfg.model,
         "spec": {k: v for k, v in spec.to_dict().items() if k not in ("batch_size", "threads", "device")},
         "exported": model_info.get("exported_sha256"),
+        "precision": model_info.get("precision"),
+        "source": source_id,
         "chunk": cfg.chunk_cells,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
@@ -187,7 +191,8 @@ def _model_info(spec: BackendSpec) -> dict:
         from scdino.models import load_model
 
         lm = load_model(spec.model, spec.n_channels, spec.input_size, spec.checkpoint_key, spec.adapt, spec.seed)
-        return {**lm.info, "preprocessing": lm.prep.to_dict()}
+        precision = "fp16-autocast" if spec.device == "cuda" else "fp32"
+        return {**lm.info, "preprocessing": lm.prep.to_dict(), "precision": precision}
     from scdino.export.sidecar import read_sidecar
 
     meta = read_sidecar(spec.model)
@@ -241,8 +246,19 @@ def run(cfg: RunConfig) -> RunResult:
         first = FieldPlan(
             None, tuple(chans), tuple(source.channels[c] for c in chans), tuple(chans[:1]), source.crop_size
         )
-        dtype = np.dtype(source.meta["dtype"])
+        dtype = np.dtype(source.meta["dtype"]).newbyteorder("=")
         fields: list = []
+        ignored = [
+            o
+            for o, v in (
+                ("--wells", cfg.cells.wells),
+                ("--labels", cfg.cells.labels),
+                ("--segment-channel", cfg.cells.segment_channel),
+            )
+            if v
+        ]
+        if ignored:
+            raise ConfigError(f"{cfg.plate}: a crop store holds cut cells; {', '.join(ignored)} do not apply to it")
     else:
         source = plate = Plate(cfg.plate)
         fields = plate.fields(cfg.cells.wells)
@@ -257,7 +273,13 @@ def run(cfg: RunConfig) -> RunResult:
                     f"{first.ref.path} ({first.channel_names}, {first.crop} px); pass --channels / --crop-size so "
                     "that every field gives the same input"
                 )
-        dtype = plate.image(first.ref).array.dtype
+        dtypes = {plate.image(p.ref).array.dtype.newbyteorder("=") for p in plans}
+        if len(dtypes) > 1:
+            raise InputError(
+                f"{plate.path}: fields of different pixel types ({', '.join(map(str, dtypes))}); "
+                "convert the plate to one dtype"
+            )
+        dtype = dtypes.pop()  # native byte order: big-endian stores are converted on read
     kind, device = resolve(cfg.backend, cfg.device, cfg.model)
     threads = cfg.threads or (max(1, (os.cpu_count() or 1) // cfg.workers) if not cfg.scheduler else None)
     spec = BackendSpec(
@@ -288,7 +310,8 @@ def run(cfg: RunConfig) -> RunResult:
             f"{name}: trained on channels {', '.join(model_channels)}, the run selects "
             f"{', '.join(first.channel_names)}; {hint}"
         )
-    fp = _fingerprint(cfg, spec, info, first, len(fields))
+    source_id = dict(source.meta) if isinstance(source, CropStore) else {"plate_name": source.name}
+    fp = _fingerprint(cfg, spec, info, first, len(fields), source_id)
 
     status = store_status(cfg.out)
     if status is not None and not cfg.overwrite:

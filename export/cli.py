@@ -135,11 +135,18 @@ def onnx_cmd(
     type=click.Path(exists=True, dir_okay=False),
     help="Crops (.npy / .npz) for calibration and the quality report. Default: shipped real crops.",
 )
-def quantize_cmd(model, out, method, calibration) -> None:
+@click.option(
+    "--min-cosine",
+    type=float,
+    default=0.99,
+    show_default=True,
+    help="Refuse the int8 copy when any check crop's cosine to fp32 is below this.",
+)
+def quantize_cmd(model, out, method, calibration, min_cosine) -> None:
     """int8 copy of an exported fp32 MODEL for CPU PCs, with cosine and k-NN change against fp32."""
     from scdino.export.quantize import quantize
 
-    q = quantize(model, out, method=method, calibration=_load_crops(calibration))["quantization"]
+    q = quantize(model, out, method=method, calibration=_load_crops(calibration), min_cosine=min_cosine)["quantization"]
     acc = q["knn_leave_one_out_top1"]
     click.echo(
         f"wrote {out} (int8 {method}): cosine to fp32 min {q['min_cosine_to_fp32']:.5f} median "

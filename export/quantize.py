@@ -18,7 +18,7 @@ import numpy as np
 
 from scdino.errors import ConfigError
 from scdino.export.sidecar import read_sidecar, write_sidecar
-from scdino.export.verify import compare, fit_crops, packaged_crops
+from scdino.export.verify import VerificationError, compare, fit_crops, packaged_crops
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,19 @@ class _Reader:
 
 
 def quantize(
-    model: str | os.PathLike, out: str | os.PathLike, method: str = "dynamic", calibration: np.ndarray | None = None
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    method: str = "dynamic",
+    calibration: np.ndarray | None = None,
+    target: str = "cpu",
+    min_cosine: float = 0.99,
 ) -> dict:
-    """Write an int8 copy of an exported fp32 model and its sidecar with the quality report."""
+    """Write an int8 copy of an exported fp32 model and its sidecar with the quality report.
+
+    ``target="tensorrt"`` (static only) writes symmetric signed int8 Q/DQ, the only form TensorRT accepts; ``"cpu"``
+    uses unsigned activations and range-reduced weights, accurate on AVX2 CPUs. A copy whose cosine to fp32 falls below
+    ``min_cosine`` on any check crop is not written.
+    """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -59,6 +69,8 @@ def quantize(
     meta = read_sidecar(model)
     if meta.get("precision") != "fp32":
         raise ConfigError(f"{model}: quantise an fp32 export, not {meta.get('precision')}")
+    if target not in ("cpu", "tensorrt") or (target == "tensorrt" and method != "static"):
+        raise ConfigError(f"target {target!r} with method {method!r}: expected cpu, or tensorrt with static")
     if method not in ("dynamic", "static"):
         raise ConfigError(f"--method {method!r}: expected dynamic or static")
     crops = fit_crops(
@@ -69,24 +81,34 @@ def quantize(
     with tempfile.TemporaryDirectory() as tmp:
         pre = os.path.join(tmp, "pre.onnx")
         quant_pre_process(str(model), pre, skip_symbolic_shape=True)
-        target = os.path.join(tmp, "int8.onnx")
+        dest = os.path.join(tmp, "int8.onnx")
         if method == "dynamic":
-            quantize_dynamic(pre, target, weight_type=QuantType.QUInt8, op_types_to_quantize=["MatMul", "Gemm"])
+            quantize_dynamic(pre, dest, weight_type=QuantType.QUInt8, op_types_to_quantize=["MatMul", "Gemm"])
         else:
+            trt_form = target == "tensorrt"
             quantize_static(
                 pre,
-                target,
+                dest,
                 _Reader(crops),
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
-                activation_type=QuantType.QUInt8,
+                activation_type=QuantType.QInt8 if trt_form else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
+                reduce_range=not trt_form,
                 op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True} if trt_form else {},
             )
-        shutil.move(target, out)
+        check = os.path.join(tmp, "check.onnx")
+        shutil.copy(dest, check)
+        ref, q = _embed(_session(str(model)), crops), _embed(_session(check), crops)
+        diff, cmin = compare(q, ref)
+        if cmin < min_cosine:
+            raise VerificationError(
+                f"{model}: int8 ({method}) embeddings reach only cosine {cmin:.4f} to fp32 (need {min_cosine}); "
+                "not written. Use --method dynamic, or keep the fp32 model"
+            )
+        shutil.move(dest, out)
     seconds = time.perf_counter() - t0
-    ref, q = _embed(_session(str(model)), crops), _embed(_session(str(out)), crops)
-    diff, cmin = compare(q, ref)
     cos = (q * ref).sum(1) / np.linalg.norm(q, axis=1) / np.linalg.norm(ref, axis=1)
     labels = dominant_channel_labels(crops) if meta["in_chans"] > 1 else np.zeros(len(crops), int)
     acc = {}
@@ -95,6 +117,7 @@ def quantize(
         acc[name] = float((pred == labels).mean())
     report = {
         "method": method,
+        "target": target,
         "weights": "uint8" if method == "dynamic" else "int8 per channel",
         "seconds": round(seconds, 2),
         "n_crops": int(len(crops)),

@@ -13,9 +13,10 @@ FORMAT = "scdino-model/1"
 
 
 def sidecar_path(model_path: str | os.PathLike) -> Path:
-    """``model.onnx`` -> ``model.json``; ``model.int8.onnx`` -> ``model.int8.json``; ``x.plan`` -> ``x.json``."""
+    """``model.onnx`` -> ``model.json``; ``model.int8.onnx`` -> ``model.int8.json``; ``model.plan`` ->
+    ``model.plan.json`` (so that a plan built from ``model.onnx`` never overwrites its sidecar)."""
     p = Path(model_path)
-    return p.with_suffix(".json")
+    return p.with_suffix(".json") if p.suffix.lower() == ".onnx" else p.with_name(p.name + ".json")
 
 
 def write_sidecar(model_path: str | os.PathLike, meta: dict[str, Any]) -> Path:

@@ -92,6 +92,11 @@ def build_engine(
             f"TensorRT {trt.__version__} takes precisions from the ONNX file: export with "
             f"'scdino-export onnx ... --precision fp16' and build from that file"
         )
+    if meta.get("attention_output"):
+        raise ConfigError(
+            f"{onnx_path}: exported with --attention; build plans from an export without it (the "
+            "engine's TensorRT backend reads the CLS output only; attention maps run on PyTorch)"
+        )
     if int8 and meta["precision"] != "fp32":
         raise ConfigError(f"{onnx_path}: int8 is built from an fp32 export, not {meta['precision']}")
     max_batch, opt_batch = int(max_batch), int(min(opt_batch, max_batch))
@@ -103,12 +108,11 @@ def build_engine(
             from scdino.export.quantize import quantize
 
             qdq = os.path.join(tmp, "qdq.onnx")
-            write_sidecar(qdq, meta)  # quantize reads the sidecar beside its input
             import shutil
 
             shutil.copy(src, os.path.join(tmp, "src.onnx"))
             write_sidecar(os.path.join(tmp, "src.onnx"), meta)
-            quantize(os.path.join(tmp, "src.onnx"), qdq, method="static", calibration=calibration)
+            quantize(os.path.join(tmp, "src.onnx"), qdq, method="static", calibration=calibration, target="tensorrt")
             src = qdq
         widened = os.path.join(tmp, "input.onnx")
         _widen_uint16_input(src, widened)
@@ -172,6 +176,9 @@ def _keep_sensitive_layers_fp32(trt, network) -> None:
         layer = network.get_layer(i)
         if layer.type == trt.LayerType.CONVOLUTION:
             before_conv = False
+        floats = (trt.float32, trt.float16)
+        if layer.num_inputs and layer.get_input(0) is not None and layer.get_input(0).dtype not in floats:
+            continue  # shape and integer layers keep their types
         if before_conv or layer.type in sensitive:
             layer.precision = trt.float32
             for j in range(layer.num_outputs):

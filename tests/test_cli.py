@@ -40,8 +40,16 @@ def test_help_works_without_torch():
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    for flag in ("--crop-um", "--scheduler", "random:ARCH", "--label-key", "--channel-sets", "--precision", "--fp16",
-                 "--batch-size-per-device"):
+    for flag in (
+        "--crop-um",
+        "--scheduler",
+        "random:ARCH",
+        "--label-key",
+        "--channel-sets",
+        "--precision",
+        "--fp16",
+        "--batch-size-per-device",
+    ):
         assert flag in p.stdout, flag
 
 

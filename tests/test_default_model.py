@@ -22,8 +22,14 @@ def test_default_model_is_shipped_small_and_complete():
 
 def test_run_without_model_uses_it(neocortex_plate, tmp_path):
     seg = SegmentParams(sigma=1.0, min_distance=4, min_area=15)
-    res = run(RunConfig(plate=neocortex_plate, out=str(tmp_path / "c.zarr"), progress=False,
-                        cells=CellOptions(segment_channel="CTIP2,BRN2,ROR", crop_size=32, wells=("A/1",), segment=seg)))
+    res = run(
+        RunConfig(
+            plate=neocortex_plate,
+            out=str(tmp_path / "c.zarr"),
+            progress=False,
+            cells=CellOptions(segment_channel="CTIP2,BRN2,ROR", crop_size=32, wells=("A/1",), segment=seg),
+        )
+    )
     a = ad.read_zarr(tmp_path / "c.zarr")
     assert not res.untrained and a.uns["scdino"]["model"]["model"] == "default"
     assert a.n_obs == res.n_cells > 100 and np.isfinite(a.obsm["X_scdino"]).all()
@@ -31,5 +37,11 @@ def test_run_without_model_uses_it(neocortex_plate, tmp_path):
 
 def test_default_model_on_other_channels_says_what_to_do(tiny_plate, tmp_path):
     with pytest.raises(ConfigError, match="the default model: trained on channels CTIP2, BRN2, ROR.*pass --model"):
-        run(RunConfig(plate=tiny_plate, out=str(tmp_path / "x.zarr"), progress=False,
-                      cells=CellOptions(labels="nuclei", channels=("DAPI", "GFP", "DAPI"), crop_size=16)))
+        run(
+            RunConfig(
+                plate=tiny_plate,
+                out=str(tmp_path / "x.zarr"),
+                progress=False,
+                cells=CellOptions(labels="nuclei", channels=("DAPI", "GFP", "DAPI"), crop_size=16),
+            )
+        )

@@ -216,3 +216,24 @@ def test_killed_process_resumes_to_the_same_embeddings(scratch_plate, tmp_path):
     a, b = ad.read_zarr(out), ad.read_zarr(ref)
     assert a.uns["scdino"]["timing"]["resumed"] and list(a.obs_names) == list(b.obs_names)
     np.testing.assert_allclose(a.obsm["X_scdino"], b.obsm["X_scdino"], rtol=1e-5, atol=1e-6)
+
+
+def test_big_endian_plate_gives_the_same_embeddings(tmp_path, client):
+    from conftest import blob_field
+    from scdino.engine.sample import FieldImage, write_plate
+
+    rng = np.random.default_rng(0)
+    f = blob_field(rng, [(20, 20), (50, 64), (70, 100)])
+    little = write_plate(tmp_path / "le.zarr", {"A/1": [f]}, ["DAPI", "GFP"], ngff="0.4")
+    big = write_plate(
+        tmp_path / "be.zarr", {"A/1": [FieldImage(f.image.astype(">u2"), f.labels)]}, ["DAPI", "GFP"], ngff="0.4"
+    )
+    import zarr as _z
+
+    assert _z.open_array(str(tmp_path / "be.zarr" / "A" / "1" / "0" / "0"), mode="r").dtype.byteorder == ">"
+    a = run(cfg(little, tmp_path / "a.zarr"))
+    b = run(cfg(big, tmp_path / "b.zarr"))
+    assert a.n_cells == b.n_cells == 3
+    np.testing.assert_array_equal(
+        ad.read_zarr(tmp_path / "a.zarr").obsm["X_scdino"], ad.read_zarr(tmp_path / "b.zarr").obsm["X_scdino"]
+    )

@@ -192,3 +192,19 @@ def test_engine_with_onnx_equals_checkpoint(tmp_path, scratch_plate):
     cos = (ex * ey).sum(1) / np.linalg.norm(ex, axis=1) / np.linalg.norm(ey, axis=1)
     assert cos.min() >= 0.999
     assert y.uns["scdino"]["model"]["checkpoint_sha256"] == x.uns["scdino"]["checkpoint_sha256"]
+
+
+def test_plan_and_onnx_sidecars_do_not_collide():
+    from scdino.export.sidecar import sidecar_path
+
+    assert sidecar_path("x/model.onnx").name == "model.json"
+    assert sidecar_path("x/model.int8.onnx").name == "model.int8.json"
+    assert sidecar_path("x/model.plan").name == "model.plan.json"
+
+
+def test_int8_below_the_cosine_floor_is_not_written(tmp_path):
+    src = tmp_path / "m.onnx"
+    export_onnx("random:vit_test16", src, n_channels=2, crop_size=32, input_size=64)
+    with pytest.raises(VerificationError, match="int8 \\(dynamic\\) embeddings reach only cosine.*not written"):
+        quantize(src, tmp_path / "q.onnx", min_cosine=1.01)
+    assert not (tmp_path / "q.onnx").exists() and not (tmp_path / "q.json").exists()

@@ -26,7 +26,7 @@ class TrainConfig:
     min_distance: int = 7
     min_area: int = 30
     max_area: int = 0
-    val_data: str | None = None  # labelled crop store or run output for k-NN monitoring
+    val_data: str | None = None  # labelled crop store (scdino-engine ingest) for k-NN monitoring
     val_label_key: str = "class"
     # model
     arch: str = "vit_small"

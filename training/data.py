@@ -1,7 +1,7 @@
 """Training crops: from a crop store (``scdino-engine ingest``) or cut from a plate like ``scdino-engine run`` does.
 
-Crops are held in memory in their raw dtype (100,000 five-channel 50 px uint16 crops are 2.5 GB) and shuffled
-per epoch by a seeded permutation shared by all DDP ranks.
+Crops are held in memory as int32 (100,000 five-channel 50 px crops are 5 GB) and shuffled per epoch by a seeded
+permutation shared by all DDP ranks.
 """
 
 from __future__ import annotations

@@ -85,9 +85,9 @@ def _ort_has_cuda() -> bool:
 def resolve(kind: str, device: str, model: str = "") -> tuple[str, str]:
     """Turn ``auto`` into a concrete (backend, device) for MODEL and log the choice.
 
-    The order of preference is tensorrt, onnxruntime with CUDA, torch with CUDA, onnxruntime on the CPU, torch on
-    the CPU, among the backends that can run MODEL's format: a ``.plan`` runs on TensorRT only, an ``.onnx`` on
-    ONNX Runtime, a checkpoint on PyTorch (exporting is an explicit, verified step: ``scdino-export``).
+    The backend follows MODEL's format: a ``.plan`` runs on TensorRT, an ``.onnx`` on ONNX Runtime (CUDA when
+    onnxruntime-gpu and a GPU are there, else CPU), a checkpoint on PyTorch (CUDA when there is a GPU). Exporting to
+    a faster format is an explicit, verified step (``scdino-export``), never done behind the user's back.
     """
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"unknown device {device!r}; expected auto, cpu or cuda")
@@ -144,6 +144,9 @@ def get_backend(spec: BackendSpec) -> Backend:
     with _LOCK:
         b = _CACHE.get(spec)
         if b is None:
+            while len(_CACHE) >= 2:  # e.g. evaluate's model x channel-set grid: keep memory bounded
+                old = next(iter(_CACHE))
+                _CACHE.pop(old).close()
             log.info("opening %s backend in process %d", spec.kind, os.getpid())
             b = _CACHE[spec] = open_backend(spec)
         return b

@@ -58,8 +58,8 @@ def providers_for(device: str) -> list[str]:
                 f"--device cuda with ONNX Runtime needs onnxruntime-gpu; this installation offers {', '.join(avail)}. "
                 "Run: pip uninstall -y onnxruntime && pip install 'scdino[gpu]'"
             )
-        chosen = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in avail]
-        return chosen + ["CPUExecutionProvider"]
+        # not the TensorRT provider: without an engine cache it rebuilds per batch shape; use scdino-export tensorrt
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 

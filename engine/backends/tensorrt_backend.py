@@ -36,8 +36,9 @@ class TensorRTBackend:
                 f"{spec.n_channels}; pass --channels"
             )
         self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)  # must outlive the engine
         with open(spec.model, "rb") as f:
-            self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(f.read())
+            self.engine = self.runtime.deserialize_cuda_engine(f.read())
         if self.engine is None:
             raise ConfigError(f"{spec.model}: TensorRT cannot load this plan; rebuild it on this machine")
         self.max_batch = int(self.meta["tensorrt"]["max_batch"])
@@ -101,6 +102,12 @@ class TensorRTBackend:
                 f"{self.spec.model}: built for {self.meta['crop_size']} px crops, got "
                 f"{crops.shape[-1]}; rebuild the plan or use --crop-size {self.meta['crop_size']}"
             )
+        exported = np.dtype(self.meta["dtype"])
+        if crops.dtype != exported and not np.can_cast(crops.dtype, exported, "safe"):
+            raise ConfigError(
+                f"{self.spec.model}: built for {exported} crops, the plate gives {crops.dtype}; export "
+                f"again with --dtype {crops.dtype} and rebuild the plan"
+            )
         x = crops.astype(self.np_dtype, copy=False)
         out = np.empty((len(x), self.embed_dim), np.float32)
         for k, i in enumerate(range(0, len(x), self.batch)):
@@ -114,3 +121,4 @@ class TensorRTBackend:
     def close(self) -> None:
         self.slots.clear()
         del self.engine
+        del self.runtime

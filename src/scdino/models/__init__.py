@@ -142,7 +142,8 @@ def load_model(
             info["channels"] = list(names)
         if ckpt.meta.get("crop_size"):
             info["crop_size"] = int(ckpt.meta["crop_size"])
-        is_rgb = cfg.in_chans == 3 and names is None
+        # 3 inputs and nothing saying they are microscopy channels (names, or training statistics): an RGB model
+        is_rgb = cfg.in_chans == 3 and names is None and ckpt.meta.get("mean") is None
         if cfg.in_chans != n_channels:
             if not is_rgb:
                 expect = f" ({', '.join(names)})" if names else ""
