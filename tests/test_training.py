@@ -74,7 +74,7 @@ def test_config_defaults_are_the_recipe_and_overrides_are_typed(tmp_path):
         0.1,
     )
     f = tmp_path / "c.yaml"
-    f.write_text("epochs: 7\nlocal_scale: [0.1, 0.3]\n")
+    f.write_text("epochs: 7\nwarmup_epochs: 2\nlocal_scale: [0.1, 0.3]\n")
     c2 = build_config(str(f), ["lr=0.001", "norm_last_layer=false", "channels=A,B"], data="d", out="o")
     assert c2.epochs == 7 and c2.local_scale == (0.1, 0.3) and c2.lr == 0.001 and c2.norm_last_layer is False
     assert c2.channels == ["A", "B"]
@@ -82,6 +82,8 @@ def test_config_defaults_are_the_recipe_and_overrides_are_typed(tmp_path):
         build_config(None, ["lrr=1"], data="d", out="o")
     with pytest.raises(ConfigError, match="multiples of the patch"):
         build_config(None, ["global_size=30"], data="d", out="o")
+    with pytest.raises(ConfigError, match="warmup_epochs \\(10\\).*cannot exceed epochs \\(5\\)"):
+        build_config(None, ["epochs=5"], data="d", out="o")
 
 
 def _aug(cfg_over=None):
