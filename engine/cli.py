@@ -95,7 +95,12 @@ def _split(value: str | None) -> tuple[str, ...] | None:
     help="Cells per Dask block (the unit of work, of progress and of resuming).",
 )
 @click.option("--workers", type=int, default=1, show_default=True, help="Worker processes of the local Dask cluster.")
-@click.option("--threads", type=int, help="Torch threads per worker. Default: cores / workers.")
+@click.option(
+    "--threads",
+    type=int,
+    help="Torch threads per worker. Default: cores / workers on the local cluster; with --scheduler pass it "
+    "(dask worker processes otherwise give torch one thread).",
+)
 @click.option("--scheduler", help="Address of a running Dask scheduler (tcp://host:8786) instead of a local cluster.")
 @click.option("--sigma", type=float, default=2.0, show_default=True, help="Segmentation: gaussian smoothing (px).")
 @click.option("--threshold", default="otsu", show_default=True, help="Segmentation: otsu, li or a number.")
