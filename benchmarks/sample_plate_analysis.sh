@@ -14,14 +14,14 @@ import pandas as pd
 import anndata as ad
 
 from scdino.engine.cells import read_crops
-from scdino.engine.knn import _write_obs_column
+from scdino.engine.knn import write_obs_column
 from scdino.knn import dominant_channel_labels
 from scdino.plate import Plate
 
 a = ad.read_zarr("cells.zarr")
 crops = read_crops(Plate("neocortex.zarr"), a.obs.reset_index(drop=True), [0, 1, 2], 32)
 marker = np.array(["CTIP2", "BRN2", "ROR"])[dominant_channel_labels(crops)]
-_write_obs_column("cells.zarr", "marker", pd.Categorical(marker))
+write_obs_column("cells.zarr", "marker", pd.Categorical(marker))
 print("marker counts:", pd.Series(marker).value_counts().to_dict())
 PY
 scdino-engine knn cells.zarr --label-key marker

@@ -120,7 +120,7 @@ def knn_command(
             device=device,
         )
         names = np.array(classes, dtype=object)[pred]
-        _write_obs_column(cells, f"knn_{label_key}", pd.Categorical(names, categories=classes))
+        write_obs_column(cells, f"knn_{label_key}", pd.Categorical(names, categories=classes))
         counts = pd.Series(names).value_counts().to_dict()
         result = {
             "mode": "classify",
@@ -153,7 +153,7 @@ def knn_command(
     return result
 
 
-def _write_obs_column(path: str, name: str, values) -> None:
+def write_obs_column(path: str, name: str, values) -> None:
     import zarr
     from anndata.io import read_elem, write_elem
 
