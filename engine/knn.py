@@ -154,6 +154,7 @@ def knn_command(
 
 
 def write_obs_column(path: str, name: str, values) -> None:
+    """Add or replace the obs column ``name`` of the embeddings store at ``path`` (one value per cell, in order)."""
     import zarr
     from anndata.io import read_elem, write_elem
 
