@@ -59,22 +59,9 @@ class MultiCropWrapper(nn.Module):
         feats, start = [], 0
         for end in ends:
             x = torch.cat(crops[start:end])
-            feats.append(self.backbone(x) if self.backbone.cfg.img_size == x.shape[-1] else self.backbone_at(x))
+            feats.append(self.backbone(x, interpolate=True))  # local crops: position embedding resized
             start = end
         return self.head(torch.cat(feats))
-
-    def backbone_at(self, x: torch.Tensor) -> torch.Tensor:
-        """Backbone on crops of another size (local crops): position embedding interpolated for this size."""
-        from scdino.models.vit import resize_pos_embed
-
-        b = self.backbone
-        grid = x.shape[-1] // b.cfg.patch_size
-        pos = resize_pos_embed(b.pos_embed, grid)
-        t = b.patch_embed(x)
-        t = torch.cat((b.cls_token.expand(t.shape[0], -1, -1), t), 1) + pos
-        for blk in b.blocks:
-            t = blk(t)
-        return b.norm(t)[:, 0]
 
 
 class DINOLoss(nn.Module):

@@ -175,24 +175,29 @@ class VisionTransformer(nn.Module):
     def embed_dim(self) -> int:
         return self.cfg.embed_dim
 
-    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
+    def prepare_tokens(self, x: torch.Tensor, interpolate: bool = False) -> torch.Tensor:
+        """Patch tokens + CLS + position embedding. Inputs must have the built size unless ``interpolate`` (training's
+        local crops), which resizes the position embedding for this call, as DINO does in every forward pass."""
+        pos = self.pos_embed
         if x.shape[-1] != self.cfg.img_size or x.shape[-2] != self.cfg.img_size:
-            raise ValueError(
-                f"model built for {self.cfg.img_size}x{self.cfg.img_size} inputs, got {tuple(x.shape[-2:])}; "
-                "resize in preprocessing or rebuild the model for this input size"
-            )
+            if not interpolate or x.shape[-1] != x.shape[-2]:
+                raise ValueError(
+                    f"model built for {self.cfg.img_size}x{self.cfg.img_size} inputs, got {tuple(x.shape[-2:])}; "
+                    "resize in preprocessing or rebuild the model for this input size"
+                )
+            pos = resize_pos_embed(self.pos_embed, x.shape[-1] // self.cfg.patch_size)
         x = self.patch_embed(x)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
-        return torch.cat((cls, x), dim=1) + self.pos_embed
+        return torch.cat((cls, x), dim=1) + pos
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.prepare_tokens(x)
+    def forward_tokens(self, x: torch.Tensor, interpolate: bool = False) -> torch.Tensor:
+        x = self.prepare_tokens(x, interpolate)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_tokens(x)[:, 0]
+    def forward(self, x: torch.Tensor, interpolate: bool = False) -> torch.Tensor:
+        return self.forward_tokens(x, interpolate)[:, 0]
 
     def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CLS token and the last block's CLS-to-patch attention (batch, heads, patches), in one pass."""
