@@ -100,6 +100,7 @@ def _aug(cfg_over=None):
         flip_p=0.5,
         brightness=(0.5, 1.25),
         brightness_p=0.8,
+        brightness_per_channel=True,
         blur_sigma=(0.1, 2.0),
     )
     for k, v in (cfg_over or {}).items():
@@ -136,6 +137,11 @@ def test_augmentation_treats_channels_independently():
     same = x[:, :1].repeat(1, 3, 1, 1)
     out = _aug({"blur_p": (0.0, 0.0, 0.0), "solarize_p": 0.0, "brightness_p": 1.0})(same, make_generator(0, 0, 0))
     assert not torch.allclose(out[0][:, 0], out[0][:, 1])
+    # one factor per view for all channels: identical channels stay identical, and the factors still vary per view
+    over = {"blur_p": (0.0, 0.0, 0.0), "solarize_p": 0.0, "brightness_p": 1.0, "brightness_per_channel": False}
+    shared = _aug(over)(same, make_generator(0, 0, 0))
+    assert all(torch.equal(v[:, 0], v[:, 1]) and torch.equal(v[:, 0], v[:, 2]) for v in shared)
+    assert not torch.allclose(shared[0], _aug({**over, "brightness_p": 0.0})(same, make_generator(0, 0, 0))[0])
 
 
 def test_gaussian_blur_matches_direct_convolution():

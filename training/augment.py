@@ -2,7 +2,8 @@
 
 Each channel is a grey image: no colour jitter. For every crop of every view: random resized crop (area scale range,
 aspect ratio 3/4..4/3) resampled bilinearly to the view size, horizontal and vertical flips, brightness scaled per
-channel, gaussian blur, solarisation (global view 2), then per-channel mean/std normalisation.
+channel (or by one factor per view, ``brightness_per_channel=False``), gaussian blur, solarisation (global view 2),
+then per-channel mean/std normalisation.
 
 Randomness comes from a generator seeded by (seed, epoch, iteration) and is drawn for the *global* batch, of which
 each DDP rank takes its slice: one process with batch 2B and two with batch B see identical views, and a resumed run
@@ -115,6 +116,8 @@ class MultiCrop:
             fx = torch.rand(n_total, generator=g, device=dev) < cfg.flip_p
             fy = torch.rand(n_total, generator=g, device=dev) < cfg.flip_p
             bright = _uniform(g, n_total * x.shape[1], cfg.brightness[0], cfg.brightness[1], dev).view(n_total, -1)
+            if not cfg.brightness_per_channel:  # the same draws, the first channel's factor for every channel
+                bright = bright[:, :1].expand_as(bright)
             do_bright = torch.rand(n_total, generator=g, device=dev) < cfg.brightness_p
             sigma = _uniform(g, n_total, cfg.blur_sigma[0], cfg.blur_sigma[1], dev)
             do_blur = torch.rand(n_total, generator=g, device=dev) < v.blur_p

@@ -46,6 +46,7 @@ class TrainConfig:
     flip_p: float = 0.5
     brightness: tuple[float, float] = (0.5, 1.25)
     brightness_p: float = 0.8
+    brightness_per_channel: bool = True  # False: one factor per view for all channels (keeps channel ratios)
     blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)  # global 1, global 2, locals
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = 0.2  # global 2
