@@ -98,6 +98,7 @@ def _aug(cfg_over=None):
         blur_p=(1.0, 0.1, 0.5),
         solarize_p=0.2,
         flip_p=0.5,
+        centre_views=False,
         brightness=(0.5, 1.25),
         brightness_p=0.8,
         brightness_per_channel=True,
@@ -142,6 +143,21 @@ def test_augmentation_treats_channels_independently():
     shared = _aug(over)(same, make_generator(0, 0, 0))
     assert all(torch.equal(v[:, 0], v[:, 1]) and torch.equal(v[:, 0], v[:, 2]) for v in shared)
     assert not torch.allclose(shared[0], _aug({**over, "brightness_p": 0.0})(same, make_generator(0, 0, 0))[0])
+
+
+def test_centred_views_keep_the_cell_centre():
+    from scdino.training.augment import crop_params
+
+    for scale in ((0.05, 0.4), (0.4, 1.0)):
+        free = crop_params(make_generator(0, 0, 0), 4000, scale, "cpu")
+        w, h, cx, cy = crop_params(make_generator(0, 0, 0), 4000, scale, "cpu", centred=True).unbind(1)
+        assert torch.equal(free[:, :2], torch.stack([w, h], 1))  # same sizes, only the positions are constrained
+        assert bool((cx.abs() <= w / 2 + 1e-6).all() and (cy.abs() <= h / 2 + 1e-6).all())
+        assert bool((cx.abs() + w <= 1 + 1e-6).all() and (cy.abs() + h <= 1 + 1e-6).all())  # inside the image
+        assert float((cx.abs() / torch.minimum(1 - w, w / 2).clamp(min=1e-6)).max()) > 0.9  # and still spread
+        fw, fcx = free[:, 0], free[:, 2]
+        if scale[1] < 0.5:  # free local views often miss the centre; centred ones never do
+            assert bool((fcx.abs() > fw).any())
 
 
 def test_gaussian_blur_matches_direct_convolution():

@@ -1,7 +1,8 @@
 """Multi-crop augmentation for microscopy (SPEC section 5), batched on the device.
 
 Each channel is a grey image: no colour jitter. For every crop of every view: random resized crop (area scale range,
-aspect ratio 3/4..4/3) resampled bilinearly to the view size, horizontal and vertical flips, brightness scaled per
+aspect ratio 3/4..4/3; with ``centre_views`` every view keeps the crop's centre, the cell, in its middle half)
+resampled bilinearly to the view size, horizontal and vertical flips, brightness scaled per
 channel (or by one factor per view, ``brightness_per_channel=False``), gaussian blur, solarisation (global view 2),
 then per-channel mean/std normalisation.
 
@@ -47,15 +48,19 @@ def _uniform(g: torch.Generator, n: int, lo: float, hi: float, device) -> torch.
     return torch.rand(n, generator=g, device=device) * (hi - lo) + lo
 
 
-def crop_params(g: torch.Generator, n: int, scale: tuple[float, float], device) -> torch.Tensor:
-    """(n, 2, 3) affine grids of random resized crops (as fractions of the image) with random flips."""
+def crop_params(
+    g: torch.Generator, n: int, scale: tuple[float, float], device, centred: bool = False
+) -> torch.Tensor:
+    """(n, 4) random resized crop boxes (half-width, half-height, centre x, centre y, in grid units: the image spans
+    -1..1). ``centred``: each box keeps the image centre (the cell of a cell-centred crop) in its middle half."""
     area = _uniform(g, n, scale[0], scale[1], device)
     logr = _uniform(g, n, math.log(3 / 4), math.log(4 / 3), device)
     ratio = logr.exp()
     w = (area * ratio).sqrt().clamp(max=1.0)
     h = (area / ratio).sqrt().clamp(max=1.0)
-    cx = (torch.rand(n, generator=g, device=device) * 2 - 1) * (1 - w)
-    cy = (torch.rand(n, generator=g, device=device) * 2 - 1) * (1 - h)
+    sx, sy = (1 - w, 1 - h) if not centred else (torch.minimum(1 - w, w / 2), torch.minimum(1 - h, h / 2))
+    cx = (torch.rand(n, generator=g, device=device) * 2 - 1) * sx
+    cy = (torch.rand(n, generator=g, device=device) * 2 - 1) * sy
     return torch.stack([w, h, cx, cy], 1)
 
 
@@ -112,7 +117,7 @@ class MultiCrop:
         sl = slice(offset, offset + len(x))
         out = []
         for v in self.views:
-            box = crop_params(g, n_total, v.scale, dev)
+            box = crop_params(g, n_total, v.scale, dev, cfg.centre_views)
             fx = torch.rand(n_total, generator=g, device=dev) < cfg.flip_p
             fy = torch.rand(n_total, generator=g, device=dev) < cfg.flip_p
             bright = _uniform(g, n_total * x.shape[1], cfg.brightness[0], cfg.brightness[1], dev).view(n_total, -1)

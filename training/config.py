@@ -43,6 +43,7 @@ class TrainConfig:
     local_crops: int = 8
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
+    centre_views: bool = False  # every view keeps the crop centre (the cell) in its middle half
     flip_p: float = 0.5
     brightness: tuple[float, float] = (0.5, 1.25)
     brightness_p: float = 0.8
