@@ -38,8 +38,7 @@ def main() -> None:
 
     from scdino.engine.cells import CellOptions
     from scdino.engine.pipeline import RunConfig, run, versions
-    from scdino.engine.sample import write_sample_plate
-    from scdino.engine.segment import SegmentParams
+    from scdino.engine.sample import neocortex_segment_params, write_sample_plate
     from scdino.export.onnx_export import export_onnx
     from scdino.export.quantize import quantize
     from scdino.knn import dominant_channel_labels, knn_predict
@@ -67,7 +66,7 @@ def main() -> None:
         segment_channel=",".join(chans),
         crop_size=crop,
         wells=tuple(args.wells.split(",")),
-        segment=SegmentParams(sigma=1.0, min_distance=4, min_area=15),
+        segment=neocortex_segment_params(),
     )
     times: dict[str, list[float]] = {k: [] for k in models}
     emb: dict[str, np.ndarray] = {}

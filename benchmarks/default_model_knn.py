@@ -36,8 +36,7 @@ def main() -> None:
     from scdino.engine.evaluate import raw_pixel_features
     from scdino.engine.knn import evaluate_knn
     from scdino.engine.pipeline import RunConfig, run
-    from scdino.engine.sample import write_sample_plate
-    from scdino.engine.segment import SegmentParams
+    from scdino.engine.sample import neocortex_segment_params, write_sample_plate
     from scdino.knn import dominant_channel_labels
     from scdino.models import load_model
     from scdino.plate import Plate
@@ -51,7 +50,7 @@ def main() -> None:
         segment_channel="CTIP2,BRN2,ROR",
         crop_size=crop,
         wells=tuple(args.wells.split(",")),
-        segment=SegmentParams(sigma=1.0, min_distance=4, min_area=15),
+        segment=neocortex_segment_params(),
     )
     feats = {}
     for name, model in ((f"trained ({args.model})", args.model), (f"untrained {arch}", f"random:{arch}")):

@@ -26,8 +26,7 @@ def main() -> None:
     import tifffile
 
     from scdino.engine.ingest import ingest
-    from scdino.engine.sample import write_sample_plate
-    from scdino.engine.segment import SegmentParams
+    from scdino.engine.sample import neocortex_segment_params, write_sample_plate
     from scdino.knn import dominant_channel_labels
     from scdino.training.data import load_crops
 
@@ -37,7 +36,7 @@ def main() -> None:
         plate,
         segment_channel="CTIP2,BRN2,ROR",
         crop_size=args.crop_size,
-        segment=SegmentParams(sigma=1.0, min_distance=4, min_area=15),
+        segment=neocortex_segment_params(),
         wells=tuple(args.wells.split(",")),
     )
     crops = crops.numpy().astype(np.uint16)
@@ -46,7 +45,8 @@ def main() -> None:
         (tmp / "cells" / lab).mkdir(parents=True, exist_ok=True)
         tifffile.imwrite(tmp / "cells" / lab / f"{i:05d}.tif", c)
     meta = ingest(tmp / "cells", args.out, channels=names, channels_last=False, overwrite=True, progress=False)
-    print(f"{meta['n']} crops of {args.wells} -> {args.out}; classes {({str(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))})}")
+    counts = {str(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))}
+    print(f"{meta['n']} crops of {args.wells} -> {args.out}; classes {counts}")
 
 
 if __name__ == "__main__":

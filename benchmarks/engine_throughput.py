@@ -32,13 +32,12 @@ def main() -> None:
 
     from scdino.engine.cells import CellOptions
     from scdino.engine.pipeline import RunConfig, run, versions
-    from scdino.engine.sample import write_sample_plate
-    from scdino.engine.segment import SegmentParams
+    from scdino.engine.sample import neocortex_segment_params, write_sample_plate
 
     tmp = Path(tempfile.mkdtemp(prefix="scdino-bench-"))
     plate = write_sample_plate(tmp / "neocortex.zarr", "neocortex")
     cells = CellOptions(
-        segment_channel="CTIP2,BRN2,ROR", crop_size=32, segment=SegmentParams(sigma=1.0, min_distance=4, min_area=15)
+        segment_channel="CTIP2,BRN2,ROR", crop_size=32, segment=neocortex_segment_params()
     )
     rows = []
     for setting in args.settings:

@@ -133,6 +133,14 @@ def write_sample_plate(
     return write_plate(path, wells, names, px, ngff=ngff, name=f"scdino-sample-{dataset}", overwrite=overwrite)
 
 
+def neocortex_segment_params():
+    """Nucleus segmentation that fits the neocortex sample's small, dense nuclei; on the command line
+    ``--sigma 1 --min-distance 4 --min-area 15``."""
+    from scdino.engine.segment import SegmentParams
+
+    return SegmentParams(sigma=1.0, min_distance=4, min_area=15)
+
+
 def verification_crops(n: int = 48, crop: int = 48) -> np.ndarray:
     """Real uint16 crops (n, 3, crop, crop) of neocortex nuclei, evenly spread over the image, for export checks.
 
@@ -140,10 +148,10 @@ def verification_crops(n: int = 48, crop: int = 48) -> np.ndarray:
     so that exporting needs no sample package.
     """
     from scdino.engine.cells import segmentation_image
-    from scdino.engine.segment import SegmentParams, segment_nuclei
+    from scdino.engine.segment import segment_nuclei
 
     img = _ndev("neocortex-3Ch.tiff")
-    lab = segment_nuclei(segmentation_image(img), SegmentParams(sigma=1.0, min_distance=4, min_area=15))
+    lab = segment_nuclei(segmentation_image(img), neocortex_segment_params())
     from skimage.measure import regionprops
 
     props = regionprops(lab)

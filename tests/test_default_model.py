@@ -6,7 +6,7 @@ import pytest
 
 from scdino.engine.cells import CellOptions
 from scdino.engine.pipeline import RunConfig, run
-from scdino.engine.segment import SegmentParams
+from scdino.engine.sample import neocortex_segment_params
 from scdino.errors import ConfigError
 from scdino.models import default_model_path, load_model
 
@@ -21,7 +21,7 @@ def test_default_model_is_shipped_small_and_complete():
 
 
 def test_run_without_model_uses_it(neocortex_plate, tmp_path):
-    seg = SegmentParams(sigma=1.0, min_distance=4, min_area=15)
+    seg = neocortex_segment_params()
     res = run(
         RunConfig(
             plate=neocortex_plate,
