@@ -2,7 +2,8 @@
 
 The default model was trained on well A/2 of the neocortex sample plate (README, "The default model"). Here the cells
 of well A/1 are embedded by (a) the default model, (b) the same architecture untrained, and (c) raw pixels (min-max
-scaled per channel, flattened). The label is the dominant nuclear marker of each nucleus (CTIP2, BRN2 or ROR: the
+scaled per channel, flattened; for a model trained with a fixed per-channel intensity range, also raw pixels scaled by
+that range). The label is the dominant nuclear marker of each nucleus (CTIP2, BRN2 or ROR: the
 channel brightest at the crop centre relative to its spread over all crops), derived from the pixels and never used in
 training. k-NN as in the paper (k=20, T=0.07, 80/20 stratified split), over 20 split seeds: mean and sd, and the paired
 difference to each baseline on the same splits.
@@ -61,6 +62,18 @@ def main() -> None:
         table = a.obs.reset_index(drop=True)
     crops = read_crops(Plate(plate), table, [0, 1, 2], crop)
     feats["raw pixels"] = raw_pixel_features(crops)
+    if lm.prep.scale_lo is not None:  # the model keeps absolute levels: so must the pixel baseline it is held to
+        feats["raw pixels, the model's fixed intensity range"] = raw_pixel_features(
+            crops, lm.prep.scale_lo, lm.prep.scale_hi
+        )
+        import torch
+
+        from scdino.preprocess import apply
+
+        untrained = load_model(f"random:{arch}", 3, size).model
+        with torch.inference_mode():
+            x = apply(torch.from_numpy(crops.astype(np.float32)), lm.prep)
+            feats[f"untrained {arch}, the model's preprocessing"] = untrained(x).numpy()
     labels = np.array(["CTIP2", "BRN2", "ROR"])[dominant_channel_labels(crops)]
     rows = []
     for name, x in feats.items():

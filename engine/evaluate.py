@@ -18,13 +18,13 @@ from scdino.errors import InputError, OutputError
 log = logging.getLogger(__name__)
 
 
-def raw_pixel_features(crops: np.ndarray) -> np.ndarray:
-    """Baseline: each crop min-max scaled per channel, flattened."""
+def raw_pixel_features(crops: np.ndarray, scale_lo=None, scale_hi=None) -> np.ndarray:
+    """Baseline: each crop min-max scaled per channel (or by a fixed per-channel range), flattened."""
     import torch
 
-    from scdino.preprocess import minmax_scale
+    from scdino.preprocess import scale_intensity
 
-    return minmax_scale(torch.from_numpy(crops.astype(np.float32))).flatten(1).numpy()
+    return scale_intensity(torch.from_numpy(crops.astype(np.float32)), scale_lo, scale_hi).flatten(1).numpy()
 
 
 def _checkpoints(run_dir: str) -> list[tuple[int, str]]:

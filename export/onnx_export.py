@@ -23,7 +23,7 @@ from torch import nn
 from scdino.errors import ConfigError
 from scdino.export.sidecar import write_sidecar
 from scdino.models import LoadedModel, load_model, native_channels
-from scdino.preprocess import minmax_scale
+from scdino.preprocess import fixed_scale, minmax_scale
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,13 @@ class ExportModule(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
         self.normalise = lm.prep.mean is not None
+        self.fixed = lm.prep.scale_lo is not None
+        if self.fixed:
+            self.register_buffer("scale_lo", torch.tensor(lm.prep.scale_lo, dtype=torch.float32))
+            self.register_buffer("scale_hi", torch.tensor(lm.prep.scale_hi, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor):
-        y = minmax_scale(x)
+        y = fixed_scale(x, self.scale_lo, self.scale_hi) if self.fixed else minmax_scale(x)
         # always a Resize node, also when the crop already has the input size (then it is the identity)
         y = F.interpolate(y, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=False)
         if self.normalise:

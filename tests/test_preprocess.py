@@ -44,3 +44,20 @@ def test_mean_std_normalisation():
     torch.testing.assert_close(y[:, 1], (s[:, 1] - 0.25) / 2.0)
     with pytest.raises(ValueError, match="one value per channel"):
         preprocess(x, 10, mean=(0.5,), std=(1.0,))
+
+
+def test_fixed_intensity_range_keeps_absolute_levels():
+    x = torch.tensor([[[[0, 50], [100, 200]], [[7, 7], [7, 7]]], [[[0, 5], [10, 20]], [[7, 7], [7, 7]]]])
+    p = Preprocessing(input_size=2, scale_lo=(0.0, 7.0), scale_hi=(100.0, 7.0))
+    y = apply(x, p)
+    torch.testing.assert_close(y[0, 0], torch.tensor([[0.0, 0.5], [1.0, 1.0]]))  # clipped above the range
+    torch.testing.assert_close(y[1, 0], torch.tensor([[0.0, 0.05], [0.1, 0.2]]))  # a dim crop stays dim
+    assert torch.equal(y[:, 1], torch.zeros(2, 2, 2))  # an empty range gives 0, never NaN
+    torch.testing.assert_close(minmax_scale(x)[1, 0], minmax_scale(x)[0, 0])  # per-crop min-max makes them alike
+    d = p.to_dict()
+    assert p.scaling == "fixed" and d["scale_lo"] == [0.0, 7.0] and d["steps"][1].startswith("fixed_range")
+    assert Preprocessing().scaling == "minmax" and "scale_lo" not in Preprocessing().to_dict()
+    with pytest.raises(ValueError, match="lo and hi for each"):
+        preprocess(x, 2, scale_lo=(0.0,), scale_hi=(1.0,))
+    with pytest.raises(ValueError, match="go together"):
+        Preprocessing(scale_lo=(0.0, 0.0))

@@ -145,6 +145,33 @@ def test_augmentation_treats_channels_independently():
     assert not torch.allclose(shared[0], _aug({**over, "brightness_p": 0.0})(same, make_generator(0, 0, 0))[0])
 
 
+def test_dataset_intensity_scaling_keeps_marker_levels():
+    from scdino.training.augment import channel_stats, intensity_range
+
+    x = torch.from_numpy(packaged_crops()[:8].astype(np.int32))
+    lo, hi = intensity_range(x, (1.0, 99.0))
+    px = x.transpose(0, 1).reshape(3, -1).double().numpy()
+    np.testing.assert_allclose(lo.numpy(), np.percentile(px, 1.0, axis=1), rtol=1e-6)
+    np.testing.assert_allclose(hi.numpy(), np.percentile(px, 99.0, axis=1), rtol=1e-6)
+    assert torch.equal(intensity_range(x, (1.0, 99.0), max_crops=4, seed=1)[0], intensity_range(x, (1.0, 99.0), 4, 1)[0])
+    mean_fixed, _ = channel_stats(x, scale_lo=lo, scale_hi=hi)
+    assert not torch.allclose(mean_fixed, channel_stats(x)[0])
+    # a crop and the same crop at a quarter of the brightness: alike under per-crop min-max, not under a fixed range
+    bright, dim = x[:1], x[:1] // 4
+    off = {"blur_p": (0.0, 0.0, 0.0), "solarize_p": 0.0, "brightness_p": 0.0}
+    a, b = _aug(off)(bright, make_generator(0, 0, 0)), _aug(off)(dim, make_generator(0, 0, 0))
+    assert float((a[0] - b[0]).abs().max()) < 0.02
+    aug = _aug(off)
+    aug.scale_lo, aug.scale_hi = lo, hi
+    a, b = aug(bright, make_generator(0, 0, 0)), aug(dim, make_generator(0, 0, 0))
+    assert all(float(v.min()) >= 0 and float(v.max()) <= 1 for v in a + b)
+    assert all(float(u.mean()) < 0.3 * float(v.mean()) for u, v in zip(b, a))
+    with pytest.raises(ConfigError, match="intensity_scaling"):
+        build_config(None, ["intensity_scaling=image"], data="d", out="o")
+    with pytest.raises(ConfigError, match="intensity_percentiles"):
+        build_config(None, ["intensity_percentiles=99,1"], data="d", out="o")
+
+
 def test_centred_views_keep_the_cell_centre():
     from scdino.training.augment import crop_params
 
@@ -256,6 +283,40 @@ def test_checkpoint_layout_and_use_in_engine_and_export(crop_store, tmp_path):
     assert prep["input_size"] == 32 and np.allclose(prep["mean"], ck["scdino"]["mean"])
     meta = export_onnx(str(out / "checkpoint.pth"), tmp_path / "m.onnx", crop_size=32)
     assert meta["channels"] == ["CTIP2", "BRN2", "ROR"] and meta["verification"]["passed"]
+    assert "scale_lo" not in ck["scdino"] and meta["preprocessing"]["steps"][1].startswith("minmax")
+
+
+def test_dataset_scaled_model_carries_its_range_into_engine_and_export(crop_store, tmp_path):
+    import anndata as ad
+
+    from scdino.engine.pipeline import RunConfig, run
+    from scdino.export.onnx_export import export_onnx
+    from scdino.models import load_model
+
+    out = tmp_path / "run"
+    train(cfg_for(crop_store, out, epochs=1, intensity_scaling="dataset", intensity_percentiles="0.5,99.5"))
+    ck = _ckpt(out / "checkpoint.pth")["scdino"]
+    assert len(ck["scale_lo"]) == 3 and all(h > lo for lo, h in zip(ck["scale_lo"], ck["scale_hi"]))
+    lm = load_model(str(out / "checkpoint.pth"), 3)
+    assert lm.prep.scale_lo == tuple(ck["scale_lo"]) and lm.prep.scale_hi == tuple(ck["scale_hi"])
+    run(RunConfig(plate=crop_store, out=str(tmp_path / "e.zarr"), model=str(out / "checkpoint.pth"), progress=False))
+    prep = ad.read_zarr(tmp_path / "e.zarr").uns["scdino"]["preprocessing"]
+    assert np.allclose(prep["scale_hi"], ck["scale_hi"])
+    # the exported graph scales by the stored range: ONNX Runtime matches PyTorch on real crops, and differs from
+    # what the same weights give with per-crop min-max
+    meta = export_onnx(str(out / "checkpoint.pth"), tmp_path / "m.onnx", crop_size=32)
+    assert meta["verification"]["passed"] and meta["preprocessing"]["scale_lo"] == ck["scale_lo"]
+    import onnxruntime as ort
+
+    crops = packaged_crops()[:4, :, 8:40, 8:40]
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"crops": crops})[0]
+    from scdino.preprocess import apply, preprocess
+
+    with torch.inference_mode():
+        want = lm.model(apply(torch.from_numpy(crops.astype(np.float32)), lm.prep)).numpy()
+        minmax = lm.model(preprocess(torch.from_numpy(crops.astype(np.float32)), 32, lm.prep.mean, lm.prep.std))
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert float(np.abs(minmax.numpy() - want).max()) > 1e-2
 
 
 def test_a_few_steps_reduce_the_loss_on_real_crops(crop_store, tmp_path):

@@ -4,7 +4,8 @@ Each channel is a grey image: no colour jitter. For every crop of every view: ra
 aspect ratio 3/4..4/3; with ``centre_views`` every view keeps the crop's centre, the cell, in its middle half)
 resampled bilinearly to the view size, horizontal and vertical flips, brightness scaled per
 channel (or by one factor per view, ``brightness_per_channel=False``), gaussian blur, solarisation (global view 2),
-then per-channel mean/std normalisation.
+then per-channel mean/std normalisation. Intensities are scaled first, per crop (min-max, the paper) or by the
+training set's fixed per-channel range (``intensity_scaling=dataset``).
 
 Randomness comes from a generator seeded by (seed, epoch, iteration) and is drawn for the *global* batch, of which
 each DDP rank takes its slice: one process with batch 2B and two with batch B see identical views, and a resumed run
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from scdino.preprocess import minmax_scale
+from scdino.preprocess import scale_intensity
 
 
 @dataclass(frozen=True)
@@ -99,11 +100,19 @@ def gaussian_blur(
 class MultiCrop:
     """Raw crops (B, C, S, S) -> list of normalised views, global views first."""
 
-    def __init__(self, cfg, mean: torch.Tensor, std: torch.Tensor) -> None:
+    def __init__(
+        self,
+        cfg,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        scale_lo: torch.Tensor | None = None,
+        scale_hi: torch.Tensor | None = None,
+    ) -> None:
         self.cfg = cfg
         self.views = views_of(cfg)
         self.mean = mean.view(1, -1, 1, 1)
         self.std = std.view(1, -1, 1, 1)
+        self.scale_lo, self.scale_hi = scale_lo, scale_hi
 
     def __call__(
         self, raw: torch.Tensor, g: torch.Generator, n_global: int | None = None, offset: int = 0
@@ -112,7 +121,7 @@ class MultiCrop:
         this process uses rows ``offset .. offset + len(raw)`` of them."""
         cfg = self.cfg
         dev = raw.device
-        x = minmax_scale(raw)
+        x = scale_intensity(raw, self.scale_lo, self.scale_hi)
         n_total = n_global or len(x)
         sl = slice(offset, offset + len(x))
         out = []
@@ -138,13 +147,34 @@ class MultiCrop:
         return out
 
 
-def channel_stats(raw: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std of min-max scaled training crops (stored with the model)."""
+def intensity_range(
+    raw: torch.Tensor, percentiles: tuple[float, float], max_crops: int = 2048, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (low, high) percentiles of the pixels of the training crops (of a seeded sample of at most
+    ``max_crops`` crops): the fixed range of ``intensity_scaling=dataset``. The same in every DDP rank."""
+    import numpy as np
+
+    if len(raw) > max_crops:
+        g = torch.Generator()
+        g.manual_seed(seed)
+        raw = raw[torch.randperm(len(raw), generator=g)[:max_crops].sort().values]
+    px = raw.transpose(0, 1).reshape(raw.shape[1], -1).double().numpy()
+    lo, hi = np.percentile(px, percentiles, axis=1)
+    return torch.from_numpy(lo).float(), torch.from_numpy(hi).float()
+
+
+def channel_stats(
+    raw: torch.Tensor,
+    chunk: int = 4096,
+    scale_lo: torch.Tensor | None = None,
+    scale_hi: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of intensity-scaled training crops (stored with the model)."""
     s = torch.zeros(raw.shape[1], dtype=torch.float64)
     s2 = torch.zeros_like(s)
     n = 0
     for a in range(0, len(raw), chunk):
-        x = minmax_scale(raw[a : a + chunk]).double()
+        x = scale_intensity(raw[a : a + chunk], scale_lo, scale_hi).double()
         s += x.sum((0, 2, 3))
         s2 += (x * x).sum((0, 2, 3))
         n += x.shape[0] * x.shape[2] * x.shape[3]

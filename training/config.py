@@ -28,6 +28,9 @@ class TrainConfig:
     max_area: int = 0
     val_data: str | None = None  # labelled crop store (scdino-engine ingest) for k-NN monitoring
     val_label_key: str = "class"
+    # intensity scaling of every crop before augmentation; stored with the model and applied by every backend
+    intensity_scaling: str = "crop"  # crop: each crop and channel min-max scaled (the paper) | dataset: fixed range
+    intensity_percentiles: tuple[float, float] = (0.1, 99.9)  # dataset: the range, percentiles of training pixels
     # model
     arch: str = "vit_small"
     patch: int = 16
@@ -95,6 +98,14 @@ class TrainConfig:
             )
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise ConfigError(f"precision {self.precision!r}: expected auto, fp32, fp16 or bf16")
+        if self.intensity_scaling not in ("crop", "dataset"):
+            raise ConfigError(
+                f"intensity_scaling {self.intensity_scaling!r}: expected crop (per-crop min-max, the paper) or dataset "
+                "(one fixed range per channel from the training crops, keeps absolute marker levels)"
+            )
+        lo, hi = self.intensity_percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ConfigError(f"intensity_percentiles {self.intensity_percentiles}: expected 0 <= low < high <= 100")
         if self.knn_freq and not self.val_data:
             raise ConfigError("knn_freq needs val_data (a labelled crop store)")
         return self

@@ -20,7 +20,7 @@ from scdino.errors import ScdinoError
 from scdino.models import arch_config
 from scdino.models.vit import VisionTransformer
 from scdino.preprocess import preprocess
-from scdino.training.augment import MultiCrop, channel_stats, make_generator
+from scdino.training.augment import MultiCrop, channel_stats, intensity_range, make_generator
 from scdino.training.config import TrainConfig
 from scdino.training.data import epoch_order, load_crops
 from scdino.training.dino import (
@@ -98,12 +98,14 @@ def _args_namespace(cfg: TrainConfig) -> argparse.Namespace:
     return argparse.Namespace(**d)
 
 
-def embed_with(backbone: VisionTransformer, raw: torch.Tensor, mean, std, size: int, device, bs: int = 128):
+def embed_with(
+    backbone: VisionTransformer, raw: torch.Tensor, mean, std, size: int, device, bs: int = 128, lo=None, hi=None
+):
     out = []
     backbone.eval()
     with torch.inference_mode():
         for a in range(0, len(raw), bs):
-            x = preprocess(raw[a : a + bs].to(device), size, mean, std)
+            x = preprocess(raw[a : a + bs].to(device), size, mean, std, lo, hi)
             out.append(backbone(x).float().cpu())
     return torch.cat(out).numpy()
 
@@ -123,7 +125,11 @@ def train(cfg: TrainConfig) -> dict:
 
     seg = SegmentParams(cfg.sigma, cfg.threshold, cfg.min_distance, cfg.min_area, cfg.max_area)
     crops, names, _ = load_crops(cfg.data, cfg.channels, cfg.labels, cfg.segment_channel, cfg.crop_size, seg, cfg.wells)
-    mean, std = channel_stats(crops)
+    lo = hi = None
+    if cfg.intensity_scaling == "dataset":
+        lo, hi = intensity_range(crops, cfg.intensity_percentiles, seed=cfg.seed)
+        log.info("fixed intensity range per channel: %s", ", ".join(f"{a:g}..{b:g}" for a, b in zip(lo, hi)))
+    mean, std = channel_stats(crops, scale_lo=lo, scale_hi=hi)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process and every run
     student, teacher = build_networks(cfg, crops.shape[1])
     student, teacher = student.to(device), teacher.to(device)
@@ -179,7 +185,9 @@ def train(cfg: TrainConfig) -> dict:
 
         vcrops, _, vtable = load_crops(cfg.val_data, names)
         val = (vcrops, labels_of(vtable, cfg.val_label_key, cfg.val_data).to_numpy())
-    augment = MultiCrop(cfg, mean.to(device), std.to(device))
+    augment = MultiCrop(
+        cfg, mean.to(device), std.to(device), *((lo.to(device), hi.to(device)) if lo is not None else (None, None))
+    )
     logf = open(out / "log.jsonl", "a") if rank == 0 else None
     from tqdm.auto import tqdm
 
@@ -265,7 +273,16 @@ def train(cfg: TrainConfig) -> dict:
         if val is not None and (epoch + 1) % cfg.knn_freq == 0:
             from scdino.engine.knn import evaluate_knn
 
-            emb = embed_with(teacher.backbone, val[0], mean.tolist(), std.tolist(), cfg.global_size, device)
+            emb = embed_with(
+                teacher.backbone,
+                val[0],
+                mean.tolist(),
+                std.tolist(),
+                cfg.global_size,
+                device,
+                lo=lo.tolist() if lo is not None else None,
+                hi=hi.tolist() if hi is not None else None,
+            )
             summary["knn_top1"] = evaluate_knn(emb, val[1], seed=cfg.seed)["top1"]
         if rank == 0:
             logf.write(json.dumps({"summary": True, **summary}) + "\n")
@@ -282,6 +299,7 @@ def train(cfg: TrainConfig) -> dict:
                     "channels": names,
                     "mean": mean.tolist(),
                     "std": std.tolist(),
+                    **({"scale_lo": lo.tolist(), "scale_hi": hi.tolist()} if lo is not None else {}),
                     "arch": cfg.arch_name,
                     "input_size": cfg.global_size,
                     "crop_size": int(crops.shape[-1]),

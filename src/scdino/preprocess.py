@@ -2,7 +2,9 @@
 
 1. channels are selected and ordered before this point (by the plate reader);
 2. cast to float32, min-max scale each image and each channel separately to [0, 1]; a constant channel
-   becomes all zeros, never NaN;
+   becomes all zeros, never NaN. Or, for models trained with ``intensity_scaling=dataset``, scale each channel by a
+   fixed range measured on the training crops (stored with the model) and clip to [0, 1]: absolute marker levels,
+   which per-crop min-max scaling discards, are kept;
 3. bilinear resize to the model's input size;
 4. optional per-channel mean/std normalisation (models trained on microscopy store theirs).
 """
@@ -27,21 +29,42 @@ class Preprocessing:
     mean, std
         Per-channel normalisation applied after min-max scaling and resize, or ``None`` for none
         (ImageNet-adapted DINO models use none).
+    scale_lo, scale_hi
+        Fixed per-channel intensity range (raw pixel units) mapped to [0, 1] and clipped, instead of each crop's own
+        minimum and maximum; ``None`` (the paper's per-crop min-max) unless the model was trained so.
     """
 
     input_size: int = 224
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     resize: str = field(default="bilinear")
+    scale_lo: tuple[float, ...] | None = None
+    scale_hi: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.scale_lo is None) != (self.scale_hi is None):
+            raise ValueError("scale_lo and scale_hi go together")
+
+    @property
+    def scaling(self) -> str:
+        return "minmax" if self.scale_lo is None else "fixed"
 
     def to_dict(self) -> dict:
-        return {
-            "steps": ["float32", "minmax_per_image_per_channel(constant->0)", f"{self.resize}_resize", "mean_std"],
+        scale = (
+            "minmax_per_image_per_channel(constant->0)"
+            if self.scale_lo is None
+            else "fixed_range_per_channel(scale_lo..scale_hi->0..1, clipped)"
+        )
+        d = {
+            "steps": ["float32", scale, f"{self.resize}_resize", "mean_std"],
             "input_size": self.input_size,
             "mean": list(self.mean) if self.mean is not None else None,
             "std": list(self.std) if self.std is not None else None,
             "align_corners": False,
         }
+        if self.scale_lo is not None:
+            d.update(scale_lo=list(self.scale_lo), scale_hi=list(self.scale_hi))
+        return d
 
 
 def minmax_scale(x: torch.Tensor) -> torch.Tensor:
@@ -56,11 +79,34 @@ def minmax_scale(x: torch.Tensor) -> torch.Tensor:
     return ((flat - lo) * scale).view_as(x)
 
 
+def fixed_scale(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Map each channel's fixed range ``lo``..``hi`` (shape (C,) or broadcastable) to [0, 1] and clip; a channel with
+    ``hi <= lo`` becomes 0."""
+    x = x.to(torch.float32)
+    lo = lo.to(torch.float32).reshape(1, -1, 1, 1)
+    span = hi.to(torch.float32).reshape(1, -1, 1, 1) - lo
+    scale = torch.where(span > 0, 1.0 / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(span))
+    return ((x - lo) * scale).clamp(0.0, 1.0)
+
+
+def scale_intensity(
+    x: torch.Tensor, lo: Sequence[float] | torch.Tensor | None = None, hi: Sequence[float] | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Step 2 of SPEC section 3: per-crop min-max (``lo``/``hi`` None) or a fixed per-channel range."""
+    if lo is None and hi is None:
+        return minmax_scale(x)
+    if lo is None or hi is None or len(lo) != x.shape[1] or len(hi) != x.shape[1]:
+        raise ValueError(f"a fixed intensity range needs lo and hi for each of {x.shape[1]} channels, got {lo}, {hi}")
+    return fixed_scale(x, torch.as_tensor(lo, device=x.device), torch.as_tensor(hi, device=x.device))
+
+
 def preprocess(
     x: torch.Tensor,
     input_size: int,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    scale_lo: Sequence[float] | None = None,
+    scale_hi: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Apply SPEC section 3 to raw crops ``x`` of shape (B, C, S, S) of any numeric dtype.
 
@@ -68,7 +114,7 @@ def preprocess(
     """
     if x.ndim != 4:
         raise ValueError(f"expected crops of shape (batch, channels, height, width), got {tuple(x.shape)}")
-    y = minmax_scale(x)
+    y = scale_intensity(x, scale_lo, scale_hi)
     if y.shape[-2:] != (input_size, input_size):
         y = F.interpolate(y, size=(input_size, input_size), mode="bilinear", align_corners=False, antialias=False)
     if mean is not None or std is not None:
@@ -82,4 +128,4 @@ def preprocess(
 
 def apply(x: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     """:func:`preprocess` with the settings of ``prep``."""
-    return preprocess(x, prep.input_size, prep.mean, prep.std)
+    return preprocess(x, prep.input_size, prep.mean, prep.std, prep.scale_lo, prep.scale_hi)

@@ -132,7 +132,7 @@ def load_model(
         model = build_model(cfg)
         info.update(seed=seed, checkpoint_sha256=None, layout=None)
         log.warning("model %s is untrained (random weights): its embeddings carry no learned features", spec)
-        mean = std = None
+        mean = std = scale_lo = scale_hi = None
     else:
         cfg = ckpt.config
         info.update(checkpoint_sha256=ckpt.sha256, layout=ckpt.layout, checkpoint_key=ckpt.key, source=ckpt.source)
@@ -159,6 +159,12 @@ def load_model(
             cfg = ViTConfig(**{**cfg.to_dict(), "in_chans": n_channels})
         model = build_model(cfg, sd, ckpt.source)
         mean, std = ckpt.meta.get("mean"), ckpt.meta.get("std")
+        scale_lo, scale_hi = ckpt.meta.get("scale_lo"), ckpt.meta.get("scale_hi")
+        for name, v in (("scale_lo", scale_lo), ("scale_hi", scale_hi)):
+            if v is not None and len(v) != n_channels:
+                raise ConfigError(f"{ckpt.source}: {name} has {len(v)} values for {n_channels} channels")
+        if (scale_lo is None) != (scale_hi is None):
+            raise ConfigError(f"{ckpt.source}: the checkpoint has only one of scale_lo and scale_hi")
         if input_size % cfg.patch_size:
             raise ConfigError(f"--input-size {input_size} is not a multiple of the patch size {cfg.patch_size}")
         if input_size != cfg.img_size:
@@ -175,6 +181,8 @@ def load_model(
         input_size=input_size,
         mean=tuple(float(v) for v in mean) if mean is not None else None,
         std=tuple(float(v) for v in std) if std is not None else None,
+        scale_lo=tuple(float(v) for v in scale_lo) if scale_lo is not None else None,
+        scale_hi=tuple(float(v) for v in scale_hi) if scale_hi is not None else None,
     )
     info.update(arch=arch_name(cfg), config=cfg.to_dict(), embed_dim=cfg.embed_dim, input_size=input_size)
     return LoadedModel(model.eval(), prep, info)
