@@ -368,6 +368,14 @@ def run(cfg: RunConfig) -> RunResult:
             )
         t2 = time.perf_counter()
         crops = crops_array(source, table, first.channels, first.crop, dtype, cfg.chunk_cells)
+        prep = info.get("preprocessing") or {}
+        if prep.get("scale_lo") is not None and len(table):
+            from scdino.preprocess import intensity_range_warnings
+
+            sample = crops[: min(len(table), 256)].compute()
+            where = f"{cfg.plate} (first {len(sample)} cells)"
+            for w in intensity_range_warnings(sample, prep["scale_lo"], prep["scale_hi"], first.channel_names, where):
+                log.warning(w)
         emb = embeddings_array(crops, spec, info["embed_dim"])
         blocks = emb.to_delayed().ravel()
         todo = [i for i, d in enumerate(store.done()) if not d]

@@ -61,3 +61,16 @@ def test_fixed_intensity_range_keeps_absolute_levels():
         preprocess(x, 2, scale_lo=(0.0,), scale_hi=(1.0,))
     with pytest.raises(ValueError, match="go together"):
         Preprocessing(scale_lo=(0.0, 0.0))
+
+
+def test_intensity_range_warnings_name_the_channel_and_the_cause():
+    from scdino.preprocess import intensity_range_warnings
+
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 1000, (10, 3, 8, 8)).astype(np.uint16)
+    crops[:, 2] = 4000  # channel 2 saturates the range
+    w = intensity_range_warnings(crops, (0, 0, 0), (1000, 40000, 2000), ["A", "B", "C"], "p.zarr")
+    assert len(w) == 2
+    assert w[0].startswith("p.zarr, channel B") and "bottom 5%" in w[0] and "brighter" in w[0]
+    assert w[1].startswith("p.zarr, channel C") and "100% of pixels" in w[1] and "clipped" in w[1]
+    assert intensity_range_warnings(crops[:, :1], (0,), (1000,), ["A"]) == []  # fits: nothing to say

@@ -286,7 +286,7 @@ def test_checkpoint_layout_and_use_in_engine_and_export(crop_store, tmp_path):
     assert "scale_lo" not in ck["scdino"] and meta["preprocessing"]["steps"][1].startswith("minmax")
 
 
-def test_dataset_scaled_model_carries_its_range_into_engine_and_export(crop_store, tmp_path):
+def test_dataset_scaled_model_carries_its_range_into_engine_and_export(crop_store, tmp_path, caplog):
     import anndata as ad
 
     from scdino.engine.pipeline import RunConfig, run
@@ -302,6 +302,13 @@ def test_dataset_scaled_model_carries_its_range_into_engine_and_export(crop_stor
     run(RunConfig(plate=crop_store, out=str(tmp_path / "e.zarr"), model=str(out / "checkpoint.pth"), progress=False))
     prep = ad.read_zarr(tmp_path / "e.zarr").uns["scdino"]["preprocessing"]
     assert np.allclose(prep["scale_hi"], ck["scale_hi"])
+    assert "fixed intensity range" not in caplog.text  # the plate it was trained on fits its range
+    # the same model with a range 100x too bright for this plate: the run says so, naming the channels
+    bright = _ckpt(out / "checkpoint.pth")
+    bright["scdino"]["scale_hi"] = [100 * v for v in bright["scdino"]["scale_hi"]]
+    torch.save(bright, tmp_path / "bright.pth")
+    run(RunConfig(plate=crop_store, out=str(tmp_path / "b.zarr"), model=str(tmp_path / "bright.pth"), progress=False))
+    assert all(f"channel {c}: 99% of pixels" in caplog.text for c in ("CTIP2", "BRN2", "ROR"))
     # the exported graph scales by the stored range: ONNX Runtime matches PyTorch on real crops, and differs from
     # what the same weights give with per-crop min-max
     meta = export_onnx(str(out / "checkpoint.pth"), tmp_path / "m.onnx", crop_size=32)

@@ -129,3 +129,34 @@ def preprocess(
 def apply(x: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     """:func:`preprocess` with the settings of ``prep``."""
     return preprocess(x, prep.input_size, prep.mean, prep.std, prep.scale_lo, prep.scale_hi)
+
+
+def intensity_range_warnings(
+    crops, scale_lo: Sequence[float], scale_hi: Sequence[float], channels: Sequence[str], where: str = "the data"
+) -> list[str]:
+    """Warnings when raw crops (n, C, S, S) do not fit a model's fixed intensity range: most pixels in the bottom 5%
+    of the range (a dimmer instrument, another bit depth) or more than 5% of them clipped at the top."""
+    import numpy as np
+
+    x = np.asarray(crops)
+    out = []
+    for c, (lo, hi, name) in enumerate(zip(scale_lo, scale_hi, channels)):
+        if hi <= lo or x.size == 0:
+            continue
+        px = x[:, c].astype(np.float64).ravel()
+        p99 = float(np.percentile(px, 99))
+        clipped = float(np.mean(px >= hi))
+        if p99 < lo + 0.05 * (hi - lo):
+            out.append(
+                f"{where}, channel {name}: 99% of pixels are below {p99:g}, within the bottom 5% of the model's fixed "
+                f"intensity range {lo:g}..{hi:g}; the model was trained on brighter images (another instrument, bit "
+                "depth or exposure?), so this channel will carry little signal. Train on this plate, or use a model "
+                "with per-crop min-max scaling"
+            )
+        elif clipped > 0.05:
+            out.append(
+                f"{where}, channel {name}: {100 * clipped:.0f}% of pixels are at or above the model's upper bound "
+                f"{hi:g} and are clipped; the model was trained on dimmer images. Train on this plate, or use a model "
+                "with per-crop min-max scaling"
+            )
+    return out
