@@ -27,6 +27,49 @@ def raw_pixel_features(crops: np.ndarray, scale_lo=None, scale_hi=None) -> np.nd
     return scale_intensity(torch.from_numpy(crops.astype(np.float32)), scale_lo, scale_hi).flatten(1).numpy()
 
 
+def fixed_range_of(model: str, n_channels: int | None = None):
+    """(model, its Preprocessing, its channel names) when ``model`` scales intensities by a fixed per-channel range
+    (trained with ``intensity_scaling=dataset``), else None."""
+    from scdino.preprocess import Preprocessing
+
+    if model.startswith("random:"):
+        return None
+    if model.endswith(".onnx") or model.endswith(".engine") or model.endswith(".plan"):
+        from scdino.export.sidecar import read_sidecar
+
+        meta = read_sidecar(model)
+        p = meta.get("preprocessing") or {}
+        if p.get("scale_lo") is None:
+            return None
+        prep = Preprocessing(
+            input_size=int(p["input_size"]),
+            mean=tuple(p["mean"]) if p.get("mean") else None,
+            std=tuple(p["std"]) if p.get("std") else None,
+            scale_lo=tuple(p["scale_lo"]),
+            scale_hi=tuple(p["scale_hi"]),
+        )
+        return model, prep, list(meta.get("channels") or [])
+    from scdino.models import load_model, native_channels
+
+    lm = load_model(model, native_channels(model) if n_channels is None else n_channels)
+    return (model, lm.prep, list(lm.channels or [])) if lm.prep.scale_lo is not None else None
+
+
+def _untrained_features(arch_spec: str, crops: np.ndarray, prep) -> np.ndarray:
+    """The untrained baseline with a fixed-range model's preprocessing (range, mean/std, input size)."""
+    import torch
+
+    from scdino.models import load_model
+    from scdino.preprocess import apply
+
+    net = load_model(arch_spec, crops.shape[1], prep.input_size).model
+    out = []
+    with torch.inference_mode():
+        for a in range(0, len(crops), 256):
+            out.append(net(apply(torch.from_numpy(crops[a : a + 256].astype(np.float32)), prep)).numpy())
+    return np.concatenate(out) if out else np.zeros((0, net.cfg.embed_dim), np.float32)
+
+
 def _checkpoints(run_dir: str) -> list[tuple[int, str]]:
     found = []
     for p in Path(run_dir).glob("checkpoint*.pth"):
@@ -79,6 +122,13 @@ def evaluate(
         resolve_channels(store.channels, s, crops)  # unknown channel names fail before any work
     untrained = f"random:{baseline_arch}" if baseline_arch else "random:vit_small16"
     columns = list(models) + [f"untrained {untrained.split(':')[1]}", "raw pixels"]
+    # a model trained with a fixed intensity range is held to baselines that keep absolute levels too: per-crop min-max
+    # baselines alone would credit training with what the scaling gives (README, "Keeping marker levels")
+    fixed = None
+    for m in [*models, *([str(_checkpoints(run_dir)[-1][1])] if run_dir else [])]:
+        fixed = fixed or fixed_range_of(m)
+    if fixed:
+        columns += [f"untrained {untrained.split(':')[1]}, fixed range", "raw pixels, fixed range"]
     acc = np.full((len(sets), len(columns)), np.nan)
     details: dict = {}
     t0 = time.perf_counter()
@@ -118,9 +168,22 @@ def evaluate(
                 acc[i, j] = r["top1"]
                 details[f"{columns[j]} | {name}"] = r
             idx = resolve_channels(store.channels, chans, crops)
-            r = knn(raw_pixel_features(store.read(np.arange(len(table)), idx)))
-            acc[i, -1] = r["top1"]
+            raw = store.read(np.arange(len(table)), idx)
+            r = knn(raw_pixel_features(raw))
+            j = len(models) + 1
+            acc[i, j] = r["top1"]
             details[f"raw pixels | {name}"] = r
+            if fixed and all(c in fixed[2] for c in chans):  # the range is known for these channels (by name)
+                pos = [fixed[2].index(c) for c in chans]
+                lo, hi = [fixed[1].scale_lo[p] for p in pos], [fixed[1].scale_hi[p] for p in pos]
+                mean = [fixed[1].mean[p] for p in pos] if fixed[1].mean else None
+                std = [fixed[1].std[p] for p in pos] if fixed[1].std else None
+                prep = replace(fixed[1], scale_lo=tuple(lo), scale_hi=tuple(hi), mean=mean and tuple(mean))
+                prep = replace(prep, std=std and tuple(std))
+                for jj, feats in ((j + 1, _untrained_features(untrained, raw, prep)), (j + 2, None)):
+                    r = knn(feats if feats is not None else raw_pixel_features(raw, lo, hi))
+                    acc[i, jj] = r["top1"]
+                    details[f"{columns[jj]} | {name}"] = r
         epochs = []
         if run_dir:
             chans = sets[-1]
@@ -142,7 +205,7 @@ def evaluate(
         "n_cells": len(y),
         "rows": rows,
         "columns": columns,
-        "top1": acc.tolist(),
+        "top1": [[float(v) if np.isfinite(v) else None for v in row] for row in acc],
         "details": details,
         "k": k,
         "temperature": temperature,
@@ -151,7 +214,11 @@ def evaluate(
         "seconds": round(time.perf_counter() - t0, 1),
     }
     if epochs:
-        base = {"untrained": float(acc[-1, -2]), "raw pixels": float(acc[-1, -1])}
+        j = len(models) + 1
+        if fixed and np.isfinite(acc[-1, j + 2]):
+            base = {"untrained, fixed range": float(acc[-1, j + 1]), "raw pixels, fixed range": float(acc[-1, j + 2])}
+        else:
+            base = {"untrained": float(acc[-1, j - 1]), "raw pixels": float(acc[-1, j])}
         epochs_png(
             [e for e, _ in epochs],
             [a for _, a in epochs],
@@ -171,7 +238,7 @@ def evaluate(
         "|---" * (len(columns) + 1) + "|",
     ]
     for i, r in enumerate(rows):
-        md.append(f"| {r} | " + " | ".join(f"{100 * v:.1f}" for v in acc[i]) + " |")
+        md.append(f"| {r} | " + " | ".join(f"{100 * v:.1f}" if np.isfinite(v) else "-" for v in acc[i]) + " |")
     md += ["", "![k-NN heatmap](heatmap.png)"]
     if epochs:
         md += [

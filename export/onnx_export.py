@@ -1,6 +1,7 @@
 """Export a ViT with SPEC section 3 inside the graph: raw crops in the crop dtype -> CLS token (+ attention).
 
-The graph: Cast to float32 -> per-crop, per-channel min-max (constant channel -> 0) -> bilinear Resize to the
+The graph: Cast to float32 -> per-crop, per-channel min-max (constant channel -> 0), or the model's fixed
+per-channel range clipped to [0, 1] (``intensity_scaling=dataset``) -> bilinear Resize to the
 input size -> channel mean/std -> ViT (position embedding precomputed for the input size) -> CLS token after the
 final LayerNorm. Batch, height and width are dynamic. ``precision="fp16"`` keeps preprocessing, LayerNorm and
 the outputs in float32 and runs the rest in float16 (for GPUs: ONNX Runtime CUDA, TensorRT).
@@ -129,6 +130,14 @@ def export_onnx(
     lm = load_model(model, n_channels, input_size, checkpoint_key, adapt)
     input_size = lm.prep.input_size
     c = lm.model.cfg.in_chans
+    if lm.prep.scale_hi is not None and np.issubdtype(np.dtype(dtype), np.integer):
+        top = np.iinfo(np.dtype(dtype)).max
+        if top < max(lm.prep.scale_hi) * 0.5:
+            raise ConfigError(
+                f"{model}: trained with a fixed intensity range up to {max(lm.prep.scale_hi):g}, but --dtype {dtype} "
+                f"crops reach only {top}: every cell would look nearly black. Export with the dtype of the data the "
+                "model was trained on (e.g. --dtype uint16)"
+            )
     if channels is None and lm.channels:
         channels = lm.channels
     out = Path(out)

@@ -324,6 +324,37 @@ def test_dataset_scaled_model_carries_its_range_into_engine_and_export(crop_stor
         minmax = lm.model(preprocess(torch.from_numpy(crops.astype(np.float32)), 32, lm.prep.mean, lm.prep.std))
     np.testing.assert_allclose(got, want, atol=1e-4)
     assert float(np.abs(minmax.numpy() - want).max()) > 1e-2
+    with pytest.raises(ConfigError, match="--dtype uint8 crops reach only 255"):
+        export_onnx(str(out / "checkpoint.pth"), tmp_path / "u8.onnx", crop_size=32, dtype="uint8")
+    # resuming with another scaling would make the stored range lie about the earlier epochs
+    with pytest.raises(ConfigError, match="trained with intensity scaling range"):
+        train(cfg_for(crop_store, out, epochs=2))
+    # evaluate holds the model to baselines that keep absolute levels too, and plots epochs against them
+    from scdino.engine.evaluate import evaluate
+
+    r = evaluate(
+        crop_store,
+        [str(out / "checkpoint.pth")],
+        [("CTIP2", "BRN2", "ROR")],
+        str(tmp_path / "report"),
+        input_size=32,
+        run_dir=str(out),
+        baseline_arch="vit_test8",
+        progress=False,
+    )
+    assert r["columns"][-2:] == ["untrained vit_test8, fixed range", "raw pixels, fixed range"]
+    assert all(0 < v <= 1 for v in r["top1"][0]) and (tmp_path / "report" / "epochs.png").is_file()
+
+
+def test_dataset_scaling_rejects_an_empty_channel_range(crop_store, tmp_path, monkeypatch):
+    def one_empty(raw, percentiles, max_crops=2048, seed=0):
+        return torch.tensor([0.0, 5.0, 0.0]), torch.tensor([100.0, 5.0, 100.0])
+
+    monkeypatch.setattr(loop_mod, "intensity_range", one_empty)
+    with pytest.raises(ConfigError, match="channel\\(s\\) BRN2 have the same value"):
+        train(cfg_for(crop_store, tmp_path / "e", intensity_scaling="dataset"))
+    with pytest.raises(ConfigError, match="expected two values"):
+        build_config(None, ["intensity_percentiles=99"], data="d", out="o")
 
 
 def test_a_few_steps_reduce_the_loss_on_real_crops(crop_store, tmp_path):

@@ -103,6 +103,8 @@ class TrainConfig:
                 f"intensity_scaling {self.intensity_scaling!r}: expected crop (per-crop min-max, the paper) or dataset "
                 "(one fixed range per channel from the training crops, keeps absolute marker levels)"
             )
+        if len(self.intensity_percentiles) != 2:
+            raise ConfigError(f"intensity_percentiles {self.intensity_percentiles}: expected two values, low,high")
         lo, hi = self.intensity_percentiles
         if not 0 <= lo < hi <= 100:
             raise ConfigError(f"intensity_percentiles {self.intensity_percentiles}: expected 0 <= low < high <= 100")

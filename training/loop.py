@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from scdino.errors import ScdinoError
+from scdino.errors import ConfigError, ScdinoError
 from scdino.models import arch_config
 from scdino.models.vit import VisionTransformer
 from scdino.preprocess import preprocess
@@ -110,6 +110,22 @@ def embed_with(
     return torch.cat(out).numpy()
 
 
+def _check_resumed_scaling(path: Path, meta: dict, lo, hi) -> None:
+    """A run resumes only with the intensity scaling its checkpoint was trained with (the engine and exporter trust
+    the stored range)."""
+    had = meta.get("scale_lo")
+    if (had is None) != (lo is None) or (
+        had is not None
+        and not (np.allclose(had, lo.tolist(), rtol=1e-6) and np.allclose(meta["scale_hi"], hi.tolist(), rtol=1e-6))
+    ):
+        was = "per-crop min-max" if had is None else f"range {had}..{meta['scale_hi']}"
+        now = "per-crop min-max" if lo is None else f"range {lo.tolist()}..{hi.tolist()}"
+        raise ConfigError(
+            f"{path}: trained with intensity scaling {was}, this run asks for {now}; resume with the original "
+            "intensity_scaling / intensity_percentiles / data, or start a new --out"
+        )
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train (or resume) into ``cfg.out``; returns a summary of the last epoch."""
     cfg.validate()
@@ -129,6 +145,13 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.intensity_scaling == "dataset":
         lo, hi = intensity_range(crops, cfg.intensity_percentiles, seed=cfg.seed)
         log.info("fixed intensity range per channel: %s", ", ".join(f"{a:g}..{b:g}" for a, b in zip(lo, hi)))
+        empty = [n for n, a, b in zip(names, lo.tolist(), hi.tolist()) if b <= a]
+        if empty:
+            raise ConfigError(
+                f"{cfg.data}: channel(s) {', '.join(empty)} have the same value at the {cfg.intensity_percentiles} "
+                "percentiles of the training pixels (mostly empty), so a fixed range would zero them; widen "
+                "--set intensity_percentiles=LOW,HIGH (e.g. 0,100) or use --set intensity_scaling=crop"
+            )
     mean, std = channel_stats(crops, scale_lo=lo, scale_hi=hi)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process and every run
     student, teacher = build_networks(cfg, crops.shape[1])
@@ -177,6 +200,7 @@ def train(cfg: TrainConfig) -> dict:
         if scaler is not None and ck.get("fp16_scaler"):
             scaler.load_state_dict(ck["fp16_scaler"])
         start = int(ck["epoch"])
+        _check_resumed_scaling(ckpt_path, ck.get("scdino") or {}, lo, hi)
         if rank == 0:
             log.info("resuming %s after epoch %d", ckpt_path, start)
     val = None
