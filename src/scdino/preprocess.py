@@ -135,7 +135,7 @@ def intensity_range_warnings(
     crops, scale_lo: Sequence[float], scale_hi: Sequence[float], channels: Sequence[str], where: str = "the data"
 ) -> list[str]:
     """Warnings when raw crops (n, C, S, S) do not fit a model's fixed intensity range: most pixels in the bottom 5%
-    of the range (a dimmer instrument, another bit depth) or more than 5% of them clipped at the top."""
+    of the range (a dimmer instrument, another bit depth) or more than 10% of them clipped at the top."""
     import numpy as np
 
     x = np.asarray(crops)
@@ -153,7 +153,7 @@ def intensity_range_warnings(
                 "depth or exposure?), so this channel will carry little signal. Train on this plate, or use a model "
                 "with per-crop min-max scaling"
             )
-        elif clipped > 0.05:
+        elif clipped > 0.10:
             out.append(
                 f"{where}, channel {name}: {100 * clipped:.0f}% of pixels are at or above the model's upper bound "
                 f"{hi:g} and are clipped; the model was trained on dimmer images. Train on this plate, or use a model "
