@@ -49,9 +49,15 @@ def fixed_range_of(model: str, n_channels: int | None = None):
             scale_hi=tuple(p["scale_hi"]),
         )
         return model, prep, list(meta.get("channels") or [])
+    from scdino.errors import ConfigError
     from scdino.models import load_model, native_channels
 
-    lm = load_model(model, native_channels(model) if n_channels is None else n_channels)
+    if n_channels is None:
+        try:
+            n_channels = native_channels(model)
+        except ConfigError:  # an RGB model adapted to any channel count: it has no fixed range of its own
+            return None
+    lm = load_model(model, n_channels)
     return (model, lm.prep, list(lm.channels or [])) if lm.prep.scale_lo is not None else None
 
 
