@@ -39,7 +39,7 @@ def main() -> None:
     from scdino.engine.pipeline import RunConfig, run
     from scdino.engine.sample import neocortex_segment_params, write_sample_plate
     from scdino.knn import dominant_channel_labels
-    from scdino.models import load_model
+    from scdino.models import embed_crops, load_model
     from scdino.plate import Plate
 
     tmp = Path(tempfile.mkdtemp(prefix="scdino-default-"))
@@ -66,14 +66,8 @@ def main() -> None:
         feats["raw pixels, the model's fixed intensity range"] = raw_pixel_features(
             crops, lm.prep.scale_lo, lm.prep.scale_hi
         )
-        import torch
-
-        from scdino.preprocess import apply
-
         untrained = load_model(f"random:{arch}", 3, size).model
-        with torch.inference_mode():
-            x = apply(torch.from_numpy(crops.astype(np.float32)), lm.prep)
-            feats[f"untrained {arch}, the model's preprocessing"] = untrained(x).numpy()
+        feats[f"untrained {arch}, the model's preprocessing"] = embed_crops(untrained, crops, lm.prep)
     labels = np.array(["CTIP2", "BRN2", "ROR"])[dominant_channel_labels(crops)]
     rows = []
     for name, x in feats.items():

@@ -27,53 +27,28 @@ def raw_pixel_features(crops: np.ndarray, scale_lo=None, scale_hi=None) -> np.nd
     return scale_intensity(torch.from_numpy(crops.astype(np.float32)), scale_lo, scale_hi).flatten(1).numpy()
 
 
-def fixed_range_of(model: str, n_channels: int | None = None):
-    """(model, its Preprocessing, its channel names) when ``model`` scales intensities by a fixed per-channel range
-    (trained with ``intensity_scaling=dataset``), else None."""
+def fixed_range_of(model: str):
+    """(its Preprocessing, its channel names) when ``model`` scales intensities by a fixed per-channel range (trained
+    with ``intensity_scaling=dataset``), else None."""
+    from scdino.engine.backends import model_format
+    from scdino.errors import ConfigError
+    from scdino.models import load_model, native_channels
     from scdino.preprocess import Preprocessing
 
-    if model.startswith("random:"):
-        return None
-    if model.endswith(".onnx") or model.endswith(".engine") or model.endswith(".plan"):
+    if model_format(model) != "checkpoint":
         from scdino.export.sidecar import read_sidecar
 
         meta = read_sidecar(model)
-        p = meta.get("preprocessing") or {}
-        if p.get("scale_lo") is None:
-            return None
-        prep = Preprocessing(
-            input_size=int(p["input_size"]),
-            mean=tuple(p["mean"]) if p.get("mean") else None,
-            std=tuple(p["std"]) if p.get("std") else None,
-            scale_lo=tuple(p["scale_lo"]),
-            scale_hi=tuple(p["scale_hi"]),
-        )
-        return model, prep, list(meta.get("channels") or [])
-    from scdino.errors import ConfigError
-    from scdino.models import load_model, native_channels
-
-    if n_channels is None:
-        try:
-            n_channels = native_channels(model)
-        except ConfigError:  # an RGB model adapted to any channel count: it has no fixed range of its own
-            return None
+        prep = Preprocessing.from_dict(meta["preprocessing"])
+        return (prep, list(meta.get("channels") or [])) if prep.scale_lo is not None else None
+    if model.startswith("random:"):
+        return None
+    try:
+        n_channels = native_channels(model)
+    except ConfigError:  # an RGB model adapted to any channel count: it has no fixed range of its own
+        return None
     lm = load_model(model, n_channels)
-    return (model, lm.prep, list(lm.channels or [])) if lm.prep.scale_lo is not None else None
-
-
-def _untrained_features(arch_spec: str, crops: np.ndarray, prep) -> np.ndarray:
-    """The untrained baseline with a fixed-range model's preprocessing (range, mean/std, input size)."""
-    import torch
-
-    from scdino.models import load_model
-    from scdino.preprocess import apply
-
-    net = load_model(arch_spec, crops.shape[1], prep.input_size).model
-    out = []
-    with torch.inference_mode():
-        for a in range(0, len(crops), 256):
-            out.append(net(apply(torch.from_numpy(crops[a : a + 256].astype(np.float32)), prep)).numpy())
-    return np.concatenate(out) if out else np.zeros((0, net.cfg.embed_dim), np.float32)
+    return (lm.prep, list(lm.channels or [])) if lm.prep.scale_lo is not None else None
 
 
 def _checkpoints(run_dir: str) -> list[tuple[int, str]]:
@@ -111,6 +86,7 @@ def evaluate(
     from scdino.engine.knn import evaluate_knn, labels_of, read_embeddings
     from scdino.engine.pipeline import RunConfig, run
     from scdino.engine.plots import epochs_png, heatmap_png
+    from scdino.models import embed_crops, load_model
     from scdino.plate import resolve_channels
 
     if not is_crop_store(crops):
@@ -179,15 +155,14 @@ def evaluate(
             j = len(models) + 1
             acc[i, j] = r["top1"]
             details[f"raw pixels | {name}"] = r
-            if fixed and all(c in fixed[2] for c in chans):  # the range is known for these channels (by name)
-                pos = [fixed[2].index(c) for c in chans]
-                lo, hi = [fixed[1].scale_lo[p] for p in pos], [fixed[1].scale_hi[p] for p in pos]
-                mean = [fixed[1].mean[p] for p in pos] if fixed[1].mean else None
-                std = [fixed[1].std[p] for p in pos] if fixed[1].std else None
-                prep = replace(fixed[1], scale_lo=tuple(lo), scale_hi=tuple(hi), mean=mean and tuple(mean))
-                prep = replace(prep, std=std and tuple(std))
-                for jj, feats in ((j + 1, _untrained_features(untrained, raw, prep)), (j + 2, None)):
-                    r = knn(feats if feats is not None else raw_pixel_features(raw, lo, hi))
+            if fixed and all(c in fixed[1] for c in chans):  # the range is known for these channels (by name)
+                prep = fixed[0].select([fixed[1].index(c) for c in chans])
+                net = load_model(untrained, len(chans), prep.input_size).model
+                for jj, feats in (
+                    (j + 1, embed_crops(net, raw, prep)),
+                    (j + 2, raw_pixel_features(raw, prep.scale_lo, prep.scale_hi)),
+                ):
+                    r = knn(feats)
                     acc[i, jj] = r["top1"]
                     details[f"{columns[jj]} | {name}"] = r
         epochs = []

@@ -74,3 +74,12 @@ def test_intensity_range_warnings_name_the_channel_and_the_cause():
     assert w[0].startswith("p.zarr, channel B") and "bottom 5%" in w[0] and "brighter" in w[0]
     assert w[1].startswith("p.zarr, channel C") and "100% of pixels" in w[1] and "clipped" in w[1]
     assert intensity_range_warnings(crops[:, :1], (0,), (1000,), ["A"]) == []  # fits: nothing to say
+
+
+def test_preprocessing_round_trips_and_selects_channels():
+    p = Preprocessing(input_size=16, mean=(0.1, 0.2, 0.3), std=(1.0, 2.0, 3.0), scale_lo=(0, 1, 2), scale_hi=(9, 8, 7))
+    assert Preprocessing.from_dict(p.to_dict()) == p
+    assert Preprocessing.from_dict(Preprocessing(input_size=8).to_dict()) == Preprocessing(input_size=8)
+    q = p.select([2, 0])
+    assert (q.mean, q.std, q.scale_lo, q.scale_hi, q.input_size) == ((0.3, 0.1), (3.0, 1.0), (2, 0), (7, 9), 16)
+    assert Preprocessing(input_size=8).select([0]) == Preprocessing(input_size=8)

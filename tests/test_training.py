@@ -441,3 +441,20 @@ def test_torchrun_two_processes_match_one(crop_store, tmp_path):
     for k in a["student"]:
         torch.testing.assert_close(a["student"][k], b["student"][k], rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(a["dino_loss"]["center"], b["dino_loss"]["center"], rtol=1e-4, atol=1e-6)
+
+
+def test_knn_monitoring_logs_what_the_engine_would_measure(crop_store, tmp_path):
+    from scdino.engine.knn import evaluate_knn, labels_of
+    from scdino.engine.ingest import CropStore
+    from scdino.models import embed_crops, load_model
+
+    out = tmp_path / "mon"
+    train(cfg_for(crop_store, out, epochs=2, val_data=crop_store, knn_freq=1, intensity_scaling="dataset"))
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"summary"' in line]
+    assert [("knn_top1" in r) for r in logged] == [True, True]
+    store = CropStore(crop_store)
+    table = store.table()
+    lm = load_model(str(out / "checkpoint.pth"), 3)  # the teacher, with the preprocessing the engine applies
+    emb = embed_crops(lm.model, store.read(np.arange(len(table)), [0, 1, 2]), lm.prep)
+    want = evaluate_knn(emb, labels_of(table, "class", crop_store).to_numpy(), seed=0)["top1"]
+    assert logged[-1]["knn_top1"] == pytest.approx(want, abs=1e-9)

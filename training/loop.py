@@ -17,9 +17,9 @@ import torch.distributed as dist
 from torch import nn
 
 from scdino.errors import ConfigError, ScdinoError
-from scdino.models import arch_config
+from scdino.models import arch_config, embed_crops
 from scdino.models.vit import VisionTransformer
-from scdino.preprocess import preprocess
+from scdino.preprocess import Preprocessing
 from scdino.training.augment import MultiCrop, channel_stats, intensity_range, make_generator
 from scdino.training.config import TrainConfig
 from scdino.training.data import epoch_order, load_crops
@@ -98,18 +98,6 @@ def _args_namespace(cfg: TrainConfig) -> argparse.Namespace:
     return argparse.Namespace(**d)
 
 
-def embed_with(
-    backbone: VisionTransformer, raw: torch.Tensor, mean, std, size: int, device, bs: int = 128, lo=None, hi=None
-):
-    out = []
-    backbone.eval()
-    with torch.inference_mode():
-        for a in range(0, len(raw), bs):
-            x = preprocess(raw[a : a + bs].to(device), size, mean, std, lo, hi)
-            out.append(backbone(x).float().cpu())
-    return torch.cat(out).numpy()
-
-
 def _check_resumed_scaling(path: Path, meta: dict, lo, hi) -> None:
     """A run resumes only with the intensity scaling its checkpoint was trained with (the engine and exporter trust
     the stored range)."""
@@ -153,6 +141,13 @@ def train(cfg: TrainConfig) -> dict:
                 "--set intensity_percentiles=LOW,HIGH (e.g. 0,100) or use --set intensity_scaling=crop"
             )
     mean, std = channel_stats(crops, scale_lo=lo, scale_hi=hi)
+    model_prep = Preprocessing(  # what the engine will apply to this model's inputs
+        cfg.global_size,
+        tuple(mean.tolist()),
+        tuple(std.tolist()),
+        scale_lo=tuple(lo.tolist()) if lo is not None else None,
+        scale_hi=tuple(hi.tolist()) if hi is not None else None,
+    )
     torch.manual_seed(cfg.seed)  # the same initial weights in every process and every run
     student, teacher = build_networks(cfg, crops.shape[1])
     student, teacher = student.to(device), teacher.to(device)
@@ -209,9 +204,10 @@ def train(cfg: TrainConfig) -> dict:
 
         vcrops, _, vtable = load_crops(cfg.val_data, names)
         val = (vcrops, labels_of(vtable, cfg.val_label_key, cfg.val_data).to_numpy())
-    augment = MultiCrop(
-        cfg, mean.to(device), std.to(device), *((lo.to(device), hi.to(device)) if lo is not None else (None, None))
-    )
+    def on_device(t):
+        return t.to(device) if t is not None else None
+
+    augment = MultiCrop(cfg, *map(on_device, (mean, std, lo, hi)))
     logf = open(out / "log.jsonl", "a") if rank == 0 else None
     from tqdm.auto import tqdm
 
@@ -297,16 +293,7 @@ def train(cfg: TrainConfig) -> dict:
         if val is not None and (epoch + 1) % cfg.knn_freq == 0:
             from scdino.engine.knn import evaluate_knn
 
-            emb = embed_with(
-                teacher.backbone,
-                val[0],
-                mean.tolist(),
-                std.tolist(),
-                cfg.global_size,
-                device,
-                lo=lo.tolist() if lo is not None else None,
-                hi=hi.tolist() if hi is not None else None,
-            )
+            emb = embed_crops(teacher.backbone, val[0], model_prep, device)
             summary["knn_top1"] = evaluate_knn(emb, val[1], seed=cfg.seed)["top1"]
         if rank == 0:
             logf.write(json.dumps({"summary": True, **summary}) + "\n")

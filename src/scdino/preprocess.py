@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -65,6 +65,25 @@ class Preprocessing:
         if self.scale_lo is not None:
             d.update(scale_lo=list(self.scale_lo), scale_hi=list(self.scale_hi))
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        """The inverse of :meth:`to_dict` (as stored in export sidecars and run outputs)."""
+
+        def tup(key):
+            return tuple(float(v) for v in d[key]) if d.get(key) is not None else None
+
+        return cls(int(d["input_size"]), tup("mean"), tup("std"), scale_lo=tup("scale_lo"), scale_hi=tup("scale_hi"))
+
+    def select(self, idx: Sequence[int]) -> "Preprocessing":
+        """The same preprocessing for the channels ``idx`` (in that order) of the model's channels."""
+
+        def pick(v):
+            return tuple(v[i] for i in idx) if v is not None else None
+
+        return replace(
+            self, mean=pick(self.mean), std=pick(self.std), scale_lo=pick(self.scale_lo), scale_hi=pick(self.scale_hi)
+        )
 
 
 def minmax_scale(x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
 
 from scdino.errors import CheckpointError, ConfigError
 from scdino.models.adapt import adapt_patch_weight, parse_mode
@@ -186,3 +188,18 @@ def load_model(
     )
     info.update(arch=arch_name(cfg), config=cfg.to_dict(), embed_dim=cfg.embed_dim, input_size=input_size)
     return LoadedModel(model.eval(), prep, info)
+
+
+def embed_crops(net: nn.Module, raw, prep: Preprocessing, device=None, batch_size: int = 128) -> np.ndarray:
+    """CLS embeddings (n, D) float32 of raw crops (n, C, S, S; numpy or tensor, any dtype) through ``net`` with the
+    preprocessing ``prep``, in batches, on ``device`` (default: where ``net`` is)."""
+    from scdino.preprocess import apply
+
+    device = device or next(net.parameters()).device
+    raw = torch.as_tensor(raw) if not isinstance(raw, torch.Tensor) else raw
+    net.eval()
+    out = []
+    with torch.inference_mode():
+        for a in range(0, len(raw), batch_size):
+            out.append(net(apply(raw[a : a + batch_size].to(device), prep)).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, net.cfg.embed_dim), np.float32)
