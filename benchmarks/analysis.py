@@ -48,8 +48,8 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from scdino.engine.knn import evaluate_knn
     from scdino.engine.umap import PRESETS, fit_umap
+    from scdino.knn import evaluate_knn
 
     t = time.perf_counter()
     fit_umap(synthetic(500)[0], {**PRESETS[args.preset], "n_epochs": 10}, "cpu")
@@ -64,8 +64,7 @@ def main() -> None:
             r = evaluate_knn(x, y, k=20, temperature=0.07)
             knn_s, top1 = time.perf_counter() - t, r["top1"]
         else:  # the same split and vote, on the first queries only; each query costs the same
-            from scdino.engine.knn import split
-            from scdino.knn import knn_predict
+            from scdino.knn import knn_predict, split
 
             tr, te, _ = split(y, 0.8, 0)
             q = te[: args.sample_queries]

@@ -36,7 +36,7 @@ def main() -> None:
     import anndata as ad
     import torch
 
-    from scdino.engine.cells import CellOptions
+    from scdino.cells.options import CellOptions
     from scdino.engine.pipeline import RunConfig, run, versions
     from scdino.engine.sample import neocortex_segment_params, write_sample_plate
     from scdino.export.onnx_export import export_onnx
@@ -95,8 +95,8 @@ def main() -> None:
                 emb[name] = a.obsm["X_scdino"]
                 n = a.n_obs
     # labels from the pixels: the dominant marker of each nucleus' crop
-    from scdino.engine.cells import read_crops
-    from scdino.plate import Plate
+    from scdino.cells.plate import Plate
+    from scdino.cells.table import read_crops
 
     table = ad.read_zarr(tmp / "torch_fp32.zarr").obs.reset_index(drop=True)
     crops = read_crops(Plate(plate), table, [0, 1, 2], crop)

@@ -33,14 +33,14 @@ def main() -> None:
     args = ap.parse_args()
     import anndata as ad
 
-    from scdino.engine.cells import CellOptions, read_crops
+    from scdino.cells.options import CellOptions
+    from scdino.cells.plate import Plate
+    from scdino.cells.table import read_crops
     from scdino.engine.evaluate import raw_pixel_features
-    from scdino.engine.knn import evaluate_knn
     from scdino.engine.pipeline import RunConfig, run
     from scdino.engine.sample import neocortex_segment_params, write_sample_plate
-    from scdino.knn import dominant_channel_labels
+    from scdino.knn import dominant_channel_labels, evaluate_knn
     from scdino.models import embed_crops, load_model
-    from scdino.plate import Plate
 
     tmp = Path(tempfile.mkdtemp(prefix="scdino-default-"))
     plate = write_sample_plate(tmp / "neocortex.zarr", "neocortex")

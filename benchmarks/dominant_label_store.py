@@ -25,6 +25,7 @@ def main() -> None:
     args = ap.parse_args()
     import tifffile
 
+    from scdino.cells.options import CellOptions
     from scdino.engine.ingest import ingest
     from scdino.engine.sample import neocortex_segment_params, write_sample_plate
     from scdino.knn import dominant_channel_labels
@@ -32,13 +33,13 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="scdino-labels-"))
     plate = write_sample_plate(tmp / "neocortex.zarr", "neocortex")
-    crops, names, _ = load_crops(
-        plate,
+    opts = CellOptions(
         segment_channel="CTIP2,BRN2,ROR",
         crop_size=args.crop_size,
         segment=neocortex_segment_params(),
         wells=tuple(args.wells.split(",")),
     )
+    crops, names, _ = load_crops(plate, opts)
     crops = crops.numpy().astype(np.uint16)
     labels = np.array(names)[dominant_channel_labels(crops)]
     for i, (c, lab) in enumerate(zip(crops, labels)):

@@ -30,15 +30,13 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/engine_throughput.json")
     args = ap.parse_args()
 
-    from scdino.engine.cells import CellOptions
+    from scdino.cells.options import CellOptions
     from scdino.engine.pipeline import RunConfig, run, versions
     from scdino.engine.sample import neocortex_segment_params, write_sample_plate
 
     tmp = Path(tempfile.mkdtemp(prefix="scdino-bench-"))
     plate = write_sample_plate(tmp / "neocortex.zarr", "neocortex")
-    cells = CellOptions(
-        segment_channel="CTIP2,BRN2,ROR", crop_size=32, segment=neocortex_segment_params()
-    )
+    cells = CellOptions(segment_channel="CTIP2,BRN2,ROR", crop_size=32, segment=neocortex_segment_params())
     rows = []
     for setting in args.settings:
         model, size = setting.rsplit("@", 1)

@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import anndata as ad
 
-from scdino.engine.cells import read_crops
-from scdino.engine.knn import write_obs_column
+from scdino.cells.table import read_crops
+from scdino.engine.output import write_obs_column
 from scdino.knn import dominant_channel_labels
-from scdino.plate import Plate
+from scdino.cells.plate import Plate
 
 a = ad.read_zarr("cells.zarr")
 crops = read_crops(Plate("neocortex.zarr"), a.obs.reset_index(drop=True), [0, 1, 2], 32)

@@ -15,32 +15,31 @@ log = logging.getLogger(__name__)
 
 
 def _cells_and_crops(source: str, channels: Sequence[str] | None):
-    """(table, crop reader, channel names, crop size) of a crop store or of a finished ``run`` output."""
-    from scdino.engine.ingest import CropStore, is_crop_store
-    from scdino.plate import resolve_channels
-
-    if is_crop_store(source):
-        store = CropStore(source)
-        idx = resolve_channels(store.channels, channels, source)
-        table = store.table()
-        return table, lambda rows: store.read(rows["store_index"].to_numpy(), idx), [store.channels[i] for i in idx]
+    """(table, crop reader, channel names) of a crop store or plate, or of the cells of a finished ``run`` output."""
     import anndata as ad
 
-    from scdino.engine.cells import read_crops
-    from scdino.engine.knn import read_embeddings
-    from scdino.plate import Plate
+    from scdino.cells.cropstore import is_crop_store
+    from scdino.cells.options import CellOptions
+    from scdino.cells.source import open_source
+    from scdino.engine.output import read_embeddings
+
+    if is_crop_store(source):
+        src = open_source(source, CellOptions(channels=tuple(channels) if channels else None))
+        return src.find_cells(), src.read, list(src.channel_names)
 
     _, obs = read_embeddings(source)
     uns = ad.read_zarr(source).uns.get("scdino", {})
     if "crop_size" not in uns or "plate" not in uns:
         raise InputError(f"{source}: neither a crop store nor an embeddings store of 'scdino-engine run'")
-    plate = Plate(uns["plate"])
-    names = plate.channel_names(plate.fields()[0])
-    used = list(channels) if channels else list(uns["channels"])
-    idx = resolve_channels(names, used, uns["plate"])
-    crop = int(uns["crop_size"])
+    used = tuple(channels) if channels else tuple(uns["channels"])
+    wells = (uns.get("cells") or {}).get("wells")
+    if is_crop_store(uns["plate"]):
+        opts = CellOptions(channels=used)
+    else:
+        opts = CellOptions(channels=used, crop_size=int(uns["crop_size"]), wells=tuple(wells) if wells else None)
+    src = open_source(uns["plate"], opts)
     table = obs.reset_index(drop=False).rename(columns={"index": "cell"})
-    return table, lambda rows: read_crops(plate, rows, idx, crop), [names[i] for i in idx]
+    return table, src.read, list(src.channel_names)
 
 
 def select_cells(table, cells: Sequence[str] | None, per_class: int | None, label_key: str | None, seed: int):

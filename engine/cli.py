@@ -10,6 +10,10 @@ from pathlib import Path
 import click
 
 from scdino._cli import ErrorGroup, configure_logging
+from scdino.cells.options import DEFAULT_CROP_SIZE, CellOptions, SegmentParams
+from scdino.engine.config import RunConfig
+from scdino.engine.umap import DEFAULT_PRESET, FIT_MAX, PRESETS
+from scdino.knn import TEMPERATURE, TRAIN_FRACTION, K
 
 MODEL_HELP = (
     "Model: 'default' (a small scDINO model shipped with scdino, trained on the neocortex sample plate's "
@@ -27,9 +31,10 @@ def main(verbose: int) -> None:
     """scdino engine: single-cell embeddings of OME-Zarr plates with channel-adapted DINO ViTs.
 
     \b
-    Quick start (real sample images, untrained model until a trained default ships):
+    Quick start (real sample images and the trained default model):
       scdino-engine sample-plate sample.zarr
-      scdino-engine run sample.zarr --model random:vit_small16 --out cells.zarr
+      scdino-engine run sample.zarr --out cells.zarr --segment-channel CTIP2,BRN2,ROR --sigma 1 \\
+          --min-distance 4 --min-area 15 --crop-size 32
     """
     configure_logging(verbose)
 
@@ -40,11 +45,11 @@ def _split(value: str | None) -> tuple[str, ...] | None:
 
 @main.command("run")
 @click.argument("plate", type=click.Path(file_okay=False))
-@click.option("--model", default="default", show_default=True, help=MODEL_HELP)
+@click.option("--model", default=RunConfig.model, show_default=True, help=MODEL_HELP)
 @click.option("--out", required=True, type=click.Path(), help="Output AnnData zarr store (e.g. cells.zarr).")
 @click.option(
     "--checkpoint-key",
-    default="teacher",
+    default=RunConfig.checkpoint_key,
     show_default=True,
     help="Which network of a DINO full checkpoint to use (teacher or student).",
 )
@@ -55,12 +60,12 @@ def _split(value: str | None) -> tuple[str, ...] | None:
     help="Channel (name or index) to segment and to centre crops on; several (A,B) are combined by a "
     "pixel-wise max of percentile-scaled channels. Default: the first selected channel.",
 )
-@click.option("--crop-size", type=int, help="Crop side in pixels.  [default: 64]")
+@click.option("--crop-size", type=int, help=f"Crop side in pixels.  [default: {DEFAULT_CROP_SIZE}]")
 @click.option("--crop-um", type=float, help="Crop side in micrometres (needs the pixel size in the plate metadata).")
 @click.option(
     "--border",
     type=click.Choice(["pad", "skip"]),
-    default="pad",
+    default=CellOptions.border,
     show_default=True,
     help="Cells whose crop leaves the field: zero-pad and flag them, or skip them.",
 )
@@ -73,28 +78,34 @@ def _split(value: str | None) -> tuple[str, ...] | None:
 )
 @click.option(
     "--adapt",
-    default="mean",
+    default=RunConfig.adapt,
     show_default=True,
     help="Adaptation of RGB models to N channels: mean (scDINO), scaled (timm) or map:R,G,B,...",
 )
 @click.option(
     "--backend",
     type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]),
-    default="auto",
+    default=RunConfig.backend,
     show_default=True,
     help="auto picks by MODEL: a checkpoint runs on torch, model.onnx on ONNX Runtime (CUDA if "
     "onnxruntime-gpu and a GPU are there), model.plan on TensorRT; the choice is logged.",
 )
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Crops per forward pass.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=RunConfig.device, show_default=True)
+@click.option("--batch-size", type=int, default=RunConfig.batch_size, show_default=True, help="Crops per forward pass.")
 @click.option(
     "--chunk-cells",
     type=int,
-    default=256,
+    default=RunConfig.chunk_cells,
     show_default=True,
     help="Cells per Dask block (the unit of work, of progress and of resuming).",
 )
-@click.option("--workers", type=int, default=1, show_default=True, help="Worker processes of the local Dask cluster.")
+@click.option(
+    "--workers",
+    type=int,
+    default=RunConfig.workers,
+    show_default=True,
+    help="Worker processes of the local Dask cluster.",
+)
 @click.option(
     "--threads",
     type=int,
@@ -102,17 +113,33 @@ def _split(value: str | None) -> tuple[str, ...] | None:
     "(dask worker processes otherwise give torch one thread).",
 )
 @click.option("--scheduler", help="Address of a running Dask scheduler (tcp://host:8786) instead of a local cluster.")
-@click.option("--sigma", type=float, default=2.0, show_default=True, help="Segmentation: gaussian smoothing (px).")
-@click.option("--threshold", default="otsu", show_default=True, help="Segmentation: otsu, li or a number.")
+@click.option(
+    "--sigma", type=float, default=SegmentParams.sigma, show_default=True, help="Segmentation: gaussian smoothing (px)."
+)
+@click.option(
+    "--threshold", default=SegmentParams.threshold, show_default=True, help="Segmentation: otsu, li or a number."
+)
 @click.option(
     "--min-distance",
     type=int,
-    default=7,
+    default=SegmentParams.min_distance,
     show_default=True,
     help="Segmentation: least distance between nucleus centres when splitting touching nuclei (0: no split).",
 )
-@click.option("--min-area", type=int, default=30, show_default=True, help="Segmentation: smallest nucleus (px).")
-@click.option("--max-area", type=int, default=0, show_default=True, help="Segmentation: largest nucleus (px, 0: any).")
+@click.option(
+    "--min-area",
+    type=int,
+    default=SegmentParams.min_area,
+    show_default=True,
+    help="Segmentation: smallest nucleus (px).",
+)
+@click.option(
+    "--max-area",
+    type=int,
+    default=SegmentParams.max_area,
+    show_default=True,
+    help="Segmentation: largest nucleus (px, 0: any).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output instead of resuming it.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def run_cmd(
@@ -150,9 +177,7 @@ def run_cmd(
     intensity-weighted centroid; crops stream through the model in blocks of --chunk-cells on Dask.
     An interrupted run continues where it stopped when the same command is run again.
     """
-    from scdino.engine.cells import CellOptions
-    from scdino.engine.pipeline import RunConfig, run
-    from scdino.engine.segment import SegmentParams
+    from scdino.engine.pipeline import run
 
     cells = CellOptions(
         channels=_split(channels),
@@ -246,9 +271,11 @@ def ingest_cmd(folder, out, channels, channels_first, overwrite) -> None:
 @main.command("knn")
 @click.argument("cells", type=click.Path(file_okay=False))
 @click.option("--label-key", required=True, help="obs column with the classes (e.g. class).")
-@click.option("--k", type=int, default=20, show_default=True)
-@click.option("--temperature", type=float, default=0.07, show_default=True, help="Vote weight exp(sim / T).")
-@click.option("--train-fraction", type=float, default=0.8, show_default=True, help="Reference share (stratified).")
+@click.option("--k", type=int, default=K, show_default=True)
+@click.option("--temperature", type=float, default=TEMPERATURE, show_default=True, help="Vote weight exp(sim / T).")
+@click.option(
+    "--train-fraction", type=float, default=TRAIN_FRACTION, show_default=True, help="Reference share (stratified)."
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--reference",
@@ -259,9 +286,19 @@ def ingest_cmd(folder, out, channels, channels_first, overwrite) -> None:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 def knn_cmd(cells, label_key, k, temperature, train_fraction, seed, reference, out, device) -> None:
     """Weighted k-NN accuracy of an embeddings store (top-1, balanced, per class, confusion matrix)."""
-    from scdino.engine.knn import knn_command
+    from scdino.engine.knn_report import knn_command
 
-    r = knn_command(cells, label_key, k, temperature, train_fraction, seed, out, reference, device)
+    r = knn_command(
+        cells,
+        label_key,
+        k=k,
+        temperature=temperature,
+        train_fraction=train_fraction,
+        seed=seed,
+        out=out,
+        reference=reference,
+        device=device,
+    )
     if r["mode"] == "evaluate":
         click.echo(
             f"k-NN top-1 {100 * r['top1']:.2f}%, balanced {100 * r['balanced_accuracy']:.2f}% "
@@ -278,8 +315,8 @@ def knn_cmd(cells, label_key, k, temperature, train_fraction, seed, reference, o
 @click.argument("cells", type=click.Path(file_okay=False))
 @click.option(
     "--preset",
-    type=click.Choice(["ipsc-qc", "ipsc-morphology", "immune"]),
-    default="ipsc-qc",
+    type=click.Choice(list(PRESETS)),
+    default=DEFAULT_PRESET,
     show_default=True,
     help="The paper's settings (neighbours, min_dist, spread, 500 epochs).",
 )
@@ -292,7 +329,7 @@ def knn_cmd(cells, label_key, k, temperature, train_fraction, seed, reference, o
 @click.option(
     "--fit-max",
     type=int,
-    default=200_000,
+    default=FIT_MAX,
     show_default=True,
     help="Fit on at most this many cells (seeded subsample) and transform the rest.",
 )
@@ -311,15 +348,16 @@ def umap_cmd(
     """UMAP of the embeddings into obsm['X_umap'] and a scatter plot."""
     from scdino.engine.umap import umap_command
 
+    overrides = {"n_neighbors": n_neighbors, "min_dist": min_dist, "spread": spread, "n_epochs": n_epochs}
     r = umap_command(
         cells,
         preset,
-        {"n_neighbors": n_neighbors, "min_dist": min_dist, "spread": spread, "n_epochs": n_epochs, "metric": metric},
-        color_by,
-        device,
-        fit_max,
-        seed,
-        png,
+        {**overrides, "metric": metric},
+        color_by=color_by,
+        device=device,
+        fit_max=fit_max,
+        seed=seed,
+        png=png,
     )
     click.echo(f"UMAP of {r['n']} cells ({r['engine']}, {r['seconds']} s) in obsm['X_umap']; figure {r['png']}")
 
@@ -333,14 +371,23 @@ def umap_cmd(
 @click.option("--label-key", help="Class column for --per-class. Default: class, when present.")
 @click.option("--channels", help="Channels to show and feed the model. Default: those of the run.")
 @click.option("--input-size", type=int, help="Default: the size the model was trained at (224 for DINO's).")
-@click.option("--checkpoint-key", default="teacher", show_default=True)
+@click.option("--checkpoint-key", default=RunConfig.checkpoint_key, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def attention_cmd(source, model, out, cells, per_class, label_key, channels, input_size, checkpoint_key, seed) -> None:
     """Each cell's channels beside each head's last-block CLS attention (SOURCE: crop store or run output)."""
     from scdino.engine.attention import attention_command
 
     r = attention_command(
-        source, model, out, _split(cells), per_class, label_key, _split(channels), input_size, checkpoint_key, seed
+        source,
+        model,
+        out,
+        cells=_split(cells),
+        per_class=per_class,
+        label_key=label_key,
+        channels=_split(channels),
+        input_size=input_size,
+        checkpoint_key=checkpoint_key,
+        seed=seed,
     )
     click.echo(f"wrote {r['png']} ({r['cells']} cells x {r['heads']} heads)")
 
@@ -353,8 +400,8 @@ def attention_cmd(source, model, out, cells, per_class, label_key, channels, inp
 @click.option("--label-key", default="class", show_default=True)
 @click.option("--run-dir", type=click.Path(file_okay=False), help="A scdino-train RUN_DIR: accuracy per epoch.")
 @click.option("--baseline-arch", help="Architecture of the untrained baseline. Default: vit_small16.")
-@click.option("--k", type=int, default=20, show_default=True)
-@click.option("--temperature", type=float, default=0.07, show_default=True)
+@click.option("--k", type=int, default=K, show_default=True)
+@click.option("--temperature", type=float, default=TEMPERATURE, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--input-size", type=int, help="Default: the size the model was trained at (224 for DINO's).")
 def evaluate_cmd(
@@ -369,14 +416,13 @@ def evaluate_cmd(
         _split(models) or (),
         sets,
         out,
-        label_key,
-        k,
-        temperature,
-        0.8,
-        seed,
-        input_size,
         run_dir=run_dir,
         baseline_arch=baseline_arch,
+        label_key=label_key,
+        k=k,
+        temperature=temperature,
+        seed=seed,
+        input_size=input_size,
     )
     click.echo((Path(out) / "report.md").read_text())
 

@@ -1,5 +1,9 @@
 """``scdino-engine evaluate``: every model x channel set on a labelled crop store, k-NN top-1 heatmap (the paper's
-Fig. 1B/1E/2A), accuracy per training epoch (Fig. 2B), baselines in the same table, one report folder."""
+Fig. 1B/1E/2A), accuracy per training epoch (Fig. 2B), baselines in the same table, one report folder.
+
+:func:`evaluate` = :func:`compute_grid` (embeddings through the engine's own ``run``, k-NN of each) +
+:func:`write_report` (results.json, report.md, heatmap.png, epochs.png).
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,48 @@ import json
 import logging
 import re
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from scdino.errors import InputError, OutputError
+from scdino.cells.options import CellOptions
+from scdino.engine.config import DEFAULT_BATCH_SIZE
+from scdino.errors import ConfigError, InputError, OutputError
+from scdino.knn import TEMPERATURE, TRAIN_FRACTION, K
+from scdino.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """The k-NN protocol (SPEC section 4) and how embeddings are made."""
+
+    label_key: str = "class"
+    k: int = K
+    temperature: float = TEMPERATURE
+    train_fraction: float = TRAIN_FRACTION
+    seed: int = 0
+    input_size: int | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+    progress: bool = True
+
+
+@dataclass
+class Grid:
+    """Top-1 of every channel set (rows) x feature set (columns), the full k-NN results, and accuracy per epoch."""
+
+    rows: list[str]
+    columns: list[str]
+    top1: np.ndarray
+    details: dict = field(default_factory=dict)
+    epochs: list[tuple[int, float]] = field(default_factory=list)
+    #: the columns the per-epoch plot is drawn against
+    epoch_baselines: dict[str, float] = field(default_factory=dict)
+    classes: list[str] = field(default_factory=list)
+    n_cells: int = 0
 
 
 def raw_pixel_features(crops: np.ndarray, scale_lo=None, scale_hi=None) -> np.ndarray:
@@ -27,28 +64,16 @@ def raw_pixel_features(crops: np.ndarray, scale_lo=None, scale_hi=None) -> np.nd
     return scale_intensity(torch.from_numpy(crops.astype(np.float32)), scale_lo, scale_hi).flatten(1).numpy()
 
 
-def fixed_range_of(model: str):
+def fixed_range_of(model: str) -> tuple[Preprocessing, list[str]] | None:
     """(its Preprocessing, its channel names) when ``model`` scales intensities by a fixed per-channel range (trained
     with ``intensity_scaling=dataset``), else None."""
-    from scdino.engine.backends import model_format
-    from scdino.errors import ConfigError
-    from scdino.models import load_model, native_channels
-    from scdino.preprocess import Preprocessing
+    from scdino.models.card import describe_model
 
-    if model_format(model) != "checkpoint":
-        from scdino.export.sidecar import read_sidecar
-
-        meta = read_sidecar(model)
-        prep = Preprocessing.from_dict(meta["preprocessing"])
-        return (prep, list(meta.get("channels") or [])) if prep.scale_lo is not None else None
-    if model.startswith("random:"):
-        return None
     try:
-        n_channels = native_channels(model)
-    except ConfigError:  # an RGB model adapted to any channel count: it has no fixed range of its own
+        card = describe_model(model)
+    except ConfigError:  # an RGB or random model adapts to any channel count: it has no fixed range of its own
         return None
-    lm = load_model(model, n_channels)
-    return (lm.prep, list(lm.channels or [])) if lm.prep.scale_lo is not None else None
+    return (card.preprocessing, list(card.channels or [])) if card.preprocessing.scale_lo is not None else None
 
 
 def _checkpoints(run_dir: str) -> list[tuple[int, str]]:
@@ -62,173 +87,177 @@ def _checkpoints(run_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def evaluate(
+def _tag(j: int, model: str, name: str) -> str:
+    tag = f"{j}_{re.sub(r'[^A-Za-z0-9]+', '_', Path(model).stem if '/' in model else model)}_{name}"
+    return re.sub(r"[^A-Za-z0-9_+-]", "_", tag)
+
+
+def compute_grid(
     crops: str,
     models: Sequence[str],
     channel_sets: Sequence[Sequence[str]],
-    out: str,
-    label_key: str = "class",
-    k: int = 20,
-    temperature: float = 0.07,
-    train_fraction: float = 0.8,
-    seed: int = 0,
-    input_size: int | None = None,
-    batch_size: int = 64,
+    outdir: Path,
+    settings: EvalSettings,
     run_dir: str | None = None,
     baseline_arch: str | None = None,
-    progress: bool = True,
-) -> dict:
-    """Run the grid and write ``out``/report.md, results.json, heatmap.png (and epochs.png)."""
-    from distributed import Client, LocalCluster
-
-    from scdino.engine.cells import CellOptions
-    from scdino.engine.ingest import CropStore, is_crop_store
-    from scdino.engine.knn import evaluate_knn, labels_of, read_embeddings
+) -> Grid:
+    """Embed the crop store with every model and channel set (through ``run``, reusing earlier grid cells in
+    ``outdir/embeddings``) and measure k-NN on each, beside the untrained and raw-pixel baselines."""
+    from scdino.cells.source import open_source, read_all
+    from scdino.engine.cluster import dask_client
+    from scdino.engine.output import labels_of, read_embeddings
     from scdino.engine.pipeline import RunConfig, run
-    from scdino.engine.plots import epochs_png, heatmap_png
+    from scdino.knn import evaluate_knn
     from scdino.models import embed_crops, load_model
-    from scdino.plate import resolve_channels
 
-    if not is_crop_store(crops):
+    source = open_source(crops)
+    if source.n_fields:
         raise InputError(f"{crops}: evaluate needs a labelled crop store; make one with 'scdino-engine ingest'")
-    store = CropStore(crops)
-    table = store.table()
-    labels = labels_of(table, label_key, crops)
+    table = source.find_cells()
+    labels = labels_of(table, settings.label_key, crops)
     if labels.isna().any():
-        raise InputError(f"{crops}: {int(labels.isna().sum())} cells have no {label_key!r}")
+        raise InputError(f"{crops}: {int(labels.isna().sum())} cells have no {settings.label_key!r}")
     y = labels.to_numpy()
-    outdir = Path(out)
-    (outdir / "embeddings").mkdir(parents=True, exist_ok=True)
-    sets = [tuple(s) for s in channel_sets] or [tuple(store.channels)]
-    for s in sets:
-        resolve_channels(store.channels, s, crops)  # unknown channel names fail before any work
-    untrained = f"random:{baseline_arch}" if baseline_arch else "random:vit_small16"
-    columns = list(models) + [f"untrained {untrained.split(':')[1]}", "raw pixels"]
+    sets = [tuple(s) for s in channel_sets] or [tuple(source.channel_names)]
+    sources = {s: open_source(crops, CellOptions(channels=s)) for s in sets}  # unknown channels fail before any work
+    untrained = f"random:{baseline_arch or 'vit_small16'}"
+    arch = untrained.split(":")[1]
+    columns = list(models) + [f"untrained {arch}", "raw pixels"]
     # a model trained with a fixed intensity range is held to baselines that keep absolute levels too: per-crop min-max
     # baselines alone would credit training with what the scaling gives (README, "Keeping marker levels")
     fixed = None
-    for m in [*models, *([str(_checkpoints(run_dir)[-1][1])] if run_dir else [])]:
+    for m in [*models, *([_checkpoints(run_dir)[-1][1]] if run_dir else [])]:
         fixed = fixed or fixed_range_of(m)
     if fixed:
-        columns += [f"untrained {untrained.split(':')[1]}, fixed range", "raw pixels, fixed range"]
-    acc = np.full((len(sets), len(columns)), np.nan)
-    details: dict = {}
-    t0 = time.perf_counter()
+        columns += [f"untrained {arch}, fixed range", "raw pixels, fixed range"]
+    grid = Grid(["+".join(s) for s in sets], columns, np.full((len(sets), len(columns)), np.nan))
+    grid.classes, grid.n_cells = sorted(set(map(str, y))), len(y)
 
     def knn(x: np.ndarray) -> dict:
-        return evaluate_knn(x, y, k, temperature, train_fraction, seed)
+        return evaluate_knn(x, y, settings.k, settings.temperature, settings.train_fraction, settings.seed)
 
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.WARNING
-        ) as cluster,
-        Client(cluster),
-    ):
+    def record(i: int, j: int, r: dict) -> None:
+        grid.top1[i, j] = r["top1"]
+        grid.details[f"{columns[j]} | {grid.rows[i]}"] = r
+
+    with dask_client():
 
         def embed(model: str, chans: tuple[str, ...], tag: str) -> np.ndarray:
-            path = outdir / "embeddings" / f"{tag}.zarr"
             rc = RunConfig(
                 plate=crops,
-                out=str(path),
+                out=str(outdir / "embeddings" / f"{tag}.zarr"),
                 model=model,
                 cells=CellOptions(channels=chans),
-                input_size=input_size,
-                batch_size=batch_size,
-                progress=progress,
+                input_size=settings.input_size,
+                batch_size=settings.batch_size,
+                progress=settings.progress,
             )
             try:  # a finished or interrupted grid cell of an earlier evaluate is reused or resumed
                 run(rc)
             except OutputError:  # left by a grid with other settings: this report folder owns it
                 run(replace(rc, overwrite=True))
-            return read_embeddings(str(path))[0]
+            return read_embeddings(rc.out)[0]
 
         for i, chans in enumerate(sets):
-            name = "+".join(chans)
             for j, model in enumerate([*models, untrained]):
-                tag = f"{j}_{re.sub(r'[^A-Za-z0-9]+', '_', Path(model).stem if '/' in model else model)}_{name}"
-                r = knn(embed(model, chans, re.sub(r"[^A-Za-z0-9_+-]", "_", tag)))
-                acc[i, j] = r["top1"]
-                details[f"{columns[j]} | {name}"] = r
-            idx = resolve_channels(store.channels, chans, crops)
-            raw = store.read(np.arange(len(table)), idx)
-            r = knn(raw_pixel_features(raw))
+                record(i, j, knn(embed(model, chans, _tag(j, model, grid.rows[i]))))
+            raw = read_all(sources[chans], table)
             j = len(models) + 1
-            acc[i, j] = r["top1"]
-            details[f"raw pixels | {name}"] = r
+            record(i, j, knn(raw_pixel_features(raw)))
             if fixed and all(c in fixed[1] for c in chans):  # the range is known for these channels (by name)
                 prep = fixed[0].select([fixed[1].index(c) for c in chans])
                 net = load_model(untrained, len(chans), prep.input_size).model
-                for jj, feats in (
-                    (j + 1, embed_crops(net, raw, prep)),
-                    (j + 2, raw_pixel_features(raw, prep.scale_lo, prep.scale_hi)),
-                ):
-                    r = knn(feats)
-                    acc[i, jj] = r["top1"]
-                    details[f"{columns[jj]} | {name}"] = r
-        epochs = []
+                record(i, j + 1, knn(embed_crops(net, raw, prep)))
+                record(i, j + 2, knn(raw_pixel_features(raw, prep.scale_lo, prep.scale_hi)))
         if run_dir:
             chans = sets[-1]
             for ep, ck in _checkpoints(run_dir):
-                epochs.append((ep, knn(embed(ck, chans, f"epoch{ep:04d}"))["top1"]))
-    rows = ["+".join(s) for s in sets]
+                grid.epochs.append((ep, knn(embed(ck, chans, f"epoch{ep:04d}"))["top1"]))
+    if grid.epochs:
+        j = len(models) + 1
+        last = grid.top1[-1]
+        if fixed and np.isfinite(last[j + 2]):
+            grid.epoch_baselines = {
+                "untrained, fixed range": float(last[j + 1]),
+                "raw pixels, fixed range": float(last[j + 2]),
+            }
+        else:
+            grid.epoch_baselines = {"untrained": float(last[j - 1]), "raw pixels": float(last[j])}
+    return grid
+
+
+def write_report(outdir: Path, crops: str, grid: Grid, s: EvalSettings) -> dict:
+    """report.md, heatmap.png (and epochs.png) of a grid; returns the results (what results.json holds)."""
+    from scdino.engine.plots import epochs_png, heatmap_png
+
+    split = f"{int(100 * s.train_fraction)}/{100 - int(100 * s.train_fraction)}"
     heatmap_png(
-        acc,
-        rows,
-        columns,
+        grid.top1,
+        grid.rows,
+        grid.columns,
         str(outdir / "heatmap.png"),
-        f"k-NN top-1 (k={k}, T={temperature}, {int(100 * train_fraction)}/{100 - int(100 * train_fraction)} "
-        f"split, seed {seed})",
+        f"k-NN top-1 (k={s.k}, T={s.temperature}, {split} split, seed {s.seed})",
     )
     result = {
         "crops": crops,
-        "label_key": label_key,
-        "classes": sorted(set(map(str, y))),
-        "n_cells": len(y),
-        "rows": rows,
-        "columns": columns,
-        "top1": [[float(v) if np.isfinite(v) else None for v in row] for row in acc],
-        "details": details,
-        "k": k,
-        "temperature": temperature,
-        "seed": seed,
-        "input_size": input_size,
-        "seconds": round(time.perf_counter() - t0, 1),
+        "label_key": s.label_key,
+        "classes": grid.classes,
+        "n_cells": grid.n_cells,
+        "rows": grid.rows,
+        "columns": grid.columns,
+        "top1": [[float(v) if np.isfinite(v) else None for v in row] for row in grid.top1],
+        "details": grid.details,
+        "k": s.k,
+        "temperature": s.temperature,
+        "seed": s.seed,
+        "input_size": s.input_size,
     }
-    if epochs:
-        j = len(models) + 1
-        if fixed and np.isfinite(acc[-1, j + 2]):
-            base = {"untrained, fixed range": float(acc[-1, j + 1]), "raw pixels, fixed range": float(acc[-1, j + 2])}
-        else:
-            base = {"untrained": float(acc[-1, j - 1]), "raw pixels": float(acc[-1, j])}
+    if grid.epochs:
         epochs_png(
-            [e for e, _ in epochs],
-            [a for _, a in epochs],
+            [e for e, _ in grid.epochs],
+            [a for _, a in grid.epochs],
             str(outdir / "epochs.png"),
-            base,
-            f"k-NN top-1 per epoch ({rows[-1]})",
+            grid.epoch_baselines,
+            f"k-NN top-1 per epoch ({grid.rows[-1]})",
         )
-        result["epochs"] = [{"epoch": e, "top1": a} for e, a in epochs]
-    (outdir / "results.json").write_text(json.dumps(result, indent=2))
+        result["epochs"] = [{"epoch": e, "top1": a} for e, a in grid.epochs]
     md = [
         f"# scdino evaluation of {crops}",
         "",
-        f"{len(y)} cells, classes {', '.join(result['classes'])}; k-NN k={k}, T={temperature}, "
-        f"{int(100 * train_fraction)}% reference / rest query, seed {seed}; input {input_size} px.",
+        f"{grid.n_cells} cells, classes {', '.join(grid.classes)}; k-NN k={s.k}, T={s.temperature}, "
+        f"{int(100 * s.train_fraction)}% reference / rest query, seed {s.seed}; input {s.input_size} px.",
         "",
-        "| channels | " + " | ".join(columns) + " |",
-        "|---" * (len(columns) + 1) + "|",
+        "| channels | " + " | ".join(grid.columns) + " |",
+        "|---" * (len(grid.columns) + 1) + "|",
     ]
-    for i, r in enumerate(rows):
-        md.append(f"| {r} | " + " | ".join(f"{100 * v:.1f}" if np.isfinite(v) else "-" for v in acc[i]) + " |")
+    for i, r in enumerate(grid.rows):
+        md.append(f"| {r} | " + " | ".join(f"{100 * v:.1f}" if np.isfinite(v) else "-" for v in grid.top1[i]) + " |")
     md += ["", "![k-NN heatmap](heatmap.png)"]
-    if epochs:
-        md += [
-            "",
-            "| epoch | top-1 |",
-            "|---|---|",
-            *[f"| {e} | {100 * a:.1f} |" for e, a in epochs],
-            "",
-            "![per epoch](epochs.png)",
-        ]
+    if grid.epochs:
+        md += ["", "| epoch | top-1 |", "|---|---|", *[f"| {e} | {100 * a:.1f} |" for e, a in grid.epochs]]
+        md += ["", "![per epoch](epochs.png)"]
     (outdir / "report.md").write_text("\n".join(md) + "\n")
+    return result
+
+
+def evaluate(
+    crops: str,
+    models: Sequence[str],
+    channel_sets: Sequence[Sequence[str]],
+    out: str,
+    *,
+    run_dir: str | None = None,
+    baseline_arch: str | None = None,
+    **settings,
+) -> dict:
+    """Run the grid and write ``out``/report.md, results.json, heatmap.png (and epochs.png); ``settings`` are the
+    fields of :class:`EvalSettings`."""
+    s = EvalSettings(**settings)
+    t0 = time.perf_counter()
+    outdir = Path(out)
+    (outdir / "embeddings").mkdir(parents=True, exist_ok=True)
+    grid = compute_grid(crops, models, channel_sets, outdir, s, run_dir, baseline_arch)
+    result = write_report(outdir, crops, grid, s)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    (outdir / "results.json").write_text(json.dumps(result, indent=2))
     return result

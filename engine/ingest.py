@@ -1,10 +1,5 @@
-"""Crop stores: single-cell crops already cut, e.g. the paper's published data sets (a folder of single-cell TIFFs
-with one sub-folder per class, channels last), ingested into one zarr store that ``run`` reads like a plate.
-
-Layout: ``crops`` (n, C, S, S) raw dtype, chunked along cells; ``obs`` (AnnData dataframe) with ``class`` and
-``path`` (every row keeps its source file, so labels can never be misaligned with features); root attribute
-``scdino_crops`` = {channels, crop_size, dtype, source}.
-"""
+"""``scdino-engine ingest``: the paper's published data sets (a folder of single-cell TIFFs with one sub-folder per
+class, channels last) into one crop store (:mod:`scdino.cells.cropstore`) that every command reads like a plate."""
 
 from __future__ import annotations
 
@@ -20,19 +15,12 @@ import pandas as pd
 import zarr
 
 from scdino._optional import require
+from scdino.cells.cropstore import ATTR
 from scdino.errors import ConfigError, InputError, OutputError
 
 log = logging.getLogger(__name__)
 
-ATTR = "scdino_crops"
 EXTS = (".tif", ".tiff")
-
-
-def is_crop_store(path: str | os.PathLike) -> bool:
-    try:
-        return ATTR in zarr.open_group(str(path), mode="r", use_consolidated=False).attrs
-    except Exception:  # not a zarr group at all
-        return False
 
 
 def _to_cyx(img: np.ndarray, where: str, channels_last: bool) -> np.ndarray:
@@ -112,48 +100,3 @@ def ingest(
     }
     root.attrs[ATTR] = meta
     return meta
-
-
-class CropStore:
-    """An opened crop store: the cell table and the raw crops (picklable by path)."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = str(path)
-        g = zarr.open_group(self.path, mode="r", use_consolidated=False)
-        if ATTR not in g.attrs:
-            raise InputError(
-                f"{self.path}: not a scdino crop store (no {ATTR} attribute); make one with "
-                "'scdino-engine ingest FOLDER OUT.zarr'"
-            )
-        self.meta = dict(g.attrs[ATTR])
-        self.channels = list(self.meta["channels"])
-        self.crop_size = int(self.meta["crop_size"])
-
-    def __reduce__(self):
-        return (CropStore, (self.path,))
-
-    @property
-    def array(self) -> zarr.Array:
-        return zarr.open_group(self.path, mode="r", use_consolidated=False)["crops"]
-
-    def table(self) -> pd.DataFrame:
-        from anndata.io import read_elem
-
-        g = zarr.open_group(self.path, mode="r", use_consolidated=False)
-        df = read_elem(g["obs"]).reset_index(drop=True)
-        df.insert(0, "store_index", np.arange(len(df)))
-        return df
-
-    def read(self, rows: np.ndarray, channels: Sequence[int]) -> np.ndarray:
-        """Crops of the given store rows (sorted ascending), selected channels."""
-        from scdino.plate import read_array
-
-        if len(rows) == 0:
-            return np.zeros((0, len(channels), self.crop_size, self.crop_size), self.meta["dtype"])
-        rows = np.asarray(rows)
-        if np.all(np.diff(rows) == 1):  # a contiguous block (the engine's case): one slice
-            idx = (slice(int(rows[0]), int(rows[-1]) + 1), list(channels), slice(None), slice(None))
-        else:  # scattered rows (attention's random cells): only their chunks
-            idx = (rows, list(channels), slice(None), slice(None))
-        block = read_array(self.array, self.path, idx)
-        return block.astype(block.dtype.newbyteorder("="), copy=False)

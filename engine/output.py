@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from scdino.errors import OutputError
+from scdino.errors import ConfigError, InputError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class EmbeddingStore:
         p = g["uns"].create_array("scdino_progress", shape=(nb,), chunks=(1,), dtype="uint8", fill_value=0)
         p.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
         g.attrs["scdino"] = {"status": "running", "fingerprint": fingerprint, "chunk": chunk, "n_cells": n}
-        _consolidate(path)  # anndata.read_zarr reads consolidated metadata
+        consolidate(path)  # anndata.read_zarr reads consolidated metadata
         return cls(path)
 
     @classmethod
@@ -132,10 +132,44 @@ class EmbeddingStore:
         meta = dict(self.group.attrs["scdino"])
         meta["status"] = "complete"
         self.group.attrs["scdino"] = meta
-        _consolidate(self.path)
+        consolidate(self.path)
 
 
-def _consolidate(path: str) -> None:
+def consolidate(path: str) -> None:
+    """Write the consolidated metadata that ``anndata.read_zarr`` reads."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
         zarr.consolidate_metadata(path)
+
+
+def read_embeddings(path: str, key: str = "X_scdino") -> tuple[np.ndarray, pd.DataFrame]:
+    """(embeddings as float32, obs) of a complete store; clear errors for a missing or unfinished one."""
+    import anndata as ad
+
+    st = store_status(path)
+    if st is None:
+        raise InputError(f"{path}: no such embeddings store; make one with 'scdino-engine run'")
+    if st and st.get("status") not in (None, "complete"):
+        raise InputError(f"{path}: the run that writes it is not complete; run the same command again to finish it")
+    a = ad.read_zarr(path)
+    if key not in a.obsm:
+        raise InputError(f"{path}: no obsm[{key!r}] (has {', '.join(a.obsm) or 'none'})")
+    return np.asarray(a.obsm[key], dtype=np.float32), a.obs
+
+
+def labels_of(obs: pd.DataFrame, key: str, path: str) -> pd.Series:
+    """The class column ``key`` of a cell table as objects, missing values as None."""
+    if key not in obs:
+        raise ConfigError(f"{path}: no obs column {key!r}; columns are {', '.join(obs.columns)}; pass --label-key")
+    return obs[key].astype("object").where(obs[key].notna(), None)
+
+
+def write_obs_column(path: str, name: str, values) -> None:
+    """Add or replace the obs column ``name`` of the embeddings store at ``path`` (one value per cell, in order)."""
+    from anndata.io import read_elem, write_elem
+
+    g = zarr.open_group(path, mode="r+", use_consolidated=False)
+    obs = read_elem(g["obs"])
+    obs[name] = np.asarray(values) if not isinstance(values, pd.Categorical) else values
+    write_elem(g, "obs", obs)
+    consolidate(path)

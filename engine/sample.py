@@ -136,7 +136,7 @@ def write_sample_plate(
 def neocortex_segment_params():
     """Nucleus segmentation that fits the neocortex sample's small, dense nuclei; on the command line
     ``--sigma 1 --min-distance 4 --min-area 15``."""
-    from scdino.engine.segment import SegmentParams
+    from scdino.cells.options import SegmentParams
 
     return SegmentParams(sigma=1.0, min_distance=4, min_area=15)
 
@@ -147,8 +147,8 @@ def verification_crops(n: int = 48, crop: int = 48) -> np.ndarray:
     The package ships their output as ``scdino/data/verify_crops.npz`` (made by this function, checked by a test),
     so that exporting needs no sample package.
     """
-    from scdino.engine.cells import segmentation_image
-    from scdino.engine.segment import segment_nuclei
+    from scdino.cells.segment import segment_nuclei
+    from scdino.cells.table import segmentation_image
 
     img = _ndev("neocortex-3Ch.tiff")
     lab = segment_nuclei(segmentation_image(img), neocortex_segment_params())

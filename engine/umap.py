@@ -24,6 +24,9 @@ PRESETS = {
     "ipsc-morphology": {"metric": "euclidean", "n_neighbors": 20, "min_dist": 0.1, "spread": 1.0, "n_epochs": 500},
     "immune": {"metric": "euclidean", "n_neighbors": 50, "min_dist": 0.3, "spread": 1.0, "n_epochs": 500},
 }
+DEFAULT_PRESET = "ipsc-qc"
+#: UMAP is fitted on at most this many cells (a seeded subsample); the rest are transformed with that fit
+FIT_MAX = 200_000
 
 
 def _cuml_usable() -> bool:
@@ -38,7 +41,7 @@ def _cuml_usable() -> bool:
     return True
 
 
-def fit_umap(x: np.ndarray, params: dict, device: str = "auto", fit_max: int = 200_000, seed: int = 0) -> tuple:
+def fit_umap(x: np.ndarray, params: dict, device: str = "auto", fit_max: int = FIT_MAX, seed: int = 0) -> tuple:
     """2-D embedding of ``x``; returns (coordinates, info)."""
     use_gpu = device == "cuda" or (device == "auto" and _cuml_usable())
     if device == "cuda" and not _cuml_usable():
@@ -82,23 +85,22 @@ def fit_umap(x: np.ndarray, params: dict, device: str = "auto", fit_max: int = 2
 
 def umap_command(
     cells: str,
-    preset: str | None = "ipsc-qc",
+    preset: str | None = DEFAULT_PRESET,
     overrides: dict | None = None,
     color_by: str | None = None,
     device: str = "auto",
-    fit_max: int = 200_000,
+    fit_max: int = FIT_MAX,
     seed: int = 0,
     png: str | None = None,
 ) -> dict:
     import zarr
 
-    from scdino.engine.knn import read_embeddings
-    from scdino.engine.output import _consolidate
+    from scdino.engine.output import consolidate, read_embeddings
     from scdino.engine.plots import scatter_png
 
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
-    params = {**PRESETS[preset or "ipsc-qc"], **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    params = {**PRESETS[preset or DEFAULT_PRESET], **{k: v for k, v in (overrides or {}).items() if v is not None}}
     x, obs = read_embeddings(cells)
     color_by = color_by or next((c for c in ("class", "well") if c in obs), None)
     if color_by is not None and color_by not in obs:
@@ -114,7 +116,7 @@ def umap_command(
     from anndata.io import write_elem
 
     write_elem(g["uns"], "umap", json.loads(json.dumps(info)))
-    _consolidate(cells)
+    consolidate(cells)
     png = png or os.path.join(os.path.dirname(os.path.abspath(cells)), Path(cells).stem + "_umap.png")
     sub = f", fitted on {info['fitted_on']} of {len(xy)} cells" if info["transformed"] else ""
     labels = obs[color_by].astype(str).to_numpy() if color_by else np.zeros(len(xy), int)

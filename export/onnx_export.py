@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from scdino.errors import ConfigError
-from scdino.export.sidecar import write_sidecar
-from scdino.models import LoadedModel, load_model, native_channels
+from scdino.models import LoadedModel, load_model
+from scdino.models.sidecar import write_sidecar
 from scdino.preprocess import fixed_scale, minmax_scale
 
 log = logging.getLogger(__name__)
@@ -123,11 +123,7 @@ def export_onnx(
         raise ConfigError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if precision not in ("fp32", "fp16"):
         raise ConfigError(f"--precision {precision!r}: expected fp32 or fp16")
-    if channels:
-        n_channels = len(channels)
-    if n_channels is None:
-        n_channels = native_channels(model, checkpoint_key)
-    lm = load_model(model, n_channels, input_size, checkpoint_key, adapt)
+    lm = load_model(model, n_channels, input_size, checkpoint_key, adapt, channel_names=channels)
     input_size = lm.prep.input_size
     c = lm.model.cfg.in_chans
     if lm.prep.scale_hi is not None and np.issubdtype(np.dtype(dtype), np.integer):

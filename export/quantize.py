@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from scdino.data import packaged_crops
 from scdino.errors import ConfigError
-from scdino.export.sidecar import read_sidecar, write_sidecar
-from scdino.export.verify import VerificationError, compare, fit_crops, packaged_crops
+from scdino.export.verify import VerificationError, compare, fit_crops
+from scdino.models.sidecar import read_sidecar, write_sidecar
 
 log = logging.getLogger(__name__)
 

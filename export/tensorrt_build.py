@@ -9,8 +9,8 @@
   (:func:`scdino.export.quantize.quantize`, static), then built;
 * TensorRT has no uint16 tensors: a uint16 graph input becomes int32 (crops are widened on the host, still far
   smaller than the float model input);
-* the sidecar records the GPU name, compute capability and TensorRT version; :func:`check_plan` refuses a plan
-  built elsewhere, with the command to rebuild it here.
+* the sidecar records the GPU name, compute capability and TensorRT version;
+  :func:`scdino.models.plan.check_plan` refuses a plan built elsewhere, with the command to rebuild it here.
 """
 
 from __future__ import annotations
@@ -24,39 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from scdino._optional import require
-from scdino.errors import CheckpointError, ConfigError, ScdinoError
-from scdino.export.sidecar import read_sidecar, write_sidecar
+from scdino.errors import ConfigError, ScdinoError
+from scdino.models.plan import gpu_identity
+from scdino.models.sidecar import read_sidecar, write_sidecar
 
 log = logging.getLogger(__name__)
-
-
-def gpu_identity() -> dict:
-    """Name and compute capability of the current CUDA device."""
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ConfigError("TensorRT needs an NVIDIA GPU and a CUDA build of PyTorch; none is visible here")
-    major, minor = torch.cuda.get_device_capability()
-    return {"gpu": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
-
-
-def check_plan(meta: dict, trt_version: str, gpu: dict, plan: str = "model.plan") -> None:
-    """Refuse a plan built for another GPU or TensorRT version."""
-    built = meta.get("tensorrt") or {}
-    problems = []
-    if built.get("version") != trt_version:
-        problems.append(f"TensorRT {built.get('version')} (this machine: {trt_version})")
-    if built.get("compute_capability") != gpu["compute_capability"] or built.get("gpu") != gpu["gpu"]:
-        problems.append(
-            f"GPU {built.get('gpu')} sm {built.get('compute_capability')} "
-            f"(this machine: {gpu['gpu']} sm {gpu['compute_capability']})"
-        )
-    if problems:
-        src = meta.get("source_onnx", "model.onnx")
-        raise CheckpointError(
-            f"{plan}: built for {' and '.join(problems)}; TensorRT plans only run where they were built. Rebuild it "
-            f"on this machine: scdino-export tensorrt {src} --out {plan}"
-        )
 
 
 def _widen_uint16_input(src: str, dst: str) -> None:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.resources
 import logging
 
 import numpy as np
 import torch
 
+from scdino.data import packaged_crops
 from scdino.errors import ScdinoError
 from scdino.models import LoadedModel
 from scdino.preprocess import apply
@@ -20,12 +20,6 @@ TOLERANCE = {"fp32": {"max_abs_diff": 1e-3, "min_cosine": 0.99999}, "fp16": {"ma
 
 class VerificationError(ScdinoError):
     """The exported graph does not reproduce the PyTorch embeddings within the tolerance."""
-
-
-def packaged_crops() -> np.ndarray:
-    """48 real uint16 neocortex nucleus crops (48, 3, 48, 48) shipped with scdino."""
-    with importlib.resources.files("scdino.data").joinpath("verify_crops.npz").open("rb") as f:
-        return np.load(f)["crops"]
 
 
 def fit_crops(crops: np.ndarray, n_channels: int, size: int, dtype: str) -> np.ndarray:

@@ -11,7 +11,7 @@ import pytest
 
 import reference
 from conftest import dino_full_checkpoint
-from scdino.engine.cells import CellOptions
+from scdino.cells.options import CellOptions
 from scdino.engine.pipeline import RunConfig, run
 from scdino.engine.sample import FieldImage, write_plate
 

@@ -8,14 +8,15 @@ import pytest
 import tifffile
 
 from conftest import dino_full_checkpoint
+from scdino.cells.cropstore import CropStore
 from scdino.engine.attention import attention_command
 from scdino.engine.evaluate import evaluate, raw_pixel_features
-from scdino.engine.ingest import CropStore, ingest
-from scdino.engine.knn import evaluate_knn, knn_command
+from scdino.engine.ingest import ingest
+from scdino.engine.knn_report import knn_command
 from scdino.engine.pipeline import RunConfig, run
 from scdino.engine.umap import PRESETS, umap_command
 from scdino.errors import InputError
-from scdino.knn import dominant_channel_labels, knn_predict
+from scdino.knn import dominant_channel_labels, evaluate_knn, knn_predict
 
 
 def test_weighted_vote_against_hand_computed_answers():
@@ -56,7 +57,7 @@ def test_class_codes_stable_when_a_class_is_missing_from_a_split():
 @pytest.fixture(scope="module")
 def authors_folder(tmp_path_factory):
     """The paper's layout: FOLDER/<class>/*.tif, channels last, from real neocortex nucleus crops."""
-    from scdino.export.verify import packaged_crops
+    from scdino.data import packaged_crops
 
     crops = packaged_crops()[:, :, 4:44, 4:44]  # 48 real crops, 40 px
     labels = dominant_channel_labels(crops)

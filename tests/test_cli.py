@@ -1,11 +1,11 @@
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pytest
+import tomllib
 import torch
 
 from conftest import make_tiny_plate
@@ -114,7 +114,7 @@ def test_end_to_end_on_the_real_sample_plates(tmp_path):
         check=True,
     )
     s = ad.read_zarr(tmp_path / "s.zarr")
-    from scdino.plate import Plate
+    from scdino.cells.plate import Plate
 
     plate = Plate(scratch)
     n_labels = sum(len(np.unique(plate.labels(r, "nuclei"))) - 1 for r in plate.fields())

@@ -4,7 +4,7 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from scdino.engine.cells import CellOptions
+from scdino.cells.options import CellOptions
 from scdino.engine.pipeline import RunConfig, run
 from scdino.engine.sample import neocortex_segment_params
 from scdino.errors import ConfigError

@@ -12,12 +12,13 @@ import pytest
 import torch
 import zarr
 
+from scdino.cells.options import CellOptions
+from scdino.cells.plate import Plate
+from scdino.cells.table import field_cells, read_crops
 from scdino.engine import output as output_mod
-from scdino.engine.cells import CellOptions, field_cells, read_crops
 from scdino.engine.pipeline import RunConfig, run
 from scdino.errors import OutputError
 from scdino.models import load_model
-from scdino.plate import Plate
 from scdino.preprocess import apply
 
 
@@ -228,7 +229,7 @@ def test_big_endian_plate_gives_the_same_embeddings(tmp_path, client):
     big = write_plate(
         tmp_path / "be.zarr", {"A/1": [FieldImage(f.image.astype(">u2"), f.labels)]}, ["DAPI", "GFP"], ngff="0.4"
     )
-    from scdino.plate import FieldRef
+    from scdino.cells.plate import FieldRef
 
     assert Plate(big).image(FieldRef("A/1", "0")).array.dtype.byteorder == ">"
     a = run(cfg(little, tmp_path / "a.zarr"))

@@ -7,17 +7,18 @@ import pytest
 import torch
 
 from conftest import dino_full_checkpoint
+from scdino.cells.options import CellOptions
+from scdino.data import packaged_crops
 from scdino.engine import backends
 from scdino.engine.backends import onnxruntime_backend as ortb
-from scdino.engine.cells import CellOptions
 from scdino.engine.pipeline import RunConfig, run
 from scdino.errors import CheckpointError, ConfigError
 from scdino.export.onnx_export import export_onnx
 from scdino.export.quantize import quantize
-from scdino.export.sidecar import read_sidecar
-from scdino.export.tensorrt_build import check_plan
-from scdino.export.verify import VerificationError, compare, edge_cases, fit_crops, packaged_crops
+from scdino.export.verify import VerificationError, compare, edge_cases, fit_crops
 from scdino.models import load_model
+from scdino.models.plan import check_plan
+from scdino.models.sidecar import read_sidecar
 from scdino.preprocess import apply
 
 
@@ -195,7 +196,7 @@ def test_engine_with_onnx_equals_checkpoint(tmp_path, scratch_plate):
 
 
 def test_plan_and_onnx_sidecars_do_not_collide():
-    from scdino.export.sidecar import sidecar_path
+    from scdino.models.sidecar import sidecar_path
 
     assert sidecar_path("x/model.onnx").name == "model.json"
     assert sidecar_path("x/model.int8.onnx").name == "model.int8.json"

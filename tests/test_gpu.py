@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from scdino.engine.cells import CellOptions
+from scdino.cells.options import CellOptions
 from scdino.engine.pipeline import RunConfig, run
 from scdino.export.onnx_export import export_onnx
 

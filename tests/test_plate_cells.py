@@ -5,10 +5,11 @@ import pytest
 import zarr
 
 from conftest import blob_field, make_tiny_plate
-from scdino.engine.cells import CellOptions, field_cells, read_crops
-from scdino.engine.segment import SegmentParams, segment_nuclei
+from scdino.cells.options import CellOptions, SegmentParams
+from scdino.cells.plate import FieldRef, Plate, resolve_channels
+from scdino.cells.segment import segment_nuclei
+from scdino.cells.table import field_cells, read_crops
 from scdino.errors import ConfigError, InputError
-from scdino.plate import FieldRef, Plate, resolve_channels
 
 
 @pytest.mark.parametrize("ngff,zarr_format", [("0.4", 2), ("0.5", 3)])

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from scdino.data import packaged_crops
 from scdino.errors import ConfigError
-from scdino.export.verify import packaged_crops
 from scdino.training import loop as loop_mod
 from scdino.training.augment import MultiCrop, gaussian_blur, make_generator
 from scdino.training.config import TrainConfig, build_config
@@ -153,7 +153,9 @@ def test_dataset_intensity_scaling_keeps_marker_levels():
     px = x.transpose(0, 1).reshape(3, -1).double().numpy()
     np.testing.assert_allclose(lo.numpy(), np.percentile(px, 1.0, axis=1), rtol=1e-6)
     np.testing.assert_allclose(hi.numpy(), np.percentile(px, 99.0, axis=1), rtol=1e-6)
-    assert torch.equal(intensity_range(x, (1.0, 99.0), max_crops=4, seed=1)[0], intensity_range(x, (1.0, 99.0), 4, 1)[0])
+    assert torch.equal(
+        intensity_range(x, (1.0, 99.0), max_crops=4, seed=1)[0], intensity_range(x, (1.0, 99.0), 4, 1)[0]
+    )
     mean_fixed, _ = channel_stats(x, scale_lo=lo, scale_hi=hi)
     assert not torch.allclose(mean_fixed, channel_stats(x)[0])
     # a crop and the same crop at a quarter of the brightness: alike under per-crop min-max, not under a fixed range
@@ -444,8 +446,9 @@ def test_torchrun_two_processes_match_one(crop_store, tmp_path):
 
 
 def test_knn_monitoring_logs_what_the_engine_would_measure(crop_store, tmp_path):
-    from scdino.engine.knn import evaluate_knn, labels_of
-    from scdino.engine.ingest import CropStore
+    from scdino.cells.cropstore import CropStore
+    from scdino.engine.output import labels_of
+    from scdino.knn import evaluate_knn
     from scdino.models import embed_crops, load_model
 
     out = tmp_path / "mon"

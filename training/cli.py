@@ -5,23 +5,31 @@ from __future__ import annotations
 import click
 
 from scdino._cli import configure_logging, handle_errors
+from scdino.cells.options import DEFAULT_CROP_SIZE
+from scdino.training.config import TrainConfig
+
+
+def _d(name: str, value=None) -> str:
+    """The help text's default, read from :class:`TrainConfig` (options left out fall back to the config file, then
+    to these)."""
+    return f"  [default: {getattr(TrainConfig, name) if value is None else value}]"
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--data", help="Training cells: an OME-Zarr plate (cells found as in scdino-engine run) or a crop store.")
 @click.option("--out", help="Run folder: config.json, log.jsonl, checkpoint.pth, checkpointNNNN.pth.")
-@click.option("--arch", help="vit_tiny, vit_small or vit_base.  [default: vit_small]")
-@click.option("--patch", type=int, help="Patch size.  [default: 16]")
+@click.option("--arch", help="vit_tiny, vit_small or vit_base." + _d("arch"))
+@click.option("--patch", type=int, help="Patch size." + _d("patch"))
 @click.option("--channels", help="Channels to train on, by name or index, in order. Default: all.")
 @click.option("--labels", help="Plate data: nucleus label image name (default: segmentation).")
 @click.option("--segment-channel", help="Plate data: channel(s) to segment and centre crops on.")
-@click.option("--crop-size", type=int, help="Plate data: crop side in pixels.  [default: 64]")
-@click.option("--epochs", type=int, help="[default: 100]")
-@click.option("--batch-size-per-device", type=int, help="[default: 30]")
-@click.option("--init", help="scratch, a hub name (dino_vits16, ...) or a checkpoint.  [default: scratch]")
+@click.option("--crop-size", type=int, help="Plate data: crop side in pixels." + _d("crop_size", DEFAULT_CROP_SIZE))
+@click.option("--epochs", type=int, help=_d("epochs").strip())
+@click.option("--batch-size-per-device", type=int, help=_d("batch_size_per_device").strip())
+@click.option("--init", help="scratch, a hub name (dino_vits16, ...) or a checkpoint." + _d("init"))
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML or JSON options.")
 @click.option("--set", "sets", multiple=True, help="Any option as key=value (e.g. --set lr=0.001), repeatable.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help=_d("device").strip())
 @click.option("-v", "--verbose", count=True)
 def main(
     data,

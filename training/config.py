@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from scdino.cells.options import CellOptions, SegmentParams
 from scdino.errors import ConfigError
 
 
@@ -20,12 +21,13 @@ class TrainConfig:
     labels: str | None = None  # nucleus label image of a plate (else segmentation)
     wells: list[str] | None = None  # plate data: only these wells
     segment_channel: str | None = None
-    crop_size: int = 64  # crops cut from a plate (crop stores keep their own size)
-    sigma: float = 2.0  # plate segmentation, as scdino-engine run's options
-    threshold: str = "otsu"
-    min_distance: int = 7
-    min_area: int = 30
-    max_area: int = 0
+    crop_size: int | None = None  # crops cut from a plate (None: 64 px); crop stores keep their own size
+    # plate segmentation, as scdino-engine run's options (defaults from scdino.cells.options.SegmentParams)
+    sigma: float = SegmentParams.sigma
+    threshold: str = SegmentParams.threshold
+    min_distance: int = SegmentParams.min_distance
+    min_area: int = SegmentParams.min_area
+    max_area: int = SegmentParams.max_area
     val_data: str | None = None  # labelled crop store (scdino-engine ingest) for k-NN monitoring
     val_label_key: str = "class"
     # intensity scaling of every crop before augmentation; stored with the model and applied by every backend
@@ -118,6 +120,18 @@ class TrainConfig:
     @property
     def arch_name(self) -> str:
         return f"{self.arch}{self.patch}"
+
+    def cells(self) -> CellOptions:
+        """How the training cells are found and cut (as ``scdino-engine run`` does)."""
+        seg = SegmentParams(self.sigma, self.threshold, self.min_distance, self.min_area, self.max_area)
+        return CellOptions(
+            channels=tuple(self.channels) if self.channels else None,
+            labels=self.labels,
+            segment_channel=self.segment_channel,
+            crop_size=self.crop_size,
+            wells=tuple(self.wells) if self.wells else None,
+            segment=seg,
+        )
 
 
 def _coerce(f: dataclasses.Field, value: Any) -> Any:

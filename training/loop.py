@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from scdino.cells.options import CellOptions
 from scdino.errors import ConfigError, ScdinoError
 from scdino.models import arch_config, embed_crops
 from scdino.models.vit import VisionTransformer
@@ -114,21 +116,23 @@ def _check_resumed_scaling(path: Path, meta: dict, lo, hi) -> None:
         )
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train (or resume) into ``cfg.out``; returns a summary of the last epoch."""
-    cfg.validate()
-    rank, world, local_rank = setup_distributed()
-    device = _device(cfg, local_rank)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    from scdino.engine.segment import SegmentParams
+@dataclass
+class TrainingData:
+    """The training crops and what the model will be told about them (stored in every checkpoint)."""
 
-    seg = SegmentParams(cfg.sigma, cfg.threshold, cfg.min_distance, cfg.min_area, cfg.max_area)
-    crops, names, _ = load_crops(cfg.data, cfg.channels, cfg.labels, cfg.segment_channel, cfg.crop_size, seg, cfg.wells)
+    crops: torch.Tensor
+    names: list[str]
+    mean: torch.Tensor
+    std: torch.Tensor
+    lo: torch.Tensor | None
+    hi: torch.Tensor | None
+    #: what the engine will apply to this model's inputs
+    prep: Preprocessing
+
+
+def prepare_data(cfg: TrainConfig) -> TrainingData:
+    """Load the crops, fix the intensity range (``intensity_scaling=dataset``) and the channel statistics."""
+    crops, names, _ = load_crops(cfg.data, cfg.cells())
     lo = hi = None
     if cfg.intensity_scaling == "dataset":
         lo, hi = intensity_range(crops, cfg.intensity_percentiles, seed=cfg.seed)
@@ -141,25 +145,78 @@ def train(cfg: TrainConfig) -> dict:
                 "--set intensity_percentiles=LOW,HIGH (e.g. 0,100) or use --set intensity_scaling=crop"
             )
     mean, std = channel_stats(crops, scale_lo=lo, scale_hi=hi)
-    model_prep = Preprocessing(  # what the engine will apply to this model's inputs
+    prep = Preprocessing(
         cfg.global_size,
         tuple(mean.tolist()),
         tuple(std.tolist()),
         scale_lo=tuple(lo.tolist()) if lo is not None else None,
         scale_hi=tuple(hi.tolist()) if hi is not None else None,
     )
+    return TrainingData(crops, names, mean, std, lo, hi, prep)
+
+
+@dataclass
+class Trainer:
+    """Everything one training process holds: built by :func:`build`, advanced by :func:`train_one_epoch`, saved and
+    resumed through :data:`STATE`."""
+
+    cfg: TrainConfig
+    data: TrainingData
+    rank: int
+    world: int
+    device: torch.device
+    student: MultiCropWrapper
+    teacher: MultiCropWrapper
+    model: nn.Module  # the student, wrapped in DDP when there are several processes
+    loss_fn: DINOLoss
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    amp: torch.dtype | None
+    augment: MultiCrop
+    n_iter: int
+    lr: np.ndarray
+    wd: np.ndarray
+    momentum: np.ndarray
+    val: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size_per_device * self.world
+
+
+#: checkpoint entry -> (Trainer attribute, key prefix in DINO's layout): the one list that both saving and resuming
+#: walk, so that they cannot drift apart
+STATE: dict[str, tuple[str, str]] = {
+    "student": ("student", "module."),
+    "teacher": ("teacher", ""),
+    "optimizer": ("optimizer", ""),
+    "dino_loss": ("loss_fn", ""),
+    "fp16_scaler": ("scaler", ""),
+}
+
+
+def build(cfg: TrainConfig) -> Trainer:
+    """Data, networks, loss, optimiser and schedules of a run (the same initial weights in every process and run)."""
+    rank, world, local_rank = setup_distributed()
+    device = _device(cfg, local_rank)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    data = prepare_data(cfg)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process and every run
-    student, teacher = build_networks(cfg, crops.shape[1])
+    student, teacher = build_networks(cfg, data.crops.shape[1])
     student, teacher = student.to(device), teacher.to(device)
     model = (
         nn.parallel.DistributedDataParallel(student, device_ids=[local_rank] if device.type == "cuda" else None)
         if world > 1
         else student
     )
-    n_crops = 2 + cfg.local_crops
     loss_fn = DINOLoss(
         cfg.out_dim,
-        n_crops,
+        2 + cfg.local_crops,
         cfg.warmup_teacher_temp,
         cfg.teacher_temp,
         cfg.warmup_teacher_temp_epochs,
@@ -170,157 +227,197 @@ def train(cfg: TrainConfig) -> dict:
     optimizer = torch.optim.AdamW(param_groups(student))
     amp = _precision(cfg, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-    bs = cfg.batch_size_per_device
-    gb = bs * world
-    n_iter = len(crops) // gb
+    gb = cfg.batch_size_per_device * world
+    n_iter = len(data.crops) // gb
     if n_iter == 0:
         raise ScdinoError(
-            f"{cfg.data}: {len(crops)} crops, fewer than one global batch ({gb}); lower --batch-size-per-device"
+            f"{cfg.data}: {len(data.crops)} crops, fewer than one global batch ({gb}); lower --batch-size-per-device"
         )
     if cfg.max_iters_per_epoch:
         n_iter = min(n_iter, cfg.max_iters_per_epoch)
-    lr_s = cosine_scheduler(cfg.lr * gb / 256.0, cfg.min_lr, cfg.epochs, n_iter, cfg.warmup_epochs)
-    wd_s = cosine_scheduler(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, n_iter)
-    mom_s = cosine_scheduler(cfg.momentum_teacher, 1.0, cfg.epochs, n_iter)
-    start = 0
-    ckpt_path = out / "checkpoint.pth"
-    if ckpt_path.is_file():
-        from scdino.models.checkpoint import safe_load
 
-        ck = safe_load(ckpt_path)
-        student.load_state_dict({k.removeprefix("module."): v for k, v in ck["student"].items()})
-        teacher.load_state_dict(ck["teacher"])
-        optimizer.load_state_dict(ck["optimizer"])
-        loss_fn.load_state_dict(ck["dino_loss"])
-        if scaler is not None and ck.get("fp16_scaler"):
-            scaler.load_state_dict(ck["fp16_scaler"])
-        start = int(ck["epoch"])
-        _check_resumed_scaling(ckpt_path, ck.get("scdino") or {}, lo, hi)
-        if rank == 0:
-            log.info("resuming %s after epoch %d", ckpt_path, start)
-    val = None
-    if cfg.knn_freq and rank == 0:
-        from scdino.engine.knn import labels_of
-
-        vcrops, _, vtable = load_crops(cfg.val_data, names)
-        val = (vcrops, labels_of(vtable, cfg.val_label_key, cfg.val_data).to_numpy())
     def on_device(t):
         return t.to(device) if t is not None else None
 
-    augment = MultiCrop(cfg, *map(on_device, (mean, std, lo, hi)))
-    logf = open(out / "log.jsonl", "a") if rank == 0 else None
+    return Trainer(
+        cfg=cfg,
+        data=data,
+        rank=rank,
+        world=world,
+        device=device,
+        student=student,
+        teacher=teacher,
+        model=model,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        scaler=scaler,
+        amp=amp,
+        augment=MultiCrop(cfg, *map(on_device, (data.mean, data.std, data.lo, data.hi))),
+        n_iter=n_iter,
+        lr=cosine_scheduler(cfg.lr * gb / 256.0, cfg.min_lr, cfg.epochs, n_iter, cfg.warmup_epochs),
+        wd=cosine_scheduler(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, n_iter),
+        momentum=cosine_scheduler(cfg.momentum_teacher, 1.0, cfg.epochs, n_iter),
+    )
+
+
+def save_checkpoint(tr: Trainer, epoch: int, path: Path) -> None:
+    """DINO's full-checkpoint layout (every entry of :data:`STATE`, ``epoch``, ``args``) plus scdino's metadata."""
+    save: dict = {}
+    for entry, (attr, prefix) in STATE.items():
+        obj = getattr(tr, attr)
+        save[entry] = {f"{prefix}{k}": v for k, v in obj.state_dict().items()} if obj is not None else None
+    d = tr.data
+    save.update(
+        epoch=epoch,
+        args=_args_namespace(tr.cfg),
+        scdino={
+            "channels": d.names,
+            "mean": d.mean.tolist(),
+            "std": d.std.tolist(),
+            **({"scale_lo": d.lo.tolist(), "scale_hi": d.hi.tolist()} if d.lo is not None else {}),
+            "arch": tr.cfg.arch_name,
+            "input_size": tr.cfg.global_size,
+            "crop_size": int(d.crops.shape[-1]),
+            "data": tr.cfg.data,
+        },
+    )
+    _atomic_save(save, path)
+
+
+def resume(tr: Trainer, path: Path) -> int:
+    """Load every entry of :data:`STATE` from the checkpoint at ``path``; returns the epochs it had finished."""
+    from scdino.models.checkpoint import safe_load
+
+    ck = safe_load(path)
+    for entry, (attr, prefix) in STATE.items():
+        obj = getattr(tr, attr)
+        if obj is not None and ck.get(entry) is not None:
+            obj.load_state_dict({k.removeprefix(prefix): v for k, v in ck[entry].items()} if prefix else ck[entry])
+    _check_resumed_scaling(path, ck.get("scdino") or {}, tr.data.lo, tr.data.hi)
+    if tr.rank == 0:
+        log.info("resuming %s after epoch %d", path, int(ck["epoch"]))
+    return int(ck["epoch"])
+
+
+def _log_line(logf, record: dict) -> None:
+    if logf is not None:
+        logf.write(json.dumps(record) + "\n")
+
+
+def _step(tr: Trainer, epoch: int, it: int, order: torch.Tensor, logf) -> float:
+    """One optimisation step of the student and the EMA update of the teacher; returns the loss."""
+    cfg, bs, gb = tr.cfg, tr.cfg.batch_size_per_device, tr.global_batch
+    gi = epoch * tr.n_iter + it
+    idx = order[it * gb : (it + 1) * gb][tr.rank * bs : (tr.rank + 1) * bs]
+    raw = tr.data.crops[idx].to(tr.device, non_blocking=True)
+    views = tr.augment(raw, make_generator(cfg.seed, epoch, it, tr.device), gb, tr.rank * bs)
+    torch.manual_seed(((cfg.seed * 1_000_003 + epoch) * 1_000_033 + it) * 131 + tr.rank)  # drop path
+    for i, group in enumerate(tr.optimizer.param_groups):
+        group["lr"] = float(tr.lr[gi])
+        if i == 0:
+            group["weight_decay"] = float(tr.wd[gi])
+    with torch.autocast(tr.device.type, dtype=tr.amp or torch.float32, enabled=tr.amp is not None):
+        t_out = tr.teacher(views[:2])
+        s_out = tr.model(views)
+        loss = tr.loss_fn(s_out.float(), t_out.float(), epoch)
+    if not math.isfinite(loss.item()):
+        _log_line(logf, {"epoch": epoch, "iteration": it, "error": "non-finite loss"})
+        if logf is not None:
+            logf.close()
+        raise TrainingDiverged(
+            f"loss is {loss.item()} at epoch {epoch + 1}, iteration {it}: training diverged. The last good "
+            f"checkpoint ({Path(cfg.out) / 'checkpoint.pth'}) is kept; lower --set lr=... or use --set precision=fp32"
+        )
+    tr.optimizer.zero_grad(set_to_none=True)
+    if tr.scaler is not None:
+        tr.scaler.scale(loss).backward()
+        tr.scaler.unscale_(tr.optimizer)
+    else:
+        loss.backward()
+    if cfg.clip_grad:
+        clip_gradients(tr.student, cfg.clip_grad)
+    cancel_last_layer_gradients(epoch, tr.student, cfg.freeze_last_layer)
+    if tr.scaler is not None:
+        tr.scaler.step(tr.optimizer)
+        tr.scaler.update()
+    else:
+        tr.optimizer.step()
+    with torch.no_grad():
+        m = float(tr.momentum[gi])
+        for ps, pt in zip(tr.student.parameters(), tr.teacher.parameters()):
+            pt.mul_(m).add_(ps.detach(), alpha=1 - m)
+    value = loss.item()
+    if tr.rank == 0 and (it % 10 == 0 or it == tr.n_iter - 1):
+        record = {"epoch": epoch, "iteration": it, "loss": value, "lr": float(tr.lr[gi]), "wd": float(tr.wd[gi])}
+        _log_line(logf, {**record, "momentum": m})
+    return value
+
+
+def train_one_epoch(tr: Trainer, epoch: int, logf) -> dict:
+    """One pass over the crops in this epoch's seeded order; returns the epoch's summary."""
     from tqdm.auto import tqdm
 
+    order = epoch_order(len(tr.data.crops), epoch, tr.cfg.seed)
+    tr.student.train()
+    t0 = time.perf_counter()
+    losses = []
+    desc = f"epoch {epoch + 1}/{tr.cfg.epochs}"
+    bar = tqdm(range(tr.n_iter), desc=desc, disable=tr.rank != 0 or None, dynamic_ncols=True)
+    for it in bar:
+        losses.append(_step(tr, epoch, it, order, logf))
+        if tr.rank == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    seconds = time.perf_counter() - t0
+    mean_loss = torch.tensor(float(np.mean(losses)), device=tr.device)
+    if tr.world > 1:
+        dist.all_reduce(mean_loss)
+        mean_loss /= tr.world
+    last = (epoch + 1) * tr.n_iter - 1
+    summary = {
+        "epoch": epoch + 1,
+        "loss": float(mean_loss),
+        "seconds": seconds,
+        "crops_per_s": tr.n_iter * tr.global_batch / seconds,
+        "lr": float(tr.lr[last]),
+        "wd": float(tr.wd[last]),
+        "momentum": float(tr.momentum[last]),
+    }
+    if tr.val is not None and (epoch + 1) % tr.cfg.knn_freq == 0:
+        from scdino.knn import evaluate_knn
+
+        emb = embed_crops(tr.teacher.backbone, tr.val[0], tr.data.prep, tr.device)
+        summary["knn_top1"] = evaluate_knn(emb, tr.val[1], seed=tr.cfg.seed)["top1"]
+    return summary
+
+
+def _validation_data(cfg: TrainConfig, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The labelled crops (``val_data``) k-NN is followed on, with the training channels."""
+    from scdino.engine.output import labels_of
+
+    vcrops, _, vtable = load_crops(cfg.val_data, CellOptions(channels=tuple(names)))
+    return vcrops, labels_of(vtable, cfg.val_label_key, cfg.val_data).to_numpy()
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train (or resume) into ``cfg.out``; returns a summary of the last epoch."""
+    cfg.validate()
+    tr = build(cfg)
+    out = Path(cfg.out)
+    ckpt_path = out / "checkpoint.pth"
+    start = resume(tr, ckpt_path) if ckpt_path.is_file() else 0
+    if cfg.knn_freq and tr.rank == 0:
+        tr.val = _validation_data(cfg, tr.data.names)
+    logf = open(out / "log.jsonl", "a") if tr.rank == 0 else None
     summary: dict = {}
     for epoch in range(start, cfg.epochs):
-        order = epoch_order(len(crops), epoch, cfg.seed)
-        student.train()
-        t0 = time.perf_counter()
-        losses = []
-        bar = tqdm(range(n_iter), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=rank != 0 or None, dynamic_ncols=True)
-        for it in bar:
-            gi = epoch * n_iter + it
-            idx = order[it * gb : (it + 1) * gb][rank * bs : (rank + 1) * bs]
-            raw = crops[idx].to(device, non_blocking=True)
-            views = augment(raw, make_generator(cfg.seed, epoch, it, device), gb, rank * bs)
-            torch.manual_seed(((cfg.seed * 1_000_003 + epoch) * 1_000_033 + it) * 131 + rank)  # drop path
-            for i, group in enumerate(optimizer.param_groups):
-                group["lr"] = float(lr_s[gi])
-                if i == 0:
-                    group["weight_decay"] = float(wd_s[gi])
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                t_out = teacher(views[:2])
-                s_out = model(views)
-                loss = loss_fn(s_out.float(), t_out.float(), epoch)
-            if not math.isfinite(loss.item()):
-                msg = (
-                    f"loss is {loss.item()} at epoch {epoch + 1}, iteration {it}: training diverged. The last good "
-                    f"checkpoint ({ckpt_path}) is kept; lower --set lr=... or use --set precision=fp32"
-                )
-                if logf:
-                    logf.write(json.dumps({"epoch": epoch, "iteration": it, "error": "non-finite loss"}) + "\n")
-                    logf.close()
-                raise TrainingDiverged(msg)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if cfg.clip_grad:
-                clip_gradients(student, cfg.clip_grad)
-            cancel_last_layer_gradients(epoch, student, cfg.freeze_last_layer)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            with torch.no_grad():
-                m = float(mom_s[gi])
-                for ps, pt in zip(student.parameters(), teacher.parameters()):
-                    pt.mul_(m).add_(ps.detach(), alpha=1 - m)
-            losses.append(loss.item())
-            if rank == 0:
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                if it % 10 == 0 or it == n_iter - 1:
-                    logf.write(
-                        json.dumps(
-                            {
-                                "epoch": epoch,
-                                "iteration": it,
-                                "loss": losses[-1],
-                                "lr": float(lr_s[gi]),
-                                "wd": float(wd_s[gi]),
-                                "momentum": m,
-                            }
-                        )
-                        + "\n"
-                    )
-        seconds = time.perf_counter() - t0
-        mean_loss = torch.tensor(float(np.mean(losses)), device=device)
-        if world > 1:
-            dist.all_reduce(mean_loss)
-            mean_loss /= world
-        summary = {
-            "epoch": epoch + 1,
-            "loss": float(mean_loss),
-            "seconds": seconds,
-            "crops_per_s": n_iter * gb / seconds,
-            "lr": float(lr_s[(epoch + 1) * n_iter - 1]),
-            "wd": float(wd_s[(epoch + 1) * n_iter - 1]),
-            "momentum": float(mom_s[(epoch + 1) * n_iter - 1]),
-        }
-        if val is not None and (epoch + 1) % cfg.knn_freq == 0:
-            from scdino.engine.knn import evaluate_knn
-
-            emb = embed_crops(teacher.backbone, val[0], model_prep, device)
-            summary["knn_top1"] = evaluate_knn(emb, val[1], seed=cfg.seed)["top1"]
-        if rank == 0:
-            logf.write(json.dumps({"summary": True, **summary}) + "\n")
+        summary = train_one_epoch(tr, epoch, logf)
+        if tr.rank == 0:
+            _log_line(logf, {"summary": True, **summary})
             logf.flush()
-            save = {
-                "student": {f"module.{k}": v for k, v in student.state_dict().items()},
-                "teacher": teacher.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch + 1,
-                "args": _args_namespace(cfg),
-                "dino_loss": loss_fn.state_dict(),
-                "fp16_scaler": scaler.state_dict() if scaler is not None else None,
-                "scdino": {
-                    "channels": names,
-                    "mean": mean.tolist(),
-                    "std": std.tolist(),
-                    **({"scale_lo": lo.tolist(), "scale_hi": hi.tolist()} if lo is not None else {}),
-                    "arch": cfg.arch_name,
-                    "input_size": cfg.global_size,
-                    "crop_size": int(crops.shape[-1]),
-                    "data": cfg.data,
-                },
-            }
-            _atomic_save(save, ckpt_path)
+            save_checkpoint(tr, epoch + 1, ckpt_path)
             if cfg.saveckp_freq and ((epoch + 1) % cfg.saveckp_freq == 0 or epoch + 1 == cfg.epochs):
                 shutil.copyfile(ckpt_path, out / f"checkpoint{epoch + 1:04d}.pth")
-        if world > 1:
+        if tr.world > 1:
             dist.barrier()
     if logf:
         logf.close()

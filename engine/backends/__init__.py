@@ -1,76 +1,39 @@
 """Inference backends behind one small protocol (open, infer(raw crops) -> embeddings, close).
 
-Every backend takes *raw* crops (batch, C, S, S) in the plate's dtype and does the preprocessing of
-:mod:`scdino.preprocess` itself, as late as possible and on its device, so only raw crops move.
-:func:`get_backend` opens a backend once per process (once per Dask worker) and reuses it for every block.
+:mod:`~scdino.engine.backends.base` holds the protocol, :class:`BackendSpec` and the shared input check; each backend
+lives in its own module and is registered in :data:`REGISTRY` (imported only when used). :func:`resolve` turns
+``auto`` into a concrete backend and device for a model; :func:`get_backend` opens a backend once per process (once
+per Dask worker) and reuses it for every block.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import threading
-from dataclasses import asdict, dataclass
-from typing import Any, Protocol
 
-import numpy as np
-
-from scdino.errors import ConfigError, InputError
+from scdino.engine.backends.base import DEFAULT_BATCH_SIZE, Backend, BackendSpec, check_crops
+from scdino.errors import ConfigError
+from scdino.models.card import FORMATS, model_format
 
 log = logging.getLogger(__name__)
 
-#: backends this release implements
-KINDS = ("torch", "onnxruntime", "tensorrt")
+__all__ = ["DEFAULT_BATCH_SIZE", "KINDS", "REGISTRY", "Backend", "BackendSpec", "check_crops", "get_backend", "resolve"]
 
-
-@dataclass(frozen=True)
-class BackendSpec:
-    """Everything a worker needs to open the same backend (picklable, hashable)."""
-
-    model: str
-    n_channels: int
-    input_size: int | None = None
-    checkpoint_key: str | None = "teacher"
-    adapt: str = "mean"
-    kind: str = "torch"
-    device: str = "cpu"
-    batch_size: int = 64
-    threads: int | None = None
-    seed: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-class Backend(Protocol):
-    name: str
-    embed_dim: int
-    info: dict[str, Any]
-
-    def infer(self, crops: np.ndarray) -> np.ndarray:
-        """Embeddings (n, embed_dim) float32 of raw crops (n, C, S, S)."""
-
-    def close(self) -> None: ...
-
-
-def check_crops(crops: np.ndarray, n_channels: int) -> None:
-    """Shared input check of every backend."""
-    if crops.ndim != 4 or crops.shape[1] != n_channels or crops.shape[2] != crops.shape[3]:
-        raise InputError(f"crops of shape {crops.shape}; expected (n, {n_channels}, S, S)")
-    if not (np.issubdtype(crops.dtype, np.integer) or np.issubdtype(crops.dtype, np.floating)):
-        raise InputError(f"crops of dtype {crops.dtype}; expected integer or float pixels")
+#: backend name -> "module:class", imported on first use
+REGISTRY = {
+    "torch": "scdino.engine.backends.torch_backend:TorchBackend",
+    "onnxruntime": "scdino.engine.backends.onnxruntime_backend:OnnxRuntimeBackend",
+    "tensorrt": "scdino.engine.backends.tensorrt_backend:TensorRTBackend",
+}
+KINDS = tuple(REGISTRY)
 
 
 def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def model_format(model: str) -> str:
-    """``plan`` (TensorRT), ``onnx`` or ``checkpoint`` (anything PyTorch loads: file, hub name, random:ARCH)."""
-    low = str(model).lower()
-    return "plan" if low.endswith((".plan", ".engine")) else "onnx" if low.endswith(".onnx") else "checkpoint"
 
 
 def _ort_has_cuda() -> bool:
@@ -95,7 +58,7 @@ def resolve(kind: str, device: str, model: str = "") -> tuple[str, str]:
     if device == "cuda" and not gpu:
         raise ConfigError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
     fmt = model_format(model)
-    native = {"plan": "tensorrt", "onnx": "onnxruntime", "checkpoint": "torch"}[fmt]
+    native = FORMATS[fmt]
     if kind not in ("auto", *KINDS):
         raise ConfigError(f"unknown backend {kind!r}; expected auto, {', '.join(KINDS)}")
     if kind != "auto" and kind != native:
@@ -106,9 +69,7 @@ def resolve(kind: str, device: str, model: str = "") -> tuple[str, str]:
         }[kind]
         raise ConfigError(f"--backend {kind} cannot run {model} (a {fmt} model); {hint}")
     if device == "auto":
-        if fmt == "plan":
-            device = "cuda" if gpu else "cpu"
-        elif fmt == "onnx":
+        if fmt == "onnx":
             device = "cuda" if gpu and _ort_has_cuda() else "cpu"
         else:
             device = "cuda" if gpu else "cpu"
@@ -120,23 +81,17 @@ def resolve(kind: str, device: str, model: str = "") -> tuple[str, str]:
 
 
 def open_backend(spec: BackendSpec) -> Backend:
-    if spec.kind == "torch":
-        from scdino.engine.backends.torch_backend import TorchBackend
-
-        return TorchBackend(spec)
-    if spec.kind == "onnxruntime":
-        from scdino.engine.backends.onnxruntime_backend import OnnxRuntimeBackend
-
-        return OnnxRuntimeBackend(spec)
-    if spec.kind == "tensorrt":
-        from scdino.engine.backends.tensorrt_backend import TensorRTBackend
-
-        return TensorRTBackend(spec)
-    raise ConfigError(f"unknown backend {spec.kind!r}")
+    """A new backend for ``spec`` (see :data:`REGISTRY`)."""
+    if spec.kind not in REGISTRY:
+        raise ConfigError(f"unknown backend {spec.kind!r}; expected one of {', '.join(KINDS)}")
+    module, cls = REGISTRY[spec.kind].split(":")
+    return getattr(importlib.import_module(module), cls)(spec)
 
 
 _CACHE: dict[BackendSpec, Backend] = {}
 _LOCK = threading.Lock()
+#: backends kept open per process (e.g. evaluate's model x channel-set grid: memory stays bounded)
+CACHE_SIZE = 2
 
 
 def get_backend(spec: BackendSpec) -> Backend:
@@ -144,16 +99,9 @@ def get_backend(spec: BackendSpec) -> Backend:
     with _LOCK:
         b = _CACHE.get(spec)
         if b is None:
-            while len(_CACHE) >= 2:  # e.g. evaluate's model x channel-set grid: keep memory bounded
+            while len(_CACHE) >= CACHE_SIZE:
                 old = next(iter(_CACHE))
                 _CACHE.pop(old).close()
             log.info("opening %s backend in process %d", spec.kind, os.getpid())
             b = _CACHE[spec] = open_backend(spec)
         return b
-
-
-def close_all() -> None:
-    with _LOCK:
-        for b in _CACHE.values():
-            b.close()
-        _CACHE.clear()

@@ -12,9 +12,8 @@ import logging
 
 import numpy as np
 
-from scdino.engine.backends import BackendSpec, check_crops
+from scdino.engine.backends.base import BackendSpec, check_crops
 from scdino.errors import ConfigError
-from scdino.export.sidecar import read_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +68,7 @@ class OnnxRuntimeBackend:
     def __init__(self, spec: BackendSpec) -> None:
         ort = import_ort()
         self.spec = spec
-        self.meta = read_sidecar(spec.model)
-        if self.meta["in_chans"] != spec.n_channels:
-            raise ConfigError(
-                f"{spec.model}: exported for {self.meta['in_chans']} channels "
-                f"({', '.join(self.meta.get('channels') or [])}), the run gives {spec.n_channels}; pass --channels"
-            )
+        card = spec.card  # channels were checked when the card was made
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = spec.threads or 0
@@ -87,16 +81,15 @@ class OnnxRuntimeBackend:
                 f"ONNX Runtime fell back to the CPU ({', '.join(got)}): the CUDA libraries it needs (CUDA 12, cuDNN 9) "
                 "were not found. Install them or run with --device cpu"
             )
-        self.dtype = np.dtype(self.meta["dtype"])
-        self.embed_dim = int(self.meta["embed_dim"])
+        self.dtype = np.dtype(card.dtype)
+        self.embed_dim = card.embed_dim
         self.info = {
             "backend": "onnxruntime",
             "device": spec.device,
             "providers": got,
             "onnxruntime": ort.__version__,
-            "precision": self.meta["precision"],
+            "precision": card.precision,
             "threads": spec.threads,
-            "model_json": self.meta,
         }
 
     def _cast(self, crops: np.ndarray) -> np.ndarray:

@@ -12,10 +12,9 @@ import logging
 import numpy as np
 
 from scdino._optional import require
-from scdino.engine.backends import BackendSpec, check_crops
+from scdino.engine.backends.base import BackendSpec, check_crops
 from scdino.errors import ConfigError
-from scdino.export.sidecar import read_sidecar
-from scdino.export.tensorrt_build import check_plan, gpu_identity
+from scdino.models.plan import check_plan, gpu_identity
 
 log = logging.getLogger(__name__)
 
@@ -28,25 +27,20 @@ class TensorRTBackend:
 
         trt = require("tensorrt")
         self.spec = spec
-        self.meta = read_sidecar(spec.model)
-        check_plan(self.meta, trt.__version__, gpu_identity(), str(spec.model))
-        if self.meta["in_chans"] != spec.n_channels:
-            raise ConfigError(
-                f"{spec.model}: built for {self.meta['in_chans']} channels, the run gives "
-                f"{spec.n_channels}; pass --channels"
-            )
+        self.card = card = spec.card  # channels were checked when the card was made
+        check_plan(dict(card.details), trt.__version__, gpu_identity(), str(spec.model))
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)  # must outlive the engine
         with open(spec.model, "rb") as f:
             self.engine = self.runtime.deserialize_cuda_engine(f.read())
         if self.engine is None:
             raise ConfigError(f"{spec.model}: TensorRT cannot load this plan; rebuild it on this machine")
-        self.max_batch = int(self.meta["tensorrt"]["max_batch"])
+        self.max_batch = card.plan.max_batch
         self.batch = min(spec.batch_size, self.max_batch)
-        c, s = self.meta["in_chans"], self.meta["crop_size"]
-        self.embed_dim = int(self.meta["embed_dim"])
-        tdtype = {"int32": torch.int32, "uint8": torch.uint8, "float32": torch.float32}[self.meta["input_dtype"]]
-        self.np_dtype = np.dtype(self.meta["input_dtype"])
+        c, s = card.in_chans, card.crop_size
+        self.embed_dim = card.embed_dim
+        tdtype = {"int32": torch.int32, "uint8": torch.uint8, "float32": torch.float32}[card.plan.input_dtype]
+        self.np_dtype = np.dtype(card.plan.input_dtype)
         self.slots = []
         for _ in range(2):
             self.slots.append(
@@ -65,8 +59,8 @@ class TensorRTBackend:
             "backend": "tensorrt",
             "device": "cuda",
             "tensorrt": trt.__version__,
-            "precision": self.meta["precision"],
-            "gpu": self.meta["tensorrt"]["gpu"],
+            "precision": card.precision,
+            "gpu": card.plan.gpu,
             "batch": self.batch,
         }
 
@@ -97,12 +91,12 @@ class TensorRTBackend:
 
     def infer(self, crops: np.ndarray) -> np.ndarray:
         check_crops(crops, self.spec.n_channels)
-        if crops.shape[-1] != self.meta["crop_size"]:
+        if crops.shape[-1] != self.card.crop_size:
             raise ConfigError(
-                f"{self.spec.model}: built for {self.meta['crop_size']} px crops, got "
-                f"{crops.shape[-1]}; rebuild the plan or use --crop-size {self.meta['crop_size']}"
+                f"{self.spec.model}: built for {self.card.crop_size} px crops, got "
+                f"{crops.shape[-1]}; rebuild the plan or use --crop-size {self.card.crop_size}"
             )
-        exported = np.dtype(self.meta["dtype"])
+        exported = np.dtype(self.card.dtype)
         if crops.dtype != exported and not np.can_cast(crops.dtype, exported, "safe"):
             raise ConfigError(
                 f"{self.spec.model}: built for {exported} crops, the plate gives {crops.dtype}; export "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from scdino.engine.backends import BackendSpec, check_crops
+from scdino.engine.backends.base import BackendSpec, check_crops
 from scdino.models import load_model
 from scdino.preprocess import apply
 
@@ -18,7 +18,8 @@ class TorchBackend:
         if spec.threads:
             torch.set_num_threads(spec.threads)
         self.device = torch.device(spec.device)
-        lm = load_model(spec.model, spec.n_channels, spec.input_size, spec.checkpoint_key, spec.adapt, spec.seed)
+        card = spec.card
+        lm = load_model(card.spec, spec.n_channels, card.input_size, spec.checkpoint_key, spec.adapt, spec.seed)
         self.model = lm.model.to(self.device)
         self.prep = lm.prep
         self.embed_dim = lm.model.embed_dim
@@ -27,7 +28,7 @@ class TorchBackend:
             "backend": "torch",
             "device": str(self.device),
             "torch": torch.__version__,
-            "precision": "fp16-autocast" if self.autocast else "fp32",
+            "precision": spec.precision,
             "threads": torch.get_num_threads(),
         }
 

@@ -1,4 +1,5 @@
-"""Weighted k-NN classification on embeddings (SPEC section 4, as DINO's ``knn_classifier``).
+"""Weighted k-NN classification on embeddings (SPEC section 4, as DINO's ``knn_classifier``), and its evaluation on a
+seeded, stratified split; used by the engine's ``knn`` and ``evaluate``, training's k-NN monitor and export's checks.
 
 L2-normalise, cosine similarity, the top k reference neighbours vote with weight exp(sim / T), the class with the
 largest summed weight wins. Chunked over queries, so memory is bounded by ``chunk`` x n_reference.
@@ -7,15 +8,19 @@ largest summed weight wins. Chunked over queries, so memory is bounded by ``chun
 from __future__ import annotations
 
 import numpy as np
-import torch
+
+#: the paper's protocol (SPEC section 4): neighbours, vote temperature (DINO's), reference share of the split
+K = 20
+TEMPERATURE = 0.07
+TRAIN_FRACTION = 0.8
 
 
 def knn_predict(
     reference: np.ndarray,
     ref_labels: np.ndarray,
     query: np.ndarray,
-    k: int = 20,
-    temperature: float = 0.07,
+    k: int = K,
+    temperature: float = TEMPERATURE,
     n_classes: int | None = None,
     chunk: int = 4096,
     exclude_self: bool = False,
@@ -25,6 +30,8 @@ def knn_predict(
 
     ``exclude_self`` drops the query's own row when ``query`` is ``reference`` (leave-one-out).
     """
+    import torch
+
     ref = torch.nn.functional.normalize(torch.as_tensor(reference, dtype=torch.float32, device=device), dim=1)
     lab = torch.as_tensor(ref_labels, dtype=torch.long, device=device)
     n_classes = int(n_classes if n_classes is not None else int(lab.max()) + 1)
@@ -44,6 +51,52 @@ def knn_predict(
         votes.scatter_add_(1, lab[nn_idx], (top / temperature).exp())
         out[a : a + len(q)] = votes.argmax(1).cpu().numpy()
     return out
+
+
+def split(labels: np.ndarray, train_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Seeded split, stratified by class where every class has at least two cells."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    _, counts = np.unique(labels, return_counts=True)
+    strat = labels if counts.min() >= 2 and len(labels) * (1 - train_fraction) >= len(counts) else None
+    tr, te = train_test_split(idx, train_size=train_fraction, random_state=seed, stratify=strat)
+    return np.sort(tr), np.sort(te), strat is not None
+
+
+def evaluate_knn(
+    x: np.ndarray,
+    labels: np.ndarray,
+    k: int = K,
+    temperature: float = TEMPERATURE,
+    train_fraction: float = TRAIN_FRACTION,
+    seed: int = 0,
+    device: str = "cpu",
+) -> dict:
+    """Top-1, balanced accuracy, per-class recall and confusion matrix of the weighted k-NN vote."""
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix
+
+    classes = sorted(set(labels.tolist()), key=str)  # codes from the whole set: stable when a split lacks a class
+    code = {c: i for i, c in enumerate(classes)}
+    y = np.array([code[v] for v in labels])
+    tr, te, stratified = split(y, train_fraction, seed)
+    pred = knn_predict(x[tr], y[tr], x[te], k=k, temperature=temperature, n_classes=len(classes), device=device)
+    cm = confusion_matrix(y[te], pred, labels=range(len(classes)))
+    recall = {str(c): float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None for i, c in enumerate(classes)}
+    return {
+        "top1": float((pred == y[te]).mean()),
+        "balanced_accuracy": float(balanced_accuracy_score(y[te], pred)),
+        "per_class_recall": recall,
+        "confusion_matrix": cm.tolist(),
+        "classes": [str(c) for c in classes],
+        "n_reference": int(len(tr)),
+        "n_query": int(len(te)),
+        "k": k,
+        "temperature": temperature,
+        "train_fraction": train_fraction,
+        "seed": seed,
+        "stratified": stratified,
+    }
 
 
 def dominant_channel_labels(crops: np.ndarray) -> np.ndarray:

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from scdino.data import default_model_path
 from scdino.errors import CheckpointError, ConfigError
 from scdino.models.adapt import adapt_patch_weight, parse_mode
 from scdino.models.checkpoint import HUB_URLS, Checkpoint, hub_path, read_checkpoint
-from scdino.models.vit import ViTConfig, VisionTransformer, arch_config, arch_name, resize_pos_embed
+from scdino.models.vit import VisionTransformer, ViTConfig, arch_config, arch_name, resize_pos_embed
 from scdino.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,6 @@ __all__ = [
     "HUB_URLS",
     "Checkpoint",
     "LoadedModel",
-    "native_channels",
     "ViTConfig",
     "VisionTransformer",
     "adapt_patch_weight",
@@ -73,13 +73,6 @@ def build_model(
 DEFAULT = "default"
 
 
-def default_model_path():
-    """The trained default model shipped in the package (see README: how it was trained)."""
-    import importlib.resources
-
-    return importlib.resources.files("scdino.data").joinpath("default_model.pth")
-
-
 def _checkpoint_for(spec: str, key: str | None) -> Checkpoint | None:
     if spec.startswith("random:"):
         return None
@@ -96,35 +89,52 @@ def _checkpoint_for(spec: str, key: str | None) -> Checkpoint | None:
     return read_checkpoint(spec, key)
 
 
-def native_channels(spec: str, checkpoint_key: str | None = "teacher") -> int:
-    """The channel count a model was trained for; an error for RGB models, which adapt to any count."""
-    ckpt = _checkpoint_for(spec, checkpoint_key)
-    if ckpt is not None:
-        names = ckpt.meta.get("channels")
-        if names:
-            return len(names)
-        if ckpt.config.in_chans != 3:
-            return ckpt.config.in_chans
-    raise ConfigError(f"{spec}: adapts to any number of channels; say how many with --channels NAMES or --n-channels N")
+def _native_channels(ckpt: Checkpoint | None) -> tuple[int | None, list[str] | None]:
+    """(channel count, channel names) a model was trained for; (None, None) for RGB and random models, which are
+    adapted to any count. Three inputs and nothing saying they are microscopy channels (names or training
+    statistics) mark an RGB model."""
+    if ckpt is None:
+        return None, None
+    names = ckpt.meta.get("channels")
+    if ckpt.config.in_chans == 3 and names is None and ckpt.meta.get("mean") is None:
+        return None, None
+    return ckpt.config.in_chans, (list(names) if names is not None else None)
 
 
 def load_model(
     spec: str,
-    n_channels: int,
+    n_channels: int | None = None,
     input_size: int | None = None,
     checkpoint_key: str | None = "teacher",
     adapt: str = "mean",
     seed: int = 0,
+    *,
+    channel_names: Sequence[str] | None = None,
+    available: Sequence[str] | None = None,
 ) -> LoadedModel:
     """Open MODEL ``spec`` for ``n_channels`` input channels at ``input_size``.
 
     An RGB model (3 input channels and no channel names of its own) is channel-adapted to ``n_channels`` with
-    ``adapt`` (see :mod:`scdino.models.adapt`). A model trained on N channels must get exactly N.
-    ``input_size`` None means the size the model was trained at (224 for DINO's and for random models).
+    ``adapt`` (see :mod:`scdino.models.adapt`). A model trained on N channels must get exactly N (and, where the run
+    names them in ``channel_names``, the same ones: :func:`scdino.models.card.check_channels`); ``n_channels`` None
+    means its own count. ``input_size`` None means the size the model was trained at (224 for DINO's and random
+    models).
     """
+    from scdino.models.card import check_channels
+
+    ckpt = _checkpoint_for(spec, checkpoint_key)
+    native, trained_on = _native_channels(ckpt)
+    if channel_names is not None:
+        n_channels = len(channel_names)
+    if n_channels is None:
+        if native is None:
+            raise ConfigError(
+                f"{spec}: adapts to any number of channels; say how many with --channels NAMES or --n-channels N"
+            )
+        n_channels = native
     if n_channels < 1:
         raise ConfigError(f"need at least one channel, got {n_channels}")
-    ckpt = _checkpoint_for(spec, checkpoint_key)
+    check_channels(spec, native, trained_on, n_channels, channel_names, available)
     info: dict[str, Any] = {"model": spec, "untrained": ckpt is None}
     if input_size is None:
         input_size = int(ckpt.meta.get("input_size") or ckpt.config.img_size) if ckpt is not None else 224
@@ -139,20 +149,11 @@ def load_model(
         cfg = ckpt.config
         info.update(checkpoint_sha256=ckpt.sha256, layout=ckpt.layout, checkpoint_key=ckpt.key, source=ckpt.source)
         sd = dict(ckpt.state_dict)
-        names = ckpt.meta.get("channels")
-        if names is not None:
-            info["channels"] = list(names)
+        if trained_on is not None:
+            info["channels"] = trained_on
         if ckpt.meta.get("crop_size"):
             info["crop_size"] = int(ckpt.meta["crop_size"])
-        # 3 inputs and nothing saying they are microscopy channels (names, or training statistics): an RGB model
-        is_rgb = cfg.in_chans == 3 and names is None and ckpt.meta.get("mean") is None
-        if cfg.in_chans != n_channels:
-            if not is_rgb:
-                expect = f" ({', '.join(names)})" if names else ""
-                raise ConfigError(
-                    f"{ckpt.source}: the model expects {cfg.in_chans} channels{expect}, the data give {n_channels}; "
-                    "pass --channels to select them"
-                )
+        is_rgb = native is None
         if is_rgb:
             # microscopy channels are not R, G, B: every RGB model is adapted (SPEC section 2)
             parse_mode(adapt, n_channels)

@@ -2,29 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
 from scipy import ndimage as ndi
 
-
-@dataclass(frozen=True)
-class SegmentParams:
-    """Parameters of :func:`segment_nuclei` (all in pixels).
-
-    sigma: gaussian smoothing before thresholding; threshold: ``"otsu"``, ``"li"`` or a number in raw units;
-    min_distance: smallest distance between two nucleus centres when splitting touching nuclei (0 = no split);
-    min_area / max_area: nuclei outside this range are dropped (max_area 0 = no upper bound).
-    """
-
-    sigma: float = 2.0
-    threshold: str = "otsu"
-    min_distance: int = 7
-    min_area: int = 30
-    max_area: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from scdino.cells.options import SegmentParams
 
 
 def segment_nuclei(image: np.ndarray, params: SegmentParams = SegmentParams()) -> np.ndarray:

@@ -8,15 +8,16 @@ S x S window on each nucleus' intensity-weighted centroid on the segmentation ch
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-from scdino.engine.segment import SegmentParams, segment_nuclei
+from scdino.cells.options import DEFAULT_CROP_SIZE, CellOptions
+from scdino.cells.plate import FieldRef, Plate, resolve_channels
+from scdino.cells.segment import segment_nuclei
 from scdino.errors import ConfigError, InputError
-from scdino.plate import FieldRef, Plate, resolve_channels
 
 log = logging.getLogger(__name__)
 
@@ -37,32 +38,6 @@ COLUMNS = [
     "crop_x0",
     "border",
 ]
-
-
-@dataclass(frozen=True)
-class CellOptions:
-    """How cells are found and cropped.
-
-    channels: names or indices selecting and ordering the model's input channels (None = all);
-    labels: name of a label image under ``labels/`` (None = segment); segment_channel: channel used for
-    segmentation and for the intensity-weighted centroid (None = first selected channel); several channels
-    (``"A,B"``) are combined as the pixel-wise maximum of each channel scaled by its 1st-99.8th percentile, which finds
-    nuclei that are bright in any of them (e.g. mutually exclusive nuclear markers);
-    crop_size: crop side in pixels; crop_um: crop side in micrometres (needs the pixel size in the plate);
-    border: ``pad`` (zero-pad and flag cells whose window leaves the field) or ``skip``.
-    """
-
-    channels: tuple[str, ...] | None = None
-    labels: str | None = None
-    segment_channel: str | None = None
-    crop_size: int | None = None
-    crop_um: float | None = None
-    border: str = "pad"
-    segment: SegmentParams = field(default_factory=SegmentParams)
-    wells: tuple[str, ...] | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -90,7 +65,7 @@ def plan_field(plate: Plate, ref: FieldRef, opts: CellOptions) -> FieldPlan:
             raise ConfigError(f"{where}: the pixel size is not in the plate metadata; use --crop-size in pixels")
         crop = int(round(opts.crop_um / px[0]))
     else:
-        crop = opts.crop_size or 64
+        crop = opts.crop_size or DEFAULT_CROP_SIZE
     if crop < 4:
         raise ConfigError(f"{where}: crop of {crop} px is too small; expected at least 4 px")
     return FieldPlan(ref, tuple(chans), tuple(names[c] for c in chans), tuple(seg), crop)

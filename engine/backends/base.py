@@ -1,0 +1,73 @@
+"""What every backend shares: the spec a worker opens it from, the protocol, and the one input check.
+
+Every backend takes *raw* crops (batch, C, S, S) in the plate's dtype and does the preprocessing of
+:mod:`scdino.preprocess` itself, as late as possible and on its device, so only raw crops move.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from scdino.engine.config import DEFAULT_BATCH_SIZE
+from scdino.errors import InputError
+from scdino.models.card import ModelCard
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """Everything a worker needs to open the same backend (picklable, hashable: the cache key of a worker)."""
+
+    card: ModelCard
+    n_channels: int
+    kind: str = "torch"
+    device: str = "cpu"
+    batch_size: int = DEFAULT_BATCH_SIZE
+    threads: int | None = None
+    checkpoint_key: str | None = "teacher"
+    adapt: str = "mean"
+    seed: int = 0
+
+    @property
+    def model(self) -> str:
+        return self.card.spec
+
+    @property
+    def precision(self) -> str:
+        """The precision the backend computes in (PyTorch on CUDA runs fp16 autocast)."""
+        return "fp16-autocast" if self.kind == "torch" and self.device == "cuda" else self.card.precision
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.card.spec,
+            "n_channels": self.n_channels,
+            "input_size": self.card.input_size,
+            "checkpoint_key": self.checkpoint_key,
+            "adapt": self.adapt,
+            "kind": self.kind,
+            "device": self.device,
+            "batch_size": self.batch_size,
+            "threads": self.threads,
+            "seed": self.seed,
+        }
+
+
+class Backend(Protocol):
+    name: str
+    embed_dim: int
+    info: dict[str, Any]
+
+    def infer(self, crops: np.ndarray) -> np.ndarray:
+        """Embeddings (n, embed_dim) float32 of raw crops (n, C, S, S)."""
+
+    def close(self) -> None: ...
+
+
+def check_crops(crops: np.ndarray, n_channels: int) -> None:
+    """Shared input check of every backend."""
+    if crops.ndim != 4 or crops.shape[1] != n_channels or crops.shape[2] != crops.shape[3]:
+        raise InputError(f"crops of shape {crops.shape}; expected (n, {n_channels}, S, S)")
+    if not (np.issubdtype(crops.dtype, np.integer) or np.issubdtype(crops.dtype, np.floating)):
+        raise InputError(f"crops of dtype {crops.dtype}; expected integer or float pixels")

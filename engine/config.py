@@ -1,0 +1,43 @@
+"""Options of ``scdino-engine run``: the one home of their defaults (the command line reads them from here).
+
+Light on purpose (no numpy, torch, dask or zarr), so that ``--help`` shows the defaults without importing them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from scdino.cells.options import CellOptions
+from scdino.errors import ConfigError
+
+#: crops per forward pass
+DEFAULT_BATCH_SIZE = 64
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Options of ``scdino-engine run`` (see its ``--help``)."""
+
+    plate: str
+    out: str
+    model: str = "default"
+    cells: CellOptions = field(default_factory=CellOptions)
+    checkpoint_key: str = "teacher"
+    adapt: str = "mean"
+    input_size: int | None = None
+    backend: str = "auto"
+    device: str = "auto"
+    batch_size: int = DEFAULT_BATCH_SIZE
+    workers: int = 1
+    threads: int | None = None
+    scheduler: str | None = None
+    chunk_cells: int = 256
+    overwrite: bool = False
+    progress: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.chunk_cells < 1 or self.workers < 1 or (self.input_size or 1) < 1:
+            raise ConfigError("--batch-size, --chunk-cells, --workers and --input-size must be positive")
+        if self.cells.crop_size is not None and self.cells.crop_um is not None:
+            raise ConfigError("pass either --crop-size (pixels) or --crop-um (micrometres), not both")
