@@ -39,6 +39,30 @@ def main(verbose: int) -> None:
     configure_logging(verbose)
 
 
+#: the built-in segmentation's options: field of SegmentParams -> help (defaults and types come from SegmentParams)
+SEGMENT_HELP = {
+    "sigma": "gaussian smoothing (px).",
+    "threshold": "otsu, li or a number.",
+    "min_distance": "least distance between nucleus centres when splitting touching nuclei (0: no split).",
+    "min_area": "smallest nucleus (px).",
+    "max_area": "largest nucleus (px, 0: any).",
+}
+
+
+def segment_options(f):
+    """The ``--sigma ... --max-area`` options of the built-in segmentation, passed as keyword arguments."""
+    for name, text in reversed(SEGMENT_HELP.items()):
+        default = getattr(SegmentParams, name)
+        f = click.option(
+            f"--{name.replace('_', '-')}",
+            type=type(default),
+            default=default,
+            show_default=True,
+            help="Segmentation: " + text,
+        )(f)
+    return f
+
+
 def _split(value: str | None) -> tuple[str, ...] | None:
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
 
@@ -113,33 +137,7 @@ def _split(value: str | None) -> tuple[str, ...] | None:
     "(dask worker processes otherwise give torch one thread).",
 )
 @click.option("--scheduler", help="Address of a running Dask scheduler (tcp://host:8786) instead of a local cluster.")
-@click.option(
-    "--sigma", type=float, default=SegmentParams.sigma, show_default=True, help="Segmentation: gaussian smoothing (px)."
-)
-@click.option(
-    "--threshold", default=SegmentParams.threshold, show_default=True, help="Segmentation: otsu, li or a number."
-)
-@click.option(
-    "--min-distance",
-    type=int,
-    default=SegmentParams.min_distance,
-    show_default=True,
-    help="Segmentation: least distance between nucleus centres when splitting touching nuclei (0: no split).",
-)
-@click.option(
-    "--min-area",
-    type=int,
-    default=SegmentParams.min_area,
-    show_default=True,
-    help="Segmentation: smallest nucleus (px).",
-)
-@click.option(
-    "--max-area",
-    type=int,
-    default=SegmentParams.max_area,
-    show_default=True,
-    help="Segmentation: largest nucleus (px, 0: any).",
-)
+@segment_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing output instead of resuming it.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def run_cmd(
@@ -163,13 +161,9 @@ def run_cmd(
     workers,
     threads,
     scheduler,
-    sigma,
-    threshold,
-    min_distance,
-    min_area,
-    max_area,
     overwrite,
     no_progress,
+    **segment,
 ) -> None:
     """Embed every nucleus of an OME-Zarr HCS PLATE into an AnnData store.
 
@@ -187,9 +181,7 @@ def run_cmd(
         crop_um=crop_um,
         border=border,
         wells=_split(wells),
-        segment=SegmentParams(
-            sigma=sigma, threshold=threshold, min_distance=min_distance, min_area=min_area, max_area=max_area
-        ),
+        segment=SegmentParams(**segment),
     )
     cfg = RunConfig(
         plate=plate,

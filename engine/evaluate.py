@@ -92,6 +92,28 @@ def _tag(j: int, model: str, name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_+-]", "_", tag)
 
 
+def embed_with_run(crops: str, model: str, channels: tuple[str, ...], out: Path, settings: EvalSettings) -> np.ndarray:
+    """Embeddings of every cell of ``crops`` by ``model`` on ``channels``, made by the engine's own ``run`` into
+    ``out`` (a finished or interrupted grid cell of an earlier evaluate is reused or resumed)."""
+    from scdino.engine.output import read_embeddings
+    from scdino.engine.pipeline import RunConfig, run
+
+    rc = RunConfig(
+        plate=crops,
+        out=str(out),
+        model=model,
+        cells=CellOptions(channels=channels),
+        input_size=settings.input_size,
+        batch_size=settings.batch_size,
+        progress=settings.progress,
+    )
+    try:
+        run(rc)
+    except OutputError:  # left by a grid with other settings: this report folder owns it
+        run(replace(rc, overwrite=True))
+    return read_embeddings(rc.out)[0]
+
+
 def compute_grid(
     crops: str,
     models: Sequence[str],
@@ -105,8 +127,7 @@ def compute_grid(
     ``outdir/embeddings``) and measure k-NN on each, beside the untrained and raw-pixel baselines."""
     from scdino.cells.source import open_source, read_all
     from scdino.engine.cluster import dask_client
-    from scdino.engine.output import labels_of, read_embeddings
-    from scdino.engine.pipeline import RunConfig, run
+    from scdino.engine.output import labels_of
     from scdino.knn import evaluate_knn
     from scdino.models import embed_crops, load_model
 
@@ -121,15 +142,7 @@ def compute_grid(
     sets = [tuple(s) for s in channel_sets] or [tuple(source.channel_names)]
     sources = {s: open_source(crops, CellOptions(channels=s)) for s in sets}  # unknown channels fail before any work
     untrained = f"random:{baseline_arch or 'vit_small16'}"
-    arch = untrained.split(":")[1]
-    columns = list(models) + [f"untrained {arch}", "raw pixels"]
-    # a model trained with a fixed intensity range is held to baselines that keep absolute levels too: per-crop min-max
-    # baselines alone would credit training with what the scaling gives (README, "Keeping marker levels")
-    fixed = None
-    for m in [*models, *([_checkpoints(run_dir)[-1][1]] if run_dir else [])]:
-        fixed = fixed or fixed_range_of(m)
-    if fixed:
-        columns += [f"untrained {arch}, fixed range", "raw pixels, fixed range"]
+    columns, fixed = _columns(models, untrained, run_dir)
     grid = Grid(["+".join(s) for s in sets], columns, np.full((len(sets), len(columns)), np.nan))
     grid.classes, grid.n_cells = sorted(set(map(str, y))), len(y)
 
@@ -143,20 +156,7 @@ def compute_grid(
     with dask_client():
 
         def embed(model: str, chans: tuple[str, ...], tag: str) -> np.ndarray:
-            rc = RunConfig(
-                plate=crops,
-                out=str(outdir / "embeddings" / f"{tag}.zarr"),
-                model=model,
-                cells=CellOptions(channels=chans),
-                input_size=settings.input_size,
-                batch_size=settings.batch_size,
-                progress=settings.progress,
-            )
-            try:  # a finished or interrupted grid cell of an earlier evaluate is reused or resumed
-                run(rc)
-            except OutputError:  # left by a grid with other settings: this report folder owns it
-                run(replace(rc, overwrite=True))
-            return read_embeddings(rc.out)[0]
+            return embed_with_run(crops, model, chans, outdir / "embeddings" / f"{tag}.zarr", settings)
 
         for i, chans in enumerate(sets):
             for j, model in enumerate([*models, untrained]):
@@ -173,17 +173,28 @@ def compute_grid(
             chans = sets[-1]
             for ep, ck in _checkpoints(run_dir):
                 grid.epochs.append((ep, knn(embed(ck, chans, f"epoch{ep:04d}"))["top1"]))
-    if grid.epochs:
-        j = len(models) + 1
-        last = grid.top1[-1]
-        if fixed and np.isfinite(last[j + 2]):
-            grid.epoch_baselines = {
-                "untrained, fixed range": float(last[j + 1]),
-                "raw pixels, fixed range": float(last[j + 2]),
-            }
-        else:
-            grid.epoch_baselines = {"untrained": float(last[j - 1]), "raw pixels": float(last[j])}
+    if grid.epochs:  # drawn against the baselines of the last channel set, fixed-range ones where there are
+        last = dict(zip(columns, grid.top1[-1]))
+        names = [c for c in columns[len(models) :] if c.endswith("fixed range") and np.isfinite(last[c])]
+        names = names or columns[len(models) : len(models) + 2]
+        grid.epoch_baselines = {re.sub(r"^untrained [^,]*", "untrained", c): float(last[c]) for c in names}
     return grid
+
+
+def _columns(models: Sequence[str], untrained: str, run_dir: str | None) -> tuple[list[str], tuple | None]:
+    """The grid's feature columns, and the fixed intensity range of the first model that has one.
+
+    A model trained with a fixed intensity range is held to baselines that keep absolute levels too: per-crop min-max
+    baselines alone would credit training with what the scaling gives (README, "Keeping marker levels").
+    """
+    arch = untrained.split(":")[1]
+    columns = list(models) + [f"untrained {arch}", "raw pixels"]
+    fixed = None
+    for m in [*models, *([_checkpoints(run_dir)[-1][1]] if run_dir else [])]:
+        fixed = fixed or fixed_range_of(m)
+    if fixed:
+        columns += [f"untrained {arch}, fixed range", "raw pixels, fixed range"]
+    return columns, fixed
 
 
 def write_report(outdir: Path, crops: str, grid: Grid, s: EvalSettings) -> dict:

@@ -40,6 +40,17 @@ def make_tiny_plate(path: Path, ngff: str = "0.5", n_channels: int = 2, seed: in
     return write_plate(path, wells, names, pixel_size_um=0.5, ngff=ngff, name="tiny")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def client():
+    """One Dask cluster for the whole session: every ``run`` reuses it (as it reuses a caller's client) instead of
+    starting a cluster of its own, as each command-line call does."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        with Client(cluster) as c:
+            yield c
+
+
 @pytest.fixture(scope="session")
 def tiny_plate(tmp_path_factory) -> str:
     return make_tiny_plate(tmp_path_factory.mktemp("plates") / "tiny.zarr")

@@ -39,6 +39,7 @@ def bbbc007_plate(path) -> str:
     return write_plate(path, {"B/3": fields[:2], "C/5": fields[2:]}, ["DNA"], ngff="0.4", name="bbbc007")
 
 
+@pytest.mark.slow
 def test_unseen_plate_matches_independent_implementation(tmp_path):
     plate = bbbc007_plate(tmp_path / "bbbc007.zarr")
     ckpt = tmp_path / "dino_vits16_full.pth"

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import sys
 
 import anndata as ad
@@ -87,21 +88,33 @@ def test_ingest_keeps_every_crop_with_its_file(authors_folder, tmp_path):
         ingest(bad, tmp_path / "bad.zarr", progress=False)
 
 
-def test_knn_and_umap_and_attention_on_a_crop_store(authors_folder, tmp_path):
-    root, crops, labels = authors_folder
-    ingest(root, tmp_path / "c.zarr", channels=["CTIP2", "BRN2", "ROR"], progress=False)
+@pytest.fixture(scope="module")
+def embedded_store(authors_folder, tmp_path_factory):
+    """The authors' folder ingested into a crop store and embedded by ``run`` (an untrained test ViT)."""
+    root, _, _ = authors_folder
+    tmp = tmp_path_factory.mktemp("embedded")
+    ingest(root, tmp / "c.zarr", channels=["CTIP2", "BRN2", "ROR"], progress=False)
     run(
         RunConfig(
-            plate=str(tmp_path / "c.zarr"),
-            out=str(tmp_path / "e.zarr"),
+            plate=str(tmp / "c.zarr"),
+            out=str(tmp / "e.zarr"),
             model="random:vit_test16",
             input_size=64,
             progress=False,
             chunk_cells=20,
         )
     )
-    a = ad.read_zarr(tmp_path / "e.zarr")
-    assert a.n_obs == 48 and list(a.obs["class"].astype(str)) == list(CropStore(tmp_path / "c.zarr").table()["class"])
+    return tmp
+
+
+def test_run_on_a_crop_store_keeps_every_label(embedded_store):
+    a = ad.read_zarr(embedded_store / "e.zarr")
+    table = CropStore(embedded_store / "c.zarr").table()
+    assert a.n_obs == 48 and list(a.obs["class"].astype(str)) == list(table["class"])
+
+
+def test_knn_report_and_classification_against_a_reference(embedded_store, tmp_path):
+    shutil.copytree(embedded_store / "e.zarr", tmp_path / "e.zarr")  # the classification writes into the store
     r = knn_command(str(tmp_path / "e.zarr"), "class", k=5, out=str(tmp_path / "k"))
     assert 0 <= r["top1"] <= 1 and os.path.getsize(tmp_path / "k" / "confusion.png") > 1000
     assert json.loads((tmp_path / "k" / "knn.json").read_text())["classes"] == ["BRN2", "CTIP2", "ROR"]
@@ -112,24 +125,30 @@ def test_knn_and_umap_and_attention_on_a_crop_store(authors_folder, tmp_path):
     b = ad.read_zarr(tmp_path / "e.zarr")
     assert (b.obs["knn_class"].astype(str) == b.obs["class"].astype(str)).all()  # k=1: its own row wins
     assert r2["predicted_counts"]
+
+
+@pytest.mark.slow  # umap-learn's first fit in a process pays about 50 s of numba compilation
+def test_umap_fits_a_subsample_and_transforms_the_rest(embedded_store, tmp_path):
+    shutil.copytree(embedded_store / "e.zarr", tmp_path / "e.zarr")  # UMAP writes obsm["X_umap"] into the store
     u = umap_command(str(tmp_path / "e.zarr"), "ipsc-morphology", {"n_epochs": 50}, fit_max=40, device="cpu")
     assert u["engine"] == "umap-learn" and u["fitted_on"] == 40 and u["transformed"] == 8
     assert u["n_neighbors"] == PRESETS["ipsc-morphology"]["n_neighbors"] and u["min_dist"] == 0.1
     c = ad.read_zarr(tmp_path / "e.zarr")
     assert c.obsm["X_umap"].shape == (48, 2) and np.isfinite(c.obsm["X_umap"]).all()
     assert os.path.getsize(u["png"]) > 1000 and "cuml" not in sys.modules
-    att = attention_command(
-        str(tmp_path / "c.zarr"), "random:vit_test16", str(tmp_path / "att"), per_class=2, input_size=64
-    )
+
+
+def test_attention_maps_of_seeded_cells(embedded_store, tmp_path):
+    store = str(embedded_store / "c.zarr")
+    att = attention_command(store, "random:vit_test16", str(tmp_path / "att"), per_class=2, input_size=64)
     npz = np.load(tmp_path / "att" / "attention.npz")
     assert npz["attention"].shape == (6, 2, 40, 40) and att["heads"] == 2
-    again = attention_command(
-        str(tmp_path / "c.zarr"), "random:vit_test16", str(tmp_path / "att2"), per_class=2, input_size=64
-    )
+    again = attention_command(store, "random:vit_test16", str(tmp_path / "att2"), per_class=2, input_size=64)
     assert list(np.load(tmp_path / "att2" / "attention.npz")["ids"]) == list(npz["ids"])  # seeded choice
     assert again["cells"] == 6
 
 
+@pytest.mark.slow
 def test_evaluate_grid_with_baselines_and_epochs(authors_folder, tmp_path):
     root, crops, labels = authors_folder
     ingest(root, tmp_path / "c.zarr", channels=["CTIP2", "BRN2", "ROR"], progress=False)

@@ -16,9 +16,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args, check=False) -> subprocess.CompletedProcess:
-    p = subprocess.run(
-        [sys.executable, "-m", "scdino.engine", *map(str, args)], capture_output=True, text=True, timeout=300
-    )
+    """``scdino-engine ARGS`` run in this process (click's CliRunner): what a shell gets, without a new interpreter
+    and cluster per call (the subprocess path is covered by the --help and kill -9 tests)."""
+    from click.testing import CliRunner
+
+    from scdino.engine.cli import main
+
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    p = subprocess.CompletedProcess(["scdino-engine", *map(str, args)], r.exit_code, r.stdout, r.stderr)
     if check and p.returncode != 0:
         raise AssertionError(p.stderr)
     return p
@@ -64,6 +71,7 @@ def test_every_subpackage_is_in_the_wheel():
     assert found <= set(cfg["packages"]), found - set(cfg["packages"])
 
 
+@pytest.mark.slow
 def test_end_to_end_on_the_real_sample_plates(tmp_path):
     neo = tmp_path / "neocortex.zarr"
     assert "wrote" in cli("sample-plate", neo, check=True).stdout

@@ -22,15 +22,6 @@ from scdino.models import load_model
 from scdino.preprocess import apply
 
 
-@pytest.fixture(scope="module")
-def client():
-    from distributed import Client, LocalCluster
-
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        with Client(cluster) as c:
-            yield c
-
-
 def plain_loop(plate_path: str, model: str, opts: CellOptions, input_size: int):
     """The engine without Dask: every field, every cell, one at a time."""
     plate = Plate(plate_path)
@@ -110,6 +101,7 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(scratch_plate, tmp_p
         run(cfg(scratch_plate, out, chunk_cells=64, input_size=48))
 
 
+@pytest.mark.slow
 def test_distributed_scheduler_with_two_workers(tiny_plate, tmp_path):
     sched_file = tmp_path / "scheduler.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -177,6 +169,7 @@ def test_distributed_scheduler_with_two_workers(tiny_plate, tmp_path):
             p.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_killed_process_resumes_to_the_same_embeddings(scratch_plate, tmp_path):
     """SIGKILL the real command midway, run it again, compare with an uninterrupted run."""
     out, ref = tmp_path / "k.zarr", tmp_path / "r.zarr"
@@ -212,8 +205,11 @@ def test_killed_process_resumes_to_the_same_embeddings(scratch_plate, tmp_path):
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     assert output_mod.store_status(str(out))["status"] == "running"
-    subprocess.run([*cmd, "--out", str(out)], check=True, capture_output=True)
-    subprocess.run([*cmd, "--out", str(ref)], check=True, capture_output=True)
+    # the same command again, and an uninterrupted run, in this process (same library path, no new interpreter)
+    same = dict(model="random:vit_tiny16", input_size=64, chunk_cells=16)
+    cells = CellOptions(labels="nuclei", crop_size=32)
+    run(cfg(scratch_plate, out, cells=cells, **same))
+    run(cfg(scratch_plate, ref, cells=cells, **same))
     a, b = ad.read_zarr(out), ad.read_zarr(ref)
     assert a.uns["scdino"]["timing"]["resumed"] and list(a.obs_names) == list(b.obs_names)
     np.testing.assert_allclose(a.obsm["X_scdino"], b.obsm["X_scdino"], rtol=1e-5, atol=1e-6)

@@ -288,19 +288,32 @@ def test_checkpoint_layout_and_use_in_engine_and_export(crop_store, tmp_path):
     assert "scale_lo" not in ck["scdino"] and meta["preprocessing"]["steps"][1].startswith("minmax")
 
 
-def test_dataset_scaled_model_carries_its_range_into_engine_and_export(crop_store, tmp_path, caplog):
+@pytest.fixture(scope="module")
+def dataset_scaled_run(crop_store, tmp_path_factory):
+    """One epoch with intensity_scaling=dataset: the run folder."""
+    out = tmp_path_factory.mktemp("dataset_scaled") / "run"
+    train(cfg_for(crop_store, out, epochs=1, intensity_scaling="dataset", intensity_percentiles="0.5,99.5"))
+    return out
+
+
+def test_dataset_scaled_model_stores_its_range(dataset_scaled_run):
+    from scdino.models import load_model
+
+    ck = _ckpt(dataset_scaled_run / "checkpoint.pth")["scdino"]
+    assert len(ck["scale_lo"]) == 3 and all(h > lo for lo, h in zip(ck["scale_lo"], ck["scale_hi"]))
+    lm = load_model(str(dataset_scaled_run / "checkpoint.pth"), 3)
+    assert lm.prep.scale_lo == tuple(ck["scale_lo"]) and lm.prep.scale_hi == tuple(ck["scale_hi"])
+
+
+def test_dataset_scaled_model_in_the_engine_warns_on_a_plate_out_of_range(
+    dataset_scaled_run, crop_store, tmp_path, caplog
+):
     import anndata as ad
 
     from scdino.engine.pipeline import RunConfig, run
-    from scdino.export.onnx_export import export_onnx
-    from scdino.models import load_model
 
-    out = tmp_path / "run"
-    train(cfg_for(crop_store, out, epochs=1, intensity_scaling="dataset", intensity_percentiles="0.5,99.5"))
+    out = dataset_scaled_run
     ck = _ckpt(out / "checkpoint.pth")["scdino"]
-    assert len(ck["scale_lo"]) == 3 and all(h > lo for lo, h in zip(ck["scale_lo"], ck["scale_hi"]))
-    lm = load_model(str(out / "checkpoint.pth"), 3)
-    assert lm.prep.scale_lo == tuple(ck["scale_lo"]) and lm.prep.scale_hi == tuple(ck["scale_hi"])
     run(RunConfig(plate=crop_store, out=str(tmp_path / "e.zarr"), model=str(out / "checkpoint.pth"), progress=False))
     prep = ad.read_zarr(tmp_path / "e.zarr").uns["scdino"]["preprocessing"]
     assert np.allclose(prep["scale_hi"], ck["scale_hi"])
@@ -311,6 +324,15 @@ def test_dataset_scaled_model_carries_its_range_into_engine_and_export(crop_stor
     torch.save(bright, tmp_path / "bright.pth")
     run(RunConfig(plate=crop_store, out=str(tmp_path / "b.zarr"), model=str(tmp_path / "bright.pth"), progress=False))
     assert all(f"channel {c}: 99% of pixels" in caplog.text for c in ("CTIP2", "BRN2", "ROR"))
+
+
+def test_dataset_scaled_model_exports_its_range_into_the_graph(dataset_scaled_run, tmp_path):
+    from scdino.export.onnx_export import export_onnx
+    from scdino.models import load_model
+
+    out = dataset_scaled_run
+    ck = _ckpt(out / "checkpoint.pth")["scdino"]
+    lm = load_model(str(out / "checkpoint.pth"), 3)
     # the exported graph scales by the stored range: ONNX Runtime matches PyTorch on real crops, and differs from
     # what the same weights give with per-crop min-max
     meta = export_onnx(str(out / "checkpoint.pth"), tmp_path / "m.onnx", crop_size=32)
@@ -328,12 +350,23 @@ def test_dataset_scaled_model_carries_its_range_into_engine_and_export(crop_stor
     assert float(np.abs(minmax.numpy() - want).max()) > 1e-2
     with pytest.raises(ConfigError, match="--dtype uint8 crops reach only 255"):
         export_onnx(str(out / "checkpoint.pth"), tmp_path / "u8.onnx", crop_size=32, dtype="uint8")
+
+
+def test_dataset_scaled_run_resumes_only_with_its_range(dataset_scaled_run, crop_store, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(dataset_scaled_run, out)
     # resuming with another scaling would make the stored range lie about the earlier epochs
     with pytest.raises(ConfigError, match="trained with intensity scaling range"):
         train(cfg_for(crop_store, out, epochs=2))
-    # evaluate holds the model to baselines that keep absolute levels too, and plots epochs against them
+
+
+def test_evaluate_holds_a_dataset_scaled_model_to_fixed_range_baselines(dataset_scaled_run, crop_store, tmp_path):
     from scdino.engine.evaluate import evaluate
 
+    out = dataset_scaled_run
+    # evaluate holds the model to baselines that keep absolute levels too, and plots epochs against them
     r = evaluate(
         crop_store,
         [str(out / "checkpoint.pth")],
@@ -378,6 +411,15 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(crop_store, tmp_path,
     assert (out / "checkpoint.pth").read_bytes() == good
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(crop_store, tmp_path):
     """gloo DDP with batch 8 per process == one process with batch 16 (same global batch)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -404,7 +446,7 @@ def test_torchrun_two_processes_match_one(crop_store, tmp_path):
             "--nproc-per-node",
             "2",
             "--master-port",
-            "29617",
+            str(_free_port()),
             "-m",
             "scdino.training",
             "--out",

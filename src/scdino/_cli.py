@@ -10,10 +10,19 @@ import click
 from scdino.errors import ScdinoError
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes (a command run in-process, e.g. by click's CliRunner,
+    must not leave the root logger holding the runner's closed stream)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def configure_logging(verbose: int) -> None:
     """scdino's own messages from INFO up; other libraries' (dask, distributed) only as asked with -v/-vv."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     floor = logging.INFO if verbose < 2 else logging.DEBUG
     handler.addFilter(lambda r: r.levelno >= (floor if r.name.startswith("scdino") else level))

@@ -135,60 +135,80 @@ def load_model(
     if n_channels < 1:
         raise ConfigError(f"need at least one channel, got {n_channels}")
     check_channels(spec, native, trained_on, n_channels, channel_names, available)
-    info: dict[str, Any] = {"model": spec, "untrained": ckpt is None}
-    if input_size is None:
-        input_size = int(ckpt.meta.get("input_size") or ckpt.config.img_size) if ckpt is not None else 224
     if ckpt is None:
-        torch.manual_seed(seed)
-        cfg = arch_config(spec.split(":", 1)[1], in_chans=n_channels, img_size=input_size)
-        model = build_model(cfg)
-        info.update(seed=seed, checkpoint_sha256=None, layout=None)
-        log.warning("model %s is untrained (random weights): its embeddings carry no learned features", spec)
-        mean = std = scale_lo = scale_hi = None
+        if input_size is None:
+            input_size = 224
+        model, stats, info = _random_model(spec, n_channels, input_size, seed)
     else:
-        cfg = ckpt.config
-        info.update(checkpoint_sha256=ckpt.sha256, layout=ckpt.layout, checkpoint_key=ckpt.key, source=ckpt.source)
-        sd = dict(ckpt.state_dict)
+        if input_size is None:
+            input_size = int(ckpt.meta.get("input_size") or ckpt.config.img_size)
+        model, stats, info = _checkpoint_model(ckpt, n_channels, adapt, rgb=native is None)
         if trained_on is not None:
             info["channels"] = trained_on
-        if ckpt.meta.get("crop_size"):
-            info["crop_size"] = int(ckpt.meta["crop_size"])
-        is_rgb = native is None
-        if is_rgb:
-            # microscopy channels are not R, G, B: every RGB model is adapted (SPEC section 2)
-            parse_mode(adapt, n_channels)
-            sd["patch_embed.proj.weight"] = adapt_patch_weight(sd["patch_embed.proj.weight"], n_channels, adapt)
-            info["adaptation"] = adapt
-            cfg = ViTConfig(**{**cfg.to_dict(), "in_chans": n_channels})
-        model = build_model(cfg, sd, ckpt.source)
-        mean, std = ckpt.meta.get("mean"), ckpt.meta.get("std")
-        scale_lo, scale_hi = ckpt.meta.get("scale_lo"), ckpt.meta.get("scale_hi")
-        for name, v in (("scale_lo", scale_lo), ("scale_hi", scale_hi)):
-            if v is not None and len(v) != n_channels:
-                raise ConfigError(f"{ckpt.source}: {name} has {len(v)} values for {n_channels} channels")
-        if (scale_lo is None) != (scale_hi is None):
-            raise ConfigError(f"{ckpt.source}: the checkpoint has only one of scale_lo and scale_hi")
-        if input_size % cfg.patch_size:
-            raise ConfigError(f"--input-size {input_size} is not a multiple of the patch size {cfg.patch_size}")
-        if input_size != cfg.img_size:
-            new = ViTConfig(**{**cfg.to_dict(), "img_size": input_size})
-            resized = VisionTransformer(new)
-            sd2 = model.state_dict()
-            sd2["pos_embed"] = resize_pos_embed(sd2["pos_embed"], input_size // cfg.patch_size)
-            resized.load_state_dict(sd2)
-            model, cfg = resized.eval(), new
-            log.info("position embedding interpolated once for %dx%d inputs", input_size, input_size)
+        if input_size % model.cfg.patch_size:
+            raise ConfigError(f"--input-size {input_size} is not a multiple of the patch size {model.cfg.patch_size}")
+        if input_size != model.cfg.img_size:
+            model = _resized(model, input_size)
+    cfg = model.cfg
     if input_size % cfg.patch_size:
         raise ConfigError(f"--input-size {input_size} is not a multiple of the patch size {cfg.patch_size}")
+
+    def floats(key):
+        return tuple(float(v) for v in stats[key]) if stats.get(key) is not None else None
+
     prep = Preprocessing(
-        input_size=input_size,
-        mean=tuple(float(v) for v in mean) if mean is not None else None,
-        std=tuple(float(v) for v in std) if std is not None else None,
-        scale_lo=tuple(float(v) for v in scale_lo) if scale_lo is not None else None,
-        scale_hi=tuple(float(v) for v in scale_hi) if scale_hi is not None else None,
+        input_size, floats("mean"), floats("std"), scale_lo=floats("scale_lo"), scale_hi=floats("scale_hi")
     )
+    info = {"model": spec, "untrained": ckpt is None, **info}
     info.update(arch=arch_name(cfg), config=cfg.to_dict(), embed_dim=cfg.embed_dim, input_size=input_size)
     return LoadedModel(model.eval(), prep, info)
+
+
+def _random_model(spec: str, n_channels: int, input_size: int, seed: int) -> tuple[VisionTransformer, dict, dict]:
+    """An untrained ``random:ARCH`` model, seeded; it has no training statistics."""
+    torch.manual_seed(seed)
+    model = build_model(arch_config(spec.split(":", 1)[1], in_chans=n_channels, img_size=input_size))
+    log.warning("model %s is untrained (random weights): its embeddings carry no learned features", spec)
+    return model, {}, {"seed": seed, "checkpoint_sha256": None, "layout": None}
+
+
+def _checkpoint_model(ckpt: Checkpoint, n_channels: int, adapt: str, rgb: bool) -> tuple[VisionTransformer, dict, dict]:
+    """The backbone of a checkpoint (an RGB model adapted to ``n_channels``), its training statistics and what is
+    known about it."""
+    cfg = ckpt.config
+    info: dict[str, Any] = {
+        "checkpoint_sha256": ckpt.sha256,
+        "layout": ckpt.layout,
+        "checkpoint_key": ckpt.key,
+        "source": ckpt.source,
+    }
+    if ckpt.meta.get("crop_size"):
+        info["crop_size"] = int(ckpt.meta["crop_size"])
+    sd = dict(ckpt.state_dict)
+    if rgb:  # microscopy channels are not R, G, B: every RGB model is adapted (SPEC section 2)
+        parse_mode(adapt, n_channels)
+        sd["patch_embed.proj.weight"] = adapt_patch_weight(sd["patch_embed.proj.weight"], n_channels, adapt)
+        info["adaptation"] = adapt
+        cfg = ViTConfig(**{**cfg.to_dict(), "in_chans": n_channels})
+    model = build_model(cfg, sd, ckpt.source)
+    stats = {k: ckpt.meta.get(k) for k in ("mean", "std", "scale_lo", "scale_hi")}
+    for name in ("scale_lo", "scale_hi"):
+        if stats[name] is not None and len(stats[name]) != n_channels:
+            raise ConfigError(f"{ckpt.source}: {name} has {len(stats[name])} values for {n_channels} channels")
+    if (stats["scale_lo"] is None) != (stats["scale_hi"] is None):
+        raise ConfigError(f"{ckpt.source}: the checkpoint has only one of scale_lo and scale_hi")
+    return model, stats, info
+
+
+def _resized(model: VisionTransformer, input_size: int) -> VisionTransformer:
+    """The same model for ``input_size`` inputs, its position embedding interpolated once (SPEC section 2)."""
+    new = ViTConfig(**{**model.cfg.to_dict(), "img_size": input_size})
+    resized = VisionTransformer(new)
+    sd = model.state_dict()
+    sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], input_size // model.cfg.patch_size)
+    resized.load_state_dict(sd)
+    log.info("position embedding interpolated once for %dx%d inputs", input_size, input_size)
+    return resized.eval()
 
 
 def embed_crops(net: nn.Module, raw, prep: Preprocessing, device=None, batch_size: int = 128) -> np.ndarray:
