@@ -85,9 +85,9 @@ def main() -> None:
                     progress=False,
                 )
             )
-            times[name].append(res.phase_seconds["embed_s"])
+            times[name].append(res.phase_seconds["embed_seconds"])
             print(
-                f"  repeat {r + 1} {name}: {res.n_cells} cells, embedding {res.phase_seconds['embed_s']:.1f} s",
+                f"  repeat {r + 1} {name}: {res.n_cells} cells, embedding {res.phase_seconds['embed_seconds']:.1f} s",
                 flush=True,
             )
             if r == 0:

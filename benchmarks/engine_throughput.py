@@ -60,7 +60,7 @@ def main() -> None:
             runs.append({"cells": res.n_cells, "wall_s": wall, **res.phase_seconds})
             print(
                 f"  {setting} run {r + 1}: {res.n_cells} cells, {wall:.1f} s wall, "
-                f"embed {res.phase_seconds['embed_s']:.1f} s",
+                f"embed {res.phase_seconds['embed_seconds']:.1f} s",
                 flush=True,
             )
         n = runs[0]["cells"]
@@ -70,9 +70,9 @@ def main() -> None:
                 "cells": n,
                 "runs": runs,
                 "median_wall_s": statistics.median(r["wall_s"] for r in runs),
-                "median_embed_s": statistics.median(r["embed_s"] for r in runs),
+                "median_embed_s": statistics.median(r["embed_seconds"] for r in runs),
                 "cells_per_s_end_to_end": n / statistics.median(r["wall_s"] for r in runs),
-                "cells_per_s_embedding": n / statistics.median(r["embed_s"] for r in runs),
+                "cells_per_s_embedding": n / statistics.median(r["embed_seconds"] for r in runs),
             }
         )
     print("\n| setting | cells | median wall s | cells/s end to end | cells/s embedding phase |")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from scdino.errors import ConfigError, InputError
+from scdino.outputs import claim_dir
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ def attention_command(
     from scdino.models import load_model
     from scdino.preprocess import apply
 
+    claim_dir(out, "scdino-engine attention", inputs=[source, model])
     table, reader, names = _cells_and_crops(source, channels)
     label_key = label_key or ("class" if "class" in table and not cells else None)
     rows = select_cells(table, cells, per_class, label_key, seed)
@@ -92,10 +93,10 @@ def attention_command(
     g = lm.prep.input_size // lm.model.cfg.patch_size
     maps = att.reshape(len(crops), att.shape[1], g, g)
     maps = F.interpolate(maps, size=crops.shape[-2:], mode="nearest").numpy()
-    os.makedirs(out, exist_ok=True)
     ids = (rows["path"] if "path" in rows else rows["cell"]).astype(str).tolist()
-    titles = [f"{r[label_key]}\n{i}" if label_key else i for i, (_, r) in zip(ids, rows.iterrows())]
+    short = [i if len(i) <= 28 else "..." + i[-25:] for i in ids]
+    titles = [f"{r[label_key]}\n{i}" if label_key else i for i, (_, r) in zip(short, rows.iterrows())]
     png = str(Path(out) / "attention.png")
-    attention_png(crops, maps, [t[-28:] for t in titles], names, png)
+    attention_png(crops, maps, titles, names, png)
     np.savez_compressed(Path(out) / "attention.npz", attention=maps, crops=crops, ids=np.array(ids))
     return {"png": png, "cells": len(crops), "heads": int(att.shape[1]), "untrained": lm.info["untrained"]}

@@ -202,7 +202,8 @@ def run_cmd(
         progress=not no_progress,
     )
     res = run(cfg)
-    rate = res.n_cells / res.phase_seconds["embed_s"] if res.phase_seconds.get("embed_s") else float("nan")
+    embed = res.phase_seconds.get("embed_seconds")
+    rate = res.n_cells / embed if embed else float("nan")
     verb = "resumed and completed" if res.resumed else "wrote"
     if res.blocks_run == 0 and res.resumed:
         click.echo(f"{out}: already complete ({res.n_cells} cells); pass --overwrite to run again")

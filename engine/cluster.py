@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -31,9 +32,16 @@ def dask_client(scheduler: str | None = None, workers: int = 1) -> Iterator[Any]
     if existing is not None:
         yield existing
         return
-    # the scheduler always serves HTTP (health, metrics); a free port instead of 8787 avoids a clash and its warning
+    # the scheduler always serves HTTP (health, metrics); a free port instead of 8787 avoids a clash and its warning.
+    # A task's failure comes back to this process as the task's own error (one line from the command line): the
+    # workers' log of it is noise. The command line asks for quiet workers (DASK_LOGGING__DISTRIBUTED, set unless -v)
+    quiet = os.environ.get("DASK_LOGGING__DISTRIBUTED", "").lower() in ("error", "critical")
     cluster = LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.WARNING
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=":0",
+        silence_logs=logging.CRITICAL if quiet else logging.WARNING,
     )
     client = Client(cluster)
     try:

@@ -21,7 +21,9 @@ from scdino.cells.options import CellOptions
 from scdino.engine.config import DEFAULT_BATCH_SIZE
 from scdino.errors import ConfigError, InputError, OutputError
 from scdino.knn import TEMPERATURE, TRAIN_FRACTION, K
+from scdino.outputs import claim_dir
 from scdino.preprocess import Preprocessing
+from scdino.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +155,14 @@ def compute_grid(
         grid.top1[i, j] = r["top1"]
         grid.details[f"{columns[j]} | {grid.rows[i]}"] = r
 
-    with dask_client():
+    epochs = _checkpoints(run_dir) if run_dir else []
+    total = len(sets) * (len(models) + 1) + len(epochs)
+    with dask_client(), Progress(total, "evaluate", "embedding", settings.progress) as bar:
 
         def embed(model: str, chans: tuple[str, ...], tag: str) -> np.ndarray:
-            return embed_with_run(crops, model, chans, outdir / "embeddings" / f"{tag}.zarr", settings)
+            x = embed_with_run(crops, model, chans, outdir / "embeddings" / f"{tag}.zarr", settings)
+            bar.update(1)
+            return x
 
         for i, chans in enumerate(sets):
             for j, model in enumerate([*models, untrained]):
@@ -169,9 +175,9 @@ def compute_grid(
                 net = load_model(untrained, len(chans), prep.input_size).model
                 record(i, j + 1, knn(embed_crops(net, raw, prep)))
                 record(i, j + 2, knn(raw_pixel_features(raw, prep.scale_lo, prep.scale_hi)))
-        if run_dir:
+        if epochs:
             chans = sets[-1]
-            for ep, ck in _checkpoints(run_dir):
+            for ep, ck in epochs:
                 grid.epochs.append((ep, knn(embed(ck, chans, f"epoch{ep:04d}"))["top1"]))
     if grid.epochs:  # drawn against the baselines of the last channel set, fixed-range ones where there are
         last = dict(zip(columns, grid.top1[-1]))
@@ -265,8 +271,8 @@ def evaluate(
     fields of :class:`EvalSettings`."""
     s = EvalSettings(**settings)
     t0 = time.perf_counter()
-    outdir = Path(out)
-    (outdir / "embeddings").mkdir(parents=True, exist_ok=True)
+    outdir = claim_dir(out, "scdino-engine evaluate", inputs=[crops, run_dir, *models])
+    (outdir / "embeddings").mkdir(exist_ok=True)
     grid = compute_grid(crops, models, channel_sets, outdir, s, run_dir, baseline_arch)
     result = write_report(outdir, crops, grid, s)
     result["seconds"] = round(time.perf_counter() - t0, 1)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -16,7 +15,9 @@ import zarr
 
 from scdino._optional import require
 from scdino.cells.cropstore import ATTR
-from scdino.errors import ConfigError, InputError, OutputError
+from scdino.errors import ConfigError, InputError
+from scdino.outputs import claim_new, mark
+from scdino.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,7 @@ def ingest(
         raise InputError(
             f"{folder}: no .tif files in class sub-folders (found folders: {', '.join(classes) or 'none'})"
         )
-    if os.path.exists(out):
-        if not overwrite:
-            raise OutputError(f"{out}: already exists; pass --overwrite or choose another path")
-        shutil.rmtree(out)
+    claim_new(out, "scdino-engine ingest", inputs=[folder], overwrite=overwrite, option="OUT")
     first = _to_cyx(tifffile.imread(files[0][1]), str(files[0][1]), channels_last)
     c, s = first.shape[0], first.shape[1]
     if first.shape[1] != first.shape[2]:
@@ -63,11 +61,11 @@ def ingest(
     if len(names) != c:
         raise ConfigError(f"--channels names {len(names)} channels, the crops have {c}")
     root = zarr.open_group(out, mode="w", zarr_format=3)
+    mark(out, "scdino-engine ingest")
     arr = root.create_array("crops", shape=(len(files), c, s, s), chunks=(chunk, c, s, s), dtype=first.dtype)
-    from tqdm.auto import tqdm
-
     buf = np.zeros((min(chunk, len(files)), c, s, s), first.dtype)
-    for a in tqdm(range(0, len(files), chunk), desc="ingest", unit="chunk", disable=not progress or None):
+    bar = Progress(len(files), "ingest", "crop", progress)
+    for a in range(0, len(files), chunk):
         part = files[a : a + chunk]
         for i, (_, p) in enumerate(part):
             img = _to_cyx(tifffile.imread(p), str(p), channels_last)
@@ -78,6 +76,8 @@ def ingest(
                 )
             buf[i] = img
         arr[a : a + len(part)] = buf[: len(part)]
+        bar.update(len(part))
+    bar.close()
     obs = pd.DataFrame(
         {
             "class": pd.Categorical([k for k, _ in files], categories=classes),

@@ -14,6 +14,7 @@ import pandas as pd
 from scdino.engine.output import labels_of, read_embeddings, write_obs_column
 from scdino.errors import ConfigError, InputError
 from scdino.knn import TEMPERATURE, TRAIN_FRACTION, K, evaluate_knn, knn_predict
+from scdino.outputs import claim_dir
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def knn_command(
     classification of every cell against that labelled store (obs column ``knn_<label_key>``)."""
     x, obs = read_embeddings(cells)
     out_dir = Path(out or os.path.join(os.path.dirname(os.path.abspath(cells)), Path(cells).stem + "_knn"))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claim_dir(out_dir, "scdino-engine knn", inputs=[cells, reference])
     if reference:
         result = classify(cells, x, reference, label_key, k, temperature, device)
     else:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import warnings
 from typing import Any
 
@@ -19,10 +18,12 @@ import pandas as pd
 import zarr
 
 from scdino.errors import ConfigError, InputError, OutputError
+from scdino.outputs import claim_dir, mark
 
 log = logging.getLogger(__name__)
 
 KEY = "X_scdino"
+COMMAND = "scdino-engine run"
 
 
 def store_status(path: str) -> dict[str, Any] | None:
@@ -56,12 +57,7 @@ class EmbeddingStore:
     ) -> "EmbeddingStore":
         import anndata as ad
 
-        if os.path.exists(path):
-            if not store_status(path) and os.listdir(path):
-                raise OutputError(
-                    f"{path}: exists and is not a scdino output store; refusing to delete it. Choose another --out"
-                )
-            shutil.rmtree(path)
+        claim_dir(path, COMMAND, overwrite=True)  # only a store scdino wrote is ever replaced
         obs = table.copy()
         for col in ("plate", "well", "field"):
             if col in obs:
@@ -79,6 +75,7 @@ class EmbeddingStore:
         with ad.settings.override(zarr_write_format=3), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*autosharding.*")
             adata.write_zarr(path)
+        mark(path, COMMAND)
         g = zarr.open_group(path, mode="r+", use_consolidated=False)
         g.attrs["scdino"] = {"status": "creating"}
         n = len(table)

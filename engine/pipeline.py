@@ -16,6 +16,7 @@ import platform
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,9 +26,11 @@ from scdino.cells.source import CellSource, open_source
 from scdino.engine.backends import BackendSpec, get_backend, resolve
 from scdino.engine.cluster import dask_client
 from scdino.engine.config import RunConfig
-from scdino.engine.output import EmbeddingStore, store_status
+from scdino.engine.output import COMMAND, EmbeddingStore, store_status
 from scdino.errors import OutputError
 from scdino.models.card import ModelCard, describe_model
+from scdino.outputs import check_not_input, claim_dir, written_by_scdino
+from scdino.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -130,35 +133,43 @@ def embeddings_array(crops, spec: BackendSpec):
     )
 
 
-def _tqdm(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        desc=desc,
-        unit="cell" if "emb" in desc else "field",
-        disable=not enabled or None,
-        dynamic_ncols=True,
-    )
-
-
 def _existing_output(cfg: RunConfig, fp: str) -> dict | None:
-    """The status of an output that can be resumed or is already complete; an error for anything else there."""
+    """The status of an output that can be resumed or is already complete; an error for anything else there. With
+    ``--overwrite`` an output scdino wrote is deleted here, before any work starts (and nothing else ever is)."""
+    check_not_input(cfg.out, [cfg.plate])
     status = store_status(cfg.out)
-    if status is None or cfg.overwrite:
+    if status is None:
         return None
+    if cfg.overwrite:  # a file, or a folder scdino did not write, is refused here
+        claim_dir(cfg.out, COMMAND, inputs=[cfg.plate], overwrite=True)
+        return None
+    if not status:  # not a run output: an empty folder is taken, anything else is left alone
+        out = Path(cfg.out)
+        if out.is_dir() and not any(out.iterdir()):
+            return None
+        if written_by_scdino(out):
+            raise OutputError(
+                f"{cfg.out}: exists and is another scdino output, not a run; pass --overwrite or another --out"
+            )
+        raise OutputError(
+            f"{cfg.out}: exists and is not an unfinished scdino run; it was not written by scdino, so it is never "
+            "deleted (--overwrite does not apply): choose another --out"
+        )
     if status.get("status") == "complete" and status.get("fingerprint") == fp:
         return status
     if status.get("status") != "running":
-        raise OutputError(f"{cfg.out}: exists and is not an unfinished scdino run; pass --overwrite or another --out")
+        raise OutputError(
+            f"{cfg.out}: exists and is not an unfinished scdino run (a complete run with other settings); pass "
+            "--overwrite to replace it, or another --out"
+        )
     return status
 
 
 def _find_cells(cfg: RunConfig, source: CellSource, client, phases: dict[str, float]) -> pd.DataFrame:
     t = time.perf_counter()
-    with _tqdm(source.n_fields, "cells", cfg.progress and source.n_fields > 0) as bar:
+    with Progress(source.n_fields, "finding cells", "field", cfg.progress) as bar:
         table = source.find_cells(client, progress=bar.update)
-    phases["cells_s"] = time.perf_counter() - t
+    phases["find_cells_seconds"] = time.perf_counter() - t
     return table
 
 
@@ -183,8 +194,8 @@ def _embed_blocks(cfg: RunConfig, client, source: CellSource, table, spec: Backe
     todo = [i for i, d in enumerate(store.done()) if not d]
     futures = client.compute([blocks[i] for i in todo])
     index = {f.key: i for f, i in zip(futures, todo)}
-    with _tqdm(len(table), "embeddings", cfg.progress) as bar:
-        bar.update(int(len(table) - sum(np.diff(store.block_range(i))[0] for i in todo)))
+    already = int(len(table) - sum(np.diff(store.block_range(i))[0] for i in todo))
+    with Progress(len(table), "embedding", "cell", cfg.progress, initial=already) as bar:
         for fut, result in as_completed(futures, with_results=True):
             store.write_block(index[fut.key], result)
             bar.update(len(result))
@@ -227,7 +238,7 @@ def run(cfg: RunConfig) -> RunResult:
         _warn_intensity_range(cfg, source, table, card)
         t = time.perf_counter()
         blocks_run = _embed_blocks(cfg, client, source, table, spec, store)
-        phases["embed_s"] = time.perf_counter() - t
+        phases["embed_seconds"] = time.perf_counter() - t
     seconds = time.perf_counter() - t0
     uns = _uns(cfg, spec, source, "complete")
     uns["timing"] = _plain({"seconds": seconds, **phases, "blocks_run": blocks_run, "resumed": resumed})

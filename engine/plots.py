@@ -6,6 +6,28 @@ from typing import Sequence
 
 import numpy as np
 
+#: the PNG text chunk that marks a figure as scdino's (the output guard replaces only such files)
+SOFTWARE = "scdino"
+
+
+def _save(fig, path: str, dpi: int) -> None:
+    """Write ``fig`` to ``path`` (a PNG scdino may replace later: :func:`is_scdino_png`) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=dpi, metadata={"Software": SOFTWARE})
+    plt.close(fig)
+
+
+def is_scdino_png(path) -> bool:
+    """Whether ``path`` is a figure scdino wrote."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return str(im.info.get("Software", "")).startswith(SOFTWARE)
+    except Exception:  # not an image at all, or unreadable: not ours
+        return False
+
 
 def _plt():
     import matplotlib
@@ -39,8 +61,7 @@ def confusion_png(cm: np.ndarray, classes: Sequence[str], path: str, title: str 
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path, 120)
 
 
 def scatter_png(xy: np.ndarray, labels: Sequence, path: str, title: str = "", max_legend: int = 20) -> None:
@@ -67,8 +88,7 @@ def scatter_png(xy: np.ndarray, labels: Sequence, path: str, title: str = "", ma
     ax.set_ylabel("UMAP 2")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path, 120)
 
 
 def heatmap_png(values: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: str, title: str = "") -> None:
@@ -92,8 +112,7 @@ def heatmap_png(values: np.ndarray, rows: Sequence[str], cols: Sequence[str], pa
     ax.set_yticks(range(len(rows)), rows)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path, 120)
 
 
 def epochs_png(
@@ -109,33 +128,61 @@ def epochs_png(
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path, 120)
+
+
+#: percentiles of the shown cells' pixels that set each channel's display range in attention figures
+DISPLAY_PERCENTILES = (0.5, 99.5)
+
+
+def channel_display_ranges(crops: np.ndarray, percentiles=DISPLAY_PERCENTILES) -> np.ndarray:
+    """(C, 2) display range of each channel: the ``percentiles`` of that channel over all the cells shown, so that one
+    channel looks the same in every cell (a marker-negative cell stays dark)."""
+    x = np.moveaxis(crops.astype(np.float64), 1, 0).reshape(crops.shape[1], -1)
+    lo, hi = np.percentile(x, percentiles, axis=1)
+    return np.stack([lo, np.maximum(hi, lo + 1e-12)], axis=1)
 
 
 def attention_png(
     crops: np.ndarray, attn: np.ndarray, titles: Sequence[str], channel_names: Sequence[str], path: str
 ) -> None:
-    """One row per cell: its channels (grey, min-max), then each head's attention (upsampled to the crop)."""
+    """One row per cell: its channels (grey, one fixed range per channel for the whole figure), then the mean over
+    heads and each head's last-block CLS attention, upsampled to the crop and laid over the cell, with colour bars."""
     plt = _plt()
     n, c = crops.shape[:2]
     h = attn.shape[1]
-    fig, axes = plt.subplots(n, c + h, figsize=(1.3 * (c + h), 1.4 * n), squeeze=False)
+    ranges = channel_display_ranges(crops)
+    scaled = np.clip((crops - ranges[None, :, :1, None]) / (ranges[None, :, 1:, None] - ranges[None, :, :1, None]), 0, 1)
+    # the cell under each map: the mean of its channels on their figure-wide ranges
+    under = scaled.mean(axis=1)
+    maps = np.concatenate([attn.mean(axis=1, keepdims=True), attn], axis=1)  # mean over heads first
+    map_titles = ["mean of heads"] + [f"head {k}" for k in range(h)]
+    fig, axes = plt.subplots(n, c + h + 1, figsize=(1.35 * (c + h + 1) + 0.6, 1.45 * n + 0.6), squeeze=False)
     for i in range(n):
         for j in range(c):
-            ch = crops[i, j].astype(np.float64)
-            span = ch.max() - ch.min()
-            axes[i, j].imshow((ch - ch.min()) / span if span > 0 else ch * 0, cmap="gray", vmin=0, vmax=1)
+            axes[i, j].imshow(scaled[i, j], cmap="gray", vmin=0, vmax=1)
             if i == 0:
-                axes[i, j].set_title(channel_names[j], fontsize=7)
-        for k in range(h):
-            axes[i, c + k].imshow(attn[i, k], cmap="inferno")
+                axes[i, j].set_title(f"{channel_names[j]}\n{ranges[j, 0]:.4g}..{ranges[j, 1]:.4g}", fontsize=6)
+        for k in range(h + 1):
+            ax = axes[i, c + k]
+            ax.imshow(under[i], cmap="gray", vmin=0, vmax=1)
+            im = ax.imshow(maps[i, k], cmap="inferno", alpha=0.6, vmin=0, vmax=float(maps[i].max()) or 1.0)
             if i == 0:
-                axes[i, c + k].set_title(f"head {k}", fontsize=7)
+                ax.set_title(map_titles[k], fontsize=6)
+            if k == h:
+                cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+                cb.ax.tick_params(labelsize=5)
         axes[i, 0].set_ylabel(titles[i], fontsize=6, rotation=0, ha="right", va="center")
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    lo, hi = DISPLAY_PERCENTILES
+    fig.suptitle(
+        f"Channels: one grey scale per channel for all {n} cells ({lo:g}th..{hi:g}th percentile of their pixels, raw "
+        "units above each column). Attention of the CLS token to each patch in the last block, over the cell; "
+        "colour bar: share of the CLS token's attention (per row)",
+        fontsize=6,
+        wrap=True,
+    )
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    _save(fig, path, 110)

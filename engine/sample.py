@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from scdino._optional import MissingDependencyError, require
-from scdino.errors import ConfigError, OutputError
+from scdino.errors import ConfigError
+from scdino.outputs import claim_new, mark
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,9 @@ def write_plate(
         raise ConfigError(f"NGFF version {ngff!r} is not supported; use 0.4 (zarr v2) or 0.5 (zarr v3)")
     fmt = fmt_mod.FormatV05() if ngff == "0.5" else fmt_mod.FormatV04()
     path = str(path)
-    if os.path.exists(path):
-        if not overwrite:
-            raise OutputError(f"{path}: already exists; remove it or pass --overwrite")
-        shutil.rmtree(path)
+    claim_new(path, "scdino-engine sample-plate", overwrite=overwrite, option="OUT")
     root = zarr.open_group(path, mode="w", zarr_format=3 if ngff == "0.5" else 2)
+    mark(path, "scdino-engine sample-plate")
     rows = sorted({w.split("/")[0] for w in wells})
     cols = sorted({w.split("/")[1] for w in wells}, key=lambda c: (len(c), c))
     nfield = max(len(f) for f in wells.values())

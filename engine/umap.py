@@ -10,11 +10,13 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from scdino.errors import ConfigError
+from scdino.progress import Progress, heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +68,19 @@ def fit_umap(x: np.ndarray, params: dict, device: str = "auto", fit_max: int = F
         from umap import UMAP
     reducer = UMAP(**kw)
     out = np.empty((n, 2), np.float32)
-    out[fit_idx] = reducer.fit_transform(x[fit_idx])
+    with (
+        warnings.catch_warnings(),
+        heartbeat(f"UMAP fit of {len(fit_idx)} cells ({'cuML' if use_gpu else 'umap-learn'})"),
+    ):
+        # umap-learn says that a seed means one thread; the seed is the point (reproducible figures)
+        warnings.filterwarnings("ignore", message=".*n_jobs value.*overridden.*")
+        out[fit_idx] = reducer.fit_transform(x[fit_idx])
     if len(fit_idx) < n:
         rest = np.setdiff1d(np.arange(n), fit_idx)
-        for a in range(0, len(rest), 100_000):
-            out[rest[a : a + 100_000]] = reducer.transform(x[rest[a : a + 100_000]])
+        with Progress(len(rest), "UMAP transform", "cell") as bar:
+            for a in range(0, len(rest), 100_000):
+                out[rest[a : a + 100_000]] = reducer.transform(x[rest[a : a + 100_000]])
+                bar.update(len(rest[a : a + 100_000]))
     info = {
         **params,
         "n_neighbors": nn,
@@ -96,12 +106,15 @@ def umap_command(
     import zarr
 
     from scdino.engine.output import consolidate, read_embeddings
-    from scdino.engine.plots import scatter_png
+    from scdino.engine.plots import is_scdino_png, scatter_png
+    from scdino.outputs import claim_file
 
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
     params = {**PRESETS[preset or DEFAULT_PRESET], **{k: v for k, v in (overrides or {}).items() if v is not None}}
     x, obs = read_embeddings(cells)
+    png = png or os.path.join(os.path.dirname(os.path.abspath(cells)), Path(cells).stem + "_umap.png")
+    claim_file(png, inputs=[cells], option="--png", ours=is_scdino_png)
     color_by = color_by or next((c for c in ("class", "well") if c in obs), None)
     if color_by is not None and color_by not in obs:
         raise ConfigError(f"{cells}: no obs column {color_by!r} to colour by; columns are {', '.join(obs.columns)}")
@@ -117,7 +130,6 @@ def umap_command(
 
     write_elem(g["uns"], "umap", json.loads(json.dumps(info)))
     consolidate(cells)
-    png = png or os.path.join(os.path.dirname(os.path.abspath(cells)), Path(cells).stem + "_umap.png")
     sub = f", fitted on {info['fitted_on']} of {len(xy)} cells" if info["transformed"] else ""
     labels = obs[color_by].astype(str).to_numpy() if color_by else np.zeros(len(xy), int)
     scatter_png(xy, labels, png, f"{Path(cells).name}: UMAP ({preset}, {info['engine']}{sub}), colour: {color_by}")

@@ -149,8 +149,10 @@ def quantize_cmd(model, out, method, calibration, min_cosine) -> None:
     q = quantize(model, out, method=method, calibration=_load_crops(calibration), min_cosine=min_cosine)["quantization"]
     acc = q["knn_leave_one_out_top1"]
     click.echo(
-        f"wrote {out} (int8 {method}): cosine to fp32 min {q['min_cosine_to_fp32']:.5f} median "
-        f"{q['median_cosine_to_fp32']:.5f}; k-NN top-1 {acc['fp32']:.3f} -> {acc['int8']:.3f}"
+        f"wrote {out} (int8 {method}): cosine to fp32 on {q['n_crops']} check crops min {q['min_cosine_to_fp32']:.5f}, "
+        f"median {q['median_cosine_to_fp32']:.5f}; leave-one-out k-NN top-1 on those crops, each labelled by its "
+        f"brightest channel (a label from the pixels, not a biological class): fp32 {acc['fp32']:.3f}, "
+        f"int8 {acc['int8']:.3f}"
     )
 
 

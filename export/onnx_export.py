@@ -13,7 +13,6 @@ import copy
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -24,7 +23,9 @@ from torch import nn
 from scdino.errors import ConfigError
 from scdino.models import LoadedModel, load_model
 from scdino.models.sidecar import write_sidecar
+from scdino.outputs import claim_file
 from scdino.preprocess import fixed_scale, minmax_scale
+from scdino.progress import heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +137,7 @@ def export_onnx(
             )
     if channels is None and lm.channels:
         channels = lm.channels
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = claim_file(out, inputs=[model])
     tmp = out.with_name(out.stem + ".partial.onnx")
     wrapper = ExportModule(lm, attention, precision).eval()
     dummy = torch.rand(2, c, crop_size, crop_size) * 1000
@@ -190,7 +190,8 @@ def export_onnx(
     from scdino.export.verify import verify
 
     try:
-        meta["verification"] = verify(str(tmp), lm, meta, verify_with, tolerance)
+        with heartbeat(f"verifying {out.name} against PyTorch"):
+            meta["verification"] = verify(str(tmp), lm, meta, verify_with, tolerance)
     except Exception:
         tmp.unlink(missing_ok=True)
         raise

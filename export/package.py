@@ -8,9 +8,23 @@ import torch
 
 from scdino.models.checkpoint import read_checkpoint
 from scdino.models.vit import arch_name
+from scdino.outputs import claim_file
+
+
+def _packaged(path) -> bool:
+    """Whether ``path`` is a model file this command wrote (it may be replaced)."""
+    from scdino.errors import CheckpointError
+    from scdino.models.checkpoint import safe_load
+
+    try:
+        obj = safe_load(path)
+    except CheckpointError:
+        return False
+    return isinstance(obj, dict) and isinstance(obj.get("scdino"), dict) and "source_sha256" in obj["scdino"]
 
 
 def package_backbone(checkpoint: str, out: str, half: bool = False, key: str = "teacher") -> dict:
+    claim_file(out, inputs=[checkpoint], ours=_packaged)
     ck = read_checkpoint(checkpoint, key)
     sd = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in ck.state_dict.items()}
     meta = {

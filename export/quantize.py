@@ -12,7 +12,6 @@ import os
 import shutil
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -20,6 +19,7 @@ from scdino.data import packaged_crops
 from scdino.errors import ConfigError
 from scdino.export.verify import VerificationError, compare, fit_crops
 from scdino.models.sidecar import read_sidecar, write_sidecar
+from scdino.outputs import claim_file
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def quantize(
     crops = fit_crops(
         packaged_crops() if calibration is None else calibration, meta["in_chans"], meta["crop_size"], meta["dtype"]
     )
-    out = Path(out)
+    out = claim_file(out, inputs=[model])
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         pre = os.path.join(tmp, "pre.onnx")

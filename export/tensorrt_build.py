@@ -27,6 +27,7 @@ from scdino._optional import require
 from scdino.errors import ConfigError, ScdinoError
 from scdino.models.plan import gpu_identity
 from scdino.models.sidecar import read_sidecar, write_sidecar
+from scdino.outputs import claim_file
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def build_engine(
     if int8 and meta["precision"] != "fp32":
         raise ConfigError(f"{onnx_path}: int8 is built from an fp32 export, not {meta['precision']}")
     max_batch, opt_batch = int(max_batch), int(min(opt_batch, max_batch))
-    out = Path(out)
+    out = claim_file(out, inputs=[onnx_path])
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         src = str(onnx_path)

@@ -177,3 +177,19 @@ def test_evaluate_grid_with_baselines_and_epochs(authors_folder, tmp_path):
     assert x.shape == (2, 40 * 40) and x.min() == 0 and x.max() == 1
     # the same model twice gives the same accuracy: the grid is deterministic
     assert top1[0, 0] == top1[0, 1]
+
+
+def test_attention_figure_shows_each_channel_on_one_scale_for_all_cells(tmp_path):
+    from scdino.engine.plots import DISPLAY_PERCENTILES, attention_png, channel_display_ranges, is_scdino_png
+
+    rng = np.random.default_rng(0)
+    crops = rng.integers(100, 200, size=(4, 2, 16, 16)).astype(np.uint16)
+    crops[0, 1] = 5  # a marker-negative cell: its channel 1 must look dark, not stretched to white
+    r = channel_display_ranges(crops)
+    want = np.percentile(np.moveaxis(crops, 1, 0).reshape(2, -1).astype(np.float64), DISPLAY_PERCENTILES, axis=1).T
+    np.testing.assert_allclose(r, want)
+    att = rng.random((4, 3, 16, 16))
+    attention_png(
+        crops, att / att.sum(axis=(2, 3), keepdims=True), list("abcd"), ["DNA", "BF"], str(tmp_path / "a.png")
+    )
+    assert is_scdino_png(tmp_path / "a.png") and os.path.getsize(tmp_path / "a.png") > 5000

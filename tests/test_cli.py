@@ -202,3 +202,34 @@ def test_existing_foreign_output_is_not_overwritten(plate2, tmp_path):
         "--overwrite",
     )
     assert (out / "precious.txt").exists()
+
+
+@pytest.mark.slow
+def test_the_real_command_is_quiet_and_logs_progress_off_a_terminal(plate2, tmp_path):
+    """As under nohup or a batch scheduler: stderr is a pipe. Progress comes as log lines; a successful run prints no
+    warnings or Dask noise and says once that the model is untrained; a damaged chunk read inside a Dask task gives its
+    one line and nothing else."""
+    import os
+
+    env = {**os.environ, "SCDINO_PROGRESS_SECONDS": "0"}
+    cmd = [sys.executable, "-m", "scdino.engine", "run", plate2, "--model", "random:vit_test8", "--labels", "nuclei"]
+    cmd += ["--input-size", "32", "--crop-size", "16", "--chunk-cells", "2"]
+    p = subprocess.run([*cmd, "--out", str(tmp_path / "o.zarr")], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert any(ln.startswith("INFO scdino.progress: embedding: ") and "cells/s" in ln and "left" in ln for ln in lines)
+    assert any("finding cells: 3/3 fields" in ln for ln in lines), p.stderr
+    noise = [ln for ln in lines if not ln.startswith("INFO scdino")]
+    assert not noise, noise
+    assert (p.stdout + p.stderr).count("untrained") == 1, p.stdout + p.stderr
+    timing = ad.read_zarr(tmp_path / "o.zarr").uns["scdino"]["timing"]
+    assert timing["find_cells_seconds"] > 0 and timing["embed_seconds"] > 0 and "cells_s" not in timing
+    broken = make_tiny_plate(tmp_path / "broken.zarr")
+    chunk = next(Path(broken, "B", "2", "0", "s0").rglob("c/*/*/*"))
+    chunk.write_bytes(b"\x00" * 10)
+    cmd[4] = broken
+    p = subprocess.run([*cmd, "--out", str(tmp_path / "b.zarr")], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 2
+    others = [ln for ln in p.stderr.strip().splitlines() if not ln.startswith("INFO scdino")]
+    assert len(others) == 1 and others[0].startswith("error:"), p.stderr
+    assert "B/2/0" in p.stderr and "chunk cannot be read" in p.stderr

@@ -209,3 +209,15 @@ def test_int8_below_the_cosine_floor_is_not_written(tmp_path):
     with pytest.raises(VerificationError, match="int8 \\(dynamic\\) embeddings reach only cosine.*not written"):
         quantize(src, tmp_path / "q.onnx", min_cosine=1.01)
     assert not (tmp_path / "q.onnx").exists() and not (tmp_path / "q.json").exists()
+
+
+def test_quantize_says_what_its_check_measured(tmp_path):
+    from click.testing import CliRunner
+
+    from scdino.export.cli import main
+
+    export_onnx("random:vit_test16", tmp_path / "m.onnx", n_channels=3, crop_size=32, input_size=32)
+    r = CliRunner().invoke(main, ["quantize", str(tmp_path / "m.onnx"), "--out", str(tmp_path / "q.onnx")])
+    assert r.exit_code == 0, r.output
+    assert "cosine to fp32 on 48 check crops" in r.stdout
+    assert "leave-one-out k-NN top-1 on those crops, each labelled by its brightest channel" in r.stdout

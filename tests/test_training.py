@@ -83,7 +83,14 @@ def test_config_defaults_are_the_recipe_and_overrides_are_typed(tmp_path):
     with pytest.raises(ConfigError, match="multiples of the patch"):
         build_config(None, ["global_size=30"], data="d", out="o")
     with pytest.raises(ConfigError, match="warmup_epochs \\(10\\).*cannot exceed epochs \\(5\\)"):
-        build_config(None, ["epochs=5"], data="d", out="o")
+        build_config(None, ["epochs=5", "warmup_epochs=10"], data="d", out="o")  # set by the user: an error
+
+
+def test_a_quick_run_scales_the_recipe_warmup_down(caplog):
+    # the recipe's 10-epoch warmup on a 5-epoch try: a tenth of the run instead, said in a warning
+    c = build_config(None, ["epochs=5"], data="d", out="o")
+    assert c.warmup_epochs == 0 and "warmup of 10 epochs is longer than this 5-epoch run; using 0" in caplog.text
+    assert build_config(None, ["epochs=40"], data="d", out="o").warmup_epochs == 10  # the recipe, untouched
 
 
 def _aug(cfg_over=None):
@@ -503,3 +510,30 @@ def test_knn_monitoring_logs_what_the_engine_would_measure(crop_store, tmp_path)
     emb = embed_crops(lm.model, store.read(np.arange(len(table)), [0, 1, 2]), lm.prep)
     want = evaluate_knn(emb, labels_of(table, "class", crop_store).to_numpy(), seed=0)["top1"]
     assert logged[-1]["knn_top1"] == pytest.approx(want, abs=1e-9)
+
+
+def test_one_line_per_epoch_and_one_epoch_numbering_in_the_log(crop_store, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="scdino")
+    out = tmp_path / "lines"
+    train(cfg_for(crop_store, out, epochs=2, val_data=crop_store, knn_freq=1))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert [ln.split(":")[0] for ln in lines] == ["epoch 1/2", "epoch 2/2"]
+    assert all("loss" in ln and "lr" in ln and "crops/s" in ln and "k-NN top-1" in ln and "left" in ln for ln in lines)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = {r["epoch"] for r in log if "iteration" in r}
+    assert steps == {r["epoch"] for r in log if r.get("summary")} == {1, 2}  # the same numbering everywhere
+
+
+def test_resuming_a_damaged_checkpoint_names_the_last_good_one(crop_store, tmp_path):
+    from scdino.errors import CheckpointError
+
+    out = tmp_path / "dmg"
+    train(cfg_for(crop_store, out, epochs=2))
+    data = (out / "checkpoint.pth").read_bytes()
+    (out / "checkpoint.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        CheckpointError, match="checkpoint0002.pth: copy it to .*checkpoint.pth to resume after epoch 2"
+    ):
+        train(cfg_for(crop_store, out, epochs=3))

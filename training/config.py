@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from scdino.cells.options import CellOptions, SegmentParams
 from scdino.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -180,4 +183,22 @@ def build_config(file: str | None = None, sets: list[str] | tuple[str, ...] = ()
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return TrainConfig(**{k: _coerce(known[k], v) for k, v in values.items()}).validate()
+    cfg = TrainConfig(**{k: _coerce(known[k], v) for k, v in values.items()})
+    return _fit_warmup(cfg, given=set(values)).validate()
+
+
+def _fit_warmup(cfg: TrainConfig, given: set[str]) -> TrainConfig:
+    """A run shorter than the recipe's default warmup (a quick try) gets the recipe's proportion of it, a tenth of the
+    run, with a warning; a warmup the user set longer than the run stays an error (:meth:`TrainConfig.validate`)."""
+    default = TrainConfig.warmup_epochs
+    if "warmup_epochs" in given or cfg.warmup_epochs <= cfg.epochs:
+        return cfg
+    scaled = cfg.epochs * default // TrainConfig.epochs
+    log.warning(
+        "the recipe's lr warmup of %d epochs is longer than this %d-epoch run; using %d (the recipe's tenth of the "
+        "run), recorded in config.json; set warmup_epochs to choose",
+        default,
+        cfg.epochs,
+        scaled,
+    )
+    return dataclasses.replace(cfg, warmup_epochs=scaled)

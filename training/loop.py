@@ -18,9 +18,10 @@ import torch.distributed as dist
 from torch import nn
 
 from scdino.cells.options import CellOptions
-from scdino.errors import ConfigError, ScdinoError
+from scdino.errors import CheckpointError, ConfigError, ScdinoError
 from scdino.models import arch_config, embed_crops
 from scdino.models.vit import VisionTransformer
+from scdino.outputs import claim_dir
 from scdino.preprocess import Preprocessing
 from scdino.training.augment import MultiCrop, channel_stats, intensity_range, make_generator
 from scdino.training.config import TrainConfig
@@ -203,7 +204,7 @@ def build(cfg: TrainConfig) -> Trainer:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        claim_dir(out, "scdino-train", inputs=[cfg.data, cfg.val_data])
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     data = prepare_data(cfg)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process and every run
@@ -288,7 +289,17 @@ def resume(tr: Trainer, path: Path) -> int:
     """Load every entry of :data:`STATE` from the checkpoint at ``path``; returns the epochs it had finished."""
     from scdino.models.checkpoint import safe_load
 
-    ck = safe_load(path)
+    try:
+        ck = safe_load(path)
+    except CheckpointError as exc:
+        saved = sorted(path.parent.glob("checkpoint[0-9][0-9][0-9][0-9].pth"))
+        hint = (
+            f"the last numbered one is {saved[-1]}: copy it to {path} to resume after epoch "
+            f"{int(saved[-1].stem[-4:])}, or start a new --out"
+            if saved
+            else "there is no numbered checkpointNNNN.pth to fall back on: start a new --out"
+        )
+        raise CheckpointError(f"{path}: the run's checkpoint cannot be read ({exc}); {hint}") from exc
     for entry, (attr, prefix) in STATE.items():
         obj = getattr(tr, attr)
         if obj is not None and ck.get(entry) is not None:
@@ -321,7 +332,7 @@ def _step(tr: Trainer, epoch: int, it: int, order: torch.Tensor, logf) -> float:
         s_out = tr.model(views)
         loss = tr.loss_fn(s_out.float(), t_out.float(), epoch)
     if not math.isfinite(loss.item()):
-        _log_line(logf, {"epoch": epoch, "iteration": it, "error": "non-finite loss"})
+        _log_line(logf, {"epoch": epoch + 1, "iteration": it, "error": "non-finite loss"})
         if logf is not None:
             logf.close()
         raise TrainingDiverged(
@@ -348,7 +359,7 @@ def _step(tr: Trainer, epoch: int, it: int, order: torch.Tensor, logf) -> float:
             pt.mul_(m).add_(ps.detach(), alpha=1 - m)
     value = loss.item()
     if tr.rank == 0 and (it % 10 == 0 or it == tr.n_iter - 1):
-        record = {"epoch": epoch, "iteration": it, "loss": value, "lr": float(tr.lr[gi]), "wd": float(tr.wd[gi])}
+        record = {"epoch": epoch + 1, "iteration": it, "loss": value, "lr": float(tr.lr[gi]), "wd": float(tr.wd[gi])}
         _log_line(logf, {**record, "momentum": m})
     return value
 
@@ -398,6 +409,17 @@ def _validation_data(cfg: TrainConfig, names: list[str]) -> tuple[np.ndarray, np
     return vcrops, labels_of(vtable, cfg.val_label_key, cfg.val_data).to_numpy()
 
 
+def _epoch_line(s: dict, epochs: int, left: float) -> str:
+    """One line per epoch for the terminal and the log: loss, lr, speed, k-NN where followed, time left."""
+    from scdino.progress import duration
+
+    knn = f", k-NN top-1 {s['knn_top1']:.3f}" if "knn_top1" in s else ""
+    return (
+        f"epoch {s['epoch']}/{epochs}: loss {s['loss']:.4f}, lr {s['lr']:.2e}, {s['crops_per_s']:.1f} crops/s, "
+        f"{s['seconds']:.0f} s{knn}; {duration(left)} left"
+    )
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train (or resume) into ``cfg.out``; returns a summary of the last epoch."""
     cfg.validate()
@@ -409,9 +431,12 @@ def train(cfg: TrainConfig) -> dict:
         tr.val = _validation_data(cfg, tr.data.names)
     logf = open(out / "log.jsonl", "a") if tr.rank == 0 else None
     summary: dict = {}
+    seconds: list[float] = []
     for epoch in range(start, cfg.epochs):
         summary = train_one_epoch(tr, epoch, logf)
+        seconds.append(summary["seconds"])
         if tr.rank == 0:
+            log.info(_epoch_line(summary, cfg.epochs, float(np.mean(seconds)) * (cfg.epochs - epoch - 1)))
             _log_line(logf, {"summary": True, **summary})
             logf.flush()
             save_checkpoint(tr, epoch + 1, ckpt_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -27,9 +28,17 @@ def configure_logging(verbose: int) -> None:
     floor = logging.INFO if verbose < 2 else logging.DEBUG
     handler.addFilter(lambda r: r.levelno >= (floor if r.name.startswith("scdino") else level))
     logging.basicConfig(level=min(level, logging.INFO), handlers=[handler], force=True)
-    if verbose == 0:
-        import warnings
+    import warnings
 
+    # upstream notices that say nothing about the user's data, at any verbosity
+    warnings.filterwarnings("ignore", message=".*autosharding.*")
+    warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+    if verbose == 0:
+        # Dask's own chatter (a worker's failed task is reported as scdino's one-line error; a slow worker exit at
+        # the end of a successful run is not news)
+        # (set before dask is imported: its logging configuration reads it, here and in local worker processes)
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")
+        logging.getLogger("distributed").setLevel(logging.CRITICAL)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"zarr\..*|anndata\..*|contextlib")
 
 

@@ -140,16 +140,21 @@ class Plate:
             out.extend(FieldRef(w, str(im["path"])) for im in wmeta.get("images", []))
         return out
 
-    def image(self, ref: FieldRef) -> Multiscale:
+    def _field(self, ref: FieldRef) -> zarr.Group:
         try:
-            g = self._root[ref.path]
+            return self._root[ref.path]
         except KeyError as exc:
-            raise InputError(f"{self.path}/{ref.path}: field listed in the well metadata but missing on disk") from exc
-        return read_multiscale(g, f"{self.path}/{ref.path}")
+            raise InputError(
+                f"{self.path}/{ref.path}: field listed in the well metadata but missing on disk; the plate is "
+                "incomplete: copy or convert it again, or select other wells with --wells"
+            ) from exc
+
+    def image(self, ref: FieldRef) -> Multiscale:
+        return read_multiscale(self._field(ref), f"{self.path}/{ref.path}")
 
     def channel_names(self, ref: FieldRef) -> list[str]:
         """Channel names from ``omero``; ``"0"``, ``"1"``... where the plate has none."""
-        g = self._root[ref.path]
+        g = self._field(ref)
         meta = _ome(dict(g.attrs))
         ms = self.image(ref)
         n = ms.array.shape[ms.axes.index("c")] if "c" in ms.axes else 1
@@ -174,10 +179,7 @@ class Plate:
         """The label image ``labels/<name>`` of a field as a 2-D integer array."""
         have = self.label_names(ref)
         if name not in have:
-            raise InputError(
-                f"{self.path}/{ref.path}: no label image {name!r} (labels: {', '.join(have) or 'none'}); "
-                "pass --labels with one of these, or --segment-channel to segment nuclei"
-            )
+            raise InputError(missing_labels_message(f"{self.path}/{ref.path}", name, have))
         where = f"{self.path}/{ref.path}/labels/{name}"
         ms = read_multiscale(self._root[f"{ref.path}/labels/{name}"], where)
         arr = read_array(ms.array, where)
@@ -213,6 +215,19 @@ class Plate:
         return data
 
 
+def missing_labels_message(where: str, name: str, have: Sequence[str]) -> str:
+    """What to say when a field has no label image ``name`` (``have``: the label images it has)."""
+    if have:
+        return (
+            f"{where}: no label image {name!r} (labels: {', '.join(have)}); pass --labels with one of them, "
+            "or drop --labels to segment nuclei with the built-in segmentation (--segment-channel)"
+        )
+    return (
+        f"{where}: no label image {name!r} (the field has no label images at all); drop --labels to segment nuclei "
+        "with the built-in segmentation (--segment-channel)"
+    )
+
+
 def read_array(arr: zarr.Array, where: str, idx: tuple | None = None) -> np.ndarray:
     """Read ``arr[idx]`` (orthogonal indexing), turning zarr/codec failures into one clear error."""
     try:
@@ -234,8 +249,11 @@ def squeeze_2d(arr: np.ndarray, axes: Sequence[str], where: str) -> np.ndarray:
     return arr.squeeze(axis=drop) if drop else arr
 
 
-def resolve_channels(names: Sequence[str], wanted: Sequence[str] | None, where: str) -> list[int]:
-    """Indices of ``wanted`` channels (names or integer indices) among ``names``; all channels when None."""
+def resolve_channels(
+    names: Sequence[str], wanted: Sequence[str] | None, where: str, option: str = "--channels"
+) -> list[int]:
+    """Indices of ``wanted`` channels (names or integer indices) among ``names``; all channels when None. ``option`` is
+    the command-line option the names came from (named in the error)."""
     if not wanted:
         return list(range(len(names)))
     out = []
@@ -247,6 +265,6 @@ def resolve_channels(names: Sequence[str], wanted: Sequence[str] | None, where: 
             out.append(int(w))
         else:
             raise ConfigError(
-                f"{where}: no channel {w!r}; channels are {', '.join(names)}; pass --channels with names or indices"
+                f"{where}: no channel {w!r}; channels are {', '.join(names)}; pass {option} with names or indices"
             )
     return out

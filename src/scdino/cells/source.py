@@ -22,7 +22,7 @@ import pandas as pd
 
 from scdino.cells.cropstore import CropStore, is_crop_store
 from scdino.cells.options import CellOptions
-from scdino.cells.plate import FieldRef, Plate, resolve_channels
+from scdino.cells.plate import FieldRef, Plate, missing_labels_message, resolve_channels
 from scdino.cells.table import FieldPlan, empty_table, field_cells, plan_field, read_crops
 from scdino.errors import ConfigError, InputError
 
@@ -67,6 +67,11 @@ class PlateSource:
         if not self.fields:
             raise InputError(f"{path}: the plate lists no fields in the selected wells")
         plans = [plan_field(plate, f, opts) for f in self.fields]
+        if opts.labels:  # checked here, before any cluster starts, not in the tasks that read them
+            for f in self.fields:
+                have = plate.label_names(f)
+                if opts.labels not in have:
+                    raise InputError(missing_labels_message(f"{plate.path}/{f.path}", opts.labels, have))
         first: FieldPlan = plans[0]
         for p in plans[1:]:
             if p.channel_names != first.channel_names or p.crop != first.crop:

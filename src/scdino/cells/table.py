@@ -56,7 +56,8 @@ def plan_field(plate: Plate, ref: FieldRef, opts: CellOptions) -> FieldPlan:
     names = plate.channel_names(ref)
     chans = resolve_channels(names, opts.channels, where)
     if opts.segment_channel is not None:
-        seg = resolve_channels(names, [c for c in str(opts.segment_channel).split(",") if c.strip()], where)
+        wanted = [c for c in str(opts.segment_channel).split(",") if c.strip()]
+        seg = resolve_channels(names, wanted, where, option="--segment-channel")
     else:
         seg = [chans[0]]
     if opts.crop_um is not None:

@@ -168,7 +168,7 @@ def _random_model(spec: str, n_channels: int, input_size: int, seed: int) -> tup
     """An untrained ``random:ARCH`` model, seeded; it has no training statistics."""
     torch.manual_seed(seed)
     model = build_model(arch_config(spec.split(":", 1)[1], in_chans=n_channels, img_size=input_size))
-    log.warning("model %s is untrained (random weights): its embeddings carry no learned features", spec)
+    log.debug("model %s is untrained (random weights): its embeddings carry no learned features", spec)
     return model, {}, {"seed": seed, "checkpoint_sha256": None, "layout": None}
 
 

@@ -62,17 +62,33 @@ def safe_load(path: str | os.PathLike) -> Any:
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: no such checkpoint file; pass a .pth file, a hub name or random:ARCH")
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch's zip format, or a (legacy) pickle
+        raise CheckpointError(
+            f"{p}: not a PyTorch checkpoint (neither torch.save's zip format nor a pickle; the file starts with "
+            f"{head!r}); pass a .pth file written by torch.save, a hub name or random:ARCH"
+        )
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        boiler = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.strip().startswith(boiler)]
+        unsafe = [ln for ln in lines if "GLOBAL" in ln]
+        if not unsafe:  # not a refused object: a damaged file, or a pickle torch's safe loader cannot parse
+            why = (lines[0] if lines else type(exc).__name__)[:200]
+            raise CheckpointError(
+                f"{p}: cannot be read as a PyTorch checkpoint ({why}); the file is damaged, or a pickle of other "
+                "Python objects: download or copy it again, or save the weights with torch.save(model.state_dict())"
+            ) from exc
+        first = unsafe[0][:200]
         raise CheckpointError(
             f"{p}: refused, the file holds Python objects that could run code when loaded ({first}). "
             "Only tensors, plain containers and argparse.Namespace are admitted; re-save the weights with "
             "torch.save(model.state_dict(), ...) from a trusted environment"
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError) as exc:
         raise CheckpointError(
             f"{p}: cannot be read as a PyTorch checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
             "the file is truncated or not a checkpoint: download or copy it again"

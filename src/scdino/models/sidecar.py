@@ -27,6 +27,14 @@ def write_sidecar(model_path: str | os.PathLike, meta: dict[str, Any]) -> Path:
     return path
 
 
+def is_scdino_sidecar(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a sidecar written by scdino (the guard of exported files asks this)."""
+    try:
+        return json.loads(Path(path).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def read_sidecar(model_path: str | os.PathLike) -> dict[str, Any]:
     path = sidecar_path(model_path)
     if not path.is_file():

@@ -1,0 +1,141 @@
+"""The one guard of everything scdino writes: it deletes only what scdino itself wrote, never a user's files.
+
+Every folder scdino creates carries a marker file (:data:`MARKER`, a line of JSON saying which command wrote it);
+stores written before the marker existed are recognised by their own scdino metadata. A command that replaces an
+output (``--overwrite``) goes through :func:`claim_dir`, which refuses
+
+* a plain file where a folder is expected,
+* the command's input, or a folder that holds the input,
+* a folder scdino did not write (it is never deleted, whatever the options).
+
+Exported model files go through :func:`claim_file`, which refuses to replace a file that no scdino sidecar describes, or
+the input itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Iterable
+
+from scdino.errors import OutputError
+
+#: the marker file in every folder scdino creates
+MARKER = ".scdino"
+#: root attributes of zarr stores that scdino wrote before the marker existed
+_ZARR_ATTRS = ("scdino", "scdino_crops")
+
+
+def mark(path: str | os.PathLike, command: str) -> None:
+    """Record in the folder ``path`` that ``command`` wrote it."""
+    import scdino
+
+    Path(path, MARKER).write_text(json.dumps({"written_by": command, "scdino": scdino.__version__}) + "\n")
+
+
+def written_by_scdino(path: str | os.PathLike) -> bool:
+    """Whether the folder ``path`` was written by scdino (its marker, or the metadata of an older scdino store)."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    if (p / MARKER).is_file():
+        return True
+    for meta in ("zarr.json", ".zattrs"):  # zarr v3 / v2 root attributes
+        f = p / meta
+        if f.is_file():
+            try:
+                attrs = json.loads(f.read_text())
+            except (OSError, ValueError):
+                continue
+            attrs = attrs.get("attributes", attrs) if meta == "zarr.json" else attrs
+            if isinstance(attrs, dict) and any(k in attrs for k in _ZARR_ATTRS):
+                return True
+    return (p / "config.json").is_file() and ((p / "checkpoint.pth").is_file() or (p / "log.jsonl").is_file())
+
+
+def check_not_input(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], option: str = "--out") -> None:
+    """Refuse an output that is one of the ``inputs`` or a folder holding one of them."""
+    out = os.path.realpath(path)
+    for inp in inputs:
+        if inp is None:
+            continue
+        real = os.path.realpath(inp)
+        if out == real:
+            raise OutputError(f"{path}: is the input of this command; choose another {option}")
+        if real.startswith(out.rstrip(os.sep) + os.sep):
+            raise OutputError(f"{path}: holds the input {inp} of this command; choose another {option}")
+
+
+def claim_dir(
+    path: str | os.PathLike,
+    command: str,
+    *,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    overwrite: bool = False,
+    option: str = "--out",
+) -> Path:
+    """Make ``path`` a folder that ``command`` may write into, and return it.
+
+    A missing folder is created and marked. An existing one must not be an input nor hold one; an empty one is taken;
+    a non-empty one must have been written by scdino. With ``overwrite`` a folder scdino wrote is deleted and made
+    anew; without it, it is kept as it is (the caller resumes it or writes beside what is there).
+    """
+    p = Path(path)
+    check_not_input(p, inputs, option)
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"{path}: is a file, not a folder; choose another {option} (scdino never deletes files)")
+    if p.is_dir() and any(p.iterdir()):
+        if not written_by_scdino(p):
+            raise OutputError(
+                f"{path}: exists and was not written by scdino, so it is never deleted or written into "
+                f"(--overwrite does not apply); choose another {option}"
+            )
+        if overwrite:
+            shutil.rmtree(p)
+    p.mkdir(parents=True, exist_ok=True)
+    if not (p / MARKER).is_file():
+        mark(p, command)
+    return p
+
+
+def claim_file(
+    path: str | os.PathLike,
+    *,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    option: str = "--out",
+    ours: Callable[[Path], bool] | None = None,
+) -> Path:
+    """Check that a file may be written at ``path``: not an input, not a folder, and not an existing file that scdino
+    did not write. ``ours`` tells scdino's files; by default a model file with a scdino sidecar beside it."""
+    from scdino.models.sidecar import is_scdino_sidecar, sidecar_path
+
+    p = Path(path)
+    check_not_input(p, inputs, option)
+    if p.is_dir():
+        raise OutputError(f"{path}: is a folder; {option} names the file to write")
+    if p.exists() and not (ours or (lambda f: is_scdino_sidecar(sidecar_path(f))))(p):
+        raise OutputError(
+            f"{path}: exists and was not written by scdino, so it is not replaced; choose another {option}"
+        )
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def claim_new(
+    path: str | os.PathLike,
+    command: str,
+    *,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    overwrite: bool = False,
+    option: str = "--out",
+) -> Path:
+    """For an output written whole (a plate, a crop store): a missing path is taken; an existing one must have been
+    written by scdino and is replaced only with ``overwrite``. The caller writes into the returned (empty, marked)
+    folder and calls :func:`mark` again if its writer clears the folder first."""
+    p = Path(path)
+    check_not_input(p, inputs, option)
+    if p.is_dir() and any(p.iterdir()) and written_by_scdino(p) and not overwrite:
+        raise OutputError(f"{path}: already exists; pass --overwrite to replace it, or choose another {option}")
+    return claim_dir(p, command, inputs=inputs, overwrite=True, option=option)

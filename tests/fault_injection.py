@@ -1,0 +1,378 @@
+"""Fault injection: every command that writes, pointed at what it must never delete, and every bad input the README
+and the issues list, run as a user runs them; each must end in one line naming the place and the fix, exit code 2, with
+nothing deleted and nothing marked complete.
+
+    python tests/fault_injection.py            # prints the table (input, exit code, message, files before/after)
+
+``tests/test_faults.py`` runs the same cases and asserts them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@dataclass
+class Case:
+    name: str
+    #: (tool, args) with {ws} standing for the workspace
+    tool: str
+    args: list[str]
+    #: words the one error line must hold
+    words: tuple[str, ...]
+    #: paths (relative to the workspace) whose contents must be the same before and after
+    keep: tuple[str, ...] = ()
+    #: run before the command (breaks something in the workspace copy the case uses)
+    setup: Callable[[Path], None] | None = None
+
+
+@dataclass
+class Outcome:
+    case: Case
+    code: int
+    stderr: str
+    errors: list[str]
+    before: dict[str, str] = field(default_factory=dict)
+    after: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def kept(self) -> bool:
+        return self.before == self.after
+
+
+def fingerprint(path: Path) -> str:
+    """Files and their contents under ``path`` (or of the file): equal before and after means nothing was lost."""
+    if not path.exists():
+        return "missing"
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        h.update(str(f.relative_to(path.parent)).encode())
+        h.update(f.read_bytes())
+    return f"{len(files)} files {h.hexdigest()[:10]}"
+
+
+def make_workspace(ws: Path) -> Path:
+    """A plate, a TIFF folder, a crop store, a finished run, a checkpoint, an ONNX export, a user's folder and file."""
+    import tifffile
+    import torch
+
+    from conftest import dino_full_checkpoint, make_tiny_plate
+    from scdino.data import packaged_crops
+    from scdino.engine.ingest import ingest
+    from scdino.engine.pipeline import RunConfig, run
+    from scdino.export.onnx_export import export_onnx
+    from scdino.knn import dominant_channel_labels
+    from scdino.models import arch_config, build_model
+
+    ws.mkdir(parents=True, exist_ok=True)
+    make_tiny_plate(ws / "plate.zarr")
+    crops = packaged_crops()[:24, :, 8:40, 8:40]
+    for i, (c, lab) in enumerate(zip(crops, dominant_channel_labels(crops))):
+        (ws / "tiffs" / f"m{lab}").mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(ws / "tiffs" / f"m{lab}" / f"c{i:03d}.tif", np.moveaxis(c, 0, -1))
+    ingest(ws / "tiffs", ws / "crops.zarr", channels=["CTIP2", "BRN2", "ROR"], progress=False)
+    run(
+        RunConfig(
+            plate=str(ws / "crops.zarr"),
+            out=str(ws / "cells.zarr"),
+            model="random:vit_test16",
+            input_size=32,
+            progress=False,
+        )
+    )
+    dino_full_checkpoint(ws / "ck.pth", arch="vit_test16", in_chans=3)
+    export_onnx("random:vit_test16", ws / "m.onnx", n_channels=3, crop_size=32, input_size=32)
+    torch.save(build_model(arch_config("vit_test8", in_chans=5)).state_dict(), ws / "five.pth")
+    (ws / "precious").mkdir()
+    (ws / "precious" / "notes.txt").write_text("a user's notes")
+    (ws / "plain.txt").write_text("a user's file")
+    (ws / "photo.png").write_bytes(b"\x89PNG not scdino's")
+    (ws / "text.pth").write_text("just some text, not a checkpoint")
+    return ws
+
+
+ALL = ("precious", "plain.txt", "photo.png", "plate.zarr", "tiffs", "crops.zarr", "cells.zarr", "ck.pth", "m.onnx")
+
+#: every writer: (name, tool, args with OUT standing for the output, its input relative to the workspace, --overwrite)
+WRITERS = [
+    (
+        "run",
+        "engine",
+        ["run", "{ws}/crops.zarr", "--model", "random:vit_test16", "--input-size", "32", "--out", "OUT"],
+        "crops.zarr",
+        True,
+    ),
+    ("ingest", "engine", ["ingest", "{ws}/tiffs", "OUT", "--channels", "A,B,C"], "tiffs", True),
+    ("sample-plate", "engine", ["sample-plate", "OUT"], None, True),
+    ("knn", "engine", ["knn", "{ws}/cells.zarr", "--label-key", "class", "--out", "OUT"], "cells.zarr", False),
+    ("umap", "engine", ["umap", "{ws}/cells.zarr", "--png", "OUT"], "cells.zarr", False),
+    (
+        "evaluate",
+        "engine",
+        ["evaluate", "{ws}/crops.zarr", "--models", "random:vit_test16", "--input-size", "32", "--out", "OUT"],
+        "crops.zarr",
+        False,
+    ),
+    (
+        "attention",
+        "engine",
+        ["attention", "{ws}/crops.zarr", "--model", "random:vit_test16", "--input-size", "32", "--out", "OUT"],
+        "crops.zarr",
+        False,
+    ),
+    (
+        "export onnx",
+        "export",
+        ["onnx", "{ws}/ck.pth", "--n-channels", "3", "--crop-size", "32", "--out", "OUT"],
+        "ck.pth",
+        False,
+    ),
+    ("quantize", "export", ["quantize", "{ws}/m.onnx", "--out", "OUT"], "m.onnx", False),
+    ("backbone", "export", ["backbone", "{ws}/ck.pth", "--out", "OUT"], "ck.pth", False),
+    (
+        "train",
+        "train",
+        ["--data", "{ws}/crops.zarr", "--arch", "vit_test", "--patch", "8", "--epochs", "1", "--out", "OUT"],
+        "crops.zarr",
+        False,
+    ),
+]
+FILE_WRITERS = {"umap", "export onnx", "quantize", "backbone"}
+
+
+def writer_cases() -> list[Case]:
+    """Each writer pointed at a user's folder, a user's file, its own input and the folder that holds its input."""
+    cases = []
+    for name, tool, args, inp, overwrite in WRITERS:
+        extra = ["--overwrite"] if overwrite else []
+        targets = [
+            (
+                "a user's folder",
+                "{ws}/precious",
+                ("precious",),
+                ("not written by scdino",) if name not in FILE_WRITERS else ("is a folder",),
+            ),
+            ("a user's file", "{ws}/plain.txt", ("plain.txt",), ("plain.txt",)),
+        ]
+        if name == "umap":
+            targets.append(("a user's PNG", "{ws}/photo.png", ("photo.png",), ("not written by scdino",)))
+        if inp:
+            targets += [
+                ("its input", "{ws}/" + inp, (inp,), ("is the input",)),
+                ("the input's folder", "{ws}", ALL, ("holds the input",)),
+            ]
+        for what, out, keep, words in targets:
+            a = [out if x == "OUT" else x for x in args] + extra
+            cases.append(Case(f"{name} -> {what}", tool, a, words, keep))
+    return cases
+
+
+def _delete_field(ws: Path) -> None:
+    shutil.rmtree(ws / "plate.zarr" / "A" / "1" / "1")
+
+
+def _corrupt_chunk(ws: Path) -> None:
+    chunk = next((ws / "plate.zarr" / "B" / "2" / "0" / "s0").rglob("c/*/*/*"))
+    chunk.write_bytes(b"\x00" * 10)
+
+
+TINY_TRAINING = [
+    "global_size=32",
+    "local_size=16",
+    "local_crops=2",
+    "out_dim=64",
+    "head_hidden=32",
+    "head_bottleneck=16",
+    "saveckp_freq=1",
+    "drop_path=0.0",
+]
+TRAIN = [
+    "--data",
+    "{ws}/crops.zarr",
+    "--arch",
+    "vit_test",
+    "--patch",
+    "8",
+    "--batch-size-per-device",
+    "8",
+    *[a for s in TINY_TRAINING for a in ("--set", s)],
+]
+
+
+def _truncated_run(ws: Path) -> None:
+    run = ws / "trainrun"
+    if not run.exists():
+        from scdino.training.config import build_config
+        from scdino.training.loop import train
+
+        train(
+            build_config(
+                None,
+                TINY_TRAINING,
+                data=str(ws / "crops.zarr"),
+                out=str(run),
+                arch="vit_test",
+                patch=8,
+                epochs=1,
+                batch_size_per_device=8,
+                device="cpu",
+            )
+        )
+    data = (run / "checkpoint.pth").read_bytes()
+    (run / "checkpoint.pth").write_bytes(data[: len(data) // 3])
+
+
+RUN = ["run", "{ws}/plate.zarr", "--model", "random:vit_test8", "--input-size", "32", "--crop-size", "16"]
+
+
+def input_cases() -> list[Case]:
+    """Bad inputs: what a user gets wrong, and damaged data."""
+    return [
+        Case(
+            "not a plate",
+            "engine",
+            ["run", "{ws}/precious", "--out", "{ws}/o1.zarr"],
+            ("precious", "no zarr group"),
+            ALL,
+        ),
+        Case(
+            "unknown channel",
+            "engine",
+            [*RUN, "--channels", "DAPI,CY5", "--out", "{ws}/o2.zarr"],
+            ("A/1/0", "no channel 'CY5'", "DAPI, GFP", "--channels"),
+            ALL,
+        ),
+        Case(
+            "unknown segmentation channel",
+            "engine",
+            [*RUN, "--segment-channel", "CY5", "--out", "{ws}/o3.zarr"],
+            ("no channel 'CY5'", "--segment-channel"),
+            ALL,
+        ),
+        Case(
+            "unknown label image",
+            "engine",
+            [*RUN, "--labels", "NOPE", "--out", "{ws}/o4.zarr"],
+            ("plate.zarr/A/1/0", "no label image 'NOPE'", "nuclei", "--labels"),
+            ALL,
+        ),
+        Case("unknown well", "engine", [*RUN, "--wells", "C/7", "--out", "{ws}/o5.zarr"], ("no well C/7",), ALL),
+        Case(
+            "field missing on disk",
+            "engine",
+            [*RUN, "--labels", "nuclei", "--out", "{ws}/o6.zarr"],
+            ("A/1/1", "missing on disk"),
+            (),
+            _delete_field,
+        ),
+        Case(
+            "damaged chunk",
+            "engine",
+            [*RUN, "--labels", "nuclei", "--out", "{ws}/o7.zarr"],
+            ("B/2/0", "chunk cannot be read"),
+            (),
+            _corrupt_chunk,
+        ),
+        Case(
+            "text file as checkpoint",
+            "engine",
+            ["run", "{ws}/plate.zarr", "--model", "{ws}/text.pth", "--out", "{ws}/o8.zarr"],
+            ("text.pth", "not a PyTorch checkpoint"),
+            ALL,
+        ),
+        Case(
+            "5-channel model, 2-channel plate",
+            "engine",
+            ["run", "{ws}/plate.zarr", "--model", "{ws}/five.pth", "--labels", "nuclei", "--out", "{ws}/o9.zarr"],
+            ("expects 5 channels", "--channels"),
+            ALL,
+        ),
+        Case(
+            "default model, plate without its channels",
+            "engine",
+            ["run", "{ws}/plate.zarr", "--labels", "nuclei", "--out", "{ws}/o10.zarr"],
+            ("default model", "CTIP2", "this plate lacks them", "--model"),
+            ALL,
+        ),
+        Case(
+            "run --out a file with --overwrite",
+            "engine",
+            [*RUN, "--labels", "nuclei", "--out", "{ws}/plain.txt", "--overwrite"],
+            ("plain.txt", "is a file"),
+            ALL,
+        ),
+        Case(
+            "resume a truncated training checkpoint",
+            "train",
+            [*TRAIN, "--out", "{ws}/trainrun", "--epochs", "2"],
+            ("checkpoint.pth", "cannot be read", "checkpoint0001.pth", "copy it"),
+            ALL,
+            _truncated_run,
+        ),
+    ]
+
+
+def cases() -> list[Case]:
+    return writer_cases() + input_cases()
+
+
+def run_case(case: Case, ws: Path) -> Outcome:
+    """Run one case in this process (as the shell would), against a fresh copy of the workspace ``ws``."""
+    from click.testing import CliRunner
+
+    from scdino.engine.cli import main as engine
+    from scdino.export.cli import main as export
+    from scdino.training.cli import main as train
+
+    if case.setup is not None:
+        case.setup(ws)
+    before = {k: fingerprint(ws / k) for k in case.keep}
+    args = [a.replace("{ws}", str(ws)) for a in case.args]
+    r = CliRunner().invoke({"engine": engine, "export": export, "train": train}[case.tool], args)
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        import traceback
+
+        stderr = "".join(traceback.format_exception(r.exception))
+    else:
+        stderr = r.stderr
+    errors = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    return Outcome(case, r.exit_code, stderr, errors, before, {k: fingerprint(ws / k) for k in case.keep})
+
+
+def main() -> None:
+    import tempfile
+
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    base = make_workspace(Path(tempfile.mkdtemp(prefix="scdino-faults-")) / "ws")
+    rows = []
+    for i, case in enumerate(cases()):
+        ws = base.parent / f"ws{i}"
+        shutil.copytree(base, ws)
+        o = run_case(case, ws)
+        ok = o.code == 2 and len(o.errors) == 1 and all(w in o.errors[0] for w in case.words) and o.kept
+        msg = o.errors[0].removeprefix("error: ") if o.errors else o.stderr.strip().splitlines()[-1:]
+        files = "unchanged" if o.kept else f"CHANGED {o.before} -> {o.after}"
+        rows.append((case.name, o.code, msg, files, "ok" if ok else "FAIL"))
+        shutil.rmtree(ws)
+    print("| input | exit | message | files before/after | check |")
+    print("|---|---|---|---|---|")
+    for name, code, msg, files, ok in rows:
+        print(f"| {name} | {code} | {msg} | {files} | {ok} |")
+    failed = sum(r[-1] != "ok" for r in rows)
+    print(f"\n{len(rows) - failed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Every writer pointed at what it must never delete, and every bad input: one line, exit code 2, nothing lost
+(the cases and the printable table are in fault_injection.py)."""
+
+import shutil
+
+import fault_injection as fi
+import pytest
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return fi.make_workspace(tmp_path_factory.mktemp("faults") / "ws")
+
+
+@pytest.mark.parametrize("case", fi.cases(), ids=lambda c: c.name)
+def test_fault_gives_one_clear_line_and_loses_nothing(case, workspace, tmp_path, monkeypatch):
+    ws = tmp_path / "ws"
+    shutil.copytree(workspace, ws)
+    if case.name in (
+        "unknown label image",
+        "unknown channel",
+        "unknown segmentation channel",
+        "text file as checkpoint",
+    ):
+        # found before any cluster is asked for
+        from scdino.engine import pipeline
+
+        def no_cluster(*a, **k):
+            raise AssertionError("a cluster was started before the bad input was found")
+
+        monkeypatch.setattr(pipeline, "dask_client", no_cluster)
+    o = fi.run_case(case, ws)
+    assert o.code == 2, o.stderr
+    assert len(o.errors) == 1, o.stderr
+    for w in case.words:
+        assert w in o.errors[0], (w, o.errors[0])
+    assert o.kept, (o.before, o.after)
+    for out in ws.glob("o*.zarr"):  # nothing half-made is ever marked complete
+        from scdino.engine.output import store_status
+
+        assert (store_status(str(out)) or {}).get("status") != "complete"
