@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -125,11 +126,21 @@ class EmbeddingStore:
 
         if not self.done().all():
             raise OutputError(f"{self.path}: {int((~self.done()).sum())} blocks missing; cannot mark complete")
-        write_elem(self.group["uns"], "scdino", uns)
+        with quiet_zarr():
+            write_elem(self.group["uns"], "scdino", uns)
         meta = dict(self.group.attrs["scdino"])
         meta["status"] = "complete"
         self.group.attrs["scdino"] = meta
         consolidate(self.path)
+
+
+@contextmanager
+def quiet_zarr():
+    """Writes through anndata without zarr's notice about a future default (autosharding), which says nothing about
+    the user's data."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*autosharding.*")
+        yield
 
 
 def consolidate(path: str) -> None:
@@ -168,5 +179,6 @@ def write_obs_column(path: str, name: str, values) -> None:
     g = zarr.open_group(path, mode="r+", use_consolidated=False)
     obs = read_elem(g["obs"])
     obs[name] = np.asarray(values) if not isinstance(values, pd.Categorical) else values
-    write_elem(g, "obs", obs)
+    with quiet_zarr():
+        write_elem(g, "obs", obs)
     consolidate(path)

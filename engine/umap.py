@@ -105,7 +105,7 @@ def umap_command(
 ) -> dict:
     import zarr
 
-    from scdino.engine.output import consolidate, read_embeddings
+    from scdino.engine.output import consolidate, quiet_zarr, read_embeddings
     from scdino.engine.plots import is_scdino_png, scatter_png
     from scdino.outputs import claim_file
 
@@ -128,7 +128,8 @@ def umap_command(
     arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
     from anndata.io import write_elem
 
-    write_elem(g["uns"], "umap", json.loads(json.dumps(info)))
+    with quiet_zarr():
+        write_elem(g["uns"], "umap", json.loads(json.dumps(info)))
     consolidate(cells)
     sub = f", fitted on {info['fitted_on']} of {len(xy)} cells" if info["transformed"] else ""
     labels = obs[color_by].astype(str).to_numpy() if color_by else np.zeros(len(xy), int)
