@@ -126,9 +126,8 @@ def _split(value: str | None) -> tuple[str, ...] | None:
 @click.option(
     "--workers",
     type=int,
-    default=RunConfig.workers,
-    show_default=True,
-    help="Worker processes of the local Dask cluster.",
+    help="Worker processes of the local Dask cluster. Default: 1 on the CPU; on CUDA one per visible GPU, each "
+    "pinned to its own (dask-cuda's LocalCUDACluster where installed).",
 )
 @click.option(
     "--threads",

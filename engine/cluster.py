@@ -10,9 +10,65 @@ from typing import Any, Iterator
 from scdino.errors import ConfigError
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` names them (indices when it is unset)."""
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    names = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return names[:n] if names else [str(i) for i in range(n)]
+
+
+def gpu_for(worker_name: Any, devices: list[str]) -> str:
+    """The GPU of ``devices`` a local worker gets: round robin by its name (LocalCluster names workers 0, 1, ...)."""
+    try:
+        i = int(worker_name)
+    except (TypeError, ValueError):
+        i = sum(map(ord, str(worker_name)))
+    return devices[i % len(devices)]
+
+
+def pin_gpu_plugin(devices: list[str]):
+    """A Dask worker plugin that sets each worker's ``CUDA_VISIBLE_DEVICES`` to its own GPU (:func:`gpu_for`) before
+    the worker first touches CUDA, so that every backend uses "its" device 0."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class PinGPU(WorkerPlugin):
+        name = "scdino-pin-gpu"
+
+        def setup(self, worker) -> None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpu_for(worker.name, devices)
+
+    return PinGPU()
+
+
+def local_cuda_cluster(workers: int, devices: list[str], quiet: bool):
+    """One single-threaded worker per GPU: dask-cuda's LocalCUDACluster where it is installed, else a LocalCluster
+    whose workers are pinned by :func:`pin_gpu_plugin`."""
+    level = logging.CRITICAL if quiet else logging.WARNING
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError:
+        from distributed import LocalCluster
+
+        cluster = LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=level
+        )
+        return cluster, pin_gpu_plugin(devices)
+    cluster = LocalCUDACluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        CUDA_VISIBLE_DEVICES=",".join(devices),
+        dashboard_address=":0",
+        silence_logs=level,
+    )
+    return cluster, None
+
+
 @contextmanager
-def dask_client(scheduler: str | None = None, workers: int = 1) -> Iterator[Any]:
-    """An existing client, a cluster at ``scheduler``, or a local cluster of ``workers`` single-threaded processes."""
+def dask_client(scheduler: str | None = None, workers: int = 1, gpus: list[str] | None = None) -> Iterator[Any]:
+    """An existing client, a cluster at ``scheduler``, or a local cluster of ``workers`` single-threaded processes
+    (with ``gpus``: one per GPU, each pinned to its own)."""
     from distributed import Client, LocalCluster, get_client
 
     if scheduler:
@@ -36,14 +92,20 @@ def dask_client(scheduler: str | None = None, workers: int = 1) -> Iterator[Any]
     # A task's failure comes back to this process as the task's own error (one line from the command line): the
     # workers' log of it is noise. The command line asks for quiet workers (DASK_LOGGING__DISTRIBUTED, set unless -v)
     quiet = os.environ.get("DASK_LOGGING__DISTRIBUTED", "").lower() in ("error", "critical")
-    cluster = LocalCluster(
-        n_workers=workers,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=":0",
-        silence_logs=logging.CRITICAL if quiet else logging.WARNING,
-    )
+    plugin = None
+    if gpus:
+        cluster, plugin = local_cuda_cluster(workers, gpus, quiet)
+    else:
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            silence_logs=logging.CRITICAL if quiet else logging.WARNING,
+        )
     client = Client(cluster)
+    if plugin is not None:
+        client.register_plugin(plugin)
     try:
         yield client
     finally:

@@ -28,7 +28,8 @@ class RunConfig:
     backend: str = "auto"
     device: str = "auto"
     batch_size: int = DEFAULT_BATCH_SIZE
-    workers: int = 1
+    #: worker processes of a local cluster; None: 1 on the CPU, one per visible GPU on CUDA
+    workers: int | None = None
     threads: int | None = None
     scheduler: str | None = None
     chunk_cells: int = 256
@@ -37,7 +38,7 @@ class RunConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.batch_size < 1 or self.chunk_cells < 1 or self.workers < 1 or (self.input_size or 1) < 1:
+        if self.batch_size < 1 or self.chunk_cells < 1 or (self.workers or 1) < 1 or (self.input_size or 1) < 1:
             raise ConfigError("--batch-size, --chunk-cells, --workers and --input-size must be positive")
         if self.cells.crop_size is not None and self.cells.crop_um is not None:
             raise ConfigError("pass either --crop-size (pixels) or --crop-um (micrometres), not both")

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from scdino.cells.source import CellSource, open_source
-from scdino.engine.backends import BackendSpec, get_backend, resolve
+from scdino.engine.backends import BackendSpec, resolve, using
 from scdino.engine.cluster import dask_client
 from scdino.engine.config import RunConfig
 from scdino.engine.output import COMMAND, EmbeddingStore, store_status
@@ -70,7 +70,9 @@ def versions() -> dict[str, str]:
 def backend_spec(cfg: RunConfig, card: ModelCard, n_channels: int) -> BackendSpec:
     """The backend ``cfg`` asks for, resolved for this model and machine."""
     kind, device = resolve(cfg.backend, cfg.device, cfg.model)
-    threads = cfg.threads or (max(1, (os.cpu_count() or 1) // cfg.workers) if not cfg.scheduler else None)
+    threads = cfg.threads or (
+        max(1, (os.cpu_count() or 1) // local_workers(cfg, device)) if not cfg.scheduler else None
+    )
     return BackendSpec(
         card=card,
         n_channels=n_channels,
@@ -82,6 +84,17 @@ def backend_spec(cfg: RunConfig, card: ModelCard, n_channels: int) -> BackendSpe
         adapt=cfg.adapt,
         seed=cfg.seed,
     )
+
+
+def local_workers(cfg: RunConfig, device: str) -> int:
+    """Worker processes of a local cluster: ``--workers``, else one per visible GPU on CUDA and one on the CPU."""
+    if cfg.workers:
+        return cfg.workers
+    if device == "cuda":
+        from scdino.engine.cluster import visible_gpus
+
+        return max(1, len(visible_gpus()))
+    return 1
 
 
 def fingerprint(cfg: RunConfig, source: CellSource, spec: BackendSpec) -> str:
@@ -101,7 +114,8 @@ def fingerprint(cfg: RunConfig, source: CellSource, spec: BackendSpec) -> str:
 
 def _embed_block(crops: np.ndarray, spec: BackendSpec) -> np.ndarray:
     """Dask block function: raw crops -> embeddings, with the backend of this worker."""
-    return get_backend(spec).infer(crops)
+    with using(spec) as backend:
+        return backend.infer(crops)
 
 
 def crops_array(source: CellSource, table: pd.DataFrame, chunk: int):
@@ -226,7 +240,12 @@ def run(cfg: RunConfig) -> RunResult:
         return RunResult(cfg.out, int(status.get("n_cells", 0)), 0.0, 0, True, {}, card.untrained, backend)
     resumed = status is not None
     phases: dict[str, float] = {}
-    with dask_client(cfg.scheduler, cfg.workers) as client:
+    gpus = None
+    if spec.device == "cuda" and not cfg.scheduler:
+        from scdino.engine.cluster import visible_gpus
+
+        gpus = visible_gpus()
+    with dask_client(cfg.scheduler, local_workers(cfg, spec.device), gpus) as client:
         if resumed:
             store = EmbeddingStore.resume(cfg.out, fp)
             table = store.table()

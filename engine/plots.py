@@ -152,7 +152,9 @@ def attention_png(
     n, c = crops.shape[:2]
     h = attn.shape[1]
     ranges = channel_display_ranges(crops)
-    scaled = np.clip((crops - ranges[None, :, :1, None]) / (ranges[None, :, 1:, None] - ranges[None, :, :1, None]), 0, 1)
+    scaled = np.clip(
+        (crops - ranges[None, :, :1, None]) / (ranges[None, :, 1:, None] - ranges[None, :, :1, None]), 0, 1
+    )
     # the cell under each map: the mean of its channels on their figure-wide ranges
     under = scaled.mean(axis=1)
     maps = np.concatenate([attn.mean(axis=1, keepdims=True), attn], axis=1)  # mean over heads first

@@ -68,3 +68,26 @@ def test_tensorrt_plan_matches_onnxruntime(scratch_plate, tmp_path, precision):
     ref = _run(scratch_plate, tmp_path / "ort.zarr", str(m), device="cpu")
     got = _run(scratch_plate, tmp_path / "trt.zarr", str(plan))
     assert _cos(ref, got).min() >= (0.999 if precision != "int8" else 0.99)
+
+
+def _gpu_check():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+NEEDS_CUDA = ["device_preprocessing", "torch_backend", "knn", "training_fp16", "nccl"]
+
+
+@pytest.mark.parametrize("name", NEEDS_CUDA + ["training_bf16", "onnxruntime_cuda", "cuml_umap"])
+def test_device_check(name):
+    """The device check's sections (benchmarks/gpu_check.py): those that need only CUDA must pass; the optional ones
+    pass or say which package is missing."""
+    gc = _gpu_check()
+    r = gc.run_check(getattr(gc, f"check_{name}"), quick=True)
+    assert r["status"] == "ok" or (r["status"] == "skipped" and name not in NEEDS_CUDA), r

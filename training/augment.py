@@ -49,9 +49,7 @@ def _uniform(g: torch.Generator, n: int, lo: float, hi: float, device) -> torch.
     return torch.rand(n, generator=g, device=device) * (hi - lo) + lo
 
 
-def crop_params(
-    g: torch.Generator, n: int, scale: tuple[float, float], device, centred: bool = False
-) -> torch.Tensor:
+def crop_params(g: torch.Generator, n: int, scale: tuple[float, float], device, centred: bool = False) -> torch.Tensor:
     """(n, 4) random resized crop boxes (half-width, half-height, centre x, centre y, in grid units: the image spans
     -1..1). ``centred``: each box keeps the image centre (the cell of a cell-centred crop) in its middle half."""
     area = _uniform(g, n, scale[0], scale[1], device)

@@ -43,14 +43,21 @@ class TrainingDiverged(ScdinoError):
     """The loss became NaN or infinite."""
 
 
-def setup_distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank); initialises the process group under torchrun."""
+def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); under torchrun, the device is chosen and set first, then the process group starts
+    with the backend that device needs (NCCL for CUDA tensors, gloo for CPU ones: ``--device cpu`` on a GPU machine
+    all-reduces CPU tensors)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _device(cfg, local_rank)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
-    return 0, 1, 0
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
 
 
 def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
@@ -132,8 +139,14 @@ class TrainingData:
 
 
 def prepare_data(cfg: TrainConfig) -> TrainingData:
-    """Load the crops, fix the intensity range (``intensity_scaling=dataset``) and the channel statistics."""
+    """Load the crops of ``cfg.data`` and describe them (:func:`data_from_crops`)."""
     crops, names, _ = load_crops(cfg.data, cfg.cells())
+    return data_from_crops(cfg, crops, names)
+
+
+def data_from_crops(cfg: TrainConfig, crops: torch.Tensor, names: list[str]) -> TrainingData:
+    """Training data from crops in memory: the fixed intensity range (``intensity_scaling=dataset``) and the channel
+    statistics the model will store."""
     lo = hi = None
     if cfg.intensity_scaling == "dataset":
         lo, hi = intensity_range(crops, cfg.intensity_percentiles, seed=cfg.seed)
@@ -196,22 +209,22 @@ STATE: dict[str, tuple[str, str]] = {
 }
 
 
-def build(cfg: TrainConfig) -> Trainer:
-    """Data, networks, loss, optimiser and schedules of a run (the same initial weights in every process and run)."""
-    rank, world, local_rank = setup_distributed()
-    device = _device(cfg, local_rank)
+def build(cfg: TrainConfig, data: TrainingData | None = None) -> Trainer:
+    """Data (``cfg.data`` unless ``data`` is given), networks, loss, optimiser and schedules of a run (the same initial
+    weights in every process and every run)."""
+    rank, world, device = setup_distributed(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     if rank == 0:
         claim_dir(out, "scdino-train", inputs=[cfg.data, cfg.val_data])
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    data = prepare_data(cfg)
+    data = data if data is not None else prepare_data(cfg)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process and every run
     student, teacher = build_networks(cfg, data.crops.shape[1])
     student, teacher = student.to(device), teacher.to(device)
     model = (
-        nn.parallel.DistributedDataParallel(student, device_ids=[local_rank] if device.type == "cuda" else None)
+        nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
         if world > 1
         else student
     )

@@ -2,8 +2,8 @@
 
 :mod:`~scdino.engine.backends.base` holds the protocol, :class:`BackendSpec` and the shared input check; each backend
 lives in its own module and is registered in :data:`REGISTRY` (imported only when used). :func:`resolve` turns
-``auto`` into a concrete backend and device for a model; :func:`get_backend` opens a backend once per process (once
-per Dask worker) and reuses it for every block.
+``auto`` into a concrete backend and device for a model; :func:`using` opens a backend once per process (once per
+Dask worker), reuses it for every block, and closes one to make room only when no thread is using it.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import importlib
 import logging
 import os
 import threading
+from contextlib import contextmanager
+from typing import Iterator
 
 from scdino.engine.backends.base import DEFAULT_BATCH_SIZE, Backend, BackendSpec, check_crops
 from scdino.errors import ConfigError
@@ -19,7 +21,7 @@ from scdino.models.card import FORMATS, model_format
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_BATCH_SIZE", "KINDS", "REGISTRY", "Backend", "BackendSpec", "check_crops", "get_backend", "resolve"]
+__all__ = ["DEFAULT_BATCH_SIZE", "KINDS", "REGISTRY", "Backend", "BackendSpec", "check_crops", "resolve", "using"]
 
 #: backend name -> "module:class", imported on first use
 REGISTRY = {
@@ -37,10 +39,12 @@ def cuda_available() -> bool:
 
 
 def _ort_has_cuda() -> bool:
+    """Whether ONNX Runtime can really run on CUDA here (listed providers are not enough: their libraries may be
+    missing, and ORT then falls back to the CPU with only a log line)."""
     try:
-        from scdino.engine.backends.onnxruntime_backend import import_ort
+        from scdino.engine.backends.onnxruntime_backend import cuda_works
 
-        return "CUDAExecutionProvider" in import_ort().get_available_providers()
+        return cuda_works()
     except ConfigError:
         return False
 
@@ -89,19 +93,35 @@ def open_backend(spec: BackendSpec) -> Backend:
 
 
 _CACHE: dict[BackendSpec, Backend] = {}
+_USERS: dict[BackendSpec, int] = {}
 _LOCK = threading.Lock()
 #: backends kept open per process (e.g. evaluate's model x channel-set grid: memory stays bounded)
 CACHE_SIZE = 2
 
 
-def get_backend(spec: BackendSpec) -> Backend:
-    """The backend for ``spec`` in this process, opened on first use."""
+@contextmanager
+def using(spec: BackendSpec) -> Iterator[Backend]:
+    """The backend for ``spec`` in this process (opened on first use), held while the body runs: a backend is closed to
+    make room for another only when no thread is using it."""
     with _LOCK:
         b = _CACHE.get(spec)
         if b is None:
-            while len(_CACHE) >= CACHE_SIZE:
-                old = next(iter(_CACHE))
-                _CACHE.pop(old).close()
             log.info("opening %s backend in process %d", spec.kind, os.getpid())
             b = _CACHE[spec] = open_backend(spec)
-        return b
+        _USERS[spec] = _USERS.get(spec, 0) + 1
+    try:
+        yield b
+    finally:
+        with _LOCK:
+            _USERS[spec] -= 1
+            _evict_idle()
+
+
+def _evict_idle() -> None:
+    """Close the oldest idle backends until at most :data:`CACHE_SIZE` stay open (busy ones are never closed)."""
+    for old in list(_CACHE):
+        if len(_CACHE) <= CACHE_SIZE:
+            return
+        if _USERS.get(old, 0) == 0:
+            _CACHE.pop(old).close()
+            _USERS.pop(old, None)

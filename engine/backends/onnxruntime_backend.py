@@ -48,6 +48,42 @@ def import_ort():
     return ort
 
 
+_CUDA_WORKS: bool | None = None
+
+
+def cuda_works() -> bool:
+    """Whether a real ONNX Runtime session gets the CUDA provider (a one-node model, made in memory, is the probe).
+    The CUDA libraries are preloaded first where ORT can (``onnxruntime.preload_dlls``, ORT >= 1.21). Cached."""
+    global _CUDA_WORKS
+    if _CUDA_WORKS is not None:
+        return _CUDA_WORKS
+    ort = import_ort()
+    _CUDA_WORKS = False
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    try:
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()
+        from onnx import TensorProto, helper
+
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = min(model.ir_version, 9)
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"])
+        _CUDA_WORKS = "CUDAExecutionProvider" in sess.get_providers()
+    except Exception as exc:  # a missing CUDA library surfaces as any of several errors
+        log.warning("ONNX Runtime lists CUDA but cannot use it (%s: %s); using the CPU", type(exc).__name__, exc)
+        return False
+    if not _CUDA_WORKS:
+        log.warning(
+            "ONNX Runtime lists the CUDA provider but a session falls back to the CPU: the CUDA libraries it needs "
+            "(CUDA 12, cuDNN 9) are not found. --device auto uses the CPU; install them to use the GPU"
+        )
+    return _CUDA_WORKS
+
+
 def providers_for(device: str) -> list[str]:
     ort = import_ort()
     avail = ort.get_available_providers()
@@ -57,8 +93,9 @@ def providers_for(device: str) -> list[str]:
                 f"--device cuda with ONNX Runtime needs onnxruntime-gpu; this installation offers {', '.join(avail)}. "
                 "Run: pip uninstall -y onnxruntime && pip install 'scdino[gpu]'"
             )
-        # not the TensorRT provider: without an engine cache it rebuilds per batch shape; use scdino-export tensorrt
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        # not the TensorRT provider: without an engine cache it rebuilds per batch shape; use scdino-export tensorrt.
+        # device 0: each worker sees its own GPU as device 0 (scdino.engine.cluster pins one GPU per worker)
+        return [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 

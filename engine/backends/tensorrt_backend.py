@@ -3,32 +3,68 @@
 Two slots, each with its own CUDA stream, execution context, pinned host buffers and device buffers: while one
 slot's batch is computed, the next slot's raw crops are copied in and the previous slot's embeddings copied out.
 Device memory is managed with PyTorch's CUDA tensors (no pycuda needed).
+
+One backend serves one thread at a time: a Dask worker with several threads (``dask worker`` runs one per core, a
+reused ``Client`` may send blocks at once) would otherwise share the slots' buffers and bookkeeping and collect each
+other's rows. :meth:`TensorRTBackend.infer` holds a lock; the device output is filled with NaN before each batch and
+every row must come back finite, so a row TensorRT did not write is an error, never silent garbage.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 
 from scdino._optional import require
 from scdino.engine.backends.base import BackendSpec, check_crops
-from scdino.errors import ConfigError
+from scdino.errors import ConfigError, ScdinoError
 from scdino.models.plan import check_plan, gpu_identity
 
 log = logging.getLogger(__name__)
 
 
+class CudaMemory:
+    """The device operations the backend needs, on PyTorch's CUDA runtime (a test replaces them with host ones)."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+
+    def stream(self):
+        return self.torch.cuda.Stream()
+
+    def event(self):
+        return self.torch.cuda.Event()
+
+    def use(self, stream):
+        return self.torch.cuda.stream(stream)
+
+    def pinned(self, shape, dtype):
+        return self.torch.empty(shape, dtype=dtype, pin_memory=True)
+
+    def device(self, shape, dtype):
+        return self.torch.empty(shape, dtype=dtype, device="cuda")
+
+    def handle(self, stream) -> int:
+        return stream.cuda_stream
+
+
 class TensorRTBackend:
     name = "tensorrt"
 
-    def __init__(self, spec: BackendSpec) -> None:
+    def __init__(self, spec: BackendSpec, memory: CudaMemory | None = None) -> None:
         import torch
 
         trt = require("tensorrt")
         self.spec = spec
         self.card = card = spec.card  # channels were checked when the card was made
-        check_plan(dict(card.details), trt.__version__, gpu_identity(), str(spec.model))
+        if memory is None:
+            check_plan(dict(card.details), trt.__version__, gpu_identity(), str(spec.model))
+        self.mem = memory or CudaMemory()
+        self.lock = threading.Lock()
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)  # must outlive the engine
         with open(spec.model, "rb") as f:
@@ -41,20 +77,20 @@ class TensorRTBackend:
         self.embed_dim = card.embed_dim
         tdtype = {"int32": torch.int32, "uint8": torch.uint8, "float32": torch.float32}[card.plan.input_dtype]
         self.np_dtype = np.dtype(card.plan.input_dtype)
-        self.slots = []
-        for _ in range(2):
-            self.slots.append(
-                {
-                    "stream": torch.cuda.Stream(),
-                    "ctx": self.engine.create_execution_context(),
-                    "h_in": torch.empty((self.batch, c, s, s), dtype=tdtype, pin_memory=True),
-                    "d_in": torch.empty((self.batch, c, s, s), dtype=tdtype, device="cuda"),
-                    "d_out": torch.empty((self.batch, self.embed_dim), dtype=torch.float32, device="cuda"),
-                    "h_out": torch.empty((self.batch, self.embed_dim), dtype=torch.float32, pin_memory=True),
-                    "done": torch.cuda.Event(),
-                    "pending": None,
-                }
-            )
+        m = self.mem
+        self.slots = [
+            {
+                "stream": m.stream(),
+                "ctx": self.engine.create_execution_context(),
+                "h_in": m.pinned((self.batch, c, s, s), tdtype),
+                "d_in": m.device((self.batch, c, s, s), tdtype),
+                "d_out": m.device((self.batch, self.embed_dim), torch.float32),
+                "h_out": m.pinned((self.batch, self.embed_dim), torch.float32),
+                "done": m.event(),
+                "pending": None,
+            }
+            for _ in range(2)
+        ]
         self.info = {
             "backend": "tensorrt",
             "device": "cuda",
@@ -65,18 +101,21 @@ class TensorRTBackend:
         }
 
     def _launch(self, slot: dict, crops: np.ndarray, start: int) -> None:
-        import torch
-
         n = len(crops)
-        slot["h_in"][:n].numpy()[...] = crops
-        with torch.cuda.stream(slot["stream"]):
+        # one host copy: the plate's crops straight into the pinned buffer, widened to the plan's input type
+        np.copyto(slot["h_in"][:n].numpy(), crops, casting="safe")
+        with self.mem.use(slot["stream"]):
             slot["d_in"][:n].copy_(slot["h_in"][:n], non_blocking=True)
+            slot["d_out"][:n].fill_(float("nan"))  # a row TensorRT does not write stays NaN, and is caught
             ctx = slot["ctx"]
-            ctx.set_input_shape("crops", tuple(slot["d_in"][:n].shape))
+            if ctx.set_input_shape("crops", tuple(slot["d_in"][:n].shape)) is False:
+                raise ScdinoError(
+                    f"{self.spec.model}: TensorRT refused a batch of {n} (the plan allows 1..{self.max_batch})"
+                )
             ctx.set_tensor_address("crops", slot["d_in"].data_ptr())
             ctx.set_tensor_address("cls", slot["d_out"].data_ptr())
-            if not ctx.execute_async_v3(slot["stream"].cuda_stream):
-                raise ConfigError(f"{self.spec.model}: TensorRT execution failed")
+            if not ctx.execute_async_v3(self.mem.handle(slot["stream"])):
+                raise ScdinoError(f"{self.spec.model}: TensorRT execution failed")
             slot["h_out"][:n].copy_(slot["d_out"][:n], non_blocking=True)
             slot["done"].record(slot["stream"])
         slot["pending"] = (start, n)
@@ -89,7 +128,7 @@ class TensorRTBackend:
         out[start : start + n] = slot["h_out"][:n].numpy()
         slot["pending"] = None
 
-    def infer(self, crops: np.ndarray) -> np.ndarray:
+    def _check_input(self, crops: np.ndarray) -> None:
         check_crops(crops, self.spec.n_channels)
         if crops.shape[-1] != self.card.crop_size:
             raise ConfigError(
@@ -102,17 +141,38 @@ class TensorRTBackend:
                 f"{self.spec.model}: built for {exported} crops, the plate gives {crops.dtype}; export "
                 f"again with --dtype {crops.dtype} and rebuild the plan"
             )
-        x = crops.astype(self.np_dtype, copy=False)
-        out = np.empty((len(x), self.embed_dim), np.float32)
-        for k, i in enumerate(range(0, len(x), self.batch)):
-            slot = self.slots[k % 2]
-            self._collect(slot, out)  # its previous batch must be out before its buffers are reused
-            self._launch(slot, x[i : i + self.batch], i)
-        for slot in self.slots:
-            self._collect(slot, out)
+
+    def infer(self, crops: np.ndarray) -> np.ndarray:
+        self._check_input(crops)
+        out = np.full((len(crops), self.embed_dim), np.nan, np.float32)
+        with self.lock:  # the slots' buffers and bookkeeping belong to one caller at a time
+            try:
+                for k, i in enumerate(range(0, len(crops), self.batch)):
+                    slot = self.slots[k % 2]
+                    self._collect(slot, out)  # its previous batch must be out before its buffers are reused
+                    self._launch(slot, crops[i : i + self.batch], i)
+                for slot in self.slots:
+                    self._collect(slot, out)
+            finally:
+                self._drain()
+        missing = ~np.isfinite(out).all(axis=1)
+        if missing.any():
+            raise ScdinoError(
+                f"{self.spec.model}: TensorRT left {int(missing.sum())} of {len(out)} embeddings unwritten or "
+                "non-finite; the plan or the GPU misbehaved: rebuild the plan, or run with --backend onnxruntime"
+            )
         return out
 
+    def _drain(self) -> None:
+        """Wait for whatever a failed batch left in flight, so that its buffers are free (and its errors surface)."""
+        for slot in self.slots:
+            if slot["pending"] is not None:
+                slot["done"].synchronize()
+                slot["pending"] = None
+
     def close(self) -> None:
-        self.slots.clear()
-        del self.engine
-        del self.runtime
+        with self.lock:
+            self._drain()
+            self.slots.clear()
+            del self.engine
+            del self.runtime
