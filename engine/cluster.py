@@ -47,6 +47,8 @@ def local_cuda_cluster(workers: int, devices: list[str], quiet: bool):
     whose workers are pinned by :func:`pin_gpu_plugin`."""
     level = logging.CRITICAL if quiet else logging.WARNING
     try:
+        if workers > len(devices):  # dask-cuda runs at most one worker per GPU; more share GPUs round robin
+            raise ImportError
         from dask_cuda import LocalCUDACluster
     except ImportError:
         from distributed import LocalCluster

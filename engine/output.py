@@ -96,8 +96,8 @@ class EmbeddingStore:
         meta = store_status(path) or {}
         if meta.get("fingerprint") != fingerprint:
             raise OutputError(
-                f"{path}: holds an unfinished run with other settings (model, channels, cells or preprocessing); "
-                "pass --overwrite to start again, or --out with a new path"
+                f"{path}: holds an unfinished run with other settings (model, channels, cells or preprocessing), or "
+                "one started by another scdino version; pass --overwrite to start again, or --out with a new path"
             )
         return cls(path)
 
@@ -147,6 +147,7 @@ def consolidate(path: str) -> None:
     """Write the consolidated metadata that ``anndata.read_zarr`` reads."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy.*")  # .scdino
         zarr.consolidate_metadata(path)
 
 

@@ -29,7 +29,7 @@ from scdino.engine.config import RunConfig
 from scdino.engine.output import COMMAND, EmbeddingStore, store_status
 from scdino.errors import OutputError
 from scdino.models.card import ModelCard, describe_model
-from scdino.outputs import check_not_input, claim_dir, written_by_scdino
+from scdino.outputs import check_not_input, check_replaceable, is_empty, written_by
 from scdino.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -150,27 +150,29 @@ def embeddings_array(crops, spec: BackendSpec):
 def _existing_output(cfg: RunConfig, fp: str) -> dict | None:
     """The status of an output that can be resumed or is already complete; an error for anything else there. With
     ``--overwrite`` an output scdino wrote is deleted here, before any work starts (and nothing else ever is)."""
-    check_not_input(cfg.out, [cfg.plate])
+    inputs = [cfg.plate, cfg.model]
+    check_not_input(cfg.out, inputs)
     status = store_status(cfg.out)
     if status is None:
         return None
-    if cfg.overwrite:  # a file, or a folder scdino did not write, is refused here
-        claim_dir(cfg.out, COMMAND, inputs=[cfg.plate], overwrite=True)
+    out = Path(cfg.out)
+    if cfg.overwrite:  # checked now; the old run is replaced only when the new one writes (EmbeddingStore.create)
+        check_replaceable(out, COMMAND, inputs=inputs, overwrite=True)
         return None
     if not status:  # not a run output: an empty folder is taken, anything else is left alone
-        out = Path(cfg.out)
-        if out.is_dir() and not any(out.iterdir()):
+        if out.is_dir() and is_empty(out):
             return None
-        if written_by_scdino(out):
-            raise OutputError(
-                f"{cfg.out}: exists and is another scdino output, not a run; pass --overwrite or another --out"
-            )
+        owner = written_by(out)
+        if owner is not None:
+            raise OutputError(f"{cfg.out}: holds the output of {owner}, not a run; choose another --out")
         raise OutputError(
             f"{cfg.out}: exists and is not an unfinished scdino run; it was not written by scdino, so it is never "
             "deleted (--overwrite does not apply): choose another --out"
         )
     if status.get("status") == "complete" and status.get("fingerprint") == fp:
         return status
+    if status.get("status") == "creating":  # stopped while being created: made anew
+        return None
     if status.get("status") != "running":
         raise OutputError(
             f"{cfg.out}: exists and is not an unfinished scdino run (a complete run with other settings); pass "

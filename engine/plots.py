@@ -188,3 +188,70 @@ def attention_png(
     )
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     _save(fig, path, 110)
+
+
+#: plate formats: (rows, columns)
+PLATE_FORMATS = ((8, 12), (16, 24), (32, 48))
+
+
+def plate_format(wells) -> tuple[int, int]:
+    """The smallest standard plate (96, 384, 1536 wells) that holds ``wells`` (``"B/3"`` form)."""
+    rows = max(_row_index(w.split("/")[0]) for w in wells) + 1
+    cols = max(int(w.split("/")[1]) for w in wells)
+    for r, c in PLATE_FORMATS:
+        if rows <= r and cols <= c:
+            return r, c
+    return rows, cols
+
+
+def _row_index(row: str) -> int:
+    """``A`` -> 0, ``Z`` -> 25, ``AA`` -> 26, ``AF`` -> 31 (1536-well plates)."""
+    i = 0
+    for ch in row.upper():
+        i = i * 26 + (ord(ch) - 64)
+    return i - 1
+
+
+def _row_name(i: int) -> str:
+    return chr(65 + i) if i < 26 else chr(64 + i // 26) + chr(65 + i % 26)
+
+
+def plate_heatmap_png(values: dict, path: str, title: str, label: str, cmap: str = "viridis") -> None:
+    """A plate-layout heatmap of one value per well (``"B/3"`` -> value): rows and columns labelled as on the plate,
+    wells without a value left blank, a colour bar saying what the colour is."""
+    plt = _plt()
+    nr, nc = plate_format(values)
+    grid = np.full((nr, nc), np.nan)
+    for w, v in values.items():
+        r, c = w.split("/")
+        grid[_row_index(r), int(c) - 1] = v
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.42 * nc + 1.6), max(2.6, 0.38 * nr + 1.2)))
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, aspect="equal")
+    ax.set_facecolor("#dddddd")
+    step = 1 if nc <= 24 else 2
+    ax.set_xticks(range(0, nc, step), [str(i + 1) for i in range(0, nc, step)], fontsize=7)
+    ax.set_yticks(range(nr), [_row_name(i) for i in range(nr)], fontsize=7)
+    ax.tick_params(top=True, labeltop=True, bottom=False, labelbottom=False)
+    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    cb.set_label(label, fontsize=8)
+    ax.set_title(title, fontsize=8, pad=18)
+    fig.tight_layout()
+    _save(fig, path, 130)
+
+
+def scatter_labels_png(xy: np.ndarray, colours: Sequence, names: Sequence[str], path: str, title: str) -> None:
+    """Points (one per well) coloured by a metadata value, each labelled with its well."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 5))
+    values = np.asarray([str(c) for c in colours])
+    for v in sorted(set(values)):
+        m = values == v
+        ax.scatter(xy[m, 0], xy[m, 1], s=40, label=v)
+    for (x, y), n in zip(xy, names):
+        ax.annotate(n, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.legend(fontsize=7, loc="best", frameon=False)
+    ax.set_title(title, fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout()
+    _save(fig, path, 130)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -23,7 +24,19 @@ from scdino.outputs import claim_new, mark
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("neocortex", "scratch")
+DATASETS = ("neocortex", "scratch", "neocortex-wells")
+
+#: the plate map written beside the ``neocortex-wells`` sample: a made-up layout to try profiles on real images
+SAMPLE_PLATE_MAP = {
+    "A/1": "DMSO",
+    "B/1": "DMSO",
+    "A/2": "drug-a",
+    "B/2": "drug-a",
+    "A/3": "drug-b",
+    "B/3": "drug-b",
+    "A/4": "drug-c",
+    "B/4": "drug-c",
+}
 
 
 @dataclass
@@ -113,6 +126,13 @@ def sample_wells(dataset: str) -> tuple[dict[str, list[FieldImage]], list[str], 
         h = img.shape[1] // 4
         tiles = [FieldImage(np.ascontiguousarray(img[:, i * h : (i + 1) * h])) for i in range(4)]
         return {"A/1": tiles[:2], "A/2": tiles[2:]}, ["CTIP2", "BRN2", "ROR"], None
+    if dataset == "neocortex-wells":  # 8 tiles as the wells of two plate rows, one field each
+        img = _ndev("neocortex-3Ch.tiff")
+        h = img.shape[1] // 8
+        wells = {
+            w: [FieldImage(np.ascontiguousarray(img[:, i * h : (i + 1) * h]))] for i, w in enumerate(SAMPLE_PLATE_MAP)
+        }
+        return wells, ["CTIP2", "BRN2", "ROR"], None
     if dataset == "scratch":
         img = _ndev("scratch-assay-labeled-10T-2Ch.tiff")  # (4, 10, 210, 576): H3342, oblique, nuclei, cyto
         wells = {
@@ -128,7 +148,27 @@ def write_sample_plate(
 ) -> str:
     """Write the sample ``dataset`` as an HCS plate at ``path``."""
     wells, names, px = sample_wells(dataset)
-    return write_plate(path, wells, names, px, ngff=ngff, name=f"scdino-sample-{dataset}", overwrite=overwrite)
+    out = write_plate(path, wells, names, px, ngff=ngff, name=f"scdino-sample-{dataset}", overwrite=overwrite)
+    if dataset == "neocortex-wells":
+        write_sample_plate_map(plate_map_path(out))
+    return out
+
+
+def plate_map_path(plate: str | os.PathLike) -> str:
+    """``wells.zarr`` -> ``wells_plate_map.csv`` beside it."""
+    p = str(plate).rstrip("/")
+    return (p[:-5] if p.endswith(".zarr") else p) + "_plate_map.csv"
+
+
+def write_sample_plate_map(path: str) -> None:
+    """The ``neocortex-wells`` sample's plate map (well, treatment); replaced only if scdino wrote it."""
+    from scdino.outputs import claim_file
+
+    claim_file(path, option="OUT", ours=lambda p: p.read_text().startswith("well,treatment\n"))
+    lines = ["well,treatment"] + [
+        f"{w.replace('/', '0') if len(w) == 3 else w.replace('/', '')},{t}" for w, t in SAMPLE_PLATE_MAP.items()
+    ]
+    Path(path).write_text("\n".join(lines) + "\n")
 
 
 def neocortex_segment_params():

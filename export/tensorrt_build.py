@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -240,14 +241,14 @@ def count_layer_precisions(layers: list) -> dict[str, int]:
         if not isinstance(layer, dict):
             continue
         fmt = " ".join(str(o.get("Format/Datatype", "")) for o in layer.get("Outputs", []) if isinstance(o, dict))
-        fmt = fmt.upper()
+        words = set(re.findall(r"[A-Z0-9]+", fmt.upper()))  # whole words: UINT8 is not INT8
         key = (
             "int8"
-            if "INT8" in fmt
+            if "INT8" in words
             else "fp16"
-            if "FP16" in fmt or "HALF" in fmt
+            if words & {"FP16", "HALF"}
             else "fp32"
-            if "FP32" in fmt or "FLOAT" in fmt
+            if words & {"FP32", "FLOAT", "KFLOAT"}
             else "other"
         )
         counts[key] += 1

@@ -99,10 +99,29 @@ def make_workspace(ws: Path) -> Path:
     (ws / "plain.txt").write_text("a user's file")
     (ws / "photo.png").write_bytes(b"\x89PNG not scdino's")
     (ws / "text.pth").write_text("just some text, not a checkpoint")
+    import pandas as pd
+
+    prof = pd.DataFrame(np.random.default_rng(0).normal(size=(6, 4)), columns=[f"scdino_{i:04d}" for i in range(4)])
+    prof.insert(0, "Metadata_treatment", ["a", "a", "b", "b", "c", "c"])
+    prof.to_parquet(ws / "profiles.parquet")
+    (ws / "user_profiles.csv").write_text("Metadata_Plate,Metadata_Well,Cells_AreaShape_Area\np,A01,120\n")
+    (ws / "cfg").mkdir()
+    (ws / "cfg" / "model.json").write_text('{"a user\'s": "settings"}')
     return ws
 
 
-ALL = ("precious", "plain.txt", "photo.png", "plate.zarr", "tiffs", "crops.zarr", "cells.zarr", "ck.pth", "m.onnx")
+ALL = (
+    "precious",
+    "plain.txt",
+    "photo.png",
+    "plate.zarr",
+    "tiffs",
+    "crops.zarr",
+    "cells.zarr",
+    "ck.pth",
+    "m.onnx",
+    "profiles.parquet",
+)
 
 #: every writer: (name, tool, args with OUT standing for the output, its input relative to the workspace, --overwrite)
 WRITERS = [
@@ -147,8 +166,18 @@ WRITERS = [
         "crops.zarr",
         False,
     ),
+    ("profiles", "engine", ["profiles", "{ws}/cells.zarr", "--out", "OUT"], "cells.zarr", False),
+    ("export-cells", "engine", ["export-cells", "{ws}/cells.zarr", "--out", "OUT"], "cells.zarr", False),
+    ("plate-view", "engine", ["plate-view", "{ws}/cells.zarr", "--out", "OUT"], "cells.zarr", False),
+    (
+        "replicates",
+        "engine",
+        ["replicates", "{ws}/profiles.parquet", "--key", "treatment", "--out", "OUT"],
+        "profiles.parquet",
+        False,
+    ),
 ]
-FILE_WRITERS = {"umap", "export onnx", "quantize", "backbone"}
+FILE_WRITERS = {"umap", "export onnx", "quantize", "backbone", "profiles", "export-cells", "replicates"}
 
 
 def writer_cases() -> list[Case]:
@@ -210,25 +239,28 @@ TRAIN = [
 ]
 
 
+def _train_run(ws: Path) -> None:
+    from scdino.training.config import build_config
+    from scdino.training.loop import train
+
+    train(
+        build_config(
+            None,
+            TINY_TRAINING,
+            data=str(ws / "crops.zarr"),
+            out=str(ws / "trainrun"),
+            arch="vit_test",
+            patch=8,
+            epochs=1,
+            batch_size_per_device=8,
+            device="cpu",
+        )
+    )
+
+
 def _truncated_run(ws: Path) -> None:
     run = ws / "trainrun"
-    if not run.exists():
-        from scdino.training.config import build_config
-        from scdino.training.loop import train
-
-        train(
-            build_config(
-                None,
-                TINY_TRAINING,
-                data=str(ws / "crops.zarr"),
-                out=str(run),
-                arch="vit_test",
-                patch=8,
-                epochs=1,
-                batch_size_per_device=8,
-                device="cpu",
-            )
-        )
+    _train_run(ws)
     data = (run / "checkpoint.pth").read_bytes()
     (run / "checkpoint.pth").write_bytes(data[: len(data) // 3])
 
@@ -304,6 +336,28 @@ def input_cases() -> list[Case]:
             ["run", "{ws}/plate.zarr", "--labels", "nuclei", "--out", "{ws}/o10.zarr"],
             ("default model", "CTIP2", "this plate lacks them", "--model"),
             ALL,
+        ),
+        Case(
+            "run --overwrite onto a training run",
+            "engine",
+            [*RUN, "--labels", "nuclei", "--out", "{ws}/trainrun", "--overwrite"],
+            ("trainrun", "holds the output of scdino-train"),
+            ("trainrun",),
+            _train_run,
+        ),
+        Case(
+            "profiles onto a user's profiles CSV",
+            "engine",
+            ["profiles", "{ws}/cells.zarr", "--out", "{ws}/user_profiles.csv"],
+            ("user_profiles.csv", "not written by scdino"),
+            ("user_profiles.csv",),
+        ),
+        Case(
+            "export beside a user's model.json",
+            "export",
+            ["onnx", "{ws}/ck.pth", "--n-channels", "3", "--crop-size", "32", "--out", "{ws}/cfg/model.onnx"],
+            ("model.json", "not a scdino sidecar"),
+            ("cfg",),
         ),
         Case(
             "run --out a file with --overwrite",

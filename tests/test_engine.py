@@ -234,3 +234,17 @@ def test_big_endian_plate_gives_the_same_embeddings(tmp_path, client):
     np.testing.assert_array_equal(
         ad.read_zarr(tmp_path / "a.zarr").obsm["X_scdino"], ad.read_zarr(tmp_path / "b.zarr").obsm["X_scdino"]
     )
+
+
+def test_overwrite_replaces_the_old_output_only_when_the_new_run_writes(tiny_plate, tmp_path):
+    from scdino.cells.options import SegmentParams
+    from scdino.errors import InputError
+
+    out = tmp_path / "o.zarr"
+    run(cfg(tiny_plate, out))
+    before = ad.read_zarr(out).obsm["X_scdino"].copy()
+    no_nuclei = CellOptions(crop_size=24, segment=SegmentParams(threshold="1e9"))
+    with pytest.raises(InputError, match="no nuclei found"):
+        run(cfg(tiny_plate, out, cells=no_nuclei, overwrite=True))
+    assert output_mod.store_status(str(out))["status"] == "complete"  # the finished run is still there, whole
+    np.testing.assert_array_equal(ad.read_zarr(out).obsm["X_scdino"], before)

@@ -67,6 +67,8 @@ class FakeContext:
     when it runs, as a GPU would: a caller that overwrote the buffer meanwhile gets the other caller's rows."""
 
     skip_rows = 0
+    fail_on_call = 0  # the n-th execution (1-based) fails; 0: never
+    calls = 0
 
     def __init__(self, dim):
         self.dim, self.shape, self.addr = dim, None, {}
@@ -79,6 +81,9 @@ class FakeContext:
         self.addr[name] = _TENSORS[ptr]
 
     def execute_async_v3(self, stream):
+        FakeContext.calls += 1
+        if FakeContext.calls == FakeContext.fail_on_call:
+            return False
         time.sleep(0.002)
         n = self.shape[0]
         x = self.addr["crops"][:n].double().sum(dim=(2, 3))
@@ -176,6 +181,21 @@ def test_tensorrt_rows_not_written_are_an_error_not_garbage(tmp_path, monkeypatc
     backend2 = TensorRTBackend(plan_spec(tmp_path), memory=HostMemory())  # fresh buffers: no stale rows
     with pytest.raises(ScdinoError, match="left 3 of 9 embeddings unwritten"):
         backend2.infer(crops)
+
+
+def test_a_failed_batch_leaves_no_batch_in_flight(tmp_path, monkeypatch):
+    from scdino.engine.backends.tensorrt_backend import TensorRTBackend
+
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(6))
+    backend = TensorRTBackend(plan_spec(tmp_path), memory=HostMemory())
+    monkeypatch.setattr(FakeContext, "calls", 0)
+    monkeypatch.setattr(FakeContext, "fail_on_call", 2)  # the second batch fails while the first is in flight
+    crops = np.ones((12, 2, 8, 8), np.uint16)
+    with pytest.raises(ScdinoError, match="TensorRT execution failed"):
+        backend.infer(crops)
+    assert all(slot["pending"] is None for slot in backend.slots)  # drained: the next call starts clean
+    np.testing.assert_allclose(backend.infer(crops), expected(crops, 6))
+    backend.close()
 
 
 def test_a_busy_backend_is_never_closed_to_make_room(monkeypatch):
@@ -335,37 +355,46 @@ def test_torchrun_on_a_gpu_machine_with_device_cpu_uses_gloo(monkeypatch):
     assert calls == [("set_device", 1), ("init", "nccl", {"device_id": torch.device("cuda", 1)})]
 
 
-def fake_ort(session_providers):
+def fake_ort():
     ort = types.SimpleNamespace(__version__="1.23.0")
     ort.get_available_providers = lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    ort.preloaded = []
-    ort.preload_dlls = lambda: ort.preloaded.append(True)
-
-    class Session:
-        def __init__(self, model, providers=None, **kw):
-            pass
-
-        def get_providers(self):
-            return session_providers
-
-    ort.InferenceSession = Session
     return ort
 
 
 def test_onnxruntime_auto_falls_back_to_the_cpu_when_cuda_cannot_load(monkeypatch, caplog):
+    import json
+    import subprocess
+
     from scdino.engine.backends import onnxruntime_backend as ortb
 
-    ort = fake_ort(["CPUExecutionProvider"])  # CUDA listed, but a session falls back
-    monkeypatch.setattr(ortb, "import_ort", lambda: ort)
-    monkeypatch.setattr(ortb, "_CUDA_WORKS", None)
+    probes = []
+
+    def probe(got):
+        def run(cmd, **kw):
+            probes.append(cmd)
+            assert "preload_dlls" in cmd[-1] and "CUDAExecutionProvider" in cmd[-1]  # a real session, in a child
+            return subprocess.CompletedProcess(cmd, 0, json.dumps(got) + "\n", "")
+
+        return run
+
+    monkeypatch.setattr(ortb, "import_ort", fake_ort)  # CUDA listed ...
     monkeypatch.setattr(backends, "cuda_available", lambda: True)
-    assert backends.resolve("auto", "auto", "m.onnx") == ("onnxruntime", "cpu")
-    assert ort.preloaded and "falls back to the CPU" in caplog.text
-    # an explicit --device cuda is not quietly changed
-    assert backends.resolve("auto", "cuda", "m.onnx") == ("onnxruntime", "cuda")
-    monkeypatch.setattr(ortb, "import_ort", lambda: fake_ort(["CUDAExecutionProvider", "CPUExecutionProvider"]))
     monkeypatch.setattr(ortb, "_CUDA_WORKS", None)
+    monkeypatch.setattr(subprocess, "run", probe(["CPUExecutionProvider"]))  # ... but a session falls back
+    assert backends.resolve("auto", "auto", "m.onnx") == ("onnxruntime", "cpu")
+    assert probes and "falls back to the CPU" in caplog.text
+    # an explicit --device cuda is not quietly changed (the backend then fails loudly if CUDA does not load)
+    assert backends.resolve("auto", "cuda", "m.onnx") == ("onnxruntime", "cuda")
+    monkeypatch.setattr(ortb, "_CUDA_WORKS", None)
+    monkeypatch.setattr(subprocess, "run", probe(["CUDAExecutionProvider", "CPUExecutionProvider"]))
     assert backends.resolve("auto", "auto", "m.onnx") == ("onnxruntime", "cuda")
+    monkeypatch.setattr(
+        ortb,
+        "import_ort",
+        lambda: types.SimpleNamespace(
+            get_available_providers=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        ),
+    )
     assert ortb.providers_for("cuda")[0] == ("CUDAExecutionProvider", {"device_id": 0})
 
 

@@ -537,3 +537,10 @@ def test_resuming_a_damaged_checkpoint_names_the_last_good_one(crop_store, tmp_p
         CheckpointError, match="checkpoint0002.pth: copy it to .*checkpoint.pth to resume after epoch 2"
     ):
         train(cfg_for(crop_store, out, epochs=3))
+
+
+def test_a_plate_config_still_trains_on_a_crop_store(crop_store, tmp_path, caplog):
+    # config.json files of older versions record crop_size 64 (then the default) whatever the data
+    train(cfg_for(crop_store, tmp_path / "old", epochs=1, crop_size=64))
+    assert "crop_size do not apply and are ignored" in caplog.text
+    assert (tmp_path / "old" / "checkpoint.pth").is_file()

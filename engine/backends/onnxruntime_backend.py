@@ -50,10 +50,30 @@ def import_ort():
 
 _CUDA_WORKS: bool | None = None
 
+#: run in a child process: a one-node model made with onnx's helpers in a CUDA session; prints the providers it got
+_PROBE = """
+import json, onnxruntime as ort
+if hasattr(ort, "preload_dlls"):
+    ort.preload_dlls()
+from onnx import TensorProto, helper
+x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+m.ir_version = min(m.ir_version, 9)
+s = ort.InferenceSession(m.SerializeToString(), providers=["CUDAExecutionProvider"])
+print(json.dumps(s.get_providers()))
+"""
+
 
 def cuda_works() -> bool:
-    """Whether a real ONNX Runtime session gets the CUDA provider (a one-node model, made in memory, is the probe).
-    The CUDA libraries are preloaded first where ORT can (``onnxruntime.preload_dlls``, ORT >= 1.21). Cached."""
+    """Whether a real ONNX Runtime session gets the CUDA provider here. The probe (a one-node model, the CUDA
+    libraries preloaded first where ORT can: ``onnxruntime.preload_dlls``, ORT >= 1.21) runs in a child process, so
+    that this process holds no CUDA context for the rest of the run. Cached."""
+    import json
+    import subprocess
+    import sys
+
     global _CUDA_WORKS
     if _CUDA_WORKS is not None:
         return _CUDA_WORKS
@@ -62,20 +82,17 @@ def cuda_works() -> bool:
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False
     try:
-        if hasattr(ort, "preload_dlls"):
-            ort.preload_dlls()
-        from onnx import TensorProto, helper
-
-        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
-        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
-        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        model.ir_version = min(model.ir_version, 9)
-        sess = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"])
-        _CUDA_WORKS = "CUDAExecutionProvider" in sess.get_providers()
-    except Exception as exc:  # a missing CUDA library surfaces as any of several errors
-        log.warning("ONNX Runtime lists CUDA but cannot use it (%s: %s); using the CPU", type(exc).__name__, exc)
+        p = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120)
+        got = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 and p.stdout.strip() else []
+    except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
+        log.warning("ONNX Runtime lists CUDA but the probe of it failed (%s); using the CPU", exc)
         return False
+    if p.returncode != 0 and "No module named 'onnx'" in p.stderr:
+        log.warning(
+            "cannot probe ONNX Runtime's CUDA provider without the onnx package (pip install onnx); using the CPU"
+        )
+        return False
+    _CUDA_WORKS = "CUDAExecutionProvider" in got
     if not _CUDA_WORKS:
         log.warning(
             "ONNX Runtime lists the CUDA provider but a session falls back to the CPU: the CUDA libraries it needs "

@@ -24,8 +24,10 @@ from scdino.errors import OutputError
 
 #: the marker file in every folder scdino creates
 MARKER = ".scdino"
-#: root attributes of zarr stores that scdino wrote before the marker existed
-_ZARR_ATTRS = ("scdino", "scdino_crops")
+#: root attributes of zarr stores that scdino wrote before the marker existed, and the command that wrote them
+_ZARR_ATTRS = {"scdino": "scdino-engine run", "scdino_crops": "scdino-engine ingest"}
+#: keys every scdino-train config.json has (a run folder written before the marker existed)
+_TRAIN_KEYS = {"global_size", "local_crops", "out_dim", "teacher_temp", "intensity_scaling"}
 
 
 def mark(path: str | os.PathLike, command: str) -> None:
@@ -35,13 +37,17 @@ def mark(path: str | os.PathLike, command: str) -> None:
     Path(path, MARKER).write_text(json.dumps({"written_by": command, "scdino": scdino.__version__}) + "\n")
 
 
-def written_by_scdino(path: str | os.PathLike) -> bool:
-    """Whether the folder ``path`` was written by scdino (its marker, or the metadata of an older scdino store)."""
+def written_by(path: str | os.PathLike) -> str | None:
+    """The scdino command that wrote the folder ``path`` (its marker, or the metadata of an older scdino output), or
+    None when scdino did not write it."""
     p = Path(path)
     if not p.is_dir():
-        return False
+        return None
     if (p / MARKER).is_file():
-        return True
+        try:
+            return str(json.loads((p / MARKER).read_text()).get("written_by") or "scdino")
+        except (OSError, ValueError, AttributeError):
+            return "scdino"
     for meta in ("zarr.json", ".zattrs"):  # zarr v3 / v2 root attributes
         f = p / meta
         if f.is_file():
@@ -50,9 +56,26 @@ def written_by_scdino(path: str | os.PathLike) -> bool:
             except (OSError, ValueError):
                 continue
             attrs = attrs.get("attributes", attrs) if meta == "zarr.json" else attrs
-            if isinstance(attrs, dict) and any(k in attrs for k in _ZARR_ATTRS):
-                return True
-    return (p / "config.json").is_file() and ((p / "checkpoint.pth").is_file() or (p / "log.jsonl").is_file())
+            for key, command in _ZARR_ATTRS.items():
+                if isinstance(attrs, dict) and key in attrs:
+                    return command
+    try:
+        config = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(config, dict) and _TRAIN_KEYS <= set(config) and (p / "checkpoint.pth").is_file():
+        return "scdino-train"
+    return None
+
+
+def written_by_scdino(path: str | os.PathLike) -> bool:
+    """Whether the folder ``path`` was written by scdino."""
+    return written_by(path) is not None
+
+
+def is_empty(path: Path) -> bool:
+    """An empty folder, or one holding only scdino's marker (a command stopped before it wrote anything)."""
+    return all(f.name == MARKER for f in path.iterdir())
 
 
 def check_not_input(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], option: str = "--out") -> None:
@@ -79,25 +102,46 @@ def claim_dir(
     """Make ``path`` a folder that ``command`` may write into, and return it.
 
     A missing folder is created and marked. An existing one must not be an input nor hold one; an empty one is taken;
-    a non-empty one must have been written by scdino. With ``overwrite`` a folder scdino wrote is deleted and made
-    anew; without it, it is kept as it is (the caller resumes it or writes beside what is there).
+    a non-empty one must have been written by ``command`` itself (never a user's folder, nor another command's output
+    such as a training run or a crop store). With ``overwrite`` it is deleted and made anew; without it, it is kept as
+    it is (the caller resumes it or writes beside what is there).
     """
     p = Path(path)
-    check_not_input(p, inputs, option)
-    if p.exists() and not p.is_dir():
-        raise OutputError(f"{path}: is a file, not a folder; choose another {option} (scdino never deletes files)")
-    if p.is_dir() and any(p.iterdir()):
-        if not written_by_scdino(p):
-            raise OutputError(
-                f"{path}: exists and was not written by scdino, so it is never deleted or written into "
-                f"(--overwrite does not apply); choose another {option}"
-            )
-        if overwrite:
-            shutil.rmtree(p)
+    check_replaceable(p, command, inputs=inputs, overwrite=overwrite, option=option)
+    if overwrite and p.is_dir() and not is_empty(p):
+        shutil.rmtree(p)
     p.mkdir(parents=True, exist_ok=True)
     if not (p / MARKER).is_file():
         mark(p, command)
     return p
+
+
+def check_replaceable(
+    p: Path,
+    command: str,
+    *,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    overwrite: bool = False,
+    option: str = "--out",
+) -> None:
+    """What :func:`claim_dir` refuses, checked without touching anything (so a command can check its output before
+    it starts work, and replace it only when it writes)."""
+    check_not_input(p, inputs, option)
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"{p}: is a file, not a folder; choose another {option} (scdino never deletes files)")
+    if not p.is_dir() or is_empty(p):
+        return
+    owner = written_by(p)
+    if owner is None:
+        raise OutputError(
+            f"{p}: exists and was not written by scdino, so it is never deleted or written into "
+            f"(--overwrite does not apply); choose another {option}"
+        )
+    if owner != command:
+        raise OutputError(
+            f"{p}: holds the output of {owner}, not of {command}; {command} neither writes into nor replaces it "
+            f"(whatever the options): choose another {option}"
+        )
 
 
 def claim_file(
@@ -115,6 +159,13 @@ def claim_file(
     check_not_input(p, inputs, option)
     if p.is_dir():
         raise OutputError(f"{path}: is a folder; {option} names the file to write")
+    if ours is None:  # a model file: its sidecar, written beside it, must not be a user's file either
+        side = sidecar_path(p)
+        if side.exists() and not is_scdino_sidecar(side):
+            raise OutputError(
+                f"{side}: exists and is not a scdino sidecar, and exporting {p.name} would replace it; choose another "
+                f"{option}"
+            )
     if p.exists() and not (ours or (lambda f: is_scdino_sidecar(sidecar_path(f))))(p):
         raise OutputError(
             f"{path}: exists and was not written by scdino, so it is not replaced; choose another {option}"
@@ -136,6 +187,6 @@ def claim_new(
     folder and calls :func:`mark` again if its writer clears the folder first."""
     p = Path(path)
     check_not_input(p, inputs, option)
-    if p.is_dir() and any(p.iterdir()) and written_by_scdino(p) and not overwrite:
+    if p.is_dir() and not is_empty(p) and written_by(p) == command and not overwrite:
         raise OutputError(f"{path}: already exists; pass --overwrite to replace it, or choose another {option}")
     return claim_dir(p, command, inputs=inputs, overwrite=True, option=option)

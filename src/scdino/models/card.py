@@ -110,7 +110,7 @@ def check_channels(
     if in_chans is not None and in_chans != n_channels:
         expect = f" ({', '.join(trained_on)})" if trained_on else ""
         raise ConfigError(
-            f"{model}: the model expects {in_chans} channels{expect}, the data give {n_channels}; "
+            f"{name}: the model expects {in_chans} channels{expect}, the data give {n_channels}; "
             "pass --channels to select them"
         )
 
