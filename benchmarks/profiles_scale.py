@@ -58,8 +58,9 @@ def write_store(path: Path, n: int, dim: int = 384, seed: int = 0) -> None:
 
 
 def measure(code: str) -> tuple[float, float]:
-    """(seconds, peak resident MB) of ``code`` run in a fresh Python process (which reports its own peak)."""
-    probe = "; import resource; print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    """(seconds, peak resident MB) of ``code`` run in a fresh Python process, which reports its own peak: VmHWM of
+    its address space (``ru_maxrss`` would also count the parent's pages the child had before exec)."""
+    probe = "; print('PEAK', next(int(ln.split()[1]) for ln in open('/proc/self/status') if ln.startswith('VmHWM')))"
     t = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", code + probe], check=True, capture_output=True, text=True)
     seconds = time.perf_counter() - t
@@ -79,8 +80,16 @@ def main() -> None:
     try:
         for n in sizes:
             store = base / f"cells_{n}.zarr"
-            t = time.perf_counter()
-            write_store(store, n)
+            t = time.perf_counter()  # written by a child too, so that this process stays small
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    f"import profiles_scale as p; p.write_store(__import__('pathlib').Path('{store}'), {n})",
+                ],
+                check=True,
+                cwd=str(Path(__file__).resolve().parent),
+            )
             write_s = time.perf_counter() - t
             for name, code in STEPS.items():
                 seconds, mb = measure(code.format(store=store, tmp=base))

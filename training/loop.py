@@ -312,7 +312,9 @@ def resume(tr: Trainer, path: Path) -> int:
             if saved
             else "there is no numbered checkpointNNNN.pth to fall back on: start a new --out"
         )
-        raise CheckpointError(f"{path}: the run's checkpoint cannot be read ({exc}); {hint}") from exc
+        raise CheckpointError(
+            f"{path}: the run's last checkpoint cannot be read (damaged, or cut short while it was written); {hint}"
+        ) from exc
     for entry, (attr, prefix) in STATE.items():
         obj = getattr(tr, attr)
         if obj is not None and ck.get(entry) is not None:
