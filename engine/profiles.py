@@ -276,8 +276,6 @@ def profiles(cells: str, out: str, opts: ProfileOptions = ProfileOptions()) -> p
     """Profiles of the store ``cells`` written to ``out`` (.parquet, or .csv); returns them."""
     from scdino.outputs import claim_file
 
-    if opts.controls and opts.control_key:
-        raise ConfigError("pass either --controls or --control-key, not both")
     claim_file(out, inputs=[cells], ours=_ours)
     df = aggregate(cells, opts.by, opts.agg)
     if opts.metadata:

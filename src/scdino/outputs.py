@@ -68,11 +68,6 @@ def written_by(path: str | os.PathLike) -> str | None:
     return None
 
 
-def written_by_scdino(path: str | os.PathLike) -> bool:
-    """Whether the folder ``path`` was written by scdino."""
-    return written_by(path) is not None
-
-
 def is_empty(path: Path) -> bool:
     """An empty folder, or one holding only scdino's marker (a command stopped before it wrote anything)."""
     return all(f.name == MARKER for f in path.iterdir())

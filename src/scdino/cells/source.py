@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import pandas as pd
@@ -184,8 +184,3 @@ def read_all(source: CellSource, table: pd.DataFrame, block: int = 4096) -> np.n
     if not parts:
         return np.zeros((0, len(source.channels), source.crop_size, source.crop_size), source.dtype)
     return np.concatenate(parts)
-
-
-def channel_indices(source: CellSource, names: Sequence[str]) -> list[int]:
-    """Positions of ``names`` among the source's selected channels (an error naming the source if one is missing)."""
-    return resolve_channels(list(source.channel_names), names, source.path)
