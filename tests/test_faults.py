@@ -39,3 +39,18 @@ def test_fault_gives_one_clear_line_and_loses_nothing(case, workspace, tmp_path,
         from scdino.engine.output import store_status
 
         assert (store_status(str(out)) or {}).get("status") != "complete"
+
+
+def test_another_tools_run_folder_is_not_taken_for_scdinos(tmp_path):
+    from scdino.outputs import written_by
+
+    other = tmp_path / "other_project_run"
+    other.mkdir()
+    (other / "config.json").write_text('{"lr": 0.1, "epochs": 3}')
+    (other / "log.jsonl").write_text("{}\n")
+    (other / "checkpoint.pth").write_bytes(b"PK\x03\x04")
+    assert written_by(other) is None  # so no --overwrite of any scdino command deletes it
+    (other / "config.json").write_text(
+        '{"global_size": 224, "local_crops": 8, "out_dim": 65536, "teacher_temp": 0.04, "intensity_scaling": "crop"}'
+    )
+    assert written_by(other) == "scdino-train"  # a run folder of an older scdino (before the marker)

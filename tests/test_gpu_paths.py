@@ -452,3 +452,10 @@ def test_the_device_check_runs_its_cpu_sections_here(tmp_path, capsys):
             "why": "no CUDA device visible to PyTorch",
         }
     assert json.loads((tmp_path / "g.json").read_text())["results"]
+
+
+def test_uint8_layers_are_not_counted_as_int8():
+    from scdino.export.tensorrt_build import count_layer_precisions
+
+    layers = [{"Outputs": [{"Format/Datatype": "Row major linear UInt8 format"}]}]
+    assert count_layer_precisions(layers)["int8"] == 0
