@@ -70,23 +70,22 @@ def _store(path: str):
     return g
 
 
-def cell_metadata(path: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
-    """The cell table of an embeddings store (only ``columns``, when given), without the embeddings."""
+def cell_metadata(path: str, columns: Sequence[str]) -> pd.DataFrame:
+    """The ``columns`` of an embeddings store's cell table (those it has), without the embeddings."""
     from anndata.io import read_elem
 
     g = _store(path)["obs"]
-    names = [c for c in (columns or list(g.attrs.get("column-order", []))) if c in g]
-    out = pd.DataFrame({c: read_elem(g[c]) for c in names})
-    return out
+    return pd.DataFrame({c: read_elem(g[c]) for c in columns if c in g})
 
 
 def metadata_blocks(path: str, block: int = BLOCK) -> Iterator[pd.DataFrame]:
     """The cell table, ``block`` rows at a time, read column by column from the store (never all cells at once)."""
     from anndata.io import read_elem
 
-    g = _store(path)["obs"]
+    store = _store(path)
+    g = store["obs"]
     names = [c for c in g.attrs.get("column-order", []) if c in g]
-    n = int(_store(path)["obsm"][KEY].shape[0])
+    n = int(store["obsm"][KEY].shape[0])
     categories = {c: read_elem(g[c]["categories"]) for c in names if hasattr(g[c], "keys") and "codes" in g[c]}
     for a in range(0, n, block):
         cols = {}

@@ -40,6 +40,16 @@ def make_tiny_plate(path: Path, ngff: str = "0.5", n_channels: int = 2, seed: in
     return write_plate(path, wells, names, pixel_size_um=0.5, ngff=ngff, name="tiny")
 
 
+def write_class_tiffs(root: Path, crops: np.ndarray, classes, stem: str = "c") -> Path:
+    """The paper's published layout from crops (n, C, S, S): ``root/<class>/<stem>NNN.tif``, channels last."""
+    import tifffile
+
+    for i, (c, cls) in enumerate(zip(crops, classes)):
+        (root / str(cls)).mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(root / str(cls) / f"{stem}{i:03d}.tif", np.moveaxis(c, 0, -1))
+    return root
+
+
 @pytest.fixture(scope="session", autouse=True)
 def client():
     """One Dask cluster for the whole session: every ``run`` reuses it (as it reuses a caller's client) instead of

@@ -64,10 +64,9 @@ def fingerprint(path: Path) -> str:
 
 def make_workspace(ws: Path) -> Path:
     """A plate, a TIFF folder, a crop store, a finished run, a checkpoint, an ONNX export, a user's folder and file."""
-    import tifffile
     import torch
 
-    from conftest import dino_full_checkpoint, make_tiny_plate
+    from conftest import dino_full_checkpoint, make_tiny_plate, write_class_tiffs
     from scdino.data import packaged_crops
     from scdino.engine.ingest import ingest
     from scdino.engine.pipeline import RunConfig, run
@@ -78,9 +77,7 @@ def make_workspace(ws: Path) -> Path:
     ws.mkdir(parents=True, exist_ok=True)
     make_tiny_plate(ws / "plate.zarr")
     crops = packaged_crops()[:24, :, 8:40, 8:40]
-    for i, (c, lab) in enumerate(zip(crops, dominant_channel_labels(crops))):
-        (ws / "tiffs" / f"m{lab}").mkdir(parents=True, exist_ok=True)
-        tifffile.imwrite(ws / "tiffs" / f"m{lab}" / f"c{i:03d}.tif", np.moveaxis(c, 0, -1))
+    write_class_tiffs(ws / "tiffs", crops, [f"m{lab}" for lab in dominant_channel_labels(crops)])
     ingest(ws / "tiffs", ws / "crops.zarr", channels=["CTIP2", "BRN2", "ROR"], progress=False)
     run(
         RunConfig(

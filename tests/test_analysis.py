@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import dino_full_checkpoint
+from conftest import dino_full_checkpoint, write_class_tiffs
 from scdino.cells.cropstore import CropStore
 from scdino.engine.attention import attention_command
 from scdino.engine.evaluate import evaluate, raw_pixel_features
@@ -63,10 +63,7 @@ def authors_folder(tmp_path_factory):
     crops = packaged_crops()[:, :, 4:44, 4:44]  # 48 real crops, 40 px
     labels = dominant_channel_labels(crops)
     root = tmp_path_factory.mktemp("authors")
-    names = ["CTIP2", "BRN2", "ROR"]
-    for i, (c, lab) in enumerate(zip(crops, labels)):
-        (root / names[lab]).mkdir(exist_ok=True)
-        tifffile.imwrite(root / names[lab] / f"cell{i:03d}.tif", np.moveaxis(c, 0, -1))
+    write_class_tiffs(root, crops, np.array(["CTIP2", "BRN2", "ROR"])[labels], stem="cell")
     return root, crops, labels
 
 

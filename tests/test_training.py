@@ -32,16 +32,13 @@ TINY = [
 @pytest.fixture(scope="module")
 def crop_store(tmp_path_factory):
     """48 real neocortex nucleus crops as a crop store (the paper's TIFF layout ingested)."""
-    import tifffile
-
+    from conftest import write_class_tiffs
     from scdino.engine.ingest import ingest
     from scdino.knn import dominant_channel_labels
 
     crops = packaged_crops()[:, :, 8:40, 8:40]
     root = tmp_path_factory.mktemp("tiffs")
-    for i, (c, lab) in enumerate(zip(crops, dominant_channel_labels(crops))):
-        (root / f"m{lab}").mkdir(exist_ok=True)
-        tifffile.imwrite(root / f"m{lab}" / f"c{i:03d}.tif", np.moveaxis(c, 0, -1))
+    write_class_tiffs(root, crops, [f"m{lab}" for lab in dominant_channel_labels(crops)])
     out = tmp_path_factory.mktemp("store") / "crops.zarr"
     ingest(root, out, channels=["CTIP2", "BRN2", "ROR"], progress=False)
     return str(out)

@@ -25,6 +25,11 @@ def model_format(model: str) -> str:
     return "plan" if low.endswith((".plan", ".engine")) else "onnx" if low.endswith(".onnx") else "checkpoint"
 
 
+def display_name(spec: str) -> str:
+    """How messages name a model: ``default`` is "the default model", anything else its spec."""
+    return "the default model" if spec == "default" else spec
+
+
 @dataclass(frozen=True)
 class PlanInfo:
     """What a TensorRT plan was built for (from its sidecar)."""
@@ -63,7 +68,7 @@ class ModelCard:
 
     @property
     def name(self) -> str:
-        return "the default model" if self.spec == "default" else self.spec
+        return display_name(self.spec)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able description for ``uns["scdino"]["model"]`` (without the preprocessing, stored on its own)."""
@@ -94,7 +99,7 @@ def check_channels(
 ) -> None:
     """The one check of the channels a run gives a model: the names it was trained on (where both are known), then
     the count it needs. ``available`` are all the channels of the data, for the advice."""
-    name = "the default model" if model == "default" else model
+    name = display_name(model)
     if trained_on and selected is not None and list(trained_on) != list(selected):
         have = list(available) if available is not None else list(selected)
         missing = [c for c in trained_on if c not in have]
