@@ -2,7 +2,8 @@
 
 Each channel is a grey image: no colour jitter. For every crop of every view: random resized crop (area scale range,
 aspect ratio 3/4..4/3; with ``centre_views`` every view keeps the crop's centre, the cell, in its middle half)
-resampled bilinearly to the view size, horizontal and vertical flips, brightness scaled per
+resampled bilinearly to the view size, horizontal and vertical flips, a rotation by a random angle up to
+``rotation`` degrees either way (off by default; cells in flow cytometry have no orientation), brightness scaled per
 channel (or by one factor per view, ``brightness_per_channel=False``), gaussian blur, solarisation (global view 2),
 then per-channel mean/std normalisation. Intensities are scaled first, per crop (min-max, the paper) or by the
 training set's fixed per-channel range (``intensity_scaling=dataset``).
@@ -63,12 +64,23 @@ def crop_params(g: torch.Generator, n: int, scale: tuple[float, float], device, 
     return torch.stack([w, h, cx, cy], 1)
 
 
-def _affine(box: torch.Tensor, flip_x: torch.Tensor, flip_y: torch.Tensor) -> torch.Tensor:
+def _affine(
+    box: torch.Tensor, flip_x: torch.Tensor, flip_y: torch.Tensor, angle: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sampling grids' affine maps: scale and flip the output grid, rotate it by ``angle`` (radians) about the box
+    centre, then move it to the box centre."""
     w, h, cx, cy = box.unbind(1)
+    sx = w * torch.where(flip_x, -1.0, 1.0)
+    sy = h * torch.where(flip_y, -1.0, 1.0)
     theta = torch.zeros(len(box), 2, 3, device=box.device)
-    theta[:, 0, 0] = w * torch.where(flip_x, -1.0, 1.0)
+    if angle is None:
+        theta[:, 0, 0] = sx
+        theta[:, 1, 1] = sy
+    else:
+        cos, sin = angle.cos(), angle.sin()
+        theta[:, 0, 0], theta[:, 0, 1] = cos * sx, -sin * sy
+        theta[:, 1, 0], theta[:, 1, 1] = sin * sx, cos * sy
     theta[:, 0, 2] = cx
-    theta[:, 1, 1] = h * torch.where(flip_y, -1.0, 1.0)
     theta[:, 1, 2] = cy
     return theta
 
@@ -134,7 +146,10 @@ class MultiCrop:
             sigma = _uniform(g, n_total, cfg.blur_sigma[0], cfg.blur_sigma[1], dev)
             do_blur = torch.rand(n_total, generator=g, device=dev) < v.blur_p
             do_sol = torch.rand(n_total, generator=g, device=dev) < v.solarize_p
-            theta = _affine(box[sl], fx[sl], fy[sl])
+            angle = None
+            if cfg.rotation:  # drawn only when asked: runs without rotation keep their views
+                angle = _uniform(g, n_total, -cfg.rotation, cfg.rotation, dev).deg2rad()[sl]
+            theta = _affine(box[sl], fx[sl], fy[sl], angle)
             grid = F.affine_grid(theta, [len(x), x.shape[1], v.size, v.size], align_corners=False)
             y = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
             factor = torch.where(do_bright[sl, None], bright[sl], torch.ones_like(bright[sl]))

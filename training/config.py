@@ -53,6 +53,7 @@ class TrainConfig:
     local_scale: tuple[float, float] = (0.05, 0.4)
     centre_views: bool = False  # every view keeps the crop centre (the cell) in its middle half
     flip_p: float = 0.5
+    rotation: float = 0.0  # views rotated by a random angle in [-rotation, rotation] degrees (180: any angle)
     brightness: tuple[float, float] = (0.5, 1.25)
     brightness_p: float = 0.8
     brightness_per_channel: bool = True  # False: one factor per view for all channels (keeps channel ratios)
@@ -101,6 +102,8 @@ class TrainConfig:
                 f"warmup_epochs ({self.warmup_epochs}) and warmup_teacher_temp_epochs "
                 f"({self.warmup_teacher_temp_epochs}) cannot exceed epochs ({self.epochs})"
             )
+        if not 0 <= self.rotation <= 180:
+            raise ConfigError(f"rotation {self.rotation}: expected degrees between 0 (off) and 180 (any angle)")
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise ConfigError(f"precision {self.precision!r}: expected auto, fp32, fp16 or bf16")
         if self.intensity_scaling not in ("crop", "dataset"):
