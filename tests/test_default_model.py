@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 from scdino.cells.options import CellOptions
+from scdino.data import default_model_path
 from scdino.engine.pipeline import RunConfig, run
 from scdino.engine.sample import neocortex_segment_params
 from scdino.errors import ConfigError
-from scdino.models import default_model_path, load_model
+from scdino.models import load_model
 
 
 def test_default_model_is_shipped_small_and_complete():

@@ -1,4 +1,5 @@
-"""Files shipped inside the package: the trained default model and real nucleus crops for checks.
+"""Files shipped inside the package: the trained models (``--model default``, ``--model ifc-cellcycle``) and real
+nucleus crops for checks.
 
 Only paths and small arrays; nothing is loaded at import time.
 """
@@ -9,10 +10,21 @@ import importlib.resources
 
 import numpy as np
 
+#: trained models shipped in the package, by the name ``--model`` takes (the README says how each was trained)
+PACKAGED_MODELS = {
+    "default": "default_model.pth",  # neocortex nuclei, CTIP2/BRN2/ROR (the sample plate)
+    "ifc-cellcycle": "ifc_cellcycle.pth",  # Jurkat cells in imaging flow cytometry, BF/DF (label-free cell cycle)
+}
+
+
+def packaged_model_path(name: str):
+    """The file of the packaged model ``name`` (a key of :data:`PACKAGED_MODELS`)."""
+    return importlib.resources.files("scdino.data").joinpath(PACKAGED_MODELS[name])
+
 
 def default_model_path():
     """The trained default model (see the README: how it was trained)."""
-    return importlib.resources.files("scdino.data").joinpath("default_model.pth")
+    return packaged_model_path("default")
 
 
 def packaged_crops() -> np.ndarray:

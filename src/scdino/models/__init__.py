@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from scdino.data import default_model_path
+from scdino.data import PACKAGED_MODELS, packaged_model_path
 from scdino.errors import CheckpointError, ConfigError
 from scdino.models.adapt import adapt_patch_weight, parse_mode
 from scdino.models.checkpoint import HUB_URLS, Checkpoint, hub_path, read_checkpoint
@@ -76,11 +76,11 @@ DEFAULT = "default"
 def _checkpoint_for(spec: str, key: str | None) -> Checkpoint | None:
     if spec.startswith("random:"):
         return None
-    if spec == DEFAULT:
-        path = default_model_path()
+    if spec in PACKAGED_MODELS:
+        path = packaged_model_path(spec)
         if not path.is_file():
             raise CheckpointError(
-                "this installation has no default model file (scdino/data/default_model.pth); "
+                f"this installation has no file for the packaged model {spec!r} (scdino/data/{PACKAGED_MODELS[spec]}); "
                 "pass --model with a checkpoint, a hub name or random:ARCH"
             )
         return read_checkpoint(str(path), key)

@@ -27,7 +27,11 @@ def model_format(model: str) -> str:
 
 def display_name(spec: str) -> str:
     """How messages name a model: ``default`` is "the default model", anything else its spec."""
-    return "the default model" if spec == "default" else spec
+    if spec == "default":
+        return "the default model"
+    from scdino.data import PACKAGED_MODELS
+
+    return f"the packaged model {spec}" if spec in PACKAGED_MODELS else spec
 
 
 @dataclass(frozen=True)
