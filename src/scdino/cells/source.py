@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Protocol
 
@@ -91,6 +92,7 @@ class PlateSource:
         self.channel_names = first.channel_names
         self.available_channels = tuple(plate.channel_names(first.ref))
         self.crop_size = first.crop
+        self.token = uuid.uuid4().hex  # names this reader's decoded fields in each process's cache
 
     def identity(self) -> dict[str, Any]:
         return {
@@ -136,7 +138,9 @@ class PlateSource:
         return len(self.fields)
 
     def read(self, rows: pd.DataFrame) -> np.ndarray:
-        return read_crops(self.plate, rows.reset_index(drop=True), self.channels, self.crop_size, self.dtype)
+        return read_crops(
+            self.plate, rows.reset_index(drop=True), self.channels, self.crop_size, self.dtype, cache_token=self.token
+        )
 
 
 class CropStoreSource:

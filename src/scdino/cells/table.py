@@ -1,13 +1,18 @@
 """Cells of a plate: the cell table (one row per nucleus) and mass-centred raw crops read from it.
 
-Phase 1 (:func:`field_cells`) finds nuclei in a field (stored labels or built-in segmentation) and places an
-S x S window on each nucleus' intensity-weighted centroid on the segmentation channel. Phase 2
-(:func:`read_crops`) reads those windows for any run of table rows, one region read per field.
+Phase 1 (:func:`field_cells`) finds nuclei in a field (stored labels or built-in segmentation), places an
+S x S window on each nucleus' intensity-weighted centroid on the segmentation channel, and orders the field's cells by
+position (rows of the image, top to bottom, then left to right), so that a run of consecutive cells (a block of the
+engine) lies in one band of one field. Phase 2 (:func:`read_crops`) reads those windows for any run of table rows: each
+field is decoded once per process and kept while its blocks are read (:class:`FieldCache`), fields too large for that
+are read region by region.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -140,7 +145,7 @@ def field_cells(plate: Plate, ref: FieldRef, opts: CellOptions) -> pd.DataFrame:
         df = df[~df["border"]]
     elif opts.border != "pad":
         raise ConfigError(f"unknown border mode {opts.border!r}; expected pad or skip")
-    return df.reset_index(drop=True)
+    return df.sort_values(["crop_y0", "crop_x0", "label"], kind="stable").reset_index(drop=True)
 
 
 def empty_table() -> pd.DataFrame:
@@ -170,10 +175,56 @@ def empty_table() -> pd.DataFrame:
     )
 
 
+class FieldCache:
+    """The most recently decoded fields of this process (whole fields, selected channels), so that the blocks of one
+    field decode it once. Fields larger than :attr:`max_bytes` are not kept (their blocks read regions). ``decodes``
+    counts the reads from the store (benchmarks and tests check that each field is decoded once)."""
+
+    def __init__(self, fields: int = 2, max_bytes: int = 256 << 20) -> None:
+        self.fields, self.max_bytes = fields, max_bytes
+        self._data: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self.decodes = 0
+
+    def get(
+        self, token: str, plate: Plate, ref: FieldRef, channels: Sequence[int], shape: tuple[int, int], itemsize: int
+    ):
+        """The whole field (C, Y, X), or None when it is too large to keep. ``token`` names the reader (a cell
+        source, made anew by every command), so a plate rewritten between two runs is never served from memory."""
+        if len(channels) * shape[0] * shape[1] * itemsize > self.max_bytes:
+            return None
+        key = (token, plate.path, ref.well, ref.field, tuple(channels))
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                return self._data[key]
+        data = plate.read(ref, channels)
+        with self._lock:
+            self.decodes += 1
+            self._data[key] = data
+            while len(self._data) > self.fields:
+                self._data.popitem(last=False)
+        return data
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+
+#: the process's field cache (each Dask worker process has its own)
+FIELDS = FieldCache()
+
+
 def read_crops(
-    plate: Plate, rows: pd.DataFrame, channels: Sequence[int], crop: int, dtype: np.dtype | None = None
+    plate: Plate,
+    rows: pd.DataFrame,
+    channels: Sequence[int],
+    crop: int,
+    dtype: np.dtype | None = None,
+    cache_token: str | None = None,
 ) -> np.ndarray:
-    """Raw crops (n, C, crop, crop) for table ``rows``: one region read per field, zero padding at borders."""
+    """Raw crops (n, C, crop, crop) for table ``rows``: one region read per field, or, with a ``cache_token``, each
+    field decoded once per process (see :data:`FIELDS`) unless it is too large to keep; zero padding at borders."""
     n = len(rows)
     out: np.ndarray | None = np.zeros((n, len(channels), crop, crop), dtype) if dtype is not None else None
     if n == 0:
@@ -183,9 +234,15 @@ def read_crops(
         ref = FieldRef(str(well), str(fld))
         ms = plate.image(ref)
         h, w = ms.array.shape[ms.axes.index("y")], ms.array.shape[ms.axes.index("x")]
-        ry0, rx0 = max(0, int(y0s[idx].min())), max(0, int(x0s[idx].min()))
-        ry1, rx1 = min(h, int(y0s[idx].max()) + crop), min(w, int(x0s[idx].max()) + crop)
-        region = plate.read(ref, channels, slice(ry0, ry1), slice(rx0, rx1))
+        whole = None
+        if cache_token is not None:
+            whole = FIELDS.get(cache_token, plate, ref, channels, (h, w), ms.array.dtype.itemsize)
+        if whole is not None:
+            ry0, rx0, region = 0, 0, whole
+        else:
+            ry0, rx0 = max(0, int(y0s[idx].min())), max(0, int(x0s[idx].min()))
+            ry1, rx1 = min(h, int(y0s[idx].max()) + crop), min(w, int(x0s[idx].max()) + crop)
+            region = plate.read(ref, channels, slice(ry0, ry1), slice(rx0, rx1))
         if out is None:
             out = np.zeros((n, len(channels), crop, crop), region.dtype)
         for i in idx:
