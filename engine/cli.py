@@ -111,8 +111,9 @@ def _split(value: str | None) -> tuple[str, ...] | None:
     type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]),
     default=RunConfig.backend,
     show_default=True,
-    help="auto picks by MODEL: a checkpoint runs on torch, model.onnx on ONNX Runtime (CUDA if "
-    "onnxruntime-gpu and a GPU are there), model.plan on TensorRT; the choice is logged.",
+    help="auto picks by MODEL: a checkpoint runs on torch (on a CPU: through its cached ONNX export when ONNX "
+    "Runtime measures faster, see --no-export-cache), model.onnx on ONNX Runtime (CUDA if onnxruntime-gpu and a GPU "
+    "are there), model.plan on TensorRT; the choice and why are logged and stored in uns['scdino']['path'].",
 )
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=RunConfig.device, show_default=True)
 @click.option("--batch-size", type=int, default=RunConfig.batch_size, show_default=True, help="Crops per forward pass.")
@@ -138,6 +139,27 @@ def _split(value: str | None) -> tuple[str, ...] | None:
 @click.option("--scheduler", help="Address of a running Dask scheduler (tcp://host:8786) instead of a local cluster.")
 @segment_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing output instead of resuming it.")
+@click.option(
+    "--no-export-cache",
+    is_flag=True,
+    help="With --backend auto on a CPU, run a checkpoint on PyTorch instead of its cached, verified ONNX export "
+    "(made once per checkpoint, channels, input size and versions in $SCDINO_CACHE_DIR or ~/.cache/scdino; PyTorch "
+    "and ONNX Runtime are timed side by side once per machine and the faster one runs). See 'scdino-engine cache'.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "int8"]),
+    default=RunConfig.precision,
+    show_default=True,
+    help="int8 (CPU): the checkpoint's cached export quantised once (dynamic uint8 weights, verified: cosine >= 0.99 "
+    "to fp32); faster, see the README for its k-NN cost.",
+)
+@click.option(
+    "--fast",
+    is_flag=True,
+    help="Fast mode (CPU): int8 at half the model's input size (whole patches); several times faster, at the k-NN "
+    "cost the README states.",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def run_cmd(
     plate,
@@ -161,6 +183,9 @@ def run_cmd(
     threads,
     scheduler,
     overwrite,
+    no_export_cache,
+    precision,
+    fast,
     no_progress,
     **segment,
 ) -> None:
@@ -198,6 +223,9 @@ def run_cmd(
         scheduler=scheduler,
         chunk_cells=chunk_cells,
         overwrite=overwrite,
+        export_cache=not no_export_cache,
+        precision=precision,
+        fast=fast,
         progress=not no_progress,
     )
     res = run(cfg)
@@ -212,6 +240,22 @@ def run_cmd(
         )
     if res.untrained:
         click.echo("note: the model is untrained (random weights); these embeddings carry no learned features")
+
+
+@main.command("cache")
+@click.option("--clear", is_flag=True, help="Remove every entry scdino wrote (exports are made again when needed).")
+def cache_cmd(clear) -> None:
+    """List (or --clear) the cached ONNX exports that runs on a CPU use (see run --no-export-cache)."""
+    from scdino.engine import export_cache
+
+    if clear:
+        n = export_cache.clear()
+        click.echo(f"removed {n} cached export(s) from {export_cache.cache_root() / 'onnx'}")
+        return
+    found = export_cache.entries()
+    click.echo(f"{export_cache.cache_root() / 'onnx'}: {len(found)} cached export(s)")
+    for e in found:
+        click.echo(f"  {e['entry']}  {e['bytes'] / 1e6:.1f} MB  {e['model']}  (made {e['made']})")
 
 
 @main.command("sample-plate")

@@ -34,11 +34,21 @@ class RunConfig:
     scheduler: str | None = None
     chunk_cells: int = 256
     overwrite: bool = False
+    #: on a CPU, run a checkpoint through its cached, verified ONNX export when that measures faster
+    export_cache: bool = True
+    #: fp32, or int8 (CPU: the cached export's verified dynamic int8 copy)
+    precision: str = "fp32"
+    #: fast mode: int8 at half the model's input size (rounded down to whole patches); see the README for its cost
+    fast: bool = False
     progress: bool = True
     seed: int = 0
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.chunk_cells < 1 or (self.workers or 1) < 1 or (self.input_size or 1) < 1:
             raise ConfigError("--batch-size, --chunk-cells, --workers and --input-size must be positive")
+        if self.precision not in ("fp32", "int8"):
+            raise ConfigError(f"--precision {self.precision!r}: expected fp32 or int8")
+        if self.fast and (self.input_size is not None or self.precision != "fp32"):
+            raise ConfigError("--fast sets the input size and the precision itself; drop --input-size / --precision")
         if self.cells.crop_size is not None and self.cells.crop_um is not None:
             raise ConfigError("pass either --crop-size (pixels) or --crop-um (micrometres), not both")

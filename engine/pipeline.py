@@ -233,7 +233,21 @@ def run(cfg: RunConfig) -> RunResult:
         adapt=cfg.adapt,
         seed=cfg.seed,
     )
+    if cfg.fast:
+        cfg, card = _fast(cfg, card, source)
     spec = backend_spec(cfg, card, len(source.channels))
+    from scdino.engine.export_cache import choose
+
+    path = choose(
+        spec,
+        cfg.backend,
+        cfg.export_cache,
+        source.channel_names,
+        source.crop_size,
+        np.dtype(source.dtype).name,
+        cfg.precision,
+    )
+    spec = path.spec
     fp = fingerprint(cfg, source, spec)
     backend = f"{spec.kind} on {spec.device}"
     status = _existing_output(cfg, fp)
@@ -254,31 +268,61 @@ def run(cfg: RunConfig) -> RunResult:
             log.info("resuming %s: %d of %d blocks done", cfg.out, int(store.done().sum()), store.n_blocks)
         else:
             table = _find_cells(cfg, source, client, phases)
-            uns = _uns(cfg, spec, source, "running")
+            uns = _uns(cfg, spec, source, "running", path.to_dict())
             store = EmbeddingStore.create(cfg.out, table, card.embed_dim, cfg.chunk_cells, uns, fp)
         _warn_intensity_range(cfg, source, table, card)
         t = time.perf_counter()
         blocks_run = _embed_blocks(cfg, client, source, table, spec, store)
         phases["embed_seconds"] = time.perf_counter() - t
     seconds = time.perf_counter() - t0
-    uns = _uns(cfg, spec, source, "complete")
+    uns = _uns(cfg, spec, source, "complete", path.to_dict())
     uns["timing"] = _plain({"seconds": seconds, **phases, "blocks_run": blocks_run, "resumed": resumed})
     store.finish(uns)
     return RunResult(cfg.out, len(table), seconds, blocks_run, resumed, phases, card.untrained, backend)
 
 
-def _uns(cfg: RunConfig, spec: BackendSpec, source: CellSource, status: str) -> dict:
+def _asked(cfg: RunConfig, card: ModelCard) -> dict:
+    """The MODEL the user gave, where the run embeds with its cached export instead (``runs_as``)."""
+    return {} if card.spec == cfg.model else {"model": cfg.model, "runs_as": card.spec}
+
+
+def fast_input_size(card: ModelCard) -> int:
+    """Fast mode's input size: half the model's, rounded down to whole patches (at least two patches across)."""
+    patch = int(dict(card.details.get("config") or {}).get("patch_size") or 16)
+    return max(2 * patch, card.input_size // 2 // patch * patch)
+
+
+def _fast(cfg: RunConfig, card: ModelCard, source: CellSource) -> tuple[RunConfig, ModelCard]:
+    from dataclasses import replace
+
+    size = fast_input_size(card)
+    log.info("fast mode: int8 at %d px (the model's input is %d px)", size, card.input_size)
+    cfg = replace(cfg, fast=False, precision="int8", input_size=size)
+    card = describe_model(
+        cfg.model,
+        channels=source.channel_names,
+        available=source.available_channels,
+        input_size=size,
+        checkpoint_key=cfg.checkpoint_key,
+        adapt=cfg.adapt,
+        seed=cfg.seed,
+    )
+    return cfg, card
+
+
+def _uns(cfg: RunConfig, spec: BackendSpec, source: CellSource, status: str, path: dict) -> dict:
     card = spec.card
     return _plain(
         {
             "status": status,
             "untrained": card.untrained,
-            "model": {**card.to_dict(), "precision": spec.precision},
+            "model": {**card.to_dict(), "precision": spec.precision, **_asked(cfg, card)},
             "checkpoint_sha256": card.checkpoint_sha256,
             "channels": list(source.channel_names),
             "crop_size": source.crop_size,
             "preprocessing": card.preprocessing.to_dict(),
             "backend": spec.to_dict(),
+            "path": path,
             "cells": cfg.cells.to_dict(),
             "plate": os.path.abspath(cfg.plate),
             "versions": versions(),

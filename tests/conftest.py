@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ from scdino.engine.sample import FieldImage, write_plate, write_sample_plate
 from scdino.models import arch_config, build_model
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# the session's own cache of ONNX exports (runs on a CPU use it): shared by every test, never the user's
+os.environ.setdefault("SCDINO_CACHE_DIR", tempfile.mkdtemp(prefix="scdino-test-cache-"))
 
 
 def blob_field(rng: np.random.Generator, centres, shape=(96, 128), radius=6, n_channels=2) -> FieldImage:

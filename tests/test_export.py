@@ -184,7 +184,7 @@ def test_engine_with_onnx_equals_checkpoint(tmp_path, scratch_plate):
     onnx_path = tmp_path / "m.onnx"
     export_onnx(str(ckpt), onnx_path, channels=("H3342", "oblique"), crop_size=32, input_size=64)
     common = dict(plate=scratch_plate, input_size=64, progress=False, cells=CellOptions(labels="nuclei", crop_size=32))
-    a = run(RunConfig(out=str(tmp_path / "a.zarr"), model=str(ckpt), **common))
+    a = run(RunConfig(out=str(tmp_path / "a.zarr"), model=str(ckpt), export_cache=False, **common))
     b = run(RunConfig(out=str(tmp_path / "b.zarr"), model=str(onnx_path), **common))
     assert b.backend == "onnxruntime on cpu" and a.backend == "torch on cpu"
     x, y = ad.read_zarr(tmp_path / "a.zarr"), ad.read_zarr(tmp_path / "b.zarr")

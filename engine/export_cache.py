@@ -1,0 +1,358 @@
+"""The fast path a run gets without options: on a CPU, a checkpoint runs through ONNX Runtime from an export made once,
+verified exactly as ``scdino-export onnx`` verifies it, and cached.
+
+Each cache entry is a folder ``<cache>/onnx/<key>/`` holding ``model.onnx``, its sidecar and ``choice-<machine>.json``.
+The key hashes everything the exported graph depends on: the checkpoint's sha256, the checkpoint key, the channels
+(count and names), the channel adaptation, the input size, the crop dtype, the precision and the versions of scdino,
+torch, onnx and the opset. The first run with a new key exports and verifies (a failed verification leaves no entry and
+the run goes on with PyTorch); then PyTorch and ONNX Runtime embed the same real crops side by side on this machine and
+the faster one is recorded per machine (CPU model, core count, threads) in the entry, so the measurement is paid once.
+
+The cache lives in ``$SCDINO_CACHE_DIR`` (default ``$XDG_CACHE_HOME/scdino`` or ``~/.cache/scdino``);
+``scdino-engine cache`` lists it and ``scdino-engine cache --clear`` removes the entries scdino wrote (nothing else).
+``--no-export-cache`` (or ``SCDINO_EXPORT_CACHE=0``) keeps a run on PyTorch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from scdino.engine.backends.base import BackendSpec
+from scdino.errors import ConfigError, ScdinoError
+
+log = logging.getLogger(__name__)
+
+MARKER = ".scdino-export-cache"
+#: the side-by-side timing: this many real crops per batch, the median of the repeats (after one warm-up)
+TIMING_BATCH = 16
+TIMING_REPEATS = 3
+
+
+def cache_root() -> Path:
+    if os.environ.get("SCDINO_CACHE_DIR"):
+        return Path(os.environ["SCDINO_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "scdino"
+
+
+def enabled_by_env() -> bool:
+    return os.environ.get("SCDINO_EXPORT_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Which path a run takes and why (recorded in ``uns["scdino"]["path"]``)."""
+
+    spec: BackendSpec
+    path: str  # "onnxruntime (cached export)" | "torch"
+    why: str
+    details: dict
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "why": self.why, **self.details}
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    import torch
+
+    import scdino
+    from scdino.export.onnx_export import OPSET
+
+    def v(name):
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    return {"scdino": scdino.__version__, "torch": torch.__version__, "onnx": v("onnx"), "opset": OPSET}
+
+
+def entry_key(spec: BackendSpec, channel_names, dtype: str) -> str:
+    card = spec.card
+    key = {
+        "checkpoint_sha256": card.checkpoint_sha256,
+        "checkpoint_key": spec.checkpoint_key,
+        "n_channels": spec.n_channels,
+        "channels": list(channel_names) if channel_names else None,
+        "adapt": spec.adapt,
+        "input_size": card.input_size,
+        "dtype": dtype,
+        "precision": "fp32",
+        "versions": _versions(),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def machine_id(threads: int | None) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    raw = f"{cpu}|{os.cpu_count()}|{threads}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:12]
+
+
+def eligible(spec: BackendSpec, requested_backend: str, enabled: bool, precision: str = "fp32") -> str | None:
+    """None when the cached ONNX path may be used; else the reason the run stays on PyTorch (an error where
+    ``precision`` int8 was asked for: only the cached export gives it)."""
+    if precision == "int8":
+        why = _int8_blocker(spec, requested_backend)
+        if why:
+            raise ConfigError(f"--precision int8 {why}")
+        return None
+    if not enabled or not enabled_by_env():
+        return "the export cache is off (--no-export-cache or SCDINO_EXPORT_CACHE=0)"
+    if requested_backend != "auto":
+        return f"--backend {requested_backend} was asked for"
+    if spec.kind != "torch":
+        return f"the model is already a {spec.card.format} file"
+    if spec.device != "cpu":
+        return "on a GPU PyTorch runs fp16 autocast (export a TensorRT plan for more)"
+    if spec.card.untrained or not spec.card.checkpoint_sha256:
+        return "untrained models (random:ARCH) are not exported"
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "ONNX Runtime is not installed (pip install 'scdino[onnx]' for the faster CPU path)"
+    return None
+
+
+def _int8_blocker(spec: BackendSpec, requested_backend: str) -> str | None:
+    if requested_backend not in ("auto", "onnxruntime") or spec.kind != "torch":
+        return (
+            "quantises a checkpoint's cached export for ONNX Runtime; for an exported model use scdino-export quantize"
+        )
+    if spec.device != "cpu":
+        return "is for CPUs (on a GPU build an int8 TensorRT plan: scdino-export tensorrt --int8)"
+    if spec.card.untrained or not spec.card.checkpoint_sha256:
+        return "needs a trained checkpoint (random:ARCH models are not exported)"
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "needs ONNX Runtime: pip install 'scdino[onnx]'"
+    return None
+
+
+def _int8(entry: Path) -> Path:
+    """The entry's dynamic int8 copy (``scdino-export quantize``'s, verified: cosine >= 0.99 to fp32), made once."""
+    from scdino.export.quantize import quantize
+
+    q = entry / "model.int8.onnx"
+    if q.is_file() and (entry / "model.int8.json").is_file():
+        return q
+    tmp = entry / f".partial-int8-{os.getpid()}.onnx"
+    log.info("quantising the cached export to int8 once (%s)", q)
+    try:
+        quantize(entry / "model.onnx", tmp)
+        os.replace(tmp.with_suffix(".json"), entry / "model.int8.json")
+        os.replace(tmp, q)
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp.with_suffix(".json").unlink(missing_ok=True)
+    return q
+
+
+def _entry(spec: BackendSpec, channel_names, crop_size: int, dtype: str) -> Path:
+    """The cache entry's folder, exported and verified on first use."""
+    from scdino.export.onnx_export import export_onnx
+
+    root = cache_root() / "onnx"
+    entry = root / entry_key(spec, channel_names, dtype)
+    if (entry / "model.onnx").is_file() and (entry / "model.json").is_file():
+        return entry
+    root.mkdir(parents=True, exist_ok=True)
+    (cache_root() / MARKER).touch()
+    tmp = root / f".partial-{entry.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    log.info("exporting %s to ONNX once for this machine's cache (%s)", spec.card.name, entry)
+    t = time.perf_counter()
+    try:
+        export_onnx(
+            spec.card.spec,
+            tmp / "model.onnx",
+            n_channels=spec.n_channels,
+            channels=tuple(channel_names) if channel_names else None,
+            crop_size=crop_size,
+            input_size=spec.card.input_size,
+            dtype=dtype,
+            checkpoint_key=spec.checkpoint_key,
+            adapt=spec.adapt,
+        )
+        (tmp / "entry.json").write_text(
+            json.dumps(
+                {
+                    "model": spec.card.spec,
+                    "made": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "seconds": time.perf_counter() - t,
+                }
+            )
+        )
+        try:
+            os.rename(tmp, entry)  # atomic; another run may have finished the same entry first
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return entry
+
+
+def _timing(spec: BackendSpec, crops: np.ndarray) -> float:
+    """Median seconds per batch of ``crops`` through ``spec``'s backend (opened for this, closed after)."""
+    from scdino.engine.backends import open_backend
+
+    b = open_backend(spec)
+    try:
+        b.infer(crops[:2])  # warm-up
+        times = []
+        for _ in range(TIMING_REPEATS):
+            t = time.perf_counter()
+            b.infer(crops)
+            times.append(time.perf_counter() - t)
+    finally:
+        b.close()
+    return float(np.median(times))
+
+
+def _choice_file(entry: Path, spec: BackendSpec) -> Path:
+    return entry / f"choice-{machine_id(spec.threads)}.json"
+
+
+def timing_crops(n_channels: int, crop_size: int, dtype: str) -> np.ndarray:
+    """:data:`TIMING_BATCH` real nucleus crops (shipped with scdino) in the run's channel count, crop size and dtype."""
+    from scdino.data import packaged_crops
+    from scdino.export.verify import fit_crops
+
+    return fit_crops(packaged_crops()[:TIMING_BATCH], n_channels, crop_size, dtype)
+
+
+def _measure(entry: Path, torch_spec: BackendSpec, ort_spec: BackendSpec, batch: np.ndarray) -> dict:
+    f = _choice_file(entry, torch_spec)
+    if f.is_file():
+        return json.loads(f.read_text())
+    with _quiet_torch_threads():
+        ort_s = _timing(ort_spec, batch)
+        torch_s = _timing(torch_spec, batch)
+    rec = {
+        "onnxruntime_seconds_per_batch": ort_s,
+        "torch_seconds_per_batch": torch_s,
+        "batch": len(batch),
+        "threads": torch_spec.threads,
+        "chosen": "onnxruntime" if ort_s <= torch_s else "torch",
+        "measured": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    f.write_text(json.dumps(rec, indent=1))
+    return rec
+
+
+class _quiet_torch_threads:
+    """Restore this process's torch thread count after the timing (the torch backend sets it)."""
+
+    def __enter__(self):
+        import torch
+
+        self.n = torch.get_num_threads()
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_num_threads(self.n)
+
+
+def choose(
+    spec: BackendSpec,
+    requested_backend: str,
+    enabled: bool,
+    channel_names,
+    crop_size: int,
+    dtype: str,
+    precision: str = "fp32",
+) -> Choice:
+    """The backend a run uses: ``spec`` (PyTorch) or the cached, verified ONNX export, whichever measured faster;
+    with ``precision="int8"`` the cached export's verified int8 copy."""
+    if precision not in ("fp32", "int8"):
+        raise ConfigError(f"--precision {precision!r}: expected fp32 or int8")
+    reason = eligible(spec, requested_backend, enabled, precision)
+    if reason is not None:
+        return Choice(spec, spec.kind, reason, {})
+    from scdino.models.card import describe_model
+
+    try:
+        entry = _entry(spec, channel_names, crop_size, dtype)
+    except ScdinoError as exc:
+        if precision == "int8":
+            raise
+        log.warning("the ONNX export for the cache failed (%s); running on PyTorch", exc)
+        return Choice(spec, "torch", f"the ONNX export failed: {exc}", {})
+    if precision == "int8":
+        q = str(_int8(entry))
+        card = describe_model(q, n_channels=spec.n_channels)
+        why = "--precision int8: dynamic int8 copy of the cached export, verified against fp32 (cosine >= 0.99)"
+        log.info("path: onnxruntime int8 (%s)", why)
+        return Choice(
+            replace(spec, card=card, kind="onnxruntime"), "onnxruntime int8 (cached export)", why, {"export": q}
+        )
+    onnx_path = str(entry / "model.onnx")
+    card = describe_model(onnx_path, n_channels=spec.n_channels)
+    ort_spec = replace(spec, card=card, kind="onnxruntime")
+    rec = _measure(entry, spec, ort_spec, timing_crops(spec.n_channels, crop_size, dtype))
+    details = {"export": onnx_path, "timing": rec}
+    if rec["chosen"] == "torch":
+        why = (
+            f"PyTorch measured faster here ({rec['torch_seconds_per_batch']:.3f} s vs "
+            f"{rec['onnxruntime_seconds_per_batch']:.3f} s per batch of {rec['batch']})"
+        )
+        log.info("path: torch (%s)", why)
+        return Choice(spec, "torch", why, details)
+    why = (
+        f"ONNX Runtime measured faster here ({rec['onnxruntime_seconds_per_batch']:.3f} s vs "
+        f"{rec['torch_seconds_per_batch']:.3f} s per batch of {rec['batch']}); export verified against PyTorch"
+    )
+    log.info("path: onnxruntime from the cached export (%s)", why)
+    return Choice(ort_spec, "onnxruntime (cached export)", why, details)
+
+
+def entries() -> list[dict]:
+    """The cache's entries: folder, model, size in bytes."""
+    root = cache_root() / "onnx"
+    out = []
+    for e in sorted(root.glob("*")) if root.is_dir() else []:
+        if not e.is_dir():
+            continue
+        meta = {}
+        if (e / "entry.json").is_file():
+            meta = json.loads((e / "entry.json").read_text())
+        size = sum(p.stat().st_size for p in e.rglob("*") if p.is_file())
+        out.append({"entry": str(e), "model": meta.get("model"), "bytes": size, "made": meta.get("made")})
+    return out
+
+
+def clear() -> int:
+    """Remove the entries scdino wrote (exported entries and partial ones); returns how many."""
+    root = cache_root() / "onnx"
+    if not (cache_root() / MARKER).is_file() or not root.is_dir():
+        return 0
+    n = 0
+    for e in root.iterdir():
+        ours = e.is_dir() and (e.name.startswith(".partial-") or (e / "entry.json").is_file())
+        if ours:
+            shutil.rmtree(e)
+            n += 1
+    return n

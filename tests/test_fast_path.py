@@ -1,0 +1,154 @@
+"""The default fast path (cached, verified ONNX export of a checkpoint on the CPU), int8 and fast mode, and reading
+each field once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from conftest import dino_full_checkpoint
+from scdino.cells.options import CellOptions
+from scdino.cells.source import PlateSource
+from scdino.cells.table import FIELDS
+from scdino.engine import export_cache
+from scdino.engine.pipeline import RunConfig, fast_input_size, run
+from scdino.errors import ConfigError
+from scdino.export.verify import VerificationError
+from scdino.models.card import describe_model
+
+OPTS = CellOptions(labels="nuclei", crop_size=24)
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "cache"
+    monkeypatch.setenv("SCDINO_CACHE_DIR", str(root))
+    return root
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("ckpt") / "vit_test16.pth"
+    dino_full_checkpoint(path, arch="vit_test16")
+    return str(path)
+
+
+def _run(plate, out, model, **kw):
+    return run(RunConfig(plate=plate, out=str(out), model=model, cells=OPTS, input_size=32, progress=False, **kw))
+
+
+def _emb(out) -> tuple[np.ndarray, dict]:
+    a = ad.read_zarr(out)
+    return a.obsm["X_scdino"], a.uns["scdino"]
+
+
+def _cos(a, b):
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_checkpoint_runs_from_its_cached_export_when_that_is_faster(tiny_plate, tmp_path, cache, ckpt, monkeypatch):
+    timings = iter([0.1, 0.3])  # ONNX Runtime measured first, then PyTorch
+    monkeypatch.setattr(export_cache, "_timing", lambda spec, crops: next(timings))
+    res = _run(tiny_plate, tmp_path / "a.zarr", ckpt)
+    assert res.backend == "onnxruntime on cpu"
+    emb, uns = _emb(tmp_path / "a.zarr")
+    path = uns["path"]
+    assert path["path"] == "onnxruntime (cached export)" and "measured faster" in path["why"]
+    assert path["timing"]["chosen"] == "onnxruntime" and Path(path["export"]).is_file()
+    assert Path(path["export"]).parent.parent == cache / "onnx"
+    sidecar = json.loads(Path(path["export"]).with_suffix(".json").read_text())
+    assert sidecar["verification"]["passed"]
+    # a second run reuses the entry and the recorded choice: no export, no timing
+    monkeypatch.setattr(export_cache, "_timing", lambda *a: pytest.fail("timed again"))
+    monkeypatch.setattr("scdino.export.onnx_export.export_onnx", lambda *a, **k: pytest.fail("exported again"))
+    _run(tiny_plate, tmp_path / "b.zarr", ckpt)
+    assert _emb(tmp_path / "b.zarr")[1]["path"]["path"] == "onnxruntime (cached export)"
+    # the same embeddings as PyTorch
+    _run(tiny_plate, tmp_path / "t.zarr", ckpt, export_cache=False)
+    t_emb, t_uns = _emb(tmp_path / "t.zarr")
+    assert t_uns["path"]["path"] == "torch" and "--no-export-cache" in t_uns["path"]["why"]
+    assert _cos(emb, t_emb).min() > 0.99999
+
+
+def test_pytorch_stays_when_it_measures_faster(tiny_plate, tmp_path, cache, ckpt, monkeypatch):
+    timings = iter([0.5, 0.2])
+    monkeypatch.setattr(export_cache, "_timing", lambda spec, crops: next(timings))
+    res = _run(tiny_plate, tmp_path / "a.zarr", ckpt)
+    assert res.backend == "torch on cpu"
+    path = _emb(tmp_path / "a.zarr")[1]["path"]
+    assert path["path"] == "torch" and "PyTorch measured faster" in path["why"]
+
+
+def test_a_failed_export_falls_back_to_pytorch_and_leaves_no_entry(tiny_plate, tmp_path, cache, ckpt, monkeypatch):
+    def broken(*a, **k):
+        raise VerificationError("differs from PyTorch")
+
+    monkeypatch.setattr("scdino.export.onnx_export.export_onnx", broken)
+    res = _run(tiny_plate, tmp_path / "a.zarr", ckpt)
+    assert res.backend == "torch on cpu"
+    assert "export failed" in _emb(tmp_path / "a.zarr")[1]["path"]["why"]
+    assert export_cache.entries() == []
+
+
+def test_untrained_models_and_explicit_backends_are_not_exported(tiny_plate, tmp_path, cache, ckpt, monkeypatch):
+    monkeypatch.setattr("scdino.export.onnx_export.export_onnx", lambda *a, **k: pytest.fail("exported"))
+    _run(tiny_plate, tmp_path / "r.zarr", "random:vit_test8")
+    assert "untrained" in _emb(tmp_path / "r.zarr")[1]["path"]["why"]
+    _run(tiny_plate, tmp_path / "t.zarr", ckpt, backend="torch")
+    assert "--backend torch" in _emb(tmp_path / "t.zarr")[1]["path"]["why"]
+    monkeypatch.setenv("SCDINO_EXPORT_CACHE", "0")
+    _run(tiny_plate, tmp_path / "e.zarr", ckpt)
+    assert "SCDINO_EXPORT_CACHE" in _emb(tmp_path / "e.zarr")[1]["path"]["why"]
+
+
+def test_int8_is_the_verified_quantised_export(tiny_plate, tmp_path, cache, ckpt):
+    _run(tiny_plate, tmp_path / "f.zarr", ckpt, export_cache=False)
+    _run(tiny_plate, tmp_path / "q.zarr", ckpt, precision="int8")
+    q, uns = _emb(tmp_path / "q.zarr")
+    assert uns["path"]["path"] == "onnxruntime int8 (cached export)"
+    assert uns["model"]["precision"] == "int8"
+    assert _cos(q, _emb(tmp_path / "f.zarr")[0]).min() > 0.99
+    with pytest.raises(ConfigError, match="trained checkpoint"):
+        _run(tiny_plate, tmp_path / "r.zarr", "random:vit_test8", precision="int8")
+
+
+def test_fast_mode_is_int8_at_half_the_input(tiny_plate, tmp_path, cache, ckpt):
+    card = describe_model(ckpt, n_channels=2, input_size=64)
+    assert fast_input_size(card) == 32
+    assert fast_input_size(describe_model(ckpt, n_channels=2, input_size=32)) == 32  # two patches at least
+    with pytest.raises(ConfigError, match="--fast"):
+        RunConfig(plate=tiny_plate, out="x", fast=True, input_size=64).validate()
+    run(RunConfig(plate=tiny_plate, out=str(tmp_path / "f.zarr"), model=ckpt, cells=OPTS, fast=True, progress=False))
+    uns = _emb(tmp_path / "f.zarr")[1]
+    assert uns["model"]["precision"] == "int8" and uns["model"]["input_size"] == 112  # built for 224
+
+
+def test_cache_clear_removes_only_its_own_entries(tiny_plate, tmp_path, cache, ckpt, monkeypatch):
+    timings = iter([0.1, 0.3])
+    monkeypatch.setattr(export_cache, "_timing", lambda spec, crops: next(timings))
+    _run(tiny_plate, tmp_path / "a.zarr", ckpt)
+    foreign = cache / "onnx" / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("a user's file")
+    assert len(export_cache.entries()) == 2
+    assert export_cache.clear() == 1
+    assert (foreign / "notes.txt").is_file() and len(export_cache.entries()) == 1
+
+
+def test_each_field_is_decoded_once_per_reader(tiny_plate):
+    source = PlateSource(tiny_plate, OPTS)
+    table = source.find_cells()
+    before = FIELDS.decodes
+    for a in range(0, len(table), 2):  # blocks of two cells: several blocks per field
+        source.read(table.iloc[a : a + 2][list(source.read_columns)])
+    assert FIELDS.decodes - before == source.n_fields
+    # cells come ordered by field, then position
+    for _, g in table.groupby(["well", "field"], sort=False):
+        assert list(g["crop_y0"]) == sorted(g["crop_y0"])
+    # another reader (another command) decodes again: a rewritten plate is never served from memory
+    PlateSource(tiny_plate, OPTS).read(table.iloc[:1][list(source.read_columns)])
+    assert FIELDS.decodes - before == source.n_fields + 1
