@@ -168,14 +168,32 @@ def _int8(entry: Path) -> Path:
     return q
 
 
+def _intact(entry: Path) -> bool:
+    """Whether ``entry`` is complete and its model.onnx is the file that was exported and verified."""
+    from scdino.models.checkpoint import sha256_of
+
+    files = [entry / n for n in ("model.onnx", "model.json", "entry.json")]
+    if not all(f.is_file() for f in files):
+        return False
+    try:
+        want = json.loads(files[2].read_text()).get("onnx_sha256")
+    except ValueError:
+        return False
+    return want is not None and sha256_of(str(files[0])) == want
+
+
 def _entry(spec: BackendSpec, channel_names, crop_size: int, dtype: str) -> Path:
     """The cache entry's folder, exported and verified on first use."""
     from scdino.export.onnx_export import export_onnx
+    from scdino.models.checkpoint import sha256_of
 
     root = cache_root() / "onnx"
     entry = root / entry_key(spec, channel_names, dtype)
-    if (entry / "model.onnx").is_file() and (entry / "model.json").is_file():
+    if _intact(entry):
         return entry
+    if entry.is_dir() and (entry / "entry.json").is_file():  # damaged (disk full, a copied cache): made again
+        log.warning("%s: the cached export is damaged (its sha256 does not match); exporting it again", entry)
+        shutil.rmtree(entry)
     root.mkdir(parents=True, exist_ok=True)
     (cache_root() / MARKER).touch()
     tmp = root / f".partial-{entry.name}-{os.getpid()}"
@@ -201,6 +219,7 @@ def _entry(spec: BackendSpec, channel_names, crop_size: int, dtype: str) -> Path
                     "model": spec.card.spec,
                     "made": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     "seconds": time.perf_counter() - t,
+                    "onnx_sha256": sha256_of(str(tmp / "model.onnx")),
                 }
             )
         )

@@ -3,6 +3,7 @@ each field once."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -72,6 +73,17 @@ def test_checkpoint_runs_from_its_cached_export_when_that_is_faster(tiny_plate, 
     t_emb, t_uns = _emb(tmp_path / "t.zarr")
     assert t_uns["path"]["path"] == "torch" and "--no-export-cache" in t_uns["path"]["why"]
     assert _cos(emb, t_emb).min() > 0.99999
+
+
+def test_a_damaged_cache_entry_is_exported_again(tiny_plate, tmp_path, cache, ckpt, monkeypatch):
+    timings = itertools.cycle([0.1, 0.3])
+    monkeypatch.setattr(export_cache, "_timing", lambda spec, crops: next(timings))
+    _run(tiny_plate, tmp_path / "a.zarr", ckpt)
+    onnx = Path(_emb(tmp_path / "a.zarr")[1]["path"]["export"])
+    onnx.write_bytes(onnx.read_bytes()[:1000])  # truncated, as by a full disk
+    _run(tiny_plate, tmp_path / "b.zarr", ckpt)
+    assert _cos(_emb(tmp_path / "a.zarr")[0], _emb(tmp_path / "b.zarr")[0]).min() > 0.99999
+    assert onnx.stat().st_size > 1000 and len(export_cache.entries()) == 1
 
 
 def test_pytorch_stays_when_it_measures_faster(tiny_plate, tmp_path, cache, ckpt, monkeypatch):
