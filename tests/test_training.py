@@ -193,6 +193,29 @@ def test_centred_views_keep_the_cell_centre():
             assert bool((fcx.abs() > fw).any())
 
 
+def test_rotated_views_are_rotations_of_the_crop_and_rotation_is_off_by_default():
+    from scdino.training.augment import _affine
+
+    x = torch.arange(2 * 8 * 8, dtype=torch.float32).view(1, 2, 8, 8)  # no symmetry
+    box = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    no = torch.tensor([False])
+    for quarter in (1, 2, 3):
+        theta = _affine(box, no, no, torch.tensor([quarter * torch.pi / 2]))
+        grid = F.affine_grid(theta, [1, 2, 8, 8], align_corners=False)
+        y = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        assert any(torch.allclose(y, torch.rot90(x, k, (2, 3)), atol=1e-4) for k in (quarter, -quarter))
+    assert torch.equal(_affine(box, no, no), _affine(box, no, no, torch.tensor([0.0])))
+    assert TrainConfig.rotation == 0  # the recipe's views are unchanged unless rotation is asked for
+    crops = torch.from_numpy(packaged_crops()[:4].astype(np.float32))
+    mean, std = torch.zeros(3), torch.ones(3)
+    cfg = TrainConfig(data="x", out="y", global_size=32, local_size=16, local_crops=2, rotation=180)
+    a = MultiCrop(cfg, mean, std)(crops, make_generator(0, 0, 0))
+    b = MultiCrop(TrainConfig(**{**cfg.to_dict(), "rotation": 0.0}), mean, std)(crops, make_generator(0, 0, 0))
+    assert not torch.allclose(a[0], b[0])
+    with pytest.raises(ConfigError, match="rotation 200"):
+        TrainConfig(data="x", out="y", rotation=200).validate()
+
+
 def test_gaussian_blur_matches_direct_convolution():
     x = torch.rand(2, 1, 20, 20)
     y = gaussian_blur(x, torch.tensor([1.0, 1.5]), torch.tensor([True, False]))
