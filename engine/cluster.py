@@ -87,8 +87,8 @@ def keep_malloc_adaptive(enabled: bool = True) -> Iterator[None]:
 
 @contextmanager
 def dask_client(scheduler: str | None = None, workers: int = 1, gpus: list[str] | None = None) -> Iterator[Any]:
-    """An existing client, a cluster at ``scheduler``, or a local cluster of ``workers`` single-threaded processes
-    (with ``gpus``: one per GPU, each pinned to its own)."""
+    """An existing client, a cluster at ``scheduler``, or a local cluster of ``workers`` single-threaded workers:
+    processes, or with one CPU worker a thread of this process (with ``gpus``: one process per GPU, each pinned)."""
     from distributed import Client, LocalCluster, get_client
 
     if scheduler:
@@ -117,10 +117,12 @@ def dask_client(scheduler: str | None = None, workers: int = 1, gpus: list[str] 
         if gpus:
             cluster, plugin = local_cuda_cluster(workers, gpus, quiet)
         else:
+            # one CPU worker runs in this process (a thread): no second interpreter to start and import into (about
+            # 3 s of every run); several workers are processes, so that each has its own cores and memory
             cluster = LocalCluster(
                 n_workers=workers,
                 threads_per_worker=1,
-                processes=True,
+                processes=workers > 1,
                 dashboard_address=":0",
                 silence_logs=logging.CRITICAL if quiet else logging.WARNING,
             )

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from scdino.cells.source import CellSource, open_source
+from scdino.cells.table import FIELDS
 from scdino.engine.backends import BackendSpec, resolve, using
 from scdino.engine.cluster import dask_client
 from scdino.engine.config import RunConfig
@@ -272,7 +273,10 @@ def run(cfg: RunConfig) -> RunResult:
             store = EmbeddingStore.create(cfg.out, table, card.embed_dim, cfg.chunk_cells, uns, fp)
         _warn_intensity_range(cfg, source, table, card)
         t = time.perf_counter()
-        blocks_run = _embed_blocks(cfg, client, source, table, spec, store)
+        try:
+            blocks_run = _embed_blocks(cfg, client, source, table, spec, store)
+        finally:
+            FIELDS.clear()  # an in-process worker's decoded fields are not kept past the run
         phases["embed_seconds"] = time.perf_counter() - t
     seconds = time.perf_counter() - t0
     uns = _uns(cfg, spec, source, "complete", path.to_dict())
