@@ -124,12 +124,18 @@ def eligible(spec: BackendSpec, requested_backend: str, enabled: bool, precision
         return "on a GPU PyTorch runs fp16 autocast (export a TensorRT plan for more)"
     if spec.card.untrained or not spec.card.checkpoint_sha256:
         return "untrained models (random:ARCH) are not exported"
+    if not _have_ort():
+        return "ONNX Runtime is not installed (pip install 'scdino[onnx]' for the faster CPU path)"
+    return None
+
+
+def _have_ort() -> bool:
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError:
-        return "ONNX Runtime is not installed (pip install 'scdino[onnx]' for the faster CPU path)"
-    return None
+        return False
+    return True
 
 
 def _int8_blocker(spec: BackendSpec, requested_backend: str) -> str | None:
@@ -141,12 +147,7 @@ def _int8_blocker(spec: BackendSpec, requested_backend: str) -> str | None:
         return "is for CPUs (on a GPU build an int8 TensorRT plan: scdino-export tensorrt --int8)"
     if spec.card.untrained or not spec.card.checkpoint_sha256:
         return "needs a trained checkpoint (random:ARCH models are not exported)"
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return "needs ONNX Runtime: pip install 'scdino[onnx]'"
-    return None
+    return None if _have_ort() else "needs ONNX Runtime: pip install 'scdino[onnx]'"
 
 
 def _int8(entry: Path) -> Path:
