@@ -102,6 +102,7 @@ def _aug(cfg_over=None):
         blur_p=(1.0, 0.1, 0.5),
         solarize_p=0.2,
         flip_p=0.5,
+        rotation=0.0,
         centre_views=False,
         brightness=(0.5, 1.25),
         brightness_p=0.8,

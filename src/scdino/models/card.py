@@ -199,5 +199,11 @@ def _exported_card(
         dtype=meta["dtype"],
         crop_size=int(meta["crop_size"]),
         plan=plan,
-        details={"source": meta.get("model"), "source_onnx": meta.get("source_onnx"), "tensorrt": trt},
+        details={
+            "source": meta.get("model"),
+            "source_onnx": meta.get("source_onnx"),
+            "tensorrt": trt,
+            # how the exported checkpoint was made to fit the channels, as a checkpoint's card says
+            **{k: meta[k] for k in ("adaptation", "checkpoint_key", "patch_size") if meta.get(k) is not None},
+        },
     )
