@@ -11,7 +11,7 @@ import click
 
 from scdino._cli import ErrorGroup, configure_logging
 from scdino.cells.options import DEFAULT_CROP_SIZE, CellOptions, SegmentParams
-from scdino.engine.config import RunConfig
+from scdino.engine.config import CPU_BATCH_SIZE, DEFAULT_BATCH_SIZE, RunConfig
 from scdino.engine.umap import DEFAULT_PRESET, FIT_MAX, PRESETS
 from scdino.knn import TEMPERATURE, TRAIN_FRACTION, K
 
@@ -117,7 +117,12 @@ def _split(value: str | None) -> tuple[str, ...] | None:
     "are there), model.plan on TensorRT; the choice and why are logged and stored in uns['scdino']['path'].",
 )
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=RunConfig.device, show_default=True)
-@click.option("--batch-size", type=int, default=RunConfig.batch_size, show_default=True, help="Crops per forward pass.")
+@click.option(
+    "--batch-size",
+    type=int,
+    help=f"Crops per forward pass. Default: {CPU_BATCH_SIZE} on a CPU (measured faster there: "
+    f"benchmarks/cpu_settings.py), {DEFAULT_BATCH_SIZE} on a GPU.",
+)
 @click.option(
     "--chunk-cells",
     type=int,

@@ -18,7 +18,6 @@ from typing import Sequence
 import numpy as np
 
 from scdino.cells.options import CellOptions
-from scdino.engine.config import DEFAULT_BATCH_SIZE
 from scdino.errors import ConfigError, InputError, OutputError
 from scdino.knn import TEMPERATURE, TRAIN_FRACTION, K
 from scdino.outputs import claim_dir
@@ -38,7 +37,7 @@ class EvalSettings:
     train_fraction: float = TRAIN_FRACTION
     seed: int = 0
     input_size: int | None = None
-    batch_size: int = DEFAULT_BATCH_SIZE
+    batch_size: int | None = None  # None: the run's default for the device
     progress: bool = True
 
 

@@ -26,7 +26,7 @@ from scdino.cells.source import CellSource, open_source
 from scdino.cells.table import FIELDS
 from scdino.engine.backends import BackendSpec, resolve, using
 from scdino.engine.cluster import dask_client
-from scdino.engine.config import RunConfig
+from scdino.engine.config import CPU_BATCH_SIZE, DEFAULT_BATCH_SIZE, RunConfig
 from scdino.engine.output import COMMAND, EmbeddingStore, store_status
 from scdino.errors import OutputError
 from scdino.models.card import ModelCard, describe_model
@@ -79,7 +79,7 @@ def backend_spec(cfg: RunConfig, card: ModelCard, n_channels: int) -> BackendSpe
         n_channels=n_channels,
         kind=kind,
         device=device,
-        batch_size=cfg.batch_size,
+        batch_size=cfg.batch_size or (CPU_BATCH_SIZE if device == "cpu" else DEFAULT_BATCH_SIZE),
         threads=threads,
         checkpoint_key=cfg.checkpoint_key,
         adapt=cfg.adapt,
