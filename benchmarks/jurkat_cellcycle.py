@@ -80,14 +80,14 @@ def _standardise(ref: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.nda
     return (ref - mu) / sd, (query - mu) / sd
 
 
-def features(train, held, names: tuple[str, ...], work: Path) -> dict[str, tuple[np.ndarray, np.ndarray, bool]]:
+def features(train, held, set_name: str, work: Path) -> dict[str, tuple[np.ndarray, np.ndarray, bool]]:
     """{feature set: (training cells' features, held-out cells' features, standardise?)} for one channel set."""
     import torch
 
     from scdino.engine.evaluate import raw_pixel_features
     from scdino.training.augment import intensity_range
 
-    set_name = next(k for k, v in CHANNEL_SETS.items() if v == names)
+    names = CHANNEL_SETS[set_name]
     idx = [train["channels"].index(c) for c in names]
     tr, he = train["crops"][:, idx], held["crops"][:, idx]
     out = {}
@@ -100,11 +100,8 @@ def features(train, held, names: tuple[str, ...], work: Path) -> dict[str, tuple
     out["raw pixels, min-max per crop"] = (raw_pixel_features(tr), raw_pixel_features(he), False)
     lo, hi = intensity_range(torch.from_numpy(tr.astype(np.float32)), PERCENTILES)
     out["raw pixels, fixed range per channel"] = (raw_pixel_features(tr, lo, hi), raw_pixel_features(he, lo, hi), False)
-    out["morphology (scikit-image)"] = (
-        train["morph"][:, _morph_cols(names)],
-        held["morph"][:, _morph_cols(names)],
-        True,
-    )
+    cols = _morph_cols(names)
+    out["morphology (scikit-image)"] = (train["morph"][:, cols], held["morph"][:, cols], True)
     return out
 
 
@@ -183,8 +180,8 @@ def main() -> None:
     classes = sorted(set(train["labels"]))
     work = Path(tempfile.mkdtemp(prefix="scdino-jurkat-"))
     results, extra = [], {}
-    for set_name, names in CHANNEL_SETS.items():
-        feats = features(train, held, names, work)
+    for set_name in CHANNEL_SETS:
+        feats = features(train, held, set_name, work)
         splits = [split(held["labels"], 0.8, s)[:2] for s in range(args.seeds)]
         per_set = []
         for fname, (ftr, fhe, std) in feats.items():

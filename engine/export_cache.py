@@ -22,6 +22,7 @@ import os
 import platform
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -139,7 +140,7 @@ def _have_ort() -> bool:
 
 
 def _int8_blocker(spec: BackendSpec, requested_backend: str) -> str | None:
-    if requested_backend not in ("auto", "onnxruntime") or spec.kind != "torch":
+    if requested_backend != "auto" or spec.kind != "torch":  # (--backend onnxruntime refuses a checkpoint earlier)
         return (
             "quantises a checkpoint's cached export for ONNX Runtime; for an exported model use scdino-export quantize"
         )
@@ -267,7 +268,7 @@ def _measure(entry: Path, torch_spec: BackendSpec, ort_spec: BackendSpec, batch:
     f = _choice_file(entry, torch_spec)
     if f.is_file():
         return json.loads(f.read_text())
-    with _quiet_torch_threads():
+    with _torch_threads_kept():
         ort_s = _timing(ort_spec, batch)
         torch_s = _timing(torch_spec, batch)
     rec = {
@@ -282,18 +283,16 @@ def _measure(entry: Path, torch_spec: BackendSpec, ort_spec: BackendSpec, batch:
     return rec
 
 
-class _quiet_torch_threads:
+@contextmanager
+def _torch_threads_kept():
     """Restore this process's torch thread count after the timing (the torch backend sets it)."""
+    import torch
 
-    def __enter__(self):
-        import torch
-
-        self.n = torch.get_num_threads()
-
-    def __exit__(self, *exc):
-        import torch
-
-        torch.set_num_threads(self.n)
+    n = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def choose(

@@ -27,6 +27,7 @@ from scdino.cells.table import FIELDS
 from scdino.engine.backends import BackendSpec, resolve, using
 from scdino.engine.cluster import dask_client
 from scdino.engine.config import CPU_BATCH_SIZE, DEFAULT_BATCH_SIZE, RunConfig
+from scdino.engine.export_cache import choose
 from scdino.engine.output import COMMAND, EmbeddingStore, store_status
 from scdino.errors import OutputError
 from scdino.models.card import ModelCard, describe_model
@@ -237,8 +238,6 @@ def run(cfg: RunConfig) -> RunResult:
     if cfg.fast:
         cfg, card = _fast(cfg, card, source)
     spec = backend_spec(cfg, card, len(source.channels))
-    from scdino.engine.export_cache import choose
-
     path = choose(
         spec,
         cfg.backend,
