@@ -31,6 +31,7 @@ from scdino.engine.export_cache import choose
 from scdino.engine.output import COMMAND, EmbeddingStore, store_status
 from scdino.errors import OutputError
 from scdino.models.card import ModelCard, describe_model
+from scdino.models.checkpoint import forget_checkpoints
 from scdino.outputs import check_not_input, check_replaceable, is_empty, written_by
 from scdino.progress import Progress
 
@@ -204,21 +205,24 @@ def _warn_intensity_range(cfg: RunConfig, source: CellSource, table: pd.DataFram
         log.warning(w)
 
 
-def _embed_blocks(cfg: RunConfig, client, source: CellSource, table, spec: BackendSpec, store) -> int:
-    """Compute every block not yet in ``store`` and write each as it arrives; returns the number of blocks run."""
+def _submit_blocks(cfg: RunConfig, client, source: CellSource, table, spec: BackendSpec, todo: list[int]) -> dict:
+    """Start computing the blocks ``todo`` on the cluster: {future: block index}."""
+    blocks = embeddings_array(crops_array(source, table, cfg.chunk_cells), spec).to_delayed().ravel()
+    futures = client.compute([blocks[i] for i in todo])
+    return dict(zip(futures, todo))
+
+
+def _collect_blocks(cfg: RunConfig, futures: dict, store, n_cells: int) -> int:
+    """Write each block into ``store`` as it arrives; returns the number of blocks run."""
     from distributed import as_completed
 
-    blocks = embeddings_array(crops_array(source, table, cfg.chunk_cells), spec).to_delayed().ravel()
-    todo = [i for i, d in enumerate(store.done()) if not d]
-    futures = client.compute([blocks[i] for i in todo])
-    index = {f.key: i for f, i in zip(futures, todo)}
-    already = int(len(table) - sum(np.diff(store.block_range(i))[0] for i in todo))
-    with Progress(len(table), "embedding", "cell", cfg.progress, initial=already) as bar:
-        for fut, result in as_completed(futures, with_results=True):
-            store.write_block(index[fut.key], result)
+    already = int(n_cells - sum(np.diff(store.block_range(i))[0] for i in futures.values()))
+    with Progress(n_cells, "embedding", "cell", cfg.progress, initial=already) as bar:
+        for fut, result in as_completed(list(futures), with_results=True):
+            store.write_block(futures[fut], result)
             bar.update(len(result))
             fut.release()
-    return len(todo)
+    return len(futures)
 
 
 def run(cfg: RunConfig) -> RunResult:
@@ -265,22 +269,30 @@ def run(cfg: RunConfig) -> RunResult:
         if resumed:
             store = EmbeddingStore.resume(cfg.out, fp)
             table = store.table()
-            log.info("resuming %s: %d of %d blocks done", cfg.out, int(store.done().sum()), store.n_blocks)
+            todo = [i for i, d in enumerate(store.done()) if not d]
+            log.info("resuming %s: %d of %d blocks done", cfg.out, store.n_blocks - len(todo), store.n_blocks)
         else:
             table = _find_cells(cfg, source, client, phases)
-            uns = _uns(cfg, spec, source, "running", path.to_dict())
-            store = EmbeddingStore.create(cfg.out, table, card.embed_dim, cfg.chunk_cells, uns, fp)
+            todo = list(range(-(-len(table) // cfg.chunk_cells)))
         _warn_intensity_range(cfg, source, table, card)
         t = time.perf_counter()
+        # on a GPU the store is written while the first blocks embed; on a CPU the workers use every core, and
+        # writing beside them only slows them down (their threads wait for each other), so it is written first
+        early = spec.device == "cuda"
         try:
-            blocks_run = _embed_blocks(cfg, client, source, table, spec, store)
+            futures = _submit_blocks(cfg, client, source, table, spec, todo) if early else {}
+            if not resumed:
+                uns = _uns(cfg, spec, source, "running", path.to_dict())
+                store = EmbeddingStore.create(cfg.out, table, card.embed_dim, cfg.chunk_cells, uns, fp)
+            futures = futures or _submit_blocks(cfg, client, source, table, spec, todo)
+            blocks_run = _collect_blocks(cfg, futures, store, len(table))
         finally:
-            FIELDS.clear()  # an in-process worker's decoded fields are not kept past the run
+            FIELDS.clear()  # an in-process worker's decoded fields and the checkpoint are not kept past the run
+            forget_checkpoints()
         phases["embed_seconds"] = time.perf_counter() - t
     seconds = time.perf_counter() - t0
-    uns = _uns(cfg, spec, source, "complete", path.to_dict())
-    uns["timing"] = _plain({"seconds": seconds, **phases, "blocks_run": blocks_run, "resumed": resumed})
-    store.finish(uns)
+    timing = {"seconds": seconds, **phases, "blocks_run": blocks_run, "resumed": resumed}
+    store.finish(_plain({"status": "complete", "path": path.to_dict(), "timing": timing}))
     return RunResult(cfg.out, len(table), seconds, blocks_run, resumed, phases, card.untrained, backend)
 
 

@@ -248,3 +248,24 @@ def test_overwrite_replaces_the_old_output_only_when_the_new_run_writes(tiny_pla
         run(cfg(tiny_plate, out, cells=no_nuclei, overwrite=True))
     assert output_mod.store_status(str(out))["status"] == "complete"  # the finished run is still there, whole
     np.testing.assert_array_equal(ad.read_zarr(out).obsm["X_scdino"], before)
+
+
+def test_small_stores_are_written_as_anndata_writes_them(tmp_path):
+    obs = pd.DataFrame(
+        {"well": pd.Categorical(["A/1", "B/2", "A/1"]), "label": [3, 1, 2], "area": [1.5, 2.0, np.nan]},
+        index=["a", "b", "c"],
+    )
+    uns = {"scdino": {"model": {"arch": "vit_small16", "embed_dim": 384}, "channels": ["DAPI", "GFP"], "n": 3}}
+    adata = ad.AnnData(obs=obs, uns=uns)
+    with ad.settings.override(zarr_write_format=3):
+        adata.write_zarr(tmp_path / "anndata.zarr")
+    output_mod.write_small(str(tmp_path / "ours.zarr"), adata)
+    theirs = sorted(p.relative_to(tmp_path / "anndata.zarr") for p in (tmp_path / "anndata.zarr").rglob("*"))
+    ours = sorted(p.relative_to(tmp_path / "ours.zarr") for p in (tmp_path / "ours.zarr").rglob("*"))
+    assert ours == theirs  # the same files
+    back = ad.read_zarr(tmp_path / "ours.zarr")
+    pd.testing.assert_frame_equal(back.obs, obs)
+    assert back.uns["scdino"]["model"] == uns["scdino"]["model"] and list(back.uns["scdino"]["channels"]) == [
+        "DAPI",
+        "GFP",
+    ]

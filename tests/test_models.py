@@ -197,3 +197,24 @@ def test_forward_with_attention_matches_the_two_separate_paths():
         torch.testing.assert_close(cls, m(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(att, m.get_last_selfattention(x)[:, :, 0, 1:])
     assert att.shape == (3, 2, 16)
+
+
+def test_a_checkpoint_is_read_once_per_process_while_the_file_is_unchanged(tmp_path, monkeypatch):
+    path = tmp_path / "c.pth"
+    dino_full_checkpoint(path)
+    loads = []
+    real = ckmod.safe_load
+    monkeypatch.setattr(ckmod, "safe_load", lambda p: loads.append(p) or real(p))
+    ckmod.forget_checkpoints()
+    a = load_model(str(path), 3)
+    b = load_model(str(path), 3, input_size=112)  # described, then built again at another size: one read
+    assert len(loads) == 1 and a.info["checkpoint_sha256"] == b.info["checkpoint_sha256"]
+    read_checkpoint(path, key="student")  # another entry of the file is another read
+    assert len(loads) == 2
+    dino_full_checkpoint(path, in_chans=3, seed=1)  # the file changes: read again, with its new hash
+    os.utime(path, ns=(0, os.stat(path).st_mtime_ns + 1))
+    c = read_checkpoint(path, key="student")
+    assert len(loads) == 3 and c.sha256 != a.info["checkpoint_sha256"]
+    ckmod.forget_checkpoints()
+    read_checkpoint(path, key="student")
+    assert len(loads) == 4

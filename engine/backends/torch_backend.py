@@ -12,6 +12,7 @@ import torch
 
 from scdino.engine.backends.base import BackendSpec, check_crops
 from scdino.models import load_model
+from scdino.models.checkpoint import forget_checkpoints
 from scdino.preprocess import apply
 
 
@@ -25,6 +26,7 @@ class TorchBackend:
         self.device = torch.device(spec.device)
         card = spec.card
         lm = load_model(card.spec, spec.n_channels, card.input_size, spec.checkpoint_key, spec.adapt, spec.seed)
+        forget_checkpoints()  # the model has its own copy of the weights now
         self.model = lm.model.to(self.device)
         self.prep = lm.prep
         self.embed_dim = lm.model.embed_dim

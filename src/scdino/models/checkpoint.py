@@ -174,8 +174,37 @@ def infer_config(sd: dict[str, torch.Tensor], arch_hint: str | None = None, sour
     )
 
 
+#: the last checkpoint read in this process, keyed by the file's identity (see :func:`read_checkpoint`)
+_LAST: dict[tuple, Checkpoint] = {}
+
+
 def read_checkpoint(path: str | os.PathLike, key: str | None = "teacher") -> Checkpoint:
-    """Load a checkpoint file of any supported layout safely."""
+    """Load a checkpoint file of any supported layout safely.
+
+    A run describes its model before any work starts and may build it again later in the same process (PyTorch in an
+    in-process worker, ``--fast``'s smaller input): the last checkpoint read is kept and reused while the file is the
+    same (path, size, modification time, inode), so that a file is read and hashed once. :func:`forget_checkpoints`
+    drops it."""
+    try:
+        st = os.stat(path)
+        ident = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino, key)
+    except OSError:
+        ident = None  # safe_load says what is wrong with the path
+    if ident is not None and ident in _LAST:
+        return _LAST[ident]
+    ckpt = _read_checkpoint(path, key)
+    _LAST.clear()
+    if ident is not None:
+        _LAST[ident] = ckpt
+    return ckpt
+
+
+def forget_checkpoints() -> None:
+    """Drop the checkpoint :func:`read_checkpoint` keeps (its memory is freed once no model holds its tensors)."""
+    _LAST.clear()
+
+
+def _read_checkpoint(path: str | os.PathLike, key: str | None) -> Checkpoint:
     src = str(path)
     obj = safe_load(path)
     sd, layout, used = extract_backbone(obj, key, src)
