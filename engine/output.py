@@ -148,7 +148,7 @@ def write_small(path: str, adata) -> None:
     writes it into memory, then its files are written in one pass. The layout is zarr's own (one file per key); only
     the way there is shorter: through zarr's local store each of the ~190 small files of a run's ``obs`` and ``uns``
     costs a round trip through its event loop, 1.3 s for the sample plate's 235 cells against 0.4 s this way
-    (``python benchmarks/startup.py``)."""
+    (``python benchmarks/overhead.py``)."""
     import anndata as ad
 
     files: dict = {}

@@ -252,6 +252,7 @@ def run(cfg: RunConfig) -> RunResult:
         cfg.precision,
     )
     spec = path.spec
+    phases: dict[str, float] = {"model_seconds": time.perf_counter() - t0}  # card, export cache, path
     fp = fingerprint(cfg, source, spec)
     backend = f"{spec.kind} on {spec.device}"
     status = _existing_output(cfg, fp)
@@ -259,13 +260,14 @@ def run(cfg: RunConfig) -> RunResult:
         log.info("%s is already complete; nothing to do", cfg.out)
         return RunResult(cfg.out, int(status.get("n_cells", 0)), 0.0, 0, True, {}, card.untrained, backend)
     resumed = status is not None
-    phases: dict[str, float] = {}
     gpus = None
     if spec.device == "cuda" and not cfg.scheduler:
         from scdino.engine.cluster import visible_gpus
 
         gpus = visible_gpus()
+    t = time.perf_counter()
     with dask_client(cfg.scheduler, local_workers(cfg, spec.device), gpus) as client:
+        phases["cluster_seconds"] = time.perf_counter() - t
         if resumed:
             store = EmbeddingStore.resume(cfg.out, fp)
             table = store.table()
@@ -282,8 +284,11 @@ def run(cfg: RunConfig) -> RunResult:
         try:
             futures = _submit_blocks(cfg, client, source, table, spec, todo) if early else {}
             if not resumed:
+                ts = time.perf_counter()
                 uns = _uns(cfg, spec, source, "running", path.to_dict())
                 store = EmbeddingStore.create(cfg.out, table, card.embed_dim, cfg.chunk_cells, uns, fp)
+                phases["store_seconds"] = time.perf_counter() - ts
+                t = t if early else time.perf_counter()
             futures = futures or _submit_blocks(cfg, client, source, table, spec, todo)
             blocks_run = _collect_blocks(cfg, futures, store, len(table))
         finally:
