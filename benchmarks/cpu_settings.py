@@ -1,11 +1,12 @@
-"""Batch size and threads of the CPU path, measured: ViT-S/16 at 224 px through the engine's ONNX Runtime backend (the
-default path on a CPU) and PyTorch backend, on the shipped real nucleus crops.
+"""Batch size and threads of the CPU path, measured: ViTs through the engine's ONNX Runtime backend (the default path
+on a CPU) and PyTorch backend, on the shipped real nucleus crops.
 
-For each backend x batch size x intra-op threads: cells/s, the median of ``--repeats`` passes over 128 crops after a
-warm-up pass. The engine's defaults (batch 64, threads = cores / workers, one inter-op thread) should be at or near the
-best row; the table says how far.
+For each model x backend x batch size x intra-op threads: cells/s, the median of ``--repeats`` passes over
+``--cells`` crops after a warm-up pass. Models are ``ARCH@INPUT`` (random weights in DINO's layout: speed does not
+depend on their values); each row also gives the tokens per image, as the best batch size follows the tokens a batch
+holds (``scdino.engine.config.cpu_batch_size``).
 
-    python benchmarks/cpu_settings.py [--batches 16,64,128] [--repeats 2]
+    python benchmarks/cpu_settings.py [--models vit_small16@224] [--batches 16,64,128] [--threads 2] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ import numpy as np
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="vit_small16@224", help="ARCH@INPUT,... (default vit_small16@224)")
     ap.add_argument("--batches", default="16,64,128")
+    ap.add_argument("--threads", help="intra-op threads to try, e.g. 1,2 (default: 1, half the cores, all cores)")
+    ap.add_argument("--cells", type=int, default=128, help="crops per timed pass")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/cpu_settings.json")
     args = ap.parse_args()
@@ -38,36 +42,44 @@ def main() -> None:
     from scdino.models.card import describe_model
 
     tmp = Path(tempfile.mkdtemp(prefix="scdino-cpu-"))
-    torch.manual_seed(0)
-    ckpt = tmp / "vit_small16.pth"
-    torch.save(build_model(arch_config("vit_small16")).state_dict(), ckpt)
-    export_onnx(str(ckpt), tmp / "m.onnx", n_channels=3, crop_size=32)
-    crops = fit_crops(np.resize(packaged_crops(), (128, 3, 48, 48)), 3, 32, "uint16")
+    crops = np.resize(packaged_crops(), (args.cells, 3, 48, 48))
     cores = os.cpu_count() or 1
-    threads = sorted({1, max(1, cores // 2), cores})
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, max(1, cores // 2), cores})
     rows = []
-    for kind, model in (("onnxruntime", str(tmp / "m.onnx")), ("torch", str(ckpt))):
-        card = describe_model(model, n_channels=3)
-        for t in threads:
-            for b in [int(x) for x in args.batches.split(",")]:
-                be = open_backend(BackendSpec(card=card, n_channels=3, kind=kind, batch_size=b, threads=t))
-                be.infer(crops[:b])
-                times = []
-                for _ in range(args.repeats):
-                    s = time.perf_counter()
-                    be.infer(crops)
-                    times.append(time.perf_counter() - s)
-                be.close()
-                rows.append({"backend": kind, "threads": t, "batch": b, "cells_per_s": len(crops) / np.median(times)})
-                print(rows[-1], flush=True)
-    best = max(r["cells_per_s"] for r in rows)
-    print(f"\nViT-S/16 at 224 px, {len(crops)} real crops, {cores} cores, medians of {args.repeats}\n")
-    print("| backend | intra-op threads | batch | cells/s | of the best |")
-    print("|---|---|---|---|---|")
+    for m in args.models.split(","):
+        arch, size = m.split("@")
+        torch.manual_seed(0)
+        ckpt = tmp / f"{arch}.pth"
+        torch.save(build_model(arch_config(arch)).state_dict(), ckpt)
+        onnx = tmp / f"{arch}_{size}.onnx"
+        export_onnx(str(ckpt), onnx, n_channels=3, crop_size=32, input_size=int(size))
+        x = fit_crops(crops, 3, 32, "uint16")
+        for kind, model in (("onnxruntime", str(onnx)), ("torch", str(ckpt))):
+            card = describe_model(model, n_channels=3, input_size=int(size) if kind == "torch" else None)
+            tokens = (int(size) // arch_config(arch).patch_size) ** 2 + 1
+            for t in threads:
+                for b in [int(v) for v in args.batches.split(",")]:
+                    be = open_backend(BackendSpec(card=card, n_channels=3, kind=kind, batch_size=b, threads=t))
+                    be.infer(x[:b])
+                    times = []
+                    for _ in range(args.repeats):
+                        s = time.perf_counter()
+                        be.infer(x)
+                        times.append(time.perf_counter() - s)
+                    be.close()
+                    rows.append(
+                        {"model": m, "tokens": tokens, "backend": kind, "threads": t, "batch": b,
+                         "cells_per_s": len(x) / np.median(times)}
+                    )  # fmt: skip
+                    print(rows[-1], flush=True)
+    print(f"\n{len(crops)} real crops, {cores} cores, medians of {args.repeats}\n")
+    print("| model | tokens | backend | intra-op threads | batch | cells/s | of the best of this model and backend |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
+        best = max(q["cells_per_s"] for q in rows if (q["model"], q["backend"]) == (r["model"], r["backend"]))
         print(
-            f"| {r['backend']} | {r['threads']} | {r['batch']} | {r['cells_per_s']:.2f} | "
-            f"{100 * r['cells_per_s'] / best:.0f}% |"
+            f"| {r['model']} | {r['tokens']} | {r['backend']} | {r['threads']} | {r['batch']} | "
+            f"{r['cells_per_s']:.1f} | {100 * r['cells_per_s'] / best:.0f}% |"
         )
     res = {
         "benchmark": "cpu_settings",

@@ -84,7 +84,7 @@ def main() -> None:
     from scdino.cells.options import CellOptions, SegmentParams
     from scdino.cells.source import open_source
     from scdino.engine.backends import BackendSpec, open_backend
-    from scdino.engine.config import CPU_BATCH_SIZE
+    from scdino.engine.config import cpu_batch_size
     from scdino.engine.sample import write_sample_plate
     from scdino.models import arch_config, build_model
     from scdino.models.card import describe_model
@@ -110,7 +110,9 @@ def main() -> None:
     table = a.obs.reset_index(drop=True)
     crops = source.read(table[list(source.read_columns)])
     card = describe_model(path["export"], channels=source.channel_names)
-    spec = BackendSpec(card=card, n_channels=3, kind="onnxruntime", batch_size=CPU_BATCH_SIZE, threads=threads)
+    spec = BackendSpec(
+        card=card, n_channels=3, kind="onnxruntime", batch_size=cpu_batch_size(card.tokens), threads=threads
+    )
     imports_cmd = [sys.executable, "-c", "import scdino.engine.pipeline"]
     runs = []
     for r in range(args.repeats):

@@ -153,14 +153,14 @@ def main() -> None:
                 "cells_per_s": cells / seconds,
                 "embed_seconds": timing["embed_seconds"],
                 "find_cells_seconds": timing.get("find_cells_seconds"),
+                "batch": int(a.uns["scdino"]["backend"]["batch_size"]),
                 "peak_rss_mb": peak / 2**20,
             }
         )
         print(rows[-1], flush=True)
-    batch = 64
     for r in rows:
         if r["workers"] == 1:
-            m = model_only_seconds(r["cells"], batch, r["threads"])
+            m = model_only_seconds(r["cells"], r["batch"], r["threads"])
             r["model_only_seconds"] = m
             r["overhead_fraction_of_embed"] = 1 - m / r["embed_seconds"]
     one = [r for r in rows if r["workers"] == 1]
@@ -171,9 +171,7 @@ def main() -> None:
         "estimated_1m_cells_seconds": hi["seconds"] * 1_000_000 / hi["cells"],
     }
     print(f"\n{MODEL} at {INPUT} px, real nucleus crops tiled, {CELLS_PER_FIELD} cells per field, whole commands\n")
-    print(
-        "| cells | workers x threads | s | cells/s | embed s | model alone s | overhead | peak memory (MB, tree) |"
-    )
+    print("| cells | workers x threads | s | cells/s | embed s | model alone s | overhead | peak memory (MB, tree) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         ov = f"{100 * r['overhead_fraction_of_embed']:.0f}%" if "overhead_fraction_of_embed" in r else ""

@@ -42,10 +42,29 @@ def pin_gpu_plugin(devices: list[str]):
     return PinGPU()
 
 
+#: the worker resource an embedding task holds (see scdino.engine.pipeline): one per local worker
+EMBED_SLOT = "scdino-embed"
+#: threads of a local GPU worker: one feeds the GPU, the other reads the next blocks (and finds cells)
+GPU_WORKER_THREADS = 2
+
+
+def cpu_threads_per_worker(workers: int) -> int:
+    """Threads of a local CPU worker: its share of the cores (its model uses them all; the others read and find cells
+    while no model runs, as an embedding task holds the worker's one embedding slot)."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
 def local_cuda_cluster(workers: int, devices: list[str], quiet: bool):
-    """One single-threaded worker per GPU: dask-cuda's LocalCUDACluster where it is installed, else a LocalCluster
-    whose workers are pinned by :func:`pin_gpu_plugin`."""
+    """One worker per GPU, with one embedding slot and a second thread that reads ahead: dask-cuda's
+    LocalCUDACluster where it is installed, else a LocalCluster whose workers are pinned by :func:`pin_gpu_plugin`."""
     level = logging.CRITICAL if quiet else logging.WARNING
+    common = dict(
+        n_workers=workers,
+        threads_per_worker=GPU_WORKER_THREADS,
+        resources={EMBED_SLOT: 1},
+        dashboard_address=":0",
+        silence_logs=level,
+    )
     try:
         if workers > len(devices):  # dask-cuda runs at most one worker per GPU; more share GPUs round robin
             raise ImportError
@@ -53,18 +72,8 @@ def local_cuda_cluster(workers: int, devices: list[str], quiet: bool):
     except ImportError:
         from distributed import LocalCluster
 
-        cluster = LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=level
-        )
-        return cluster, pin_gpu_plugin(devices)
-    cluster = LocalCUDACluster(
-        n_workers=workers,
-        threads_per_worker=1,
-        CUDA_VISIBLE_DEVICES=",".join(devices),
-        dashboard_address=":0",
-        silence_logs=level,
-    )
-    return cluster, None
+        return LocalCluster(processes=True, **common), pin_gpu_plugin(devices)
+    return LocalCUDACluster(CUDA_VISIBLE_DEVICES=",".join(devices), **common), None
 
 
 @contextmanager
@@ -87,8 +96,9 @@ def keep_malloc_adaptive(enabled: bool = True) -> Iterator[None]:
 
 @contextmanager
 def dask_client(scheduler: str | None = None, workers: int = 1, gpus: list[str] | None = None) -> Iterator[Any]:
-    """An existing client, a cluster at ``scheduler``, or a local cluster of ``workers`` single-threaded workers:
-    processes, or with one CPU worker a thread of this process (with ``gpus``: one process per GPU, each pinned)."""
+    """An existing client, a cluster at ``scheduler``, or a local cluster of ``workers`` workers, each with one
+    embedding slot: processes, or with one CPU worker a thread of this process (with ``gpus``: one process per GPU,
+    each pinned)."""
     from distributed import Client, LocalCluster, get_client
 
     if scheduler:
@@ -121,7 +131,8 @@ def dask_client(scheduler: str | None = None, workers: int = 1, gpus: list[str] 
             # 3 s of every run); several workers are processes, so that each has its own cores and memory
             cluster = LocalCluster(
                 n_workers=workers,
-                threads_per_worker=1,
+                threads_per_worker=cpu_threads_per_worker(workers),
+                resources={EMBED_SLOT: 1},
                 processes=workers > 1,
                 dashboard_address=":0",
                 silence_logs=logging.CRITICAL if quiet else logging.WARNING,

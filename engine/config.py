@@ -5,6 +5,7 @@ Light on purpose (no numpy, torch, dask or zarr), so that ``--help`` shows the d
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from scdino.cells.options import CellOptions
@@ -12,9 +13,18 @@ from scdino.errors import ConfigError
 
 #: crops per forward pass on a GPU (and the backends' own default)
 DEFAULT_BATCH_SIZE = 64
-#: crops per forward pass on a CPU: measured 13-20% faster than 64 for ViT-S/16 at 224 on both backends
-#: (python benchmarks/cpu_settings.py: smaller activations stay in cache)
-CPU_BATCH_SIZE = 16
+#: tokens one forward pass on a CPU holds (crops x tokens per crop): small enough that its activations stay in cache,
+#: large enough that a small model's per-call cost is spread (python benchmarks/cpu_settings.py)
+CPU_BATCH_TOKENS = 3200
+
+
+def cpu_batch_size(tokens: int) -> int:
+    """Crops per forward pass on a CPU for a model that sees ``tokens`` tokens per crop: the power of two nearest to
+    :data:`CPU_BATCH_TOKENS` / ``tokens``, from 16 to 256. Measured best on the 2-core CPU, both backends: ViT-S/16 at
+    224 px (197 tokens) 16, 13-20% faster than 64; ViT-S/16 at 112 (50) 64, ONNX Runtime within 2% of 16;
+    ViT-tiny/8 at 48 (37) 64, 11-17% faster than 16; ViT-tiny/16 at 32 (5) 256, PyTorch 2.06x batch 16."""
+    best = CPU_BATCH_TOKENS / max(1, tokens)
+    return int(min(256, max(16, 2 ** round(math.log2(best)))))
 
 
 @dataclass(frozen=True)
@@ -30,7 +40,7 @@ class RunConfig:
     input_size: int | None = None
     backend: str = "auto"
     device: str = "auto"
-    #: None: CPU_BATCH_SIZE on a CPU, DEFAULT_BATCH_SIZE on a GPU
+    #: None: cpu_batch_size() of the model on a CPU, DEFAULT_BATCH_SIZE on a GPU
     batch_size: int | None = None
     #: worker processes of a local cluster; None: 1 on the CPU, one per visible GPU on CUDA
     workers: int | None = None

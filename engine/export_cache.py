@@ -34,8 +34,6 @@ from scdino.errors import ConfigError, ScdinoError
 log = logging.getLogger(__name__)
 
 MARKER = ".scdino-export-cache"
-#: the side-by-side timing: this many real crops per batch, the median of the repeats (after one warm-up)
-TIMING_BATCH = 16
 TIMING_REPEATS = 3
 
 
@@ -253,15 +251,17 @@ def _timing(spec: BackendSpec, crops: np.ndarray) -> float:
 
 
 def _choice_file(entry: Path, spec: BackendSpec) -> Path:
-    return entry / f"choice-{machine_id(spec.threads)}.json"
+    return entry / f"choice-{machine_id(spec.threads)}-batch{spec.batch_size}.json"
 
 
-def timing_crops(n_channels: int, crop_size: int, dtype: str) -> np.ndarray:
-    """:data:`TIMING_BATCH` real nucleus crops (shipped with scdino) in the run's channel count, crop size and dtype."""
+def timing_crops(n: int, n_channels: int, crop_size: int, dtype: str) -> np.ndarray:
+    """One batch of ``n`` real nucleus crops (shipped with scdino, repeated as needed) in the run's channel count, crop
+    size and dtype: both paths are timed at the batch size the run will use."""
     from scdino.data import packaged_crops
     from scdino.export.verify import fit_crops
 
-    return fit_crops(packaged_crops()[:TIMING_BATCH], n_channels, crop_size, dtype)
+    crops = packaged_crops()
+    return fit_crops(np.resize(crops, (n, *crops.shape[1:])), n_channels, crop_size, dtype)
 
 
 def _measure(entry: Path, torch_spec: BackendSpec, ort_spec: BackendSpec, batch: np.ndarray) -> dict:
@@ -331,7 +331,7 @@ def choose(
     onnx_path = str(entry / "model.onnx")
     card = describe_model(onnx_path, n_channels=spec.n_channels)
     ort_spec = replace(spec, card=card, kind="onnxruntime")
-    rec = _measure(entry, spec, ort_spec, timing_crops(spec.n_channels, crop_size, dtype))
+    rec = _measure(entry, spec, ort_spec, timing_crops(spec.batch_size, spec.n_channels, crop_size, dtype))
     details = {"export": onnx_path, "timing": rec}
     if rec["chosen"] == "torch":
         why = (

@@ -9,6 +9,7 @@ rerun skips blocks already written.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -25,8 +26,8 @@ import pandas as pd
 from scdino.cells.source import CellSource, open_source
 from scdino.cells.table import FIELDS
 from scdino.engine.backends import BackendSpec, resolve, using
-from scdino.engine.cluster import dask_client
-from scdino.engine.config import CPU_BATCH_SIZE, DEFAULT_BATCH_SIZE, RunConfig
+from scdino.engine.cluster import EMBED_SLOT, dask_client
+from scdino.engine.config import DEFAULT_BATCH_SIZE, RunConfig, cpu_batch_size
 from scdino.engine.export_cache import choose
 from scdino.engine.output import COMMAND, EmbeddingStore, store_status
 from scdino.errors import OutputError
@@ -81,7 +82,7 @@ def backend_spec(cfg: RunConfig, card: ModelCard, n_channels: int) -> BackendSpe
         n_channels=n_channels,
         kind=kind,
         device=device,
-        batch_size=cfg.batch_size or (CPU_BATCH_SIZE if device == "cpu" else DEFAULT_BATCH_SIZE),
+        batch_size=cfg.batch_size or (cpu_batch_size(card.tokens) if device == "cpu" else DEFAULT_BATCH_SIZE),
         threads=threads,
         checkpoint_key=cfg.checkpoint_key,
         adapt=cfg.adapt,
@@ -205,24 +206,59 @@ def _warn_intensity_range(cfg: RunConfig, source: CellSource, table: pd.DataFram
         log.warning(w)
 
 
-def _submit_blocks(cfg: RunConfig, client, source: CellSource, table, spec: BackendSpec, todo: list[int]) -> dict:
-    """Start computing the blocks ``todo`` on the cluster: {future: block index}."""
-    blocks = embeddings_array(crops_array(source, table, cfg.chunk_cells), spec).to_delayed().ravel()
-    futures = client.compute([blocks[i] for i in todo])
-    return dict(zip(futures, todo))
+#: blocks in flight per worker: the one being embedded and the next ones being read (a bounded prefetch)
+BLOCKS_AHEAD = 2
 
 
-def _collect_blocks(cfg: RunConfig, futures: dict, store, n_cells: int) -> int:
-    """Write each block into ``store`` as it arrives; returns the number of blocks run."""
+def _workers(client) -> dict:
+    try:
+        return client.scheduler_info(n_workers=-1).get("workers", {})
+    except TypeError:  # distributed before n_workers= (it listed every worker then)
+        return client.scheduler_info().get("workers", {})
+
+
+def embed_slots(client) -> int:
+    """Workers of ``client`` with an embedding slot (:data:`~scdino.engine.cluster.EMBED_SLOT`), or 0 when not every
+    worker has one (a cluster started elsewhere without it: its tasks then run unrestricted, one per thread)."""
+    workers = _workers(client)
+    return len(workers) if workers and all(EMBED_SLOT in w.get("resources", {}) for w in workers.values()) else 0
+
+
+def _embed_stream(cfg: RunConfig, client, source: CellSource, table, spec: BackendSpec, todo: list[int], store) -> int:
+    """Embed the blocks ``todo`` and write each into ``store`` as it arrives; returns the number of blocks run.
+
+    Each block is two tasks: reading its crops, then embedding them (holding the worker's embedding slot where the
+    workers have one, so that a worker's other threads read the next blocks while its one model infers). At most
+    :data:`BLOCKS_AHEAD` blocks per worker are in flight, so crops are read ahead of the model but never pile up,
+    whatever the plate's size."""
     from distributed import as_completed
 
-    already = int(n_cells - sum(np.diff(store.block_range(i))[0] for i in futures.values()))
-    with Progress(n_cells, "embedding", "cell", cfg.progress, initial=already) as bar:
-        for fut, result in as_completed(list(futures), with_results=True):
-            store.write_block(futures[fut], result)
+    slots = embed_slots(client)
+    restrict = {"resources": {EMBED_SLOT: 1}} if slots else {}
+    window = BLOCKS_AHEAD * max(1, slots or len(_workers(client)))
+    cols = list(source.read_columns)
+    pending = iter(todo)
+    index: dict[str, int] = {}
+    stream = as_completed(with_results=True)
+
+    def submit(i: int) -> None:
+        a, b = store.block_range(i)
+        crops = client.submit(source.read, table.iloc[a:b][cols].reset_index(drop=True), pure=False)
+        emb = client.submit(_embed_block, crops, spec, pure=False, **restrict)
+        index[emb.key] = i
+        stream.add(emb)
+
+    for i in itertools.islice(pending, window):
+        submit(i)
+    already = int(len(table) - sum(np.diff(store.block_range(i))[0] for i in todo))
+    with Progress(len(table), "embedding", "cell", cfg.progress, initial=already) as bar:
+        for fut, result in stream:
+            store.write_block(index.pop(fut.key), result)
             bar.update(len(result))
             fut.release()
-    return len(futures)
+            for i in itertools.islice(pending, 1):
+                submit(i)
+    return len(todo)
 
 
 def run(cfg: RunConfig) -> RunResult:
@@ -278,19 +314,13 @@ def run(cfg: RunConfig) -> RunResult:
             todo = list(range(-(-len(table) // cfg.chunk_cells)))
         _warn_intensity_range(cfg, source, table, card)
         t = time.perf_counter()
-        # on a GPU the store is written while the first blocks embed; on a CPU the workers use every core, and
-        # writing beside them only slows them down (their threads wait for each other), so it is written first
-        early = spec.device == "cuda"
         try:
-            futures = _submit_blocks(cfg, client, source, table, spec, todo) if early else {}
             if not resumed:
-                ts = time.perf_counter()
                 uns = _uns(cfg, spec, source, "running", path.to_dict())
                 store = EmbeddingStore.create(cfg.out, table, card.embed_dim, cfg.chunk_cells, uns, fp)
-                phases["store_seconds"] = time.perf_counter() - ts
-                t = t if early else time.perf_counter()
-            futures = futures or _submit_blocks(cfg, client, source, table, spec, todo)
-            blocks_run = _collect_blocks(cfg, futures, store, len(table))
+                phases["store_seconds"] = time.perf_counter() - t
+            t = time.perf_counter()
+            blocks_run = _embed_stream(cfg, client, source, table, spec, todo, store)
         finally:
             FIELDS.clear()  # an in-process worker's decoded fields and the checkpoint are not kept past the run
             forget_checkpoints()
@@ -308,7 +338,7 @@ def _asked(cfg: RunConfig, card: ModelCard) -> dict:
 
 def fast_input_size(card: ModelCard) -> int:
     """Fast mode's input size: half the model's, rounded down to whole patches (at least two patches across)."""
-    patch = int(dict(card.details.get("config") or {}).get("patch_size") or 16)
+    patch = card.patch_size
     return max(2 * patch, card.input_size // 2 // patch * patch)
 
 

@@ -74,6 +74,17 @@ class ModelCard:
     def name(self) -> str:
         return display_name(self.spec)
 
+    @property
+    def patch_size(self) -> int:
+        """Side of a patch in pixels (16 where the model does not say)."""
+        d = self.details
+        return int(d.get("patch_size") or dict(d.get("config") or {}).get("patch_size") or 16)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per crop: the patches of an input plus the CLS token."""
+        return (self.input_size // self.patch_size) ** 2 + 1
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able description for ``uns["scdino"]["model"]`` (without the preprocessing, stored on its own)."""
         d = {
