@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import anndata as ad
@@ -164,3 +166,81 @@ def test_each_field_is_decoded_once_per_reader(tiny_plate):
     # another reader (another command) decodes again: a rewritten plate is never served from memory
     PlateSource(tiny_plate, OPTS).read(table.iloc[:1][list(source.read_columns)])
     assert FIELDS.decodes - before == source.n_fields + 1
+
+
+def test_cpu_batch_size_follows_the_tokens_of_a_pass():
+    from scdino.engine.config import cpu_batch_size
+
+    # the measured best batches (benchmarks/cpu_settings.py): ViT-tiny/16 at 32 px, ViT-tiny/8 at 48, ViT-S/16 at 224
+    assert [cpu_batch_size(t) for t in (5, 37, 50, 197, 10_000)] == [256, 64, 64, 16, 16]
+    card = describe_model("default", n_channels=3)
+    assert card.patch_size == 8 and card.tokens == (48 // 8) ** 2 + 1
+
+
+def test_one_embedding_at_a_time_per_worker_while_other_threads_read_ahead(tiny_plate, tmp_path, monkeypatch):
+    """A worker with several threads and one embedding slot (as a local cluster is started) runs one embedding at a
+    time, reads the next blocks on its other threads, and never more than BLOCKS_AHEAD blocks ahead."""
+    from distributed import Client, LocalCluster
+
+    from scdino.engine import pipeline
+    from scdino.engine.cluster import EMBED_SLOT
+
+    log = tmp_path / "log.txt"
+    real_embed, real_read = pipeline._embed_block, PlateSource.read
+
+    def note(event: str) -> None:
+        with open(log, "a") as f:
+            f.write(f"{event} {time.perf_counter()}\n")
+
+    def embed(crops, spec):
+        note("embed-start")
+        time.sleep(0.05)
+        out = real_embed(crops, spec)
+        note("embed-end")
+        return out
+
+    def read(self, rows):
+        note("read")
+        return real_read(self, rows)
+
+    monkeypatch.setattr(pipeline, "_embed_block", embed)
+    monkeypatch.setattr(PlateSource, "read", read)
+    cfg = RunConfig(tiny_plate, str(tmp_path / "o.zarr"), "random:vit_test8", OPTS, input_size=32, chunk_cells=2)
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=3, processes=False, resources={EMBED_SLOT: 1}, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+        client.as_current(),
+    ):
+        assert pipeline.embed_slots(client) == 1
+        res = run(replace(cfg, progress=False))
+    events = sorted((float(t), e) for e, t in (line.split() for line in log.read_text().splitlines()))
+    running = ahead = most_ahead = most_running = 0
+    for _, e in events:
+        if e == "embed-start":
+            running, ahead = running + 1, ahead - 1
+            most_running = max(most_running, running)
+        elif e == "embed-end":
+            running -= 1
+        elif e == "read":
+            ahead += 1
+            most_ahead = max(most_ahead, ahead)
+    n_blocks = -(-res.n_cells // 2)
+    assert sum(e == "embed-end" for _, e in events) == n_blocks > pipeline.BLOCKS_AHEAD
+    assert most_running == 1, events  # one model at a time
+    assert most_ahead == pipeline.BLOCKS_AHEAD, events  # the next block is read while one embeds, and no more
+
+
+def test_a_local_cluster_gives_each_worker_one_embedding_slot(monkeypatch):
+    import distributed
+
+    from scdino.engine import cluster, pipeline
+
+    def no_client():
+        raise ValueError("no client")
+
+    monkeypatch.setattr(distributed, "get_client", no_client)  # start a cluster of our own, as a command does
+    with cluster.dask_client(workers=1) as client:
+        assert pipeline.embed_slots(client) == 1
+        assert list(client.nthreads().values()) == [cluster.cpu_threads_per_worker(1)]
