@@ -122,3 +122,32 @@ def test_crop_um_uses_the_pixel_size(tiny_plate, scratch_plate):
     assert (df["crop_y0"] == np.round(df["centroid_y"]).astype(int) - 10).all()  # 10 um / 0.5 um = 20 px
     plate = Plate(scratch_plate)
     assert plate.image(plate.fields()[0]).pixel_size == (0.619, 0.619)
+
+
+def test_object_measures_equal_regionprops():
+    from skimage.measure import regionprops_table
+
+    from scdino.cells.table import object_measures
+
+    rng = np.random.default_rng(0)
+    labels = np.zeros((60, 80), np.int64)
+    labels[0:10, 0:7] = 3  # touches two borders
+    labels[20:31, 40:52] = 1000  # sparse, large label ids
+    labels[45:60, 70:80] = 7  # touches the other two
+    labels[5:8, 30:33] = 12  # no signal at all: no weighted centroid
+    labels[35:40, 5:25] = 12  # ...and in two pieces
+    img = rng.uniform(0, 1000, labels.shape).astype(np.float32)
+    img[5:8, 30:33] = 0
+    img[35:40, 5:25] = 0
+    ours = object_measures(labels, img)
+    ref = regionprops_table(
+        labels.astype(np.int32),
+        intensity_image=img,
+        properties=("label", "centroid", "centroid_weighted", "bbox", "area"),
+    )
+    assert sorted(ours) == sorted(ref)
+    for key in ref:
+        np.testing.assert_allclose(ours[key], ref[key], rtol=0, atol=1e-9, err_msg=key, equal_nan=True)
+    assert np.isnan(ours["centroid_weighted-0"][list(ours["label"]).index(12)])
+    empty = object_measures(np.zeros((5, 5), np.int32), np.ones((5, 5)))
+    assert all(len(v) == 0 for v in empty.values())
