@@ -216,7 +216,7 @@ def test_one_embedding_at_a_time_per_worker_while_other_threads_read_ahead(tiny_
         assert pipeline.embed_slots(client) == 1
         res = run(replace(cfg, progress=False))
     events = sorted((float(t), e) for e, t in (line.split() for line in log.read_text().splitlines()))
-    running = ahead = most_ahead = most_running = 0
+    running = ahead = most_ahead = most_running = read_while_embedding = 0
     for _, e in events:
         if e == "embed-start":
             running, ahead = running + 1, ahead - 1
@@ -226,10 +226,12 @@ def test_one_embedding_at_a_time_per_worker_while_other_threads_read_ahead(tiny_
         elif e == "read":
             ahead += 1
             most_ahead = max(most_ahead, ahead)
+            read_while_embedding += running
     n_blocks = -(-res.n_cells // 2)
-    assert sum(e == "embed-end" for _, e in events) == n_blocks > pipeline.BLOCKS_AHEAD
+    assert sum(e == "embed-end" for _, e in events) == n_blocks > pipeline.BLOCKS_AHEAD + 2
     assert most_running == 1, events  # one model at a time
-    assert most_ahead == pipeline.BLOCKS_AHEAD, events  # the next block is read while one embeds, and no more
+    assert read_while_embedding >= 1, events  # the next block is read while one embeds
+    assert most_ahead <= pipeline.BLOCKS_AHEAD, events  # and never more than the window ahead
 
 
 def test_a_local_cluster_gives_each_worker_one_embedding_slot(monkeypatch):
