@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,16 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-SEG = ["--segment-channel", "CTIP2,BRN2,ROR", "--sigma", "1", "--min-distance", "4", "--min-area", "15"]
+from reference import SEG, timed  # the same cells and the same whole-command timing as the reference comparison
+
 PHASES = ("model_seconds", "cluster_seconds", "find_cells_seconds", "store_seconds", "embed_seconds")
-
-
-def timed(cmd: list[str], env: dict) -> float:
-    t = time.perf_counter()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if p.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
-    return time.perf_counter() - t
 
 
 def store_writes(obs, uns: dict, tmp: Path, repeats: int) -> dict:
