@@ -82,7 +82,10 @@ def backend_spec(cfg: RunConfig, card: ModelCard, n_channels: int) -> BackendSpe
         n_channels=n_channels,
         kind=kind,
         device=device,
-        batch_size=cfg.batch_size or (cpu_batch_size(card.tokens) if device == "cpu" else DEFAULT_BATCH_SIZE),
+        # a forward pass never holds more than a block, so the export cache times the batch the run really uses
+        batch_size=min(
+            cfg.chunk_cells, cfg.batch_size or (cpu_batch_size(card.tokens) if device == "cpu" else DEFAULT_BATCH_SIZE)
+        ),
         threads=threads,
         checkpoint_key=cfg.checkpoint_key,
         adapt=cfg.adapt,
@@ -288,6 +291,8 @@ def run(cfg: RunConfig) -> RunResult:
         cfg.precision,
     )
     spec = path.spec
+    if not (spec.kind == "torch" and spec.device == "cpu" and local_workers(cfg, "cpu") == 1 and not cfg.scheduler):
+        forget_checkpoints()  # no model is built from it in this process (an in-process PyTorch worker reuses it)
     phases: dict[str, float] = {"model_seconds": time.perf_counter() - t0}  # card, export cache, path
     fp = fingerprint(cfg, source, spec)
     backend = f"{spec.kind} on {spec.device}"
@@ -327,7 +332,10 @@ def run(cfg: RunConfig) -> RunResult:
         phases["embed_seconds"] = time.perf_counter() - t
     seconds = time.perf_counter() - t0
     timing = {"seconds": seconds, **phases, "blocks_run": blocks_run, "resumed": resumed}
-    store.finish(_plain({"status": "complete", "path": path.to_dict(), "timing": timing}))
+    # a resumed run may run on another device or batch size (neither changes the cells' embeddings): the metadata
+    # says how the run that finished the store ran
+    done = {"status": "complete", "backend": spec.to_dict(), "path": path.to_dict(), "versions": versions()}
+    store.finish(_plain({**done, "timing": timing}))
     return RunResult(cfg.out, len(table), seconds, blocks_run, resumed, phases, card.untrained, backend)
 
 

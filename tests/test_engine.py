@@ -262,7 +262,10 @@ def test_small_stores_are_written_as_anndata_writes_them(tmp_path):
     output_mod.write_small(str(tmp_path / "ours.zarr"), adata)
     theirs = sorted(p.relative_to(tmp_path / "anndata.zarr") for p in (tmp_path / "anndata.zarr").rglob("*"))
     ours = sorted(p.relative_to(tmp_path / "ours.zarr") for p in (tmp_path / "ours.zarr").rglob("*"))
-    assert ours == theirs  # the same files
+    assert ours == theirs  # the same files, with the same bytes
+    for rel in theirs:
+        if (tmp_path / "anndata.zarr" / rel).is_file():
+            assert (tmp_path / "ours.zarr" / rel).read_bytes() == (tmp_path / "anndata.zarr" / rel).read_bytes(), rel
     back = ad.read_zarr(tmp_path / "ours.zarr")
     pd.testing.assert_frame_equal(back.obs, obs)
     assert back.uns["scdino"]["model"] == uns["scdino"]["model"] and list(back.uns["scdino"]["channels"]) == [

@@ -151,3 +151,9 @@ def test_object_measures_equal_regionprops():
     assert np.isnan(ours["centroid_weighted-0"][list(ours["label"]).index(12)])
     empty = object_measures(np.zeros((5, 5), np.int32), np.ones((5, 5)))
     assert all(len(v) == 0 for v in empty.values())
+    for dtype in (np.uint16, np.uint32, np.int32):  # other label dtypes give the same objects
+        same = object_measures(labels.astype(dtype), img)
+        assert all(np.array_equal(same[k], ours[k], equal_nan=True) for k in ours)
+    marked = labels.copy()
+    marked[50:55, 0:5] = -1  # a negative "ignore" mark is not an object, as for regionprops
+    assert list(object_measures(marked, img)["label"]) == list(ours["label"])

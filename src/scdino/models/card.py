@@ -9,6 +9,7 @@ card instead of asking the file again. :func:`check_channels` is the one check o
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -76,9 +77,10 @@ class ModelCard:
 
     @property
     def patch_size(self) -> int:
-        """Side of a patch in pixels (16 where the model does not say)."""
+        """Side of a patch in pixels: as the model says, else from its arch name (``vit_tiny8``: 8), else 16."""
         d = self.details
-        return int(d.get("patch_size") or dict(d.get("config") or {}).get("patch_size") or 16)
+        named = re.search(r"(\d+)$", self.arch or "")
+        return int(d.get("patch_size") or dict(d.get("config") or {}).get("patch_size") or (named and named[1]) or 16)
 
     @property
     def tokens(self) -> int:
