@@ -11,7 +11,7 @@ import click
 
 from scdino._cli import ErrorGroup, configure_logging
 from scdino.cells.options import DEFAULT_CROP_SIZE, CellOptions, SegmentParams
-from scdino.engine.config import CPU_BATCH_TOKENS, DEFAULT_BATCH_SIZE, RunConfig
+from scdino.engine.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, RunConfig
 from scdino.engine.umap import DEFAULT_PRESET, FIT_MAX, PRESETS
 from scdino.knn import TEMPERATURE, TRAIN_FRACTION, K
 
@@ -121,8 +121,8 @@ def _split(value: str | None) -> tuple[str, ...] | None:
     "--batch-size",
     type=int,
     help=f"Crops per forward pass. Default on a CPU: about {CPU_BATCH_TOKENS} tokens per pass, 16 to 256 crops "
-    "(ViT-S/16 at 224 px: 16; ViT-tiny/8 at 48 px: 64; measured: benchmarks/cpu_settings.py); "
-    f"{DEFAULT_BATCH_SIZE} on a GPU.",
+    "(ViT-S/16 at 224 px: 16; ViT-tiny/8 at 48 px: 64; measured: benchmarks/cpu_settings.py); on a GPU about "
+    f"{GPU_BATCH_TOKENS} tokens, 32 to 256 crops (ViT-S/16 at 224 px: 256). Never more than --chunk-cells.",
 )
 @click.option(
     "--chunk-cells",

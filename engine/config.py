@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from scdino.cells.options import CellOptions
 from scdino.errors import ConfigError
 
-#: crops per forward pass on a GPU (and the backends' own default)
+#: the backends' own default batch (a BackendSpec made without one)
 DEFAULT_BATCH_SIZE = 64
 #: tokens one forward pass on a CPU holds (crops x tokens per crop): small enough that its activations stay in cache,
 #: large enough that a small model's per-call cost is spread (python benchmarks/cpu_settings.py)
@@ -27,6 +27,20 @@ def cpu_batch_size(tokens: int) -> int:
     return int(min(256, max(16, 2 ** round(math.log2(best)))))
 
 
+#: tokens one forward pass on a GPU holds: ViT-S/16 at 224 px (197 tokens per crop) runs 256 crops per pass, the
+#: largest batch its TensorRT plans are built for (``scdino-export tensorrt --max-batch``); a larger model runs
+#: fewer, so that one pass's activations stay the size of ViT-S/16's at 256 on an analysis PC's smaller GPU
+GPU_BATCH_TOKENS = 256 * 197
+
+
+def gpu_batch_size(tokens: int) -> int:
+    """Crops per forward pass on a GPU for a model that sees ``tokens`` tokens per crop: the power of two nearest to
+    :data:`GPU_BATCH_TOKENS` / ``tokens``, from 32 to 256 (ViT-S/16 at 224 px: 256; ViT-B/8 at 224, 785 tokens:
+    64). ``python benchmarks/gpu_check.py`` measures ViT-S/16 at batch 64, 128 and 256 on the device."""
+    best = GPU_BATCH_TOKENS / max(1, tokens)
+    return int(min(256, max(32, 2 ** round(math.log2(best)))))
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Options of ``scdino-engine run`` (see its ``--help``)."""
@@ -40,7 +54,7 @@ class RunConfig:
     input_size: int | None = None
     backend: str = "auto"
     device: str = "auto"
-    #: None: cpu_batch_size() of the model on a CPU, DEFAULT_BATCH_SIZE on a GPU
+    #: None: cpu_batch_size() of the model on a CPU, gpu_batch_size() on a GPU (never more than a block)
     batch_size: int | None = None
     #: worker processes of a local cluster; None: 1 on the CPU, one per visible GPU on CUDA
     workers: int | None = None

@@ -27,7 +27,7 @@ from scdino.cells.source import CellSource, open_source
 from scdino.cells.table import FIELDS
 from scdino.engine.backends import BackendSpec, resolve, using
 from scdino.engine.cluster import EMBED_SLOT, dask_client
-from scdino.engine.config import DEFAULT_BATCH_SIZE, RunConfig, cpu_batch_size
+from scdino.engine.config import RunConfig, cpu_batch_size, gpu_batch_size
 from scdino.engine.export_cache import choose
 from scdino.engine.output import COMMAND, EmbeddingStore, store_status
 from scdino.errors import OutputError
@@ -84,7 +84,8 @@ def backend_spec(cfg: RunConfig, card: ModelCard, n_channels: int) -> BackendSpe
         device=device,
         # a forward pass never holds more than a block, so the export cache times the batch the run really uses
         batch_size=min(
-            cfg.chunk_cells, cfg.batch_size or (cpu_batch_size(card.tokens) if device == "cpu" else DEFAULT_BATCH_SIZE)
+            cfg.chunk_cells,
+            cfg.batch_size or (cpu_batch_size(card.tokens) if device == "cpu" else gpu_batch_size(card.tokens)),
         ),
         threads=threads,
         checkpoint_key=cfg.checkpoint_key,

@@ -177,6 +177,22 @@ def test_cpu_batch_size_follows_the_tokens_of_a_pass():
     assert card.patch_size == 8 and card.tokens == (48 // 8) ** 2 + 1
 
 
+def test_gpu_batch_size_follows_the_tokens_of_a_pass_and_never_exceeds_a_block(monkeypatch):
+    from scdino.engine import pipeline
+    from scdino.engine.config import gpu_batch_size
+
+    # ViT-S/16 at 224 px (197 tokens): 256; ViT-B/8 at 224 (785): 64; the default model (37): capped at 256
+    assert [gpu_batch_size(t) for t in (37, 197, 785, 100_000)] == [256, 256, 64, 32]
+    card = describe_model("default", n_channels=3)
+    monkeypatch.setattr(pipeline, "resolve", lambda backend, device, model: ("torch", "cuda"))
+    cfg = RunConfig(plate="p.zarr", out="o.zarr", workers=1)
+    assert pipeline.backend_spec(cfg, card, 3).batch_size == 256
+    small = RunConfig(plate="p.zarr", out="o.zarr", workers=1, chunk_cells=100)
+    assert pipeline.backend_spec(small, card, 3).batch_size == 100
+    monkeypatch.setattr(pipeline, "resolve", lambda backend, device, model: ("torch", "cpu"))
+    assert pipeline.backend_spec(cfg, card, 3).batch_size == 64  # the CPU rule for the same model
+
+
 def test_one_embedding_at_a_time_per_worker_while_other_threads_read_ahead(tiny_plate, tmp_path, monkeypatch):
     """A worker with several threads and one embedding slot (as a local cluster is started) runs one embedding at a
     time, reads the next blocks on its other threads, and never more than BLOCKS_AHEAD blocks ahead."""
