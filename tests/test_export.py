@@ -14,7 +14,7 @@ from scdino.engine.backends import onnxruntime_backend as ortb
 from scdino.engine.pipeline import RunConfig, run
 from scdino.errors import CheckpointError, ConfigError
 from scdino.export.onnx_export import export_onnx
-from scdino.export.quantize import quantize
+from scdino.export.quantize import DYNAMIC_FORMS, FAST_FORM_MIN_COSINE, _embed, _session, quantize
 from scdino.export.verify import VerificationError, compare, edge_cases, fit_crops
 from scdino.models import load_model
 from scdino.models.plan import check_plan
@@ -126,11 +126,30 @@ def test_int8_quality_bounds(tmp_path):
     src = tmp_path / "m.onnx"
     export_onnx("random:vit_tiny16", src, n_channels=3, crop_size=48, input_size=64)
     q = quantize(src, tmp_path / "m.int8.onnx")["quantization"]
-    assert q["method"] == "dynamic" and q["weights"] == "uint8"
+    fast = DYNAMIC_FORMS[0][0]
+    assert q["method"] == "dynamic" and q["forms_tried"][fast] >= FAST_FORM_MIN_COSINE
+    assert q["weights"] == fast and list(q["forms_tried"]) == [fast]  # the fast form kept accuracy: no other tried
     assert q["min_cosine_to_fp32"] >= 0.995 and q["median_cosine_to_fp32"] >= 0.999
     acc = q["knn_leave_one_out_top1"]
     assert abs(acc["int8"] - acc["fp32"]) <= 0.1
     assert read_sidecar(tmp_path / "m.int8.onnx")["precision"] == "int8"
+
+
+def test_int8_takes_the_most_accurate_form_when_none_keeps_the_bar(tmp_path, monkeypatch):
+    from scdino.export import quantize as qmod
+
+    src = tmp_path / "m.onnx"
+    export_onnx("random:vit_tiny16", src, n_channels=3, crop_size=48, input_size=64)
+    monkeypatch.setattr(qmod, "FAST_FORM_MIN_COSINE", 1.01)  # no form can keep it: every form is tried
+    q = quantize(src, tmp_path / "m.int8.onnx")["quantization"]
+    tried = q["forms_tried"]
+    assert list(tried) == [name for name, _ in DYNAMIC_FORMS]
+    assert q["weights"] == max(tried, key=tried.get) and q["min_cosine_to_fp32"] == tried[q["weights"]]
+    # the file written is the chosen form: its own embeddings give the reported cosine
+
+    crops = fit_crops(packaged_crops(), 3, 48, "uint16")
+    ref, got = _embed(_session(str(src)), crops), _embed(_session(str(tmp_path / "m.int8.onnx")), crops)
+    assert compare(got, ref)[1] == pytest.approx(tried[q["weights"]], abs=1e-6)
 
 
 def test_backend_choice(monkeypatch):
