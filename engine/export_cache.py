@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scdino.cpu import has_vnni
 from scdino.engine.backends.base import BackendSpec
 from scdino.errors import ConfigError, ScdinoError
 from scdino.models.sidecar import read_sidecar
@@ -155,14 +156,15 @@ def _int8(entry: Path) -> Path:
     fp32 on the check crops, else its most accurate one, never below 0.99), made once."""
     from scdino.export.quantize import quantize
 
-    q = entry / "model.int8.onnx"
-    if q.is_file() and (entry / "model.int8.json").is_file():
+    # a cache shared by several machines keeps one copy per kind of CPU: 8-bit signed weights only run right on VNNI
+    q = entry / ("model.int8-vnni.onnx" if has_vnni() else "model.int8.onnx")
+    if q.is_file() and q.with_suffix(".json").is_file():
         return q
     tmp = entry / f".partial-int8-{os.getpid()}.onnx"
     log.info("quantising the cached export to int8 once (%s)", q)
     try:
         quantize(entry / "model.onnx", tmp)
-        os.replace(tmp.with_suffix(".json"), entry / "model.int8.json")
+        os.replace(tmp.with_suffix(".json"), q.with_suffix(".json"))
         os.replace(tmp, q)
     finally:
         tmp.unlink(missing_ok=True)

@@ -1,11 +1,11 @@
 """int8 ONNX for CPU PCs with onnxruntime.quantization.
 
 Dynamic quantisation of the MatMul/Gemm weights after ``quant_pre_process``, in the first of :data:`DYNAMIC_FORMS`
-that keeps cosine >= :data:`FAST_FORM_MIN_COSINE` to fp32 on the check crops: signed per-channel weights on 7 bits
-first (ONNX Runtime's u8 x s8 kernels, 1.3-1.7x faster than unsigned weights here; 7 bits cannot saturate the int16
-sums of CPUs without VNNI, where full 8-bit signed weights lose accuracy badly: cosine 0.90-0.94), else unsigned
-per-tensor weights (``QUInt8``). ``method="static"`` calibrates activations on real crops (QDQ format) instead; the
-report says which is better.
+this CPU may run that keeps cosine >= :data:`FAST_FORM_MIN_COSINE` to fp32 on the check crops (else the most accurate
+one): signed per-channel weights (ONNX Runtime's u8 x s8 kernels, 1.2-1.6x faster than unsigned weights here) on 8
+bits where the CPU has VNNI, on 7 bits elsewhere (full 8-bit signed weights saturate the int16 sums of older AVX2
+CPUs: cosine 0.90-0.94), then unsigned per-tensor weights (``QUInt8``). ``method="static"`` calibrates activations
+on real crops (QDQ format) instead; the report says which is better.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from scdino.cpu import has_vnni
 from scdino.data import packaged_crops
 from scdino.errors import ConfigError
 from scdino.export.verify import VerificationError, compare, fit_crops
@@ -41,11 +42,22 @@ def _embed(sess, crops: np.ndarray, batch: int = 16) -> np.ndarray:
     return np.concatenate([sess.run(["cls"], {"crops": crops[i : i + batch]})[0] for i in range(0, len(crops), batch)])
 
 
-#: dynamic int8 forms, fastest first: (name, quantize_dynamic's options); benchmarks/int8_forms.py measures them
+#: dynamic int8 forms in the order they are tried: (name, quantize_dynamic's options, needs a VNNI-class CPU).
+#: Signed weights run 1.2-1.6x faster than unsigned ones here; on 8 bits they are the most accurate but saturate the
+#: 16-bit sums of CPUs without VNNI (scdino.cpu), so there the 7-bit form is the first. benchmarks/int8_forms.py
 DYNAMIC_FORMS = (
-    ("int8 per channel, 7 bit", {"weight_type": "QInt8", "per_channel": True, "reduce_range": True}),
-    ("uint8", {"weight_type": "QUInt8"}),
+    ("int8 per channel, 8 bit", {"weight_type": "QInt8", "per_channel": True}, True),
+    ("int8 per channel, 7 bit", {"weight_type": "QInt8", "per_channel": True, "reduce_range": True}, False),
+    ("uint8", {"weight_type": "QUInt8"}, False),
 )
+
+
+def dynamic_forms(vnni: bool | None = None) -> list[tuple[str, dict, bool]]:
+    """The forms this CPU may run (``vnni`` None: ask :func:`scdino.cpu.has_vnni`)."""
+    vnni = has_vnni() if vnni is None else vnni
+    return [f for f in DYNAMIC_FORMS if vnni or not f[2]]
+
+
 #: the cosine to fp32 a faster dynamic form must keep on every check crop to be chosen over the next one
 FAST_FORM_MIN_COSINE = 0.999
 
@@ -108,7 +120,7 @@ def quantize(
         tried: dict[str, float] = {}
         if method == "dynamic":
             made = {}
-            for i, (form, options) in enumerate(DYNAMIC_FORMS):
+            for i, (form, options, _) in enumerate(dynamic_forms()):
                 options = {**options, "weight_type": getattr(QuantType, options["weight_type"])}
                 path = os.path.join(tmp, f"int8-{i}.onnx")
                 quantize_dynamic(pre, path, op_types_to_quantize=["MatMul", "Gemm"], **options)
@@ -159,6 +171,8 @@ def quantize(
         "target": target,
         "weights": weights,
         "forms_tried": tried,
+        # a full-range signed form saturates on CPUs without VNNI: the ONNX Runtime backend warns there
+        "needs_vnni": any(f[2] for f in DYNAMIC_FORMS if f[0] == weights),
         "seconds": round(seconds, 2),
         "n_crops": int(len(crops)),
         "min_cosine_to_fp32": cmin,

@@ -6,6 +6,7 @@ import onnx
 import pytest
 import torch
 
+import scdino.cpu
 from conftest import dino_full_checkpoint
 from scdino.cells.options import CellOptions
 from scdino.data import packaged_crops
@@ -14,7 +15,7 @@ from scdino.engine.backends import onnxruntime_backend as ortb
 from scdino.engine.pipeline import RunConfig, run
 from scdino.errors import CheckpointError, ConfigError
 from scdino.export.onnx_export import export_onnx
-from scdino.export.quantize import DYNAMIC_FORMS, FAST_FORM_MIN_COSINE, _embed, _session, quantize
+from scdino.export.quantize import DYNAMIC_FORMS, FAST_FORM_MIN_COSINE, _embed, _session, dynamic_forms, quantize
 from scdino.export.verify import VerificationError, compare, edge_cases, fit_crops
 from scdino.models import load_model
 from scdino.models.plan import check_plan
@@ -126,7 +127,7 @@ def test_int8_quality_bounds(tmp_path):
     src = tmp_path / "m.onnx"
     export_onnx("random:vit_tiny16", src, n_channels=3, crop_size=48, input_size=64)
     q = quantize(src, tmp_path / "m.int8.onnx")["quantization"]
-    fast = DYNAMIC_FORMS[0][0]
+    fast = dynamic_forms()[0][0]  # the first form this CPU may run
     assert q["method"] == "dynamic" and q["forms_tried"][fast] >= FAST_FORM_MIN_COSINE
     assert q["weights"] == fast and list(q["forms_tried"]) == [fast]  # the fast form kept accuracy: no other tried
     assert q["min_cosine_to_fp32"] >= 0.995 and q["median_cosine_to_fp32"] >= 0.999
@@ -141,15 +142,44 @@ def test_int8_takes_the_most_accurate_form_when_none_keeps_the_bar(tmp_path, mon
     src = tmp_path / "m.onnx"
     export_onnx("random:vit_tiny16", src, n_channels=3, crop_size=48, input_size=64)
     monkeypatch.setattr(qmod, "FAST_FORM_MIN_COSINE", 1.01)  # no form can keep it: every form is tried
+    monkeypatch.setattr(qmod, "has_vnni", lambda: True)
     q = quantize(src, tmp_path / "m.int8.onnx")["quantization"]
     tried = q["forms_tried"]
-    assert list(tried) == [name for name, _ in DYNAMIC_FORMS]
+    assert list(tried) == [name for name, _, _ in DYNAMIC_FORMS]
+    assert q["needs_vnni"] == dict((f[0], f[2]) for f in DYNAMIC_FORMS)[q["weights"]]
     assert q["weights"] == max(tried, key=tried.get) and q["min_cosine_to_fp32"] == tried[q["weights"]]
     # the file written is the chosen form: its own embeddings give the reported cosine
 
     crops = fit_crops(packaged_crops(), 3, 48, "uint16")
     ref, got = _embed(_session(str(src)), crops), _embed(_session(str(tmp_path / "m.int8.onnx")), crops)
     assert compare(got, ref)[1] == pytest.approx(tried[q["weights"]], abs=1e-6)
+
+
+def test_int8_forms_follow_the_cpu_and_a_vnni_form_warns_elsewhere(tmp_path, monkeypatch, caplog):
+    from scdino.export import quantize as qmod
+
+    # full 8-bit signed weights only where int8 products are summed in 32 bits
+    assert [f[0] for f in dynamic_forms(vnni=False)] == ["int8 per channel, 7 bit", "uint8"]
+    assert dynamic_forms(vnni=True)[0][0] == "int8 per channel, 8 bit"
+    src = tmp_path / "m.onnx"
+    export_onnx("random:vit_tiny16", src, n_channels=3, crop_size=48, input_size=64)
+    monkeypatch.setattr(qmod, "has_vnni", lambda: True)
+    q = quantize(src, tmp_path / "v.onnx")["quantization"]
+    assert q["weights"] == "int8 per channel, 8 bit" and q["needs_vnni"]
+    monkeypatch.setattr(scdino.cpu, "has_vnni", lambda: False)
+    assert ortb.warn_int8_form(tmp_path / "v.onnx")
+    assert "made on a CPU with VNNI" in caplog.text and "scdino-export quantize" in caplog.text
+    monkeypatch.setattr(scdino.cpu, "has_vnni", lambda: True)
+    assert not ortb.warn_int8_form(tmp_path / "v.onnx")
+
+
+def test_vnni_is_read_from_the_cpu_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    assert not scdino.cpu.has_vnni.__wrapped__(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_vnni\n")
+    assert scdino.cpu.has_vnni.__wrapped__(str(info))
+    assert not scdino.cpu.has_vnni.__wrapped__(str(tmp_path / "missing"))  # unreadable: the safe answer
 
 
 def test_backend_choice(monkeypatch):

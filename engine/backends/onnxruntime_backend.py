@@ -116,6 +116,27 @@ def providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def warn_int8_form(model) -> bool:
+    """Warn (and return True) when an int8 model was quantised with full 8-bit signed weights, which only a CPU with
+    VNNI sums without saturating, and this CPU has none."""
+    from scdino.cpu import has_vnni
+    from scdino.models.sidecar import read_sidecar
+
+    try:
+        q = read_sidecar(model).get("quantization") or {}
+    except Exception:  # a model without a readable sidecar says nothing about its weights
+        return False
+    if not q.get("needs_vnni") or has_vnni():
+        return False
+    log.warning(
+        "%s: int8 with %s weights was made on a CPU with VNNI; this CPU has none and its int16 sums can saturate "
+        "(embeddings off by far more than the check measured). Quantise it again here: scdino-export quantize",
+        model,
+        q.get("weights"),
+    )
+    return True
+
+
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
@@ -135,6 +156,8 @@ class OnnxRuntimeBackend:
                 f"ONNX Runtime fell back to the CPU ({', '.join(got)}): the CUDA libraries it needs (CUDA 12, cuDNN 9) "
                 "were not found. Install them or run with --device cpu"
             )
+        if card.precision == "int8" and spec.device == "cpu":
+            warn_int8_form(spec.model)
         self.dtype = np.dtype(card.dtype)
         self.embed_dim = card.embed_dim
         self.info = {

@@ -1,0 +1,28 @@
+"""What this CPU offers int8 inference.
+
+ONNX Runtime multiplies unsigned 8-bit activations by signed 8-bit weights. CPUs with a VNNI-class dot product (AVX-512
+VNNI, AVX-VNNI, AMX) sum those products in 32 bits; older AVX2 CPUs sum pairs of them in 16 bits, which saturates for
+full-range signed weights, so there int8 weights must use 7 bits (``reduce_range``) or be unsigned.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+#: /proc/cpuinfo flags of a 32-bit int8 dot product
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+@functools.lru_cache(maxsize=1)
+def has_vnni(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when this CPU sums int8 products in 32 bits (read from ``/proc/cpuinfo``; False where it cannot be read,
+    the safe answer: only 7-bit or unsigned int8 weights are then used)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return any(f in line.split(":", 1)[1].split() for f in VNNI_FLAGS)
+    return False
