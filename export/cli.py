@@ -128,7 +128,9 @@ def onnx_cmd(
     type=click.Choice(["dynamic", "static"]),
     default="dynamic",
     show_default=True,
-    help="dynamic: uint8 weights (best on AVX2 CPUs); static: calibrated QDQ activations and weights.",
+    help="dynamic: weights quantised once, activations per batch; the fastest weight form that keeps cosine 0.999 "
+    "on the check crops (signed 8-bit per channel on CPUs with VNNI, 7-bit elsewhere, else unsigned). "
+    "static: calibrated QDQ activations and weights.",
 )
 @click.option(
     "--calibration",
@@ -149,7 +151,8 @@ def quantize_cmd(model, out, method, calibration, min_cosine) -> None:
     q = quantize(model, out, method=method, calibration=_load_crops(calibration), min_cosine=min_cosine)["quantization"]
     acc = q["knn_leave_one_out_top1"]
     click.echo(
-        f"wrote {out} (int8 {method}): cosine to fp32 on {q['n_crops']} check crops min {q['min_cosine_to_fp32']:.5f}, "
+        f"wrote {out} (int8 {method}, {q['weights']} weights): cosine to fp32 on {q['n_crops']} check crops min "
+        f"{q['min_cosine_to_fp32']:.5f}, "
         f"median {q['median_cosine_to_fp32']:.5f}; leave-one-out k-NN top-1 on those crops, each labelled by its "
         f"brightest channel (a label from the pixels, not a biological class): fp32 {acc['fp32']:.3f}, "
         f"int8 {acc['int8']:.3f}"

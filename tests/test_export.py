@@ -269,4 +269,6 @@ def test_quantize_says_what_its_check_measured(tmp_path):
     r = CliRunner().invoke(main, ["quantize", str(tmp_path / "m.onnx"), "--out", str(tmp_path / "q.onnx")])
     assert r.exit_code == 0, r.output
     assert "cosine to fp32 on 48 check crops" in r.stdout
+    weights = read_sidecar(tmp_path / "q.onnx")["quantization"]["weights"]
+    assert f"(int8 dynamic, {weights} weights)" in r.stdout
     assert "leave-one-out k-NN top-1 on those crops, each labelled by its brightest channel" in r.stdout
