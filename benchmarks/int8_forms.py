@@ -25,21 +25,6 @@ from pathlib import Path
 import numpy as np
 
 DATA = Path(__file__).parent / "data" / "jurkat_cellcycle"
-FORMS = {
-    "uint8": {"weight_type": "QUInt8"},
-    "int8 per channel, 7 bit": {"weight_type": "QInt8", "per_channel": True, "reduce_range": True},
-    "int8 per channel, 8 bit": {"weight_type": "QInt8", "per_channel": True},
-    "int8 per tensor, 8 bit": {"weight_type": "QInt8"},
-}
-
-
-def cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
-    return sorted(f for f in flags if f.startswith(("avx2", "avx512_vnni", "avx_vnni", "amx")))
 
 
 def main() -> None:
@@ -54,15 +39,18 @@ def main() -> None:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from scdino.cells.cropstore import CropStore
+    from scdino.cpu import cpu_flags
     from scdino.data import packaged_crops
     from scdino.engine.config import cpu_batch_size
     from scdino.engine.pipeline import versions
     from scdino.export.onnx_export import export_onnx
-    from scdino.export.quantize import _embed, _session
+    from scdino.export.quantize import DYNAMIC_FORMS, _embed, _session
     from scdino.export.verify import fit_crops
     from scdino.models import arch_config, build_model
     from scdino.models.card import describe_model
 
+    # the forms quantize() tries, and signed per-tensor weights for comparison
+    forms = {name: opts for name, opts, _ in DYNAMIC_FORMS} | {"int8 per tensor, 8 bit": {"weight_type": "QInt8"}}
     tmp = Path(tempfile.mkdtemp(prefix="scdino-int8-"))
     torch.manual_seed(0)
     vits = tmp / "vits16.pth"
@@ -87,7 +75,7 @@ def main() -> None:
         pre = tmp / "pre.onnx"
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         paths = {"fp32": str(src)}
-        for form, opts in FORMS.items():
+        for form, opts in forms.items():
             p = tmp / f"{src.stem}.{len(paths)}.onnx"
             opts = {**opts, "weight_type": getattr(QuantType, opts["weight_type"])}
             quantize_dynamic(str(pre), str(p), op_types_to_quantize=["MatMul", "Gemm"], **opts)
@@ -127,11 +115,12 @@ def main() -> None:
                 f"| {k} | {cps:.1f} | {cps / base:.2f} | {cps / u8:.2f} | {row['min_cosine_to_fp32']:.5f} | "
                 f"{row['median_cosine_to_fp32']:.6f} |"
             )
+    vector_flags = sorted(f for f in cpu_flags() if f.startswith(("avx2", "avx512_vnni", "avx_vnni", "amx")))
     result = {
         "benchmark": "int8_forms",
         "threads": args.threads,
         "repeats": args.repeats,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu_flags": cpu_flags()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu_flags": vector_flags},
         "versions": versions(),
         "rows": rows,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

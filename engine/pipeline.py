@@ -317,13 +317,13 @@ def run(cfg: RunConfig) -> RunResult:
             log.info("resuming %s: %d of %d blocks done", cfg.out, store.n_blocks - len(todo), store.n_blocks)
         else:
             table = _find_cells(cfg, source, client, phases)
-            todo = list(range(-(-len(table) // cfg.chunk_cells)))
         _warn_intensity_range(cfg, source, table, card)
         t = time.perf_counter()
         try:
             if not resumed:
                 uns = _uns(cfg, spec, source, "running", path.to_dict())
                 store = EmbeddingStore.create(cfg.out, table, card.embed_dim, cfg.chunk_cells, uns, fp)
+                todo = list(range(store.n_blocks))
                 phases["store_seconds"] = time.perf_counter() - t
             t = time.perf_counter()
             blocks_run = _embed_stream(cfg, client, source, table, spec, todo, store)

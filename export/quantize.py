@@ -119,21 +119,22 @@ def quantize(
         ref = _embed(_session(str(model)), crops)
         tried: dict[str, float] = {}
         if method == "dynamic":
-            made = {}
+            made = {}  # form -> (file, embeddings, max abs diff)
             for i, (form, options, _) in enumerate(dynamic_forms()):
                 options = {**options, "weight_type": getattr(QuantType, options["weight_type"])}
                 path = os.path.join(tmp, f"int8-{i}.onnx")
                 quantize_dynamic(pre, path, op_types_to_quantize=["MatMul", "Gemm"], **options)
-                made[form] = (path, *_check(path, ref, crops, tmp))
-                tried[form] = made[form][2][1]
+                q, (diff, tried[form]) = _check(path, ref, crops, tmp)
+                made[form] = (path, q, diff)
                 if tried[form] >= FAST_FORM_MIN_COSINE:
                     break
                 log.info(
                     "int8 %s: min cosine to fp32 %.5f < %s, trying the next", form, tried[form], FAST_FORM_MIN_COSINE
                 )
             # the first (fastest) form that keeps FAST_FORM_MIN_COSINE, else the most accurate one
-            weights = next((f for f in made if tried[f] >= FAST_FORM_MIN_COSINE), max(tried, key=tried.get))
-            path, q, (diff, cmin) = made[weights]
+            weights = next((f for f in tried if tried[f] >= FAST_FORM_MIN_COSINE), max(tried, key=tried.get))
+            path, q, diff = made[weights]
+            cmin = tried[weights]
             os.replace(path, dest)
         else:
             weights = "int8 per channel"

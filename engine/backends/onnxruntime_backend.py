@@ -13,7 +13,7 @@ import logging
 import numpy as np
 
 from scdino.engine.backends.base import BackendSpec, check_crops
-from scdino.errors import ConfigError
+from scdino.errors import ConfigError, ScdinoError
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def warn_int8_form(model) -> bool:
 
     try:
         q = read_sidecar(model).get("quantization") or {}
-    except Exception:  # a model without a readable sidecar says nothing about its weights
+    except (ScdinoError, OSError):  # a model without a readable sidecar says nothing about its weights
         return False
     if not q.get("needs_vnni") or has_vnni():
         return False

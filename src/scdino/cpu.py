@@ -14,15 +14,18 @@ from pathlib import Path
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags as ``/proc/cpuinfo`` lists them (empty where it cannot be read)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return frozenset()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "flags:")
+    return frozenset(line.split(":", 1)[1].split())
+
+
 @functools.lru_cache(maxsize=1)
 def has_vnni(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """True when this CPU sums int8 products in 32 bits (read from ``/proc/cpuinfo``; False where it cannot be read,
     the safe answer: only 7-bit or unsigned int8 weights are then used)."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return False
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return any(f in line.split(":", 1)[1].split() for f in VNNI_FLAGS)
-    return False
+    return not cpu_flags(cpuinfo).isdisjoint(VNNI_FLAGS)
