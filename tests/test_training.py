@@ -99,6 +99,7 @@ def _aug(cfg_over=None):
         local_crops=3,
         global_scale=(0.4, 1.0),
         local_scale=(0.05, 0.4),
+        aspect_ratio=(3 / 4, 4 / 3),
         blur_p=(1.0, 0.1, 0.5),
         solarize_p=0.2,
         flip_p=0.5,

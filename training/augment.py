@@ -1,7 +1,8 @@
 """Multi-crop augmentation for microscopy (SPEC section 5), batched on the device.
 
 Each channel is a grey image: no colour jitter. For every crop of every view: random resized crop (area scale range,
-aspect ratio 3/4..4/3; with ``centre_views`` every view keeps the crop's centre, the cell, in its middle half)
+aspect ratio ``aspect_ratio``, 3/4..4/3 as DINO by default; a box that does not fit is drawn again, never clamped
+and stretched; with ``centre_views`` every view keeps the crop's centre, the cell, in its middle half)
 resampled bilinearly to the view size, horizontal and vertical flips, a rotation by a random angle up to
 ``rotation`` degrees either way (off by default; cells in flow cytometry have no orientation), brightness scaled per
 channel (or by one factor per view, ``brightness_per_channel=False``), gaussian blur, solarisation (global view 2),
@@ -50,14 +51,29 @@ def _uniform(g: torch.Generator, n: int, lo: float, hi: float, device) -> torch.
     return torch.rand(n, generator=g, device=device) * (hi - lo) + lo
 
 
-def crop_params(g: torch.Generator, n: int, scale: tuple[float, float], device, centred: bool = False) -> torch.Tensor:
+def crop_params(
+    g: torch.Generator,
+    n: int,
+    scale: tuple[float, float],
+    device,
+    centred: bool = False,
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    attempts: int = 10,
+) -> torch.Tensor:
     """(n, 4) random resized crop boxes (half-width, half-height, centre x, centre y, in grid units: the image spans
-    -1..1). ``centred``: each box keeps the image centre (the cell of a cell-centred crop) in its middle half."""
-    area = _uniform(g, n, scale[0], scale[1], device)
-    logr = _uniform(g, n, math.log(3 / 4), math.log(4 / 3), device)
-    ratio = logr.exp()
-    w = (area * ratio).sqrt().clamp(max=1.0)
-    h = (area / ratio).sqrt().clamp(max=1.0)
+    -1..1), drawn as torchvision's RandomResizedCrop draws them: an area fraction in ``scale`` and a log-uniform aspect
+    ratio in ``ratio``, up to ``attempts`` tries for a box that fits inside the crop, else the whole crop. A box is
+    never clamped, so the only change of aspect is the drawn ratio (``ratio=(1, 1)``: none). ``centred``: each box
+    keeps the image centre (the cell of a cell-centred crop) in its middle half."""
+    area = torch.rand(attempts, n, generator=g, device=device) * (scale[1] - scale[0]) + scale[0]
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    r = (torch.rand(attempts, n, generator=g, device=device) * (hi - lo) + lo).exp()
+    w_try, h_try = (area * r).sqrt(), (area / r).sqrt()
+    fits = (w_try <= 1) & (h_try <= 1)
+    first = fits.to(torch.uint8).argmax(0, keepdim=True)  # the first box that fits
+    found = fits.any(0)
+    w = torch.where(found, w_try.gather(0, first)[0], torch.ones_like(area[0]))
+    h = torch.where(found, h_try.gather(0, first)[0], torch.ones_like(area[0]))
     sx, sy = (1 - w, 1 - h) if not centred else (torch.minimum(1 - w, w / 2), torch.minimum(1 - h, h / 2))
     cx = (torch.rand(n, generator=g, device=device) * 2 - 1) * sx
     cy = (torch.rand(n, generator=g, device=device) * 2 - 1) * sy
@@ -136,7 +152,7 @@ class MultiCrop:
         sl = slice(offset, offset + len(x))
         out = []
         for v in self.views:
-            box = crop_params(g, n_total, v.scale, dev, cfg.centre_views)
+            box = crop_params(g, n_total, v.scale, dev, cfg.centre_views, tuple(cfg.aspect_ratio))
             fx = torch.rand(n_total, generator=g, device=dev) < cfg.flip_p
             fy = torch.rand(n_total, generator=g, device=dev) < cfg.flip_p
             bright = _uniform(g, n_total * x.shape[1], cfg.brightness[0], cfg.brightness[1], dev).view(n_total, -1)

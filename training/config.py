@@ -51,6 +51,7 @@ class TrainConfig:
     local_crops: int = 8
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
+    aspect_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # of the random-resized boxes (1,1: never change the aspect)
     centre_views: bool = False  # every view keeps the crop centre (the cell) in its middle half
     flip_p: float = 0.5
     rotation: float = 0.0  # views rotated by a random angle in [-rotation, rotation] degrees (180: any angle)
@@ -76,9 +77,9 @@ class TrainConfig:
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: int = 0
     center_momentum: float = 0.9
-    precision: str = (
-        "auto"  # auto (bf16 on GPUs that have it, else fp16 with scaling; fp32 on CPU) | fp32 | fp16 | bf16
-    )
+    # auto: bf16 autocast on GPUs that have it (else fp16 with loss scaling) and on CPUs with native bf16 (avx512_bf16
+    # or AMX), fp32 on other CPUs | fp32 | fp16 | bf16
+    precision: str = "auto"
     # run
     seed: int = 0
     saveckp_freq: int = 20
@@ -104,6 +105,12 @@ class TrainConfig:
             )
         if not 0 <= self.rotation <= 180:
             raise ConfigError(f"rotation {self.rotation}: expected degrees between 0 (off) and 180 (any angle)")
+        if len(self.aspect_ratio) != 2 or not 0 < self.aspect_ratio[0] <= self.aspect_ratio[1]:
+            raise ConfigError(f"aspect_ratio {self.aspect_ratio}: expected two values 0 < low <= high (1,1: no change)")
+        for name in ("global_scale", "local_scale"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi <= 1:
+                raise ConfigError(f"{name} ({lo}, {hi}): expected area fractions 0 < low <= high <= 1")
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise ConfigError(f"precision {self.precision!r}: expected auto, fp32, fp16 or bf16")
         if self.intensity_scaling not in ("crop", "dataset"):

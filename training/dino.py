@@ -15,8 +15,11 @@ class WeightNormLinear(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, norm_fixed: bool = True) -> None:
         super().__init__()
+        # DINO builds the layer as nn.utils.weight_norm(nn.Linear(...)) after its truncated-normal init of the MLP, so
+        # the direction starts as nn.Linear's default (kaiming uniform, a=sqrt(5)): a larger norm than std 0.02, which
+        # sets how fast the prototypes turn
         self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
-        nn.init.trunc_normal_(self.weight_v, std=0.02)
+        nn.init.kaiming_uniform_(self.weight_v, a=5**0.5)
         self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not norm_fixed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,15 +55,21 @@ class MultiCropWrapper(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
-        sizes = torch.tensor([c.shape[-1] for c in crops])
-        ends = torch.cumsum(torch.unique_consecutive(sizes, return_counts=True)[1], 0).tolist()
+    def forward(self, crops: list[torch.Tensor], with_features: bool = False):
+        """Head outputs of every crop (crops of one size batched together); with ``with_features`` also the backbone's
+        CLS embeddings (for monitoring)."""
+        sizes = [c.shape[-1] for c in crops]
         feats, start = [], 0
-        for end in ends:
+        while start < len(crops):
+            end = start
+            while end < len(crops) and sizes[end] == sizes[start]:
+                end += 1
             x = torch.cat(crops[start:end])
-            feats.append(self.backbone(x, interpolate=True))  # local crops: position embedding resized
+            feats.append(self.backbone(x, interpolate=True))  # local crops: position embedding resized as DINO does
             start = end
-        return self.head(torch.cat(feats))
+        emb = torch.cat(feats)
+        out = self.head(emb)
+        return (out, emb) if with_features else out
 
 
 class DINOLoss(nn.Module):
@@ -83,6 +92,7 @@ class DINOLoss(nn.Module):
         self.center_momentum = center_momentum
         self.n_crops = n_crops
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self.last_stats: torch.Tensor | None = None  # see _stats
         self.teacher_temp_schedule = np.concatenate(
             (
                 np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
@@ -101,8 +111,22 @@ class DINOLoss(nn.Module):
                     continue
                 total = total + torch.sum(-q * F.log_softmax(s[v], dim=-1), dim=-1).mean()
                 n += 1
+        loss = total / n
+        self.last_stats = self._stats(torch.cat(t), loss.detach())
         self.update_center(teacher_out)
-        return total / n
+        return loss
+
+    @staticmethod
+    @torch.no_grad()
+    def _stats(q: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        """(teacher entropy per cell, entropy of the batch-mean teacher output, student-teacher KL) in nats, of this
+        step's targets ``q`` (the centred, sharpened teacher softmax). Every loss term is H(q) + KL(q || student) and
+        each teacher view enters the same number of terms, so the mean KL is the loss minus the mean H(q)."""
+        q = q.float()
+        h_cell = -(q * q.clamp_min(1e-30).log()).sum(-1).mean()
+        p = q.mean(0)
+        h_mean = -(p * p.clamp_min(1e-30).log()).sum()
+        return torch.stack([h_cell, h_mean, loss.float() - h_cell])
 
     @torch.no_grad()
     def update_center(self, teacher_out: torch.Tensor) -> None:

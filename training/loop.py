@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from scdino.cells.options import CellOptions
+from scdino.cpu import has_native_bf16
 from scdino.errors import CheckpointError, ConfigError, ScdinoError
 from scdino.models import arch_config, embed_crops
 from scdino.models.vit import VisionTransformer
@@ -68,11 +70,22 @@ def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
 
 
 def _precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda" or cfg.precision == "fp32":
-        return None  # bf16 on a CPU without native support is 8-9x slower: never by default
-    if cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_bf16_supported()):
+    """The autocast dtype of a run (None: fp32). On a GPU: bf16 where supported, else fp16 with loss scaling. On a CPU:
+    bf16 where the CPU has it natively (avx512_bf16 or AMX: ~1.5x fp32 here, ``benchmarks/train_throughput.py``); on
+    other CPUs bf16 is emulated and several times slower than fp32, so ``auto`` keeps fp32 there."""
+    if cfg.precision == "fp32":
+        return None
+    if device.type == "cuda":
+        if cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_bf16_supported()):
+            return torch.bfloat16
+        return torch.float16
+    if cfg.precision == "fp16":
+        raise ConfigError("precision fp16 is for GPUs; on a CPU use bf16 (CPUs with avx512_bf16 or AMX) or fp32")
+    if cfg.precision == "bf16" or has_native_bf16():
+        if not has_native_bf16():
+            log.warning("this CPU has no native bf16 (avx512_bf16/AMX): bf16 training will be slower than fp32")
         return torch.bfloat16
-    return torch.float16
+    return None
 
 
 def build_networks(cfg: TrainConfig, in_chans: int) -> tuple[MultiCropWrapper, MultiCropWrapper]:
@@ -192,6 +205,12 @@ class Trainer:
     wd: np.ndarray
     momentum: np.ndarray
     val: tuple[np.ndarray, np.ndarray] | None = None
+    #: sum over this epoch's steps of the monitored values (:data:`MONITORED`), on the device
+    stats: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.student_params = [p.detach() for p in self.student.parameters()]
+        self.teacher_params = list(self.teacher.parameters())
 
     @property
     def global_batch(self) -> int:
@@ -343,7 +362,7 @@ def _step(tr: Trainer, epoch: int, it: int, order: torch.Tensor, logf) -> float:
         if i == 0:
             group["weight_decay"] = float(tr.wd[gi])
     with torch.autocast(tr.device.type, dtype=tr.amp or torch.float32, enabled=tr.amp is not None):
-        t_out = tr.teacher(views[:2])
+        t_out, t_emb = tr.teacher(views[:2], with_features=True)
         s_out = tr.model(views)
         loss = tr.loss_fn(s_out.float(), t_out.float(), epoch)
     if not math.isfinite(loss.item()):
@@ -354,6 +373,11 @@ def _step(tr: Trainer, epoch: int, it: int, order: torch.Tensor, logf) -> float:
             f"loss is {loss.item()} at epoch {epoch + 1}, iteration {it}: training diverged. The last good "
             f"checkpoint ({Path(cfg.out) / 'checkpoint.pth'}) is kept; lower --set lr=... or use --set precision=fp32"
         )
+    with torch.no_grad():  # monitoring (see MONITORED): stays on the device, summed over the epoch
+        e = F.normalize(t_emb.float(), dim=-1)
+        spread = e.std(0).mean() * math.sqrt(e.shape[1])
+        stats = torch.cat([tr.loss_fn.last_stats, spread[None]])
+        tr.stats = stats if tr.stats is None else tr.stats + stats
     tr.optimizer.zero_grad(set_to_none=True)
     if tr.scaler is not None:
         tr.scaler.scale(loss).backward()
@@ -368,10 +392,11 @@ def _step(tr: Trainer, epoch: int, it: int, order: torch.Tensor, logf) -> float:
         tr.scaler.update()
     else:
         tr.optimizer.step()
-    with torch.no_grad():
+    with torch.no_grad():  # teacher = m * teacher + (1 - m) * student, every parameter in one fused pass
         m = float(tr.momentum[gi])
-        for ps, pt in zip(tr.student.parameters(), tr.teacher.parameters()):
-            pt.mul_(m).add_(ps.detach(), alpha=1 - m)
+        tp, sp = tr.teacher_params, tr.student_params
+        torch._foreach_mul_(tp, m)
+        torch._foreach_add_(tp, sp, alpha=1 - m)
     value = loss.item()
     if tr.rank == 0 and (it % 10 == 0 or it == tr.n_iter - 1):
         record = {"epoch": epoch + 1, "iteration": it, "loss": value, "lr": float(tr.lr[gi]), "wd": float(tr.wd[gi])}
@@ -379,20 +404,39 @@ def _step(tr: Trainer, epoch: int, it: int, order: torch.Tensor, logf) -> float:
     return value
 
 
+#: what every epoch's summary reports about learning, besides the loss (means over the epoch's steps): the teacher's
+#: entropy per cell and of its batch-mean output (nats, of the centred and sharpened targets; a random head gives about
+#: ln K - 1.2 at temperature 0.04), the student-teacher KL, and the spread of the teacher's embeddings across cells
+#: (per-dimension std of the L2-normalised CLS tokens x sqrt(D): 0 when every cell maps to one point)
+MONITORED = ("teacher_entropy", "teacher_mean_entropy", "kl", "embedding_spread")
+
+
 def train_one_epoch(tr: Trainer, epoch: int, logf) -> dict:
     """One pass over the crops in this epoch's seeded order; returns the epoch's summary."""
     from tqdm.auto import tqdm
 
+    from scdino.progress import duration, interval, on_terminal
+
     order = epoch_order(len(tr.data.crops), epoch, tr.cfg.seed)
     tr.student.train()
-    t0 = time.perf_counter()
+    t0 = last = time.perf_counter()
     losses = []
+    tr.stats = None
     desc = f"epoch {epoch + 1}/{tr.cfg.epochs}"
-    bar = tqdm(range(tr.n_iter), desc=desc, disable=tr.rank != 0 or None, dynamic_ncols=True)
+    in_log = tr.rank == 0 and not on_terminal()  # a log file: a line every SCDINO_PROGRESS_SECONDS within the epoch
+    bar = tqdm(range(tr.n_iter), desc=desc, disable=tr.rank != 0 or in_log, dynamic_ncols=True)
     for it in bar:
         losses.append(_step(tr, epoch, it, order, logf))
         if tr.rank == 0:
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        now = time.perf_counter()
+        if in_log and now - last >= interval() and it + 1 < tr.n_iter:
+            last = now
+            rate = (it + 1) / (now - t0)
+            log.info(
+                "%s: step %d/%d, loss %.4f, %.2f steps/s, %s left in this epoch",
+                desc, it + 1, tr.n_iter, losses[-1], rate, duration((tr.n_iter - it - 1) / rate),
+            )
     seconds = time.perf_counter() - t0
     mean_loss = torch.tensor(float(np.mean(losses)), device=tr.device)
     if tr.world > 1:
@@ -402,18 +446,52 @@ def train_one_epoch(tr: Trainer, epoch: int, logf) -> dict:
     summary = {
         "epoch": epoch + 1,
         "loss": float(mean_loss),
+        **dict(zip(MONITORED, (tr.stats / tr.n_iter).tolist())),
         "seconds": seconds,
         "crops_per_s": tr.n_iter * tr.global_batch / seconds,
         "lr": float(tr.lr[last]),
         "wd": float(tr.wd[last]),
         "momentum": float(tr.momentum[last]),
+        "teacher_temp": float(tr.loss_fn.teacher_temp_schedule[min(epoch, len(tr.loss_fn.teacher_temp_schedule) - 1)]),
     }
     if tr.val is not None and (epoch + 1) % tr.cfg.knn_freq == 0:
         from scdino.knn import evaluate_knn
 
         emb = embed_crops(tr.teacher.backbone, tr.val[0], tr.data.prep, tr.device)
-        summary["knn_top1"] = evaluate_knn(emb, tr.val[1], seed=tr.cfg.seed)["top1"]
+        knn = evaluate_knn(emb, tr.val[1], seed=tr.cfg.seed)
+        summary["knn_top1"] = knn["top1"]
+        summary["knn_balanced"] = knn["balanced_accuracy"]
     return summary
+
+
+def health(summary: dict, first: dict, cfg: TrainConfig) -> list[str]:
+    """Plain-language warnings about an epoch's summary (``first``: the first epoch's): uniform collapse (every cell's
+    target near uniform), one-cluster collapse (every cell gets the same target), and a teacher that has not sharpened
+    after the warm-ups."""
+    ln_k = math.log(cfg.out_dim)
+    h, h_mean = summary["teacher_entropy"], summary["teacher_mean_entropy"]
+    warm = max(cfg.warmup_epochs, cfg.warmup_teacher_temp_epochs, 1)
+    out = []
+    if h > 0.97 * ln_k and h_mean > 0.97 * ln_k:
+        out.append(
+            f"uniform collapse: the teacher's targets are near uniform over the {cfg.out_dim} outputs (entropy per "
+            f"cell {h:.2f}, of the mean {h_mean:.2f}, ln K = {ln_k:.2f}); the student learns nothing from them. Lower "
+            "teacher_temp, raise center_momentum, check the intensity scaling, or use a smaller out_dim"
+        )
+    elif h_mean < 0.1 * ln_k:
+        out.append(
+            f"one-cluster collapse: the teacher gives every cell the same target (entropy of its mean output "
+            f"{h_mean:.2f} of ln K = {ln_k:.2f}); lower teacher_temp is not the fix: raise teacher_temp or "
+            "center_momentum, lower lr, or use stronger augmentation"
+        )
+    elif summary["epoch"] > warm and h > 0.9 * first["teacher_entropy"]:
+        out.append(
+            f"the teacher has not sharpened after the {warm}-epoch warm-up (entropy per cell {h:.2f}, "
+            f"{first['teacher_entropy']:.2f} in epoch {first['epoch']}): the run is not learning yet. Typical fixes: "
+            "faster teacher momentum for a short run (momentum_teacher 0.99), fewer or larger local crops, views that "
+            "keep the whole cell"
+        )
+    return out
 
 
 def _validation_data(cfg: TrainConfig, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -425,33 +503,43 @@ def _validation_data(cfg: TrainConfig, names: list[str]) -> tuple[np.ndarray, np
 
 
 def _epoch_line(s: dict, epochs: int, left: float) -> str:
-    """One line per epoch for the terminal and the log: loss, lr, speed, k-NN where followed, time left."""
+    """One line per epoch for the terminal and the log: loss, teacher entropies, KL, lr, speed, k-NN where followed,
+    time left."""
     from scdino.progress import duration
 
     knn = f", k-NN top-1 {s['knn_top1']:.3f}" if "knn_top1" in s else ""
     return (
-        f"epoch {s['epoch']}/{epochs}: loss {s['loss']:.4f}, lr {s['lr']:.2e}, {s['crops_per_s']:.1f} crops/s, "
-        f"{s['seconds']:.0f} s{knn}; {duration(left)} left"
+        f"epoch {s['epoch']}/{epochs}: loss {s['loss']:.4f}, teacher entropy {s['teacher_entropy']:.2f} per cell / "
+        f"{s['teacher_mean_entropy']:.2f} of the mean, KL {s['kl']:.3f}, spread {s['embedding_spread']:.3f}, "
+        f"lr {s['lr']:.2e}, {s['crops_per_s']:.1f} crops/s, {s['seconds']:.0f} s{knn}; {duration(left)} left"
     )
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train (or resume) into ``cfg.out``; returns a summary of the last epoch."""
+def train(
+    cfg: TrainConfig, data: TrainingData | None = None, val: tuple[np.ndarray, np.ndarray] | None = None
+) -> dict:
+    """Train (or resume) into ``cfg.out``; returns a summary of the last epoch. ``data`` (:func:`data_from_crops`)
+    and ``val`` (crops, labels for k-NN) replace reading ``cfg.data`` and ``cfg.val_data``."""
     cfg.validate()
-    tr = build(cfg)
+    tr = build(cfg, data)
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pth"
     start = resume(tr, ckpt_path) if ckpt_path.is_file() else 0
     if cfg.knn_freq and tr.rank == 0:
-        tr.val = _validation_data(cfg, tr.data.names)
+        tr.val = val if val is not None else _validation_data(cfg, tr.data.names)
     logf = open(out / "log.jsonl", "a") if tr.rank == 0 else None
+    first = _first_summary(out / "log.jsonl") if start else None
     summary: dict = {}
     seconds: list[float] = []
     for epoch in range(start, cfg.epochs):
         summary = train_one_epoch(tr, epoch, logf)
         seconds.append(summary["seconds"])
+        first = first or summary
         if tr.rank == 0:
             log.info(_epoch_line(summary, cfg.epochs, float(np.mean(seconds)) * (cfg.epochs - epoch - 1)))
+            summary["warnings"] = health(summary, first, cfg)
+            for w in summary["warnings"]:
+                log.warning("training check after epoch %d: %s", epoch + 1, w)
             _log_line(logf, {"summary": True, **summary})
             logf.flush()
             save_checkpoint(tr, epoch + 1, ckpt_path)
@@ -462,3 +550,17 @@ def train(cfg: TrainConfig) -> dict:
     if logf:
         logf.close()
     return summary
+
+
+def _first_summary(path: Path) -> dict | None:
+    """The first epoch's summary in a run's log (what a resumed run compares the teacher's entropy with)."""
+    if not path.is_file():
+        return None
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("summary") and "teacher_entropy" in rec:
+            return rec
+    return None

@@ -177,7 +177,8 @@ class VisionTransformer(nn.Module):
 
     def prepare_tokens(self, x: torch.Tensor, interpolate: bool = False) -> torch.Tensor:
         """Patch tokens + CLS + position embedding. Inputs must have the built size unless ``interpolate`` (training's
-        local crops), which resizes the position embedding for this call, as DINO does in every forward pass."""
+        local crops), which resizes the position embedding for this call exactly as DINO's training does
+        (:func:`interpolate_pos_encoding`)."""
         pos = self.pos_embed
         if x.shape[-1] != self.cfg.img_size or x.shape[-2] != self.cfg.img_size:
             if not interpolate or x.shape[-1] != x.shape[-2]:
@@ -185,7 +186,7 @@ class VisionTransformer(nn.Module):
                     f"model built for {self.cfg.img_size}x{self.cfg.img_size} inputs, got {tuple(x.shape[-2:])}; "
                     "resize in preprocessing or rebuild the model for this input size"
                 )
-            pos = resize_pos_embed(self.pos_embed, x.shape[-1] // self.cfg.patch_size)
+            pos = interpolate_pos_encoding(self.pos_embed, x.shape[-1] // self.cfg.patch_size)
         x = self.patch_embed(x)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         return torch.cat((cls, x), dim=1) + pos
@@ -245,4 +246,24 @@ def resize_pos_embed(pos_embed: torch.Tensor, new_grid: int) -> torch.Tensor:
     grid = patches.reshape(1, old, old, d).permute(0, 3, 1, 2).float()
     grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
     patches = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, d).to(pos_embed.dtype)
+    return torch.cat((cls, patches), dim=1)
+
+
+def interpolate_pos_encoding(pos_embed: torch.Tensor, new_grid: int) -> torch.Tensor:
+    """The position embedding for a ``new_grid`` x ``new_grid`` patch grid as DINO's ``interpolate_pos_encoding`` makes
+    it during training (the local crops): bicubic, by the scale factor ``(new_grid + 0.1) / old_grid``. That factor
+    also sets where the output samples fall, so the result differs slightly from resizing to a target size
+    (:func:`resize_pos_embed`, used once when a model is built for another input size)."""
+    n = pos_embed.shape[1] - 1
+    old = int(math.isqrt(n))
+    if old == new_grid:
+        return pos_embed
+    cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
+    d = pos_embed.shape[-1]
+    f = (new_grid + 0.1) / math.sqrt(n)
+    grid = patches.reshape(1, old, old, d).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=(f, f), mode="bicubic")
+    if grid.shape[-1] != new_grid or grid.shape[-2] != new_grid:
+        raise ValueError(f"position embedding of a {old}x{old} grid cannot be interpolated to {new_grid}x{new_grid}")
+    patches = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, d)
     return torch.cat((cls, patches), dim=1)
