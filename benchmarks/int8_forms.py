@@ -1,7 +1,7 @@
 """Dynamic int8 forms side by side: speed and cosine to fp32 of each weight form ONNX Runtime's quantize_dynamic can
 write, on three models: a seeded random ViT-S/16 at 224 px (the reference benchmark's model) on the packaged
-neocortex check crops, the packaged ``default`` model (ViT-tiny/8 at 48 px) on the same crops, and ``ifc-cellcycle``
-(ViT-tiny/8 at 40 px) on the 516 held-out Jurkat cells.
+neocortex check crops, the packaged ``default`` model (ViT-tiny/8 at 48 px) on the same crops, and a seeded untrained
+ViT-tiny/8 at 40 px on the 516 held-out Jurkat cells (BF+DF).
 
 Forms: unsigned per-tensor weights (``QUInt8``, the form before this benchmark), signed per-channel weights on 7 bits
 (``reduce_range``, safe from the int16 saturation of CPUs without VNNI), signed per-channel on 8 bits, signed
@@ -61,7 +61,7 @@ def main() -> None:
     cases = [
         ("random ViT-S/16 at 224", str(vits), {"channels": ("CTIP2", "BRN2", "ROR"), "input_size": 224}, neocortex),
         ("default (ViT-tiny/8 at 48)", "default", {"channels": ("CTIP2", "BRN2", "ROR")}, neocortex),
-        ("ifc-cellcycle (ViT-tiny/8 at 40)", "ifc-cellcycle", {"n_channels": 2}, jurkat),
+        ("untrained ViT-tiny/8 at 40 (Jurkat BF+DF)", "random:vit_tiny8", {"n_channels": 2, "input_size": 40}, jurkat),
     ]
     rows = []
     for name, model, kw, raw in cases:

@@ -3,9 +3,10 @@ cells it never saw (``benchmarks/data/jurkat_cellcycle/holdout.zarr``, the fixed
 
 Feature sets, per channel set (BF+DF: the label-free question; BF+DNA+DF; DNA):
 
-- the trained model: ``--model ifc-cellcycle`` (BF+DF, shipped) and the same recipe on all three channels
-  (``benchmarks/data/jurkat_cellcycle/models/bf_dna_df.pth``); both embedded by ``scdino-engine run`` itself;
-- the same architecture untrained (``random:vit_tiny8`` at the same input size);
+- trained models, where given: ``--bf-df MODEL`` and ``--bf-dna-df MODEL`` (scdino-train checkpoints, e.g. the ones
+  ``benchmarks/train_recipes.py`` keeps; none ships), embedded by ``scdino-engine run`` itself;
+- the same architecture untrained (``random:vit_tiny8`` at the same input size, per-crop min-max), and, for a model
+  trained with a fixed intensity range, the untrained twin with that same range (the gate a shipped model must pass);
 - raw pixels, each crop min-max scaled per channel (the paper's preprocessing), flattened;
 - raw pixels scaled by one fixed range per channel (0.1 / 99.9th percentiles of the training cells' pixels);
 - hand-crafted morphology (:mod:`scdino.engine.morphology`: shape, intensity and texture per channel, as CellProfiler
@@ -21,7 +22,7 @@ Two k-NN protocols (k=20, T=0.07, cosine, as the paper):
 Writes ``benchmarks/results/jurkat_cellcycle.json``, the README table (``jurkat_cellcycle.md``), the confusion
 matrix and a UMAP of the held-out cells coloured by class (``jurkat_cellcycle_*.png``).
 
-    python benchmarks/jurkat_cellcycle.py [--seeds 20] [--out benchmarks/results]
+    python benchmarks/jurkat_cellcycle.py [--bf-df MODEL] [--bf-dna-df MODEL] [--seeds 20] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import numpy as np
 
 DATA = Path(__file__).parent / "data" / "jurkat_cellcycle"
 CHANNEL_SETS = {"BF+DF": ("BF", "DF"), "BF+DNA+DF": ("BF", "DNA", "DF"), "DNA": ("DNA",)}
-MODELS = {"BF+DF": "ifc-cellcycle", "BF+DNA+DF": str(DATA / "models" / "bf_dna_df.pth")}
+MODELS: dict[str, str] = {}  # channel set -> trained model, from the command line
 UNTRAINED = "random:vit_tiny8"
 INPUT_SIZE = 40
 PERCENTILES = (0.1, 99.9)
@@ -94,6 +95,11 @@ def features(train, held, set_name: str, work: Path) -> dict[str, tuple[np.ndarr
     if set_name in MODELS:
         model = MODELS[set_name]
         out["trained model"] = tuple(_embed(s, model, names, work) for s in (train["path"], held["path"])) + (False,)
+        twin = _untrained_twin(model, work)
+        if twin:
+            out["untrained ViT-tiny/8, the model's fixed range"] = tuple(
+                _embed(s, twin, names, work) for s in (train["path"], held["path"])
+            ) + (False,)
     out["untrained ViT-tiny/8"] = tuple(_embed(s, UNTRAINED, names, work) for s in (train["path"], held["path"])) + (
         False,
     )
@@ -103,6 +109,23 @@ def features(train, held, set_name: str, work: Path) -> dict[str, tuple[np.ndarr
     cols = _morph_cols(names)
     out["morphology (scikit-image)"] = (train["morph"][:, cols], held["morph"][:, cols], True)
     return out
+
+
+def _untrained_twin(model: str, work: Path) -> str | None:
+    """The model's file with its weights replaced by a seeded untrained network of the same architecture (same
+    channels, input size and fixed intensity range); None for a model without a fixed range."""
+    import torch
+
+    from scdino.models.checkpoint import read_checkpoint
+    from scdino.models.vit import VisionTransformer
+
+    ck = read_checkpoint(model, "teacher")
+    if ck.meta.get("scale_lo") is None:
+        return None
+    torch.manual_seed(0)
+    path = work / "untrained_twin.pth"
+    torch.save({"model": VisionTransformer(ck.config).state_dict(), "scdino": dict(ck.meta)}, path)
+    return str(path)
 
 
 def _morph_cols(names: tuple[str, ...]) -> np.ndarray:
@@ -147,7 +170,7 @@ def _plots(out: Path, held_labels, emb, cm, classes) -> None:
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true (held-out cells)")
-    ax.set_title("ifc-cellcycle, BF+DF, k-NN from the training cells", fontsize=9)
+    ax.set_title("trained BF+DF model, k-NN from the training cells", fontsize=9)
     fig.colorbar(im, ax=ax, label="fraction of the true class")
     fig.tight_layout()
     fig.savefig(out / "jurkat_cellcycle_confusion.png", dpi=120)
@@ -161,7 +184,7 @@ def _plots(out: Path, held_labels, emb, cm, classes) -> None:
     ax.legend(fontsize=7, markerscale=2)
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title("held-out Jurkat cells, ifc-cellcycle embeddings (BF+DF, no DNA stain)", fontsize=9)
+    ax.set_title("held-out Jurkat cells, trained BF+DF model (no DNA stain)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "jurkat_cellcycle_umap.png", dpi=120)
     plt.close(fig)
@@ -169,9 +192,12 @@ def _plots(out: Path, held_labels, emb, cm, classes) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bf-df", help="a model trained on BF+DF (scdino-train checkpoint)")
+    ap.add_argument("--bf-dna-df", help="a model trained on BF+DNA+DF")
     ap.add_argument("--seeds", type=int, default=20, help="held-out reference/query splits")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
+    MODELS.update({k: v for k, v in (("BF+DF", args.bf_df), ("BF+DNA+DF", args.bf_dna_df)) if v})
     from sklearn.metrics import confusion_matrix
 
     from scdino.knn import split
@@ -226,7 +252,8 @@ def main() -> None:
                 r["model_ahead_balanced"] = int((d_bal > 0).sum())
         results += per_set
     args.out.mkdir(parents=True, exist_ok=True)
-    _plots(args.out, held["labels"], extra["emb"], extra["cm"], classes)
+    if extra:
+        _plots(args.out, held["labels"], extra["emb"], extra["cm"], classes)
     table = _table(results, args.seeds, classes)
     print(table)
     (args.out / "jurkat_cellcycle.md").write_text(table)

@@ -1,5 +1,5 @@
-"""Speed and its accuracy cost on real labelled cells: the label-free model (``--model ifc-cellcycle``, ViT-tiny/8
-trained at 40 px on BF+DF) on the held-out Jurkat cells, for each precision (fp32 PyTorch, fp32 ONNX Runtime, int8
+"""Speed and its accuracy cost on real labelled cells: a label-free model (``--model PATH``, e.g. a ViT-tiny/8 trained
+at 40 px on BF+DF by ``benchmarks/train_recipes.py``) on the held-out Jurkat cells, for each precision (fp32 PyTorch, fp32 ONNX Runtime, int8
 dynamic, int8 static) and input size (native 40 px, 112, and fast mode's 16 px; 224 would be a 5.6x upsampling of
 these 40 px cells, only slower).
 
@@ -9,7 +9,7 @@ the median of ``--repeats`` passes after a warm-up. k-NN (k=20, T=0.07) on strat
 cells over ``--seeds`` seeds: mean top-1 and balanced accuracy.
 Cosine: each setting against fp32 PyTorch at the same size.
 
-    python benchmarks/speed_accuracy.py [--repeats 2] [--seeds 20] [--threads N] [--out ...]
+    python benchmarks/speed_accuracy.py --model MODEL.pth [--repeats 2] [--seeds 20] [--threads N] [--out ...]
 """
 
 from __future__ import annotations
@@ -25,17 +25,22 @@ from pathlib import Path
 import numpy as np
 
 DATA = Path(__file__).parent / "data" / "jurkat_cellcycle"
-MODEL = "ifc-cellcycle"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--model",
+        required=True,
+        help="a BF+DF model of the Jurkat cells (a scdino-train checkpoint, e.g. one kept by train_recipes.py)",
+    )
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--sizes", default="40,112,16")
     ap.add_argument("--threads", type=int, help="threads of every setting (default: all cores)")
     ap.add_argument("--out", default="benchmarks/results/speed_accuracy.json")
     args = ap.parse_args()
+    MODEL = args.model  # noqa: N806
     from scdino.cells.cropstore import CropStore
     from scdino.engine.backends import open_backend
     from scdino.engine.backends.base import BackendSpec

@@ -89,6 +89,23 @@ RECIPES: dict[str, dict] = {
     "lr_2e3": {"lr": 2e-3},
     "strong_views": {"global_scale": (0.3, 1.0), "aspect_ratio": (0.75, 1.3333), "centre_views": False},
     "long_500": {"epochs": 500, "warmup_epochs": 20},
+    # round 2, after round 1 (benchmarks/results/train_recipes_round1.json): locals and zoom hurt, so two whole-cell
+    # global views (rotation, flips, brightness, blur) and a schedule that finishes
+    "two_views": {"global_scale": (1.0, 1.0), "local_crops": 0, "epochs": 100},
+    "two_views_no_brightness": {"global_scale": (1.0, 1.0), "local_crops": 0, "epochs": 100, "brightness_p": 0.0},
+    "two_views_geometry_only": {
+        "global_scale": (1.0, 1.0), "local_crops": 0, "epochs": 100, "brightness_p": 0.0, "blur_p": (0.0, 0.0, 0.0)
+    },
+    "two_views_teacher_temp_06": {
+        "global_scale": (1.0, 1.0), "local_crops": 0, "epochs": 100, "teacher_temp": 0.06,
+        "warmup_teacher_temp_epochs": 30,
+    },
+    "two_views_slight_zoom": {"global_scale": (0.85, 1.0), "local_crops": 0, "epochs": 100},
+    "two_views_lr_5e4": {"global_scale": (1.0, 1.0), "local_crops": 0, "epochs": 100, "lr": 5e-4},
+    "two_views_momentum_0996": {"global_scale": (1.0, 1.0), "local_crops": 0, "epochs": 100, "momentum_teacher": 0.996},
+    "two_views_patch4": {"global_scale": (1.0, 1.0), "local_crops": 0, "epochs": 100, "patch": 4, "local_size": 24},
+    "two_views_200": {"global_scale": (1.0, 1.0), "local_crops": 0, "epochs": 200, "warmup_epochs": 10},
+    "two_views_no_drop_path": {"global_scale": (1.0, 1.0), "local_crops": 0, "epochs": 100, "drop_path": 0.0},
 }
 
 

@@ -1,7 +1,13 @@
-"""Training throughput (crops/s) of scdino-train with the full scDINO multi-crop recipe (2 x 224 + 8 x 96 views) for
-ViT-tiny/16 and ViT-S/16, a few iterations each on real neocortex crops, side by side in one process.
+"""Training throughput (crops/s) of scdino-train in fp32 and in bf16 autocast, side by side in one process, on real
+Jurkat cells (``benchmarks/data/jurkat_cellcycle/train.zarr``, BF+DF, 40 px).
 
-    python benchmarks/train_throughput.py --iters 3 --batch 8
+Recipes (ViT-tiny/8 at 40 px): ``two_views`` (the recipe search's two whole-cell views,
+``benchmarks/train_recipes.py``), ``multicrop_16`` (2 x 40 + 4 locals of 16 px, the earlier recipe) and
+``multicrop_24`` (2 x 40 + 4 locals of 24 px). Every measurement is one short run: two epochs of ``--iters`` steps,
+the second timed (the first pays one-off costs); precisions alternate within each repeat, and the table gives the
+median of ``--repeats`` and the bf16/fp32 ratio. ``auto`` is what ``precision=auto`` picks on this machine.
+
+    python benchmarks/train_throughput.py [--iters 4] [--batch 32] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -14,75 +20,90 @@ import tempfile
 import time
 from pathlib import Path
 
+DATA = Path(__file__).parent / "data" / "jurkat_cellcycle" / "train.zarr"
+RECIPES = {
+    "two_views": {"local_crops": 0},
+    "multicrop_16": {"local_crops": 4, "local_size": 16},
+    "multicrop_24": {"local_crops": 4, "local_size": 24},
+}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--archs", nargs="+", default=["vit_tiny16", "vit_small16"])
-    ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--global-size", type=int, default=224)
-    ap.add_argument("--local-size", type=int, default=96)
+    ap.add_argument("--iters", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--out", default="benchmarks/results/train_throughput.json")
     args = ap.parse_args()
+    import numpy as np
     import torch
 
-    from scdino.engine.sample import write_sample_plate
+    from scdino.cells.cropstore import CropStore
+    from scdino.cpu import has_native_bf16
     from scdino.training.config import build_config
-    from scdino.training.loop import train
+    from scdino.training.loop import _precision, data_from_crops, train
 
+    store = CropStore(DATA)
+    names = list(store.channels)
+    crops = torch.from_numpy(store.array[:][:, [names.index("BF"), names.index("DF")]].astype(np.int32))
     tmp = Path(tempfile.mkdtemp(prefix="scdino-train-bench-"))
-    plate = write_sample_plate(tmp / "neocortex.zarr", "neocortex")
     rows = []
-    for arch in args.archs:
-        fam, patch = arch.rstrip("0123456789"), int(arch[len(arch.rstrip("0123456789")) :])
-        # iteration 0 pays one-off costs (allocations, first kernels): two epochs, the second one timed
-        cfg = build_config(
-            None,
-            [
-                f"global_size={args.global_size}",
-                f"local_size={args.local_size}",
-                "sigma=1",
-                "min_distance=4",
-                "min_area=15",
-                "warmup_epochs=0",
-                f"max_iters_per_epoch={args.iters}",
-                "saveckp_freq=0",
-            ],
-            data=plate,
-            out=str(tmp / arch),
-            arch=fam,
-            patch=patch,
-            epochs=2,
-            batch_size_per_device=args.batch,
-            segment_channel="CTIP2,BRN2,ROR",
-            crop_size=32,
-            device="auto",
-        )
-        t = time.perf_counter()
-        s = train(cfg)
+    for recipe in args.recipes.split(","):
+        speeds: dict[str, list[float]] = {"fp32": [], "bf16": []}
+        for rep in range(args.repeats):
+            for precision in ("fp32", "bf16"):
+                sets = {
+                    "arch": "vit_tiny",
+                    "patch": 8,
+                    "global_size": 40,
+                    "global_scale": "1,1",
+                    "aspect_ratio": "1,1",
+                    "rotation": 180,
+                    "intensity_scaling": "dataset",
+                    "out_dim": 4096,
+                    "epochs": 2,
+                    "warmup_epochs": 0,
+                    "batch_size_per_device": args.batch,
+                    "max_iters_per_epoch": args.iters,
+                    "saveckp_freq": 0,
+                    "precision": precision,
+                    "device": "cpu",
+                    **RECIPES[recipe],
+                }
+                cfg = build_config(
+                    None,
+                    [f"{k}={v}" for k, v in sets.items()],
+                    data=str(DATA),
+                    out=str(tmp / f"{recipe}-{precision}-{rep}"),
+                    channels=["BF", "DF"],
+                )
+                s = train(cfg, data=data_from_crops(cfg, crops, ["BF", "DF"]))
+                speeds[precision].append(s["crops_per_s"])
+                print(f"  {recipe} {precision} repeat {rep + 1}: {s['crops_per_s']:.1f} crops/s", flush=True)
+        med = {p: float(np.median(v)) for p, v in speeds.items()}
         rows.append(
             {
-                "arch": arch,
-                "crops_per_s": s["crops_per_s"],
-                "epoch_seconds": s["seconds"],
-                "iters": args.iters,
-                "batch": args.batch,
-                "wall_s": time.perf_counter() - t,
+                "recipe": recipe,
+                **{f"{p}_crops_per_s": v for p, v in speeds.items()},
+                **{f"{p}_median": v for p, v in med.items()},
+                "bf16_over_fp32": med["bf16"] / med["fp32"],
             }
         )
-        print(f"  {arch}: {s['crops_per_s']:.2f} crops/s", flush=True)
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    print(f"\n2 x {args.global_size} + 8 x {args.local_size} views, batch {args.batch}, {dev}\n")
-    print("| arch | crops/s |")
-    print("|---|---|")
+    auto = _precision(build_config(None, [], data="d", out="o"), torch.device("cpu"))
+    dev = f"CPU ({os.cpu_count()} cores), native bf16: {has_native_bf16()}"
+    print(f"\nViT-tiny/8 at 40 px, batch {args.batch}, {args.iters} timed steps, median of {args.repeats}, {dev}")
+    print(f"precision=auto picks {auto or 'fp32'} here\n")
+    print("| recipe | fp32 crops/s | bf16 crops/s | bf16 / fp32 |")
+    print("|---|---|---|---|")
     for r in rows:
-        print(f"| {r['arch']} | {r['crops_per_s']:.2f} |")
+        print(f"| {r['recipe']} | {r['fp32_median']:.1f} | {r['bf16_median']:.1f} | {r['bf16_over_fp32']:.2f}x |")
     res = {
         "benchmark": "train_throughput",
         "device": dev,
-        "global_size": args.global_size,
-        "local_size": args.local_size,
-        "machine": {"platform": platform.platform()},
+        "auto_precision": str(auto or "fp32"),
+        "settings": {"arch": "vit_tiny8", "input": 40, "batch": args.batch, "iters": args.iters},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads()},
         "results": rows,
         "torch": torch.__version__,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

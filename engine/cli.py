@@ -17,8 +17,7 @@ from scdino.knn import TEMPERATURE, TRAIN_FRACTION, K
 
 MODEL_HELP = (
     "Model: 'default' (a small scDINO model shipped with scdino, trained on the neocortex sample plate's "
-    "CTIP2, BRN2, ROR channels; see the README), 'ifc-cellcycle' (shipped, trained on imaging flow cytometry's BF, "
-    "DF), an exported model.onnx or TensorRT model.plan (from scdino-export), "
+    "CTIP2, BRN2, ROR channels; see the README), an exported model.onnx or TensorRT model.plan (from scdino-export), "
     "a checkpoint file (DINO full checkpoint, backbone-only, scDINO or scdino-train), a hub name "
     "(dino_vits16, dino_vits8, dino_vitb16, dino_vitb8; downloaded once into the torch hub cache), or random:ARCH "
     "(e.g. random:vit_small16) for an untrained model whose embeddings carry no learned features."

@@ -1,5 +1,6 @@
-"""The Jurkat cell-cycle cells shipped for the comparison, and the label-free model trained on them
-(``--model ifc-cellcycle``): it runs through scdino-engine run, scdino-export onnx and quantize unchanged."""
+"""The Jurkat cell-cycle cells shipped for the comparison: split once, and a two-channel (BF+DF) model trained on them
+by scdino-train runs through scdino-engine run, scdino-export onnx and quantize unchanged. The label-free model once
+shipped as ``--model ifc-cellcycle`` is withdrawn (it did not beat an untrained network) and says so."""
 
 from __future__ import annotations
 
@@ -12,9 +13,8 @@ import pytest
 
 from scdino.cells.cropstore import CropStore
 from scdino.cells.options import CellOptions
-from scdino.data import packaged_model_path
 from scdino.engine.pipeline import RunConfig, run
-from scdino.errors import ConfigError
+from scdino.errors import CheckpointError, ConfigError
 from scdino.models import load_model
 
 DATA = Path(__file__).parent.parent / "benchmarks" / "data" / "jurkat_cellcycle"
@@ -33,36 +33,76 @@ def test_the_cells_are_split_once_stratified_and_disjoint():
     assert share.between(0.15, 0.3).all()  # every class about a fifth held out
 
 
-def test_label_free_model_is_shipped_small_and_knows_its_channels():
-    path = packaged_model_path("ifc-cellcycle")
-    assert path.is_file() and path.stat().st_size < 20e6
-    lm = load_model("ifc-cellcycle", 2)
-    assert lm.info["untrained"] is False and lm.channels == ["BF", "DF"]
-    assert lm.prep.input_size == 40 and lm.model.cfg.patch_size == 8
-    with pytest.raises(ConfigError, match="the packaged model ifc-cellcycle: trained on channels BF, DF"):
+def test_the_withdrawn_model_says_why_and_what_to_do():
+    with pytest.raises(CheckpointError, match="ifc-cellcycle: the label-free cell-cycle model was withdrawn.*scdino-train"):
+        load_model("ifc-cellcycle", 2)
+
+
+@pytest.fixture(scope="module")
+def bf_df_model(tmp_path_factory) -> str:
+    """A BF+DF model of the recipe's shape (patch 8, 40 px, fixed intensity range) trained briefly by scdino-train."""
+    from scdino.training.config import build_config
+    from scdino.training.loop import train
+
+    out = tmp_path_factory.mktemp("bfdf")
+    sets = [
+        "global_size=40",
+        "local_crops=0",
+        "global_scale=1,1",
+        "aspect_ratio=1,1",
+        "rotation=180",
+        "intensity_scaling=dataset",
+        "out_dim=256",
+        "head_hidden=64",
+        "head_bottleneck=32",
+        "warmup_epochs=0",
+        "max_iters_per_epoch=2",
+        "saveckp_freq=0",
+    ]
+    cfg = build_config(
+        None,
+        sets,
+        data=str(DATA / "train.zarr"),
+        out=str(out),
+        arch="vit_test",
+        patch=8,
+        epochs=1,
+        batch_size_per_device=16,
+        channels=["BF", "DF"],
+        device="cpu",
+    )
+    train(cfg)
+    return str(out / "checkpoint.pth")
+
+
+def test_a_two_channel_model_knows_its_channels(bf_df_model):
+    lm = load_model(bf_df_model, 2)
+    assert lm.channels == ["BF", "DF"] and lm.prep.input_size == 40 and lm.model.cfg.patch_size == 8
+    assert lm.prep.scale_lo is not None  # the fixed range of the training cells travels with the model
+    with pytest.raises(ConfigError, match="trained on channels BF, DF"):
         run(
             RunConfig(
                 plate=str(DATA / "holdout.zarr"),
                 out="unused.zarr",
-                model="ifc-cellcycle",
+                model=bf_df_model,
                 cells=CellOptions(channels=("BF", "DNA")),
                 progress=False,
             )
         )
 
 
-def test_label_free_model_runs_exports_and_quantises(tmp_path):
+@pytest.mark.slow
+def test_a_two_channel_model_runs_exports_and_quantises(bf_df_model, tmp_path):
     from scdino.export.onnx_export import export_onnx
     from scdino.export.quantize import quantize
 
     store = str(DATA / "holdout.zarr")
     cells = CellOptions(channels=("BF", "DF"))
-    run(RunConfig(plate=store, out=str(tmp_path / "t.zarr"), model="ifc-cellcycle", cells=cells, progress=False))
+    run(RunConfig(plate=store, out=str(tmp_path / "t.zarr"), model=bf_df_model, cells=cells, progress=False))
     a = ad.read_zarr(tmp_path / "t.zarr")
     assert a.n_obs == 516 and np.isfinite(a.obsm["X_scdino"]).all()
-    assert a.uns["scdino"]["model"]["model"] == "ifc-cellcycle"
     crops = CropStore(store).read(np.arange(64), [0, 2])
-    meta = export_onnx("ifc-cellcycle", tmp_path / "m.onnx", crop_size=40, verify_with=crops)
+    meta = export_onnx(bf_df_model, tmp_path / "m.onnx", crop_size=40, verify_with=crops)
     assert meta["channels"] == ["BF", "DF"] and meta["verification"]["passed"]
     q = quantize(tmp_path / "m.onnx", tmp_path / "m.int8.onnx", calibration=crops)
     assert q["quantization"]["min_cosine_to_fp32"] >= 0.99

@@ -566,3 +566,121 @@ def test_a_plate_config_still_trains_on_a_crop_store(crop_store, tmp_path, caplo
     train(cfg_for(crop_store, tmp_path / "old", epochs=1, crop_size=64))
     assert "crop_size do not apply and are ignored" in caplog.text
     assert (tmp_path / "old" / "checkpoint.pth").is_file()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_one_training_step_matches_dino_written_from_its_definition(tmp_path, precision):
+    """Loss, student gradients, teacher EMA and centre of one step of the trainer against the float64 oracle
+    (``tests/dino_oracle.py``) on the same weights and views, with local crops (DINO's position-embedding
+    interpolation); bf16 autocast (``precision=auto`` on CPUs with native bf16) within bf16 tolerance."""
+    import copy
+
+    import dino_oracle
+
+    from scdino.training.data import epoch_order
+
+    cfg = build_config(
+        None,
+        TINY
+        + ["clip_grad=0", "freeze_last_layer=0", "momentum_teacher=0.9", f"precision={precision}", "out_dim=64"],
+        data="crops",
+        out=str(tmp_path / "run"),
+        arch="vit_test",
+        patch=8,
+        epochs=1,
+        batch_size_per_device=4,
+        device="cpu",
+    )
+    crops = torch.from_numpy(packaged_crops()[:8, :, 8:40, 8:40].astype(np.int32))
+    tr = loop_mod.build(cfg, loop_mod.data_from_crops(cfg, crops, ["a", "b", "c"]))
+    tr.loss_fn.center.normal_(0, 0.1)  # a non-zero centre, as after a few steps
+    student0, teacher0 = copy.deepcopy(tr.student.state_dict()), copy.deepcopy(tr.teacher.state_dict())
+    center0 = tr.loss_fn.center.clone()
+    order = epoch_order(len(crops), 0, cfg.seed)
+    views = tr.augment(crops[order[:4]], make_generator(cfg.seed, 0, 0), 4, 0)
+    assert [v.shape[-1] for v in views] == [32, 32, 16, 16]
+    loss = loop_mod._step(tr, 0, 0, order, None)
+    o_loss, o_grads, _, o_center = dino_oracle.step(
+        student0, teacher0, center0, views, heads=2, teacher_temp=cfg.teacher_temp, student_temp=cfg.student_temp,
+        center_momentum=cfg.center_momentum,
+    )
+    tol = {"fp32": 1e-5, "bf16": 2e-2}[precision]
+    assert abs(loss - float(o_loss)) <= tol * abs(float(o_loss))
+    got = {n: p.grad for n, p in tr.student.named_parameters() if p.grad is not None}
+    assert set(got) == {n for n in o_grads if n != "head.last_layer.weight_g"}  # g is fixed (norm_last_layer)
+    flat = lambda d: torch.cat([d[n].flatten().double() for n in sorted(got)])  # noqa: E731
+    g, o = flat(got), flat(o_grads)
+    if precision == "fp32":
+        for n in got:
+            scale = float(o_grads[n].abs().max())
+            torch.testing.assert_close(got[n].double(), o_grads[n], rtol=1e-3, atol=1e-4 * scale)
+    else:
+        assert float(F.cosine_similarity(g, o, dim=0)) > 0.99
+        assert abs(float(g.norm() / o.norm()) - 1) < 0.05
+    torch.testing.assert_close(tr.loss_fn.center.double(), o_center, rtol=tol, atol=1e-3 if precision == "bf16" else 1e-7)
+    m = 0.9  # the first step's teacher momentum
+    student1 = tr.student.state_dict()
+    for n, t in tr.teacher.state_dict().items():
+        torch.testing.assert_close(t, m * teacher0[n] + (1 - m) * student1[n], rtol=1e-6, atol=1e-7)
+
+
+def test_random_resized_boxes_fit_the_crop_and_keep_their_drawn_aspect():
+    from scdino.training.augment import crop_params
+
+    g = torch.Generator().manual_seed(0)
+    box = crop_params(g, 4000, (0.3, 1.0), "cpu")
+    w, h = box[:, 0], box[:, 1]
+    assert (w <= 1).all() and (h <= 1).all()
+    ratio = w / h  # torchvision's rule: a box that fits, or the whole crop; never a clamped, stretched one
+    whole = (w == 1) & (h == 1)
+    assert ((ratio >= 3 / 4 - 1e-6) & (ratio <= 4 / 3 + 1e-6) | whole).all()
+    big = crop_params(torch.Generator().manual_seed(0), 4000, (0.95, 1.0), "cpu")  # few of these boxes fit
+    assert (big[:, :2] <= 1).all() and ((big[:, 0] == 1) & (big[:, 1] == 1)).float().mean() > 0.05
+    sq = crop_params(torch.Generator().manual_seed(0), 1000, (0.3, 1.0), "cpu", ratio=(1.0, 1.0))
+    torch.testing.assert_close(sq[:, 0], sq[:, 1])
+    area = sq[:, 0] * sq[:, 1]
+    assert area.min() >= 0.3 - 1e-6 and area.max() <= 1 + 1e-6
+
+
+def test_dino_head_last_layer_starts_as_nn_linear():
+    from scdino.training.dino import DINOHead
+
+    torch.manual_seed(0)
+    v = DINOHead(192, out_dim=8192, hidden=64, bottleneck=256).last_layer.weight_v
+    bound = 1 / 256**0.5  # nn.Linear's default: uniform(-1/sqrt(in), 1/sqrt(in))
+    assert float(v.abs().max()) <= bound and float(v.abs().max()) > 0.99 * bound
+    assert abs(float(v.std()) - bound / 3**0.5) < 0.01 * bound
+
+
+def test_precision_auto_is_bf16_only_where_the_cpu_has_it(monkeypatch):
+    cfg = build_config(None, [], data="d", out="o")
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(loop_mod, "has_native_bf16", lambda: True)
+    assert loop_mod._precision(cfg, cpu) == torch.bfloat16
+    monkeypatch.setattr(loop_mod, "has_native_bf16", lambda: False)
+    assert loop_mod._precision(cfg, cpu) is None
+    assert loop_mod._precision(build_config(None, ["precision=fp32"], data="d", out="o"), cpu) is None
+    with pytest.raises(ConfigError, match="fp16 is for GPUs"):
+        loop_mod._precision(build_config(None, ["precision=fp16"], data="d", out="o"), cpu)
+
+
+def test_health_names_uniform_and_one_cluster_collapse_and_a_flat_teacher():
+    cfg = build_config(None, ["out_dim=4096", "warmup_epochs=2", "epochs=10"], data="d", out="o")
+    ln_k = np.log(4096)
+    first = {"epoch": 1, "teacher_entropy": 7.1, "teacher_mean_entropy": 8.0}
+    at = lambda epoch, h, hm: {"epoch": epoch, "teacher_entropy": h, "teacher_mean_entropy": hm}  # noqa: E731
+    assert "uniform collapse" in loop_mod.health(at(5, ln_k - 0.01, ln_k - 0.001), first, cfg)[0]
+    assert "one-cluster collapse" in loop_mod.health(at(5, 0.01, 0.02), first, cfg)[0]
+    assert "has not sharpened" in loop_mod.health(at(5, 7.0, 8.0), first, cfg)[0]
+    assert loop_mod.health(at(2, 7.0, 8.0), first, cfg) == []  # still warming up
+    assert loop_mod.health(at(5, 2.0, 6.5), first, cfg) == []  # sharpened, spread over many outputs
+
+
+def test_every_epoch_reports_what_the_teacher_does(crop_store, tmp_path):
+    out = tmp_path / "mon"
+    train(cfg_for(crop_store, out, epochs=1))
+    (rec,) = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines() if '"summary"' in ln]
+    ln_k = np.log(128)
+    assert 0 < rec["teacher_entropy"] <= ln_k + 1e-6 and 0 < rec["teacher_mean_entropy"] <= ln_k + 1e-6
+    assert rec["teacher_mean_entropy"] >= rec["teacher_entropy"] - 1e-6  # concavity: H(mean q) >= mean H(q)
+    assert rec["kl"] >= -1e-6 and 0 < rec["embedding_spread"] and "warnings" in rec

@@ -1,5 +1,4 @@
-"""Files shipped inside the package: the trained models (``--model default``, ``--model ifc-cellcycle``) and real
-nucleus crops for checks.
+"""Files shipped inside the package: the trained default model (``--model default``) and real nucleus crops for checks.
 
 Only paths and small arrays; nothing is loaded at import time.
 """
@@ -13,7 +12,15 @@ import numpy as np
 #: trained models shipped in the package, by the name ``--model`` takes (the README says how each was trained)
 PACKAGED_MODELS = {
     "default": "default_model.pth",  # neocortex nuclei, CTIP2/BRN2/ROR (the sample plate)
-    "ifc-cellcycle": "ifc_cellcycle.pth",  # Jurkat cells in imaging flow cytometry, BF/DF (label-free cell cycle)
+}
+
+#: models that were shipped once and are withdrawn, with the reason ``--model NAME`` gives
+WITHDRAWN_MODELS = {
+    "ifc-cellcycle": (
+        "the label-free cell-cycle model was withdrawn: on held-out Jurkat cells it was no better than an untrained "
+        "network (see the README, 'Training on the Jurkat cells'); train your own with scdino-train and pass its "
+        "checkpoint with --model"
+    ),
 }
 
 

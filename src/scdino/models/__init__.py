@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from scdino.data import PACKAGED_MODELS, packaged_model_path
+from scdino.data import PACKAGED_MODELS, WITHDRAWN_MODELS, packaged_model_path
 from scdino.errors import CheckpointError, ConfigError
 from scdino.models.adapt import adapt_patch_weight, parse_mode
 from scdino.models.checkpoint import HUB_URLS, Checkpoint, hub_path, read_checkpoint
@@ -76,6 +76,8 @@ DEFAULT = "default"
 def _checkpoint_for(spec: str, key: str | None) -> Checkpoint | None:
     if spec.startswith("random:"):
         return None
+    if spec in WITHDRAWN_MODELS:
+        raise CheckpointError(f"--model {spec}: {WITHDRAWN_MODELS[spec]}")
     if spec in PACKAGED_MODELS:
         path = packaged_model_path(spec)
         if not path.is_file():
