@@ -79,7 +79,7 @@ def test_config_defaults_are_the_recipe_and_overrides_are_typed(tmp_path):
         build_config(None, ["lrr=1"], data="d", out="o")
     with pytest.raises(ConfigError, match="multiples of the patch"):
         build_config(None, ["global_size=30"], data="d", out="o")
-    with pytest.raises(ConfigError, match="warmup_epochs \\(10\\).*cannot exceed epochs \\(5\\)"):
+    with pytest.raises(ConfigError, match="warmup_epochs 10 cannot exceed epochs \\(5\\)"):
         build_config(None, ["epochs=5", "warmup_epochs=10"], data="d", out="o")  # set by the user: an error
 
 
@@ -387,6 +387,10 @@ def test_dataset_scaled_run_resumes_only_with_its_range(dataset_scaled_run, crop
     out = tmp_path / "run"
     shutil.copytree(dataset_scaled_run, out)
     # resuming with another scaling would make the stored range lie about the earlier epochs
+    with pytest.raises(ConfigError, match="intensity_scaling 'dataset' -> 'crop'"):
+        train(cfg_for(crop_store, out, epochs=2), extend=True)
+    # a folder whose config.json is gone (an older run's layout) is still held to its checkpoint's range
+    (out / "config.json").unlink()
     with pytest.raises(ConfigError, match="trained with intensity scaling range"):
         train(cfg_for(crop_store, out, epochs=2))
 
@@ -436,7 +440,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(crop_store, tmp_path,
     good = (out / "checkpoint.pth").read_bytes()
     monkeypatch.setattr(DINOLoss, "forward", lambda self, s, t, e: (s.sum() + t.sum()) * float("nan"))
     with pytest.raises(TrainingDiverged, match="diverged.*last good checkpoint"):
-        train(cfg_for(crop_store, out, epochs=2))
+        train(cfg_for(crop_store, out, epochs=2), extend=True)
     assert (out / "checkpoint.pth").read_bytes() == good
 
 
@@ -558,7 +562,7 @@ def test_resuming_a_damaged_checkpoint_names_the_last_good_one(crop_store, tmp_p
     with pytest.raises(
         CheckpointError, match="checkpoint0002.pth: copy it to .*checkpoint.pth to resume after epoch 2"
     ):
-        train(cfg_for(crop_store, out, epochs=3))
+        train(cfg_for(crop_store, out, epochs=3), extend=True)
 
 
 def test_a_plate_config_still_trains_on_a_crop_store(crop_store, tmp_path, caplog):
@@ -684,3 +688,61 @@ def test_every_epoch_reports_what_the_teacher_does(crop_store, tmp_path):
     assert 0 < rec["teacher_entropy"] <= ln_k + 1e-6 and 0 < rec["teacher_mean_entropy"] <= ln_k + 1e-6
     assert rec["teacher_mean_entropy"] >= rec["teacher_entropy"] - 1e-6  # concavity: H(mean q) >= mean H(q)
     assert rec["kl"] >= -1e-6 and 0 < rec["embedding_spread"] and "warnings" in rec
+
+
+def test_a_run_folder_keeps_its_settings_and_extends_only_on_request(crop_store, tmp_path):
+    from scdino.training import record
+
+    out = tmp_path / "record"
+    train(cfg_for(crop_store, out, epochs=1))
+    config_before = (out / "config.json").read_text()
+    ckpt_before = (out / "checkpoint.pth").read_bytes()
+    # another lr, another architecture, another data: refused before anything is written, each key named
+    with pytest.raises(ConfigError, match=r"lr 0\.0005 -> 0\.001.*--config .*config\.json"):
+        train(cfg_for(crop_store, out, epochs=1, lr=0.001))
+    with pytest.raises(ConfigError, match="head_hidden 64 -> 32"):
+        train(cfg_for(crop_store, out, epochs=1, head_hidden=32))
+    # more epochs without --extend: refused, and the message names --extend
+    with pytest.raises(ConfigError, match=r"epochs 1 -> 2.*--extend"):
+        train(cfg_for(crop_store, out, epochs=2))
+    assert (out / "config.json").read_text() == config_before
+    assert (out / "checkpoint.pth").read_bytes() == ckpt_before
+    # the same settings: nothing to do, said so
+    assert train(cfg_for(crop_store, out, epochs=1)) == {"nothing_to_do": True, "epoch": 1, "epochs": 1}
+    # free settings (threads, checkpoint frequency) may change
+    assert train(cfg_for(crop_store, out, epochs=1, threads=1, saveckp_freq=0))["nothing_to_do"]
+    # an explicit extension trains on, recorded in the history; config.json keeps the original settings
+    s = train(cfg_for(crop_store, out, epochs=2), extend=True)
+    assert s["epoch"] == 2 and (out / "config.json").read_text() == config_before
+    events = [(r["event"], r["epochs"]) for r in record.history(out)]
+    assert events == [("start", 1), ("resume", 1), ("resume", 1), ("extend", 2)]
+    assert record.run_settings(out)["epochs"] == 2
+    assert train(cfg_for(crop_store, out, epochs=2))["nothing_to_do"]  # the extended run resumes as itself
+    with pytest.raises(ConfigError, match="--extend needs more --epochs than the run's 2"):
+        train(cfg_for(crop_store, out, epochs=2), extend=True)
+
+
+def test_a_folder_without_checkpoints_takes_new_settings(crop_store, tmp_path):
+    out = tmp_path / "restart"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"lr": 1.0}))  # a run that stopped before its first checkpoint
+    from scdino.outputs import mark
+
+    mark(out, "scdino-train")
+    train(cfg_for(crop_store, out, epochs=1))
+    assert json.loads((out / "config.json").read_text())["lr"] == 0.0005
+
+
+def test_bad_values_in_set_and_config_files_are_one_line_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"lr='abc': expected a number"):
+        build_config(None, ["lr=abc"], data="d", out="o")
+    with pytest.raises(ConfigError, match=r"epochs='two': expected a whole number"):
+        build_config(None, ["epochs=two"], data="d", out="o")
+    with pytest.raises(ConfigError, match=r"global_scale='a,b': expected numbers"):
+        build_config(None, ["global_scale=a,b"], data="d", out="o")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [1, 2\nepochs: 3\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        build_config(str(bad), [], data="d", out="o")
+    with pytest.raises(ConfigError, match=r"warmup_epochs 5 cannot exceed epochs \(2\).*--set warmup_epochs=N"):
+        build_config(None, ["warmup_epochs=5", "epochs=2"], data="d", out="o")

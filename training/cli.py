@@ -30,6 +30,12 @@ def _d(name: str, value=None) -> str:
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML or JSON options.")
 @click.option("--set", "sets", multiple=True, help="Any option as key=value (e.g. --set lr=0.001), repeatable.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help=_d("device").strip())
+@click.option(
+    "--extend",
+    is_flag=True,
+    help="Continue a finished run in --out to a larger --epochs (recorded in OUT/history.jsonl); every other setting "
+    "must stay the run's own.",
+)
 @click.option("-v", "--verbose", count=True)
 def main(
     data,
@@ -46,13 +52,15 @@ def main(
     config_file,
     sets,
     device,
+    extend,
     verbose,
 ) -> None:
     """DINO self-supervised training of a channel-adapted ViT on single-cell crops (the scDINO recipe).
 
     Every hyperparameter defaults to the recipe (SPEC section 5) and can be changed with --config or --set; the
     resolved configuration is written to OUT/config.json. Running the same command again resumes from
-    OUT/checkpoint.pth. For several processes: torchrun --nproc-per-node N -m scdino.training --data ... --out ...
+    OUT/checkpoint.pth; a run folder keeps its settings (other settings are refused, naming each), and --extend
+    continues a finished run to more epochs. For several processes: torchrun --nproc-per-node N -m scdino.training --data ... --out ...
     """
     configure_logging(verbose)
     from scdino.training.config import build_config
@@ -76,8 +84,15 @@ def main(
             device=device,
         )
     )
-    s = handle_errors(lambda: train(cfg), "run the same command again to resume from the last checkpoint")
-    if s:
+    s = handle_errors(
+        lambda: train(cfg, extend=extend), "run the same command again to resume from the last checkpoint"
+    )
+    if s.get("nothing_to_do"):
+        click.echo(
+            f"{cfg.out}: already trained for {s['epoch']} of {s['epochs']} epochs; nothing to do "
+            "(to train longer: the same command with --extend --epochs N)"
+        )
+    elif s:
         click.echo(
             f"epoch {s['epoch']}: loss {s['loss']:.4f}, {s['crops_per_s']:.1f} crops/s; checkpoints in {cfg.out}"
         )

@@ -98,10 +98,12 @@ class TrainConfig:
             raise ConfigError(
                 f"crop sizes {self.global_size}/{self.local_size} must be multiples of the patch {self.patch}"
             )
-        if self.warmup_epochs > self.epochs or self.warmup_teacher_temp_epochs > self.epochs:
+        long = [n for n in ("warmup_epochs", "warmup_teacher_temp_epochs") if getattr(self, n) > self.epochs]
+        if long:
+            have = ", ".join(f"{n} {getattr(self, n)}" for n in long)
+            fix = " ".join(f"--set {n}=N" for n in long)
             raise ConfigError(
-                f"warmup_epochs ({self.warmup_epochs}) and warmup_teacher_temp_epochs "
-                f"({self.warmup_teacher_temp_epochs}) cannot exceed epochs ({self.epochs})"
+                f"{have} cannot exceed epochs ({self.epochs}); lower it ({fix} with N <= {self.epochs}) or raise --epochs"
             )
         if not 0 <= self.rotation <= 180:
             raise ConfigError(f"rotation {self.rotation}: expected degrees between 0 (off) and 180 (any angle)")
@@ -155,15 +157,23 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         if t.startswith("tuple") or t.startswith("list"):
             parts = [v.strip() for v in value.strip("()[]").split(",") if v.strip()]
             conv = float if "float" in t else str
-            return tuple(conv(p) for p in parts) if t.startswith("tuple") else [conv(p) for p in parts]
+            try:
+                vals = [conv(p) for p in parts]
+            except ValueError:
+                raise ConfigError(f"{f.name}={value!r}: expected numbers separated by commas") from None
+            return tuple(vals) if t.startswith("tuple") else vals
         if t.startswith("bool"):
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ConfigError(f"{f.name}={value!r}: expected true or false")
             return value.lower() in ("true", "1", "yes")
-        if t.startswith("int"):
-            return int(value)
-        if t.startswith("float"):
-            return float(value)
+        try:
+            if t.startswith("int"):
+                return int(value)
+            if t.startswith("float"):
+                return float(value)
+        except ValueError:
+            kind = "a whole number" if t.startswith("int") else "a number"
+            raise ConfigError(f"{f.name}={value!r}: expected {kind}") from None
     if isinstance(value, list) and t.startswith("tuple"):
         return tuple(value)
     return value
@@ -178,9 +188,15 @@ def build_config(file: str | None = None, sets: list[str] | tuple[str, ...] = ()
         try:
             import yaml
 
-            loaded = yaml.safe_load(text)
+            try:
+                loaded = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{file}: not valid YAML ({str(exc).splitlines()[0]})") from None
         except ImportError:
-            loaded = json.loads(text)
+            try:
+                loaded = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{file}: not valid JSON ({exc})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{file}: expected a mapping of option: value")
         values.update(loaded)

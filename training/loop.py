@@ -25,6 +25,7 @@ from scdino.models import arch_config, embed_crops
 from scdino.models.vit import VisionTransformer
 from scdino.outputs import claim_dir
 from scdino.preprocess import Preprocessing
+from scdino.training import record
 from scdino.training.augment import MultiCrop, channel_stats, intensity_range, make_generator
 from scdino.training.config import TrainConfig
 from scdino.training.data import epoch_order, load_crops
@@ -228,16 +229,19 @@ STATE: dict[str, tuple[str, str]] = {
 }
 
 
-def build(cfg: TrainConfig, data: TrainingData | None = None) -> Trainer:
+def build(cfg: TrainConfig, data: TrainingData | None = None, extend: bool = False) -> Trainer:
     """Data (``cfg.data`` unless ``data`` is given), networks, loss, optimiser and schedules of a run (the same initial
-    weights in every process and every run)."""
+    weights in every process and every run). A folder that already holds a run is resumed only with that run's
+    settings (``extend``: more epochs, recorded in its history; :mod:`scdino.training.record`); nothing is written
+    before that is checked."""
+    cfg, action = record.check(cfg, extend)
     rank, world, device = setup_distributed(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     if rank == 0:
         claim_dir(out, "scdino-train", inputs=[cfg.data, cfg.val_data])
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        record.write(cfg, action)
     data = data if data is not None else prepare_data(cfg)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process and every run
     student, teacher = build_networks(cfg, data.crops.shape[1])
@@ -516,15 +520,27 @@ def _epoch_line(s: dict, epochs: int, left: float) -> str:
 
 
 def train(
-    cfg: TrainConfig, data: TrainingData | None = None, val: tuple[np.ndarray, np.ndarray] | None = None
+    cfg: TrainConfig,
+    data: TrainingData | None = None,
+    val: tuple[np.ndarray, np.ndarray] | None = None,
+    extend: bool = False,
 ) -> dict:
-    """Train (or resume) into ``cfg.out``; returns a summary of the last epoch. ``data`` (:func:`data_from_crops`)
-    and ``val`` (crops, labels for k-NN) replace reading ``cfg.data`` and ``cfg.val_data``."""
+    """Train (or resume) into ``cfg.out``; returns a summary of the last epoch (``{"nothing_to_do": True, ...}`` when
+    a resumed run has already finished). ``data`` (:func:`data_from_crops`) and ``val`` (crops, labels for k-NN)
+    replace reading ``cfg.data`` and ``cfg.val_data``; ``extend`` continues a finished run to more epochs."""
     cfg.validate()
-    tr = build(cfg, data)
+    tr = build(cfg, data, extend)
+    cfg = tr.cfg
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pth"
     start = resume(tr, ckpt_path) if ckpt_path.is_file() else 0
+    if start >= cfg.epochs:
+        if tr.rank == 0:
+            log.info(
+                "%s: already trained for %d of %d epochs, nothing to do (to train longer: --extend --epochs N)",
+                out, start, cfg.epochs,
+            )
+        return {"nothing_to_do": True, "epoch": start, "epochs": cfg.epochs}
     if cfg.knn_freq and tr.rank == 0:
         tr.val = val if val is not None else _validation_data(cfg, tr.data.names)
     logf = open(out / "log.jsonl", "a") if tr.rank == 0 else None
