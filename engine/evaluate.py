@@ -128,7 +128,7 @@ def compute_grid(
     ``outdir/embeddings``) and measure k-NN on each, beside the untrained and raw-pixel baselines."""
     from scdino.cells.source import open_source, read_all
     from scdino.engine.cluster import dask_client
-    from scdino.engine.output import labels_of
+    from scdino.knn import labels_of
     from scdino.knn import evaluate_knn
     from scdino.models import embed_crops, load_model
 

@@ -31,6 +31,9 @@ import numpy as np
 from scdino.cpu import has_vnni
 from scdino.engine.backends.base import BackendSpec
 from scdino.errors import ConfigError, ScdinoError
+from scdino.export.onnx_export import OPSET, export_onnx
+from scdino.export.quantize import quantize
+from scdino.export.verify import fit_crops
 from scdino.models.sidecar import read_sidecar
 
 log = logging.getLogger(__name__)
@@ -69,7 +72,6 @@ def _versions() -> dict:
     import torch
 
     import scdino
-    from scdino.export.onnx_export import OPSET
 
     def v(name):
         try:
@@ -154,7 +156,6 @@ def _int8_blocker(spec: BackendSpec, requested_backend: str) -> str | None:
 def _int8(entry: Path) -> Path:
     """The entry's dynamic int8 copy (``scdino-export quantize``'s: its fastest form that keeps cosine >= 0.999 to
     fp32 on the check crops, else its most accurate one, never below 0.99), made once."""
-    from scdino.export.quantize import quantize
 
     # a cache shared by several machines keeps one copy per kind of CPU: 8-bit signed weights only run right on VNNI
     q = entry / ("model.int8-vnni.onnx" if has_vnni() else "model.int8.onnx")
@@ -188,7 +189,6 @@ def _intact(entry: Path) -> bool:
 
 def _entry(spec: BackendSpec, channel_names, crop_size: int, dtype: str) -> Path:
     """The cache entry's folder, exported and verified on first use."""
-    from scdino.export.onnx_export import export_onnx
     from scdino.models.checkpoint import sha256_of
 
     root = cache_root() / "onnx"
@@ -262,7 +262,6 @@ def timing_crops(n: int, n_channels: int, crop_size: int, dtype: str) -> np.ndar
     """One batch of ``n`` real nucleus crops (shipped with scdino, repeated as needed) in the run's channel count, crop
     size and dtype: both paths are timed at the batch size the run will use."""
     from scdino.data import packaged_crops
-    from scdino.export.verify import fit_crops
 
     crops = packaged_crops()
     return fit_crops(np.resize(crops, (n, *crops.shape[1:])), n_channels, crop_size, dtype)

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from scdino.engine.output import labels_of, read_embeddings, write_obs_column
+from scdino.engine.output import read_embeddings, write_obs_column
+from scdino.knn import labels_of
 from scdino.errors import ConfigError, InputError
 from scdino.knn import TEMPERATURE, TRAIN_FRACTION, K, evaluate_knn, knn_predict
 from scdino.outputs import claim_dir

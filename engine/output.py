@@ -184,13 +184,6 @@ def read_embeddings(path: str, key: str = "X_scdino") -> tuple[np.ndarray, pd.Da
     return np.asarray(a.obsm[key], dtype=np.float32), a.obs
 
 
-def labels_of(obs: pd.DataFrame, key: str, path: str) -> pd.Series:
-    """The class column ``key`` of a cell table as objects, missing values as None."""
-    if key not in obs:
-        raise ConfigError(f"{path}: no obs column {key!r}; columns are {', '.join(obs.columns)}; pass --label-key")
-    return obs[key].astype("object").where(obs[key].notna(), None)
-
-
 def write_obs_column(path: str, name: str, values) -> None:
     """Add or replace the obs column ``name`` of the embeddings store at ``path`` (one value per cell, in order)."""
     from anndata.io import read_elem, write_elem

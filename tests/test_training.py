@@ -522,7 +522,7 @@ def test_torchrun_two_processes_match_one(crop_store, tmp_path):
 
 def test_knn_monitoring_logs_what_the_engine_would_measure(crop_store, tmp_path):
     from scdino.cells.cropstore import CropStore
-    from scdino.engine.output import labels_of
+    from scdino.knn import labels_of
     from scdino.knn import evaluate_knn
     from scdino.models import embed_crops, load_model
 

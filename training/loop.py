@@ -21,6 +21,7 @@ from torch import nn
 from scdino.cells.options import CellOptions
 from scdino.cpu import has_native_bf16
 from scdino.errors import CheckpointError, ConfigError, ScdinoError
+from scdino.knn import labels_of
 from scdino.models import arch_config, embed_crops
 from scdino.models.vit import VisionTransformer
 from scdino.outputs import claim_dir
@@ -474,7 +475,7 @@ def health(summary: dict, first: dict, cfg: TrainConfig) -> list[str]:
     after the warm-ups."""
     ln_k = math.log(cfg.out_dim)
     h, h_mean = summary["teacher_entropy"], summary["teacher_mean_entropy"]
-    warm = max(cfg.warmup_epochs, cfg.warmup_teacher_temp_epochs, 1)
+    warm = max(cfg.warmup_epochs, cfg.warmup_teacher_temp_epochs, 2)  # a quick 2-epoch try is not judged
     out = []
     if h > 0.97 * ln_k and h_mean > 0.97 * ln_k:
         out.append(
@@ -490,7 +491,7 @@ def health(summary: dict, first: dict, cfg: TrainConfig) -> list[str]:
         )
     elif summary["epoch"] > warm and h > 0.9 * first["teacher_entropy"]:
         out.append(
-            f"the teacher has not sharpened after the {warm}-epoch warm-up (entropy per cell {h:.2f}, "
+            f"the teacher has not sharpened in {summary['epoch']} epochs (entropy per cell {h:.2f}, "
             f"{first['teacher_entropy']:.2f} in epoch {first['epoch']}): the run is not learning yet. Typical fixes: "
             "faster teacher momentum for a short run (momentum_teacher 0.99), fewer or larger local crops, views that "
             "keep the whole cell"
@@ -500,7 +501,6 @@ def health(summary: dict, first: dict, cfg: TrainConfig) -> list[str]:
 
 def _validation_data(cfg: TrainConfig, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """The labelled crops (``val_data``) k-NN is followed on, with the training channels."""
-    from scdino.engine.output import labels_of
 
     vcrops, _, vtable = load_crops(cfg.val_data, CellOptions(channels=tuple(names)))
     return vcrops, labels_of(vtable, cfg.val_label_key, cfg.val_data).to_numpy()

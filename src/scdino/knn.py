@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from scdino.errors import ConfigError
+
 #: the paper's protocol (SPEC section 4): neighbours, vote temperature (DINO's), reference share of the split
 K = 20
 TEMPERATURE = 0.07
@@ -107,3 +109,10 @@ def dominant_channel_labels(crops: np.ndarray) -> np.ndarray:
     centre = c[..., s // 4 : s - s // 4, s // 4 : s - s // 4].mean(axis=(2, 3))
     lo, hi = np.percentile(centre, 5, axis=0), np.percentile(centre, 95, axis=0)
     return np.argmax((centre - lo) / np.maximum(hi - lo, 1e-9), axis=1)
+
+
+def labels_of(obs, key: str, path: str):
+    """The class column ``key`` of a cell table (a pandas DataFrame) as objects, missing values as None."""
+    if key not in obs:
+        raise ConfigError(f"{path}: no obs column {key!r}; columns are {', '.join(obs.columns)}; pass --label-key")
+    return obs[key].astype("object").where(obs[key].notna(), None)
