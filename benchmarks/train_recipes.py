@@ -94,10 +94,17 @@ RECIPES: dict[str, dict] = {
     "two_views": {"global_scale": (1.0, 1.0), "local_crops": 0, "epochs": 100},
     "two_views_no_brightness": {"global_scale": (1.0, 1.0), "local_crops": 0, "epochs": 100, "brightness_p": 0.0},
     "two_views_geometry_only": {
-        "global_scale": (1.0, 1.0), "local_crops": 0, "epochs": 100, "brightness_p": 0.0, "blur_p": (0.0, 0.0, 0.0)
+        "global_scale": (1.0, 1.0),
+        "local_crops": 0,
+        "epochs": 100,
+        "brightness_p": 0.0,
+        "blur_p": (0.0, 0.0, 0.0),
     },
     "two_views_teacher_temp_06": {
-        "global_scale": (1.0, 1.0), "local_crops": 0, "epochs": 100, "teacher_temp": 0.06,
+        "global_scale": (1.0, 1.0),
+        "local_crops": 0,
+        "epochs": 100,
+        "teacher_temp": 0.06,
         "warmup_teacher_temp_epochs": 30,
     },
     "two_views_slight_zoom": {"global_scale": (0.85, 1.0), "local_crops": 0, "epochs": 100},
@@ -113,7 +120,7 @@ def _import_scdino() -> None:
     """Import scdino from this checkout when it is not installed (a GPU machine without the package's
     dependencies): the stage folders are subpackages of scdino, as pyproject's package-dir maps them."""
     try:
-        import scdino.training.loop  # noqa: F401
+        import scdino.training.loop
     except ImportError:
         sys.path.insert(0, str(ROOT / "src"))
         import scdino
@@ -122,16 +129,19 @@ def _import_scdino() -> None:
 
 
 def prepare(folder: Path) -> None:
-    from scdino.cells.cropstore import CropStore
-
     import numpy as np
+
+    from scdino.cells.cropstore import CropStore
 
     store = CropStore(DATA / "train.zarr")
     crops = store.array[:]
     labels = store.table()["class"].astype(str).to_numpy()
     folder.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
-        folder / "jurkat_train.npz", crops=crops, labels=labels.astype("U"), channels=np.array(store.channels, dtype="U")
+        folder / "jurkat_train.npz",
+        crops=crops,
+        labels=labels.astype("U"),
+        channels=np.array(store.channels, dtype="U"),
     )
     print(f"{folder / 'jurkat_train.npz'}: {crops.shape} {crops.dtype}, {len(set(labels))} classes")
 
@@ -273,7 +283,17 @@ def search(args) -> None:
     t0 = time.time()
     procs = []
     for name in names:
-        cmd = [sys.executable, __file__, "child", name, str(npz), str(work), str(deadline), device, json.dumps(overrides)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "child",
+            name,
+            str(npz),
+            str(work),
+            str(deadline),
+            device,
+            json.dumps(overrides),
+        ]
         logf = open(work / f"{name}.out", "w")
         p = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
         procs.append((name, p))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from scdino._cli import ErrorGroup, configure_logging
+from scdino.cells.options import DEFAULT_CROP_SIZE
 
 
 def _load_crops(path: str | None):
@@ -50,7 +51,7 @@ def main(verbose: int) -> None:
 @click.option(
     "--crop-size",
     type=int,
-    default=64,
+    default=DEFAULT_CROP_SIZE,
     show_default=True,
     help="Raw crop side the model is verified at (the graph accepts other sizes too).",
 )

@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scdino.cells.options import DEFAULT_CROP_SIZE
 from scdino.errors import ConfigError
+from scdino.export.verify import verify
 from scdino.models import LoadedModel, load_model
 from scdino.models.sidecar import write_sidecar
 from scdino.outputs import claim_file
@@ -109,7 +111,7 @@ def export_onnx(
     out: str | os.PathLike,
     n_channels: int | None = None,
     channels: Sequence[str] | None = None,
-    crop_size: int = 64,
+    crop_size: int = DEFAULT_CROP_SIZE,
     input_size: int | None = None,
     dtype: str = "uint16",
     attention: bool = False,
@@ -119,40 +121,70 @@ def export_onnx(
     verify_with: np.ndarray | None = None,
     tolerance: dict | None = None,
 ) -> dict:
-    """Export MODEL to ``out`` (.onnx) plus its ``.json`` sidecar, verified against PyTorch. Returns the sidecar."""
+    """Export MODEL to ``out`` (.onnx) plus its ``.json`` sidecar, verified against PyTorch. Returns the sidecar.
+    The graph is written to ``OUT.partial.onnx`` first and moved into place only once verified; on any failure the
+    partial file is removed."""
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if precision not in ("fp32", "fp16"):
         raise ConfigError(f"--precision {precision!r}: expected fp32 or fp16")
     lm = load_model(model, n_channels, input_size, checkpoint_key, adapt, channel_names=channels)
-    input_size = lm.prep.input_size
-    c = lm.model.cfg.in_chans
-    if lm.prep.scale_hi is not None and np.issubdtype(np.dtype(dtype), np.integer):
-        top = np.iinfo(np.dtype(dtype)).max
-        if top < max(lm.prep.scale_hi) * 0.5:
-            raise ConfigError(
-                f"{model}: trained with a fixed intensity range up to {max(lm.prep.scale_hi):g}, but --dtype {dtype} "
-                f"crops reach only {top}: every cell would look nearly black. Export with the dtype of the data the "
-                "model was trained on (e.g. --dtype uint16)"
-            )
+    _check_fixed_range(model, lm, dtype)
     if channels is None and lm.channels:
         channels = lm.channels
     out = claim_file(out, inputs=[model])
     tmp = out.with_name(out.stem + ".partial.onnx")
-    wrapper = ExportModule(lm, attention, precision).eval()
-    dummy = torch.rand(2, c, crop_size, crop_size) * 1000
     names = ["cls", "attention"] if attention else ["cls"]
-    axes = {"crops": {0: "batch", 2: "height", 3: "width"}, **{n: {0: "batch"} for n in names}}
-    t0 = time.perf_counter()
+    try:
+        t0 = time.perf_counter()
+        _trace(ExportModule(lm, attention, precision).eval(), tmp, lm.model.cfg.in_chans, crop_size, names, dtype)
+        meta = _sidecar(model, lm, channels, crop_size, dtype, precision, attention, names)
+        meta["export_seconds"] = round(time.perf_counter() - t0, 2)
+        with heartbeat(f"verifying {out.name} against PyTorch"):
+            meta["verification"] = verify(str(tmp), lm, meta, verify_with, tolerance)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, out)
+    write_sidecar(out, meta)
+    v = meta["verification"]
+    log.info(
+        "exported %s -> %s in %.1f s (verified: max abs %.2e, min cosine %.6f)",
+        model,
+        out,
+        meta["export_seconds"],
+        v["max_abs_diff"],
+        v["min_cosine"],
+    )
+    return meta
+
+
+def _check_fixed_range(model: str, lm: LoadedModel, dtype: str) -> None:
+    """A model trained with a fixed intensity range needs crops of a dtype that can reach that range."""
+    if lm.prep.scale_hi is None or not np.issubdtype(np.dtype(dtype), np.integer):
+        return
+    top = np.iinfo(np.dtype(dtype)).max
+    if top < max(lm.prep.scale_hi) * 0.5:
+        raise ConfigError(
+            f"{model}: trained with a fixed intensity range up to {max(lm.prep.scale_hi):g}, but --dtype {dtype} "
+            f"crops reach only {top}: every cell would look nearly black. Export with the dtype of the data the "
+            "model was trained on (e.g. --dtype uint16)"
+        )
+
+
+def _trace(wrapper: nn.Module, path, c: int, crop_size: int, names: list[str], dtype: str) -> None:
+    """Trace ``wrapper`` to ONNX at ``path`` (dynamic batch, height and width), then prepend the cast from ``dtype``."""
     import warnings
 
+    dummy = torch.rand(2, c, crop_size, crop_size) * 1000
+    axes = {"crops": {0: "batch", 2: "height", 3: "width"}, **{n: {0: "batch"} for n in names}}
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(
             wrapper,
             (dummy,),
-            str(tmp),
+            str(path),
             input_names=["crops"],
             output_names=names,
             dynamic_axes=axes,
@@ -161,19 +193,22 @@ def export_onnx(
             do_constant_folding=True,
         )
     if dtype != "float32":
-        _prepend_cast(str(tmp), dtype)
-    export_s = time.perf_counter() - t0
+        _prepend_cast(str(path), dtype)
+
+
+def _sidecar(model, lm: LoadedModel, channels, crop_size, dtype, precision, attention, names) -> dict:
+    """``model.json``: what the graph is, what it expects and where it came from."""
     cfg = lm.model.cfg
-    meta = {
+    return {
         "model": model,
         "arch": lm.info["arch"],
         "patch_size": cfg.patch_size,
         "embed_dim": cfg.embed_dim,
         "num_heads": cfg.num_heads,
-        "in_chans": c,
+        "in_chans": cfg.in_chans,
         "channels": list(channels) if channels else None,
         "crop_size": crop_size,
-        "input_size": input_size,
+        "input_size": lm.prep.input_size,
         "dtype": dtype,
         "precision": precision,
         "preprocessing": lm.prep.to_dict(),
@@ -184,25 +219,5 @@ def export_onnx(
         "adaptation": lm.info.get("adaptation"),
         "checkpoint_key": lm.info.get("checkpoint_key"),
         "outputs": names,
-        "export_seconds": round(export_s, 2),
         "torch": torch.__version__,
     }
-    from scdino.export.verify import verify
-
-    try:
-        with heartbeat(f"verifying {out.name} against PyTorch"):
-            meta["verification"] = verify(str(tmp), lm, meta, verify_with, tolerance)
-    except Exception:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, out)
-    write_sidecar(out, meta)
-    log.info(
-        "exported %s -> %s in %.1f s (verified: max abs %.2e, min cosine %.6f)",
-        model,
-        out,
-        export_s,
-        meta["verification"]["max_abs_diff"],
-        meta["verification"]["min_cosine"],
-    )
-    return meta

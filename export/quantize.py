@@ -22,6 +22,7 @@ from scdino.cpu import has_vnni
 from scdino.data import packaged_crops
 from scdino.errors import ConfigError
 from scdino.export.verify import VerificationError, compare, fit_crops
+from scdino.knn import K, dominant_channel_labels, knn_predict
 from scdino.models.sidecar import read_sidecar, write_sidecar
 from scdino.outputs import claim_file
 
@@ -95,10 +96,7 @@ def quantize(
     uses unsigned activations and range-reduced weights, accurate on AVX2 CPUs. A copy whose cosine to fp32 falls below
     ``min_cosine`` on any check crop is not written.
     """
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from scdino.knn import dominant_channel_labels, knn_predict
 
     meta = read_sidecar(model)
     if meta.get("precision") != "fp32":
@@ -117,42 +115,11 @@ def quantize(
         quant_pre_process(str(model), pre, skip_symbolic_shape=True)
         dest = os.path.join(tmp, "int8.onnx")
         ref = _embed(_session(str(model)), crops)
-        tried: dict[str, float] = {}
         if method == "dynamic":
-            made = {}  # form -> (file, embeddings, max abs diff)
-            for i, (form, options, _) in enumerate(dynamic_forms()):
-                options = {**options, "weight_type": getattr(QuantType, options["weight_type"])}
-                path = os.path.join(tmp, f"int8-{i}.onnx")
-                quantize_dynamic(pre, path, op_types_to_quantize=["MatMul", "Gemm"], **options)
-                q, (diff, tried[form]) = _check(path, ref, crops, tmp)
-                made[form] = (path, q, diff)
-                if tried[form] >= FAST_FORM_MIN_COSINE:
-                    break
-                log.info(
-                    "int8 %s: min cosine to fp32 %.5f < %s, trying the next", form, tried[form], FAST_FORM_MIN_COSINE
-                )
-            # the first (fastest) form that keeps FAST_FORM_MIN_COSINE, else the most accurate one
-            weights = next((f for f in tried if tried[f] >= FAST_FORM_MIN_COSINE), max(tried, key=tried.get))
-            path, q, diff = made[weights]
-            cmin = tried[weights]
-            os.replace(path, dest)
+            weights, tried, q, diff = _dynamic(pre, dest, ref, crops, tmp)
         else:
-            weights = "int8 per channel"
-            trt_form = target == "tensorrt"
-            quantize_static(
-                pre,
-                dest,
-                _Reader(crops),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=QuantType.QInt8 if trt_form else QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                reduce_range=not trt_form,
-                op_types_to_quantize=["MatMul", "Gemm", "Conv"],
-                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True} if trt_form else {},
-            )
-            q, (diff, cmin) = _check(dest, ref, crops, tmp)
-            tried[weights] = cmin
+            weights, tried, q, diff = _static(pre, dest, ref, crops, tmp, target)
+        cmin = tried[weights]
         if cmin < min_cosine:
             raise VerificationError(
                 f"{model}: int8 ({method}) embeddings reach only cosine {cmin:.4f} to fp32 (need {min_cosine}); "
@@ -160,29 +127,79 @@ def quantize(
                 + ("Keep the fp32 model" if method == "dynamic" else "Use --method dynamic, or keep the fp32 model")
             )
         shutil.move(dest, out)
-    seconds = time.perf_counter() - t0
+    report = _report(method, target, weights, tried, crops, ref, q, diff, meta["in_chans"])
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    qmeta = {**meta, "precision": "int8", "quantization": report, "source_onnx": str(model)}
+    write_sidecar(out, qmeta)
+    acc = report["knn_leave_one_out_top1"]
+    log.info("int8 (%s): min cosine to fp32 %.5f, k-NN %.3f -> %.3f", method, cmin, acc["fp32"], acc["int8"])
+    return qmeta
+
+
+def _dynamic(pre: str, dest: str, ref: np.ndarray, crops: np.ndarray, tmp: str):
+    """Dynamic int8: each form of :func:`dynamic_forms` in turn (fastest first) until one keeps
+    FAST_FORM_MIN_COSINE on every check crop, else the most accurate; written to ``dest``. Returns (the form, every
+    tried form's min cosine, its embeddings, its max abs diff)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    made, tried = {}, {}  # form -> (file, embeddings, max abs diff); form -> min cosine
+    for i, (form, options, _) in enumerate(dynamic_forms()):
+        options = {**options, "weight_type": getattr(QuantType, options["weight_type"])}
+        path = os.path.join(tmp, f"int8-{i}.onnx")
+        quantize_dynamic(pre, path, op_types_to_quantize=["MatMul", "Gemm"], **options)
+        q, (diff, tried[form]) = _check(path, ref, crops, tmp)
+        made[form] = (path, q, diff)
+        if tried[form] >= FAST_FORM_MIN_COSINE:
+            break
+        log.info("int8 %s: min cosine to fp32 %.5f < %s, trying the next", form, tried[form], FAST_FORM_MIN_COSINE)
+    weights = next((f for f in tried if tried[f] >= FAST_FORM_MIN_COSINE), max(tried, key=tried.get))
+    path, q, diff = made[weights]
+    os.replace(path, dest)
+    return weights, tried, q, diff
+
+
+def _static(pre: str, dest: str, ref: np.ndarray, crops: np.ndarray, tmp: str, target: str):
+    """Static int8 Q/DQ calibrated on ``crops``: symmetric signed activations for TensorRT, unsigned with
+    range-reduced weights for CPUs. Returns as :func:`_dynamic`."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    trt_form = target == "tensorrt"
+    quantize_static(
+        pre,
+        dest,
+        _Reader(crops),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QInt8 if trt_form else QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        reduce_range=not trt_form,
+        op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True} if trt_form else {},
+    )
+    q, (diff, cmin) = _check(dest, ref, crops, tmp)
+    return "int8 per channel", {"int8 per channel": cmin}, q, diff
+
+
+def _report(method, target, weights, tried, crops, ref, q, diff, in_chans: int) -> dict:
+    """The sidecar's quality report: cosine of every check crop to fp32, and leave-one-out k-NN (the protocol's k) on
+    labels derived from the pixels, fp32 against int8."""
     cos = (q * ref).sum(1) / np.linalg.norm(q, axis=1) / np.linalg.norm(ref, axis=1)
-    labels = dominant_channel_labels(crops) if meta["in_chans"] > 1 else np.zeros(len(crops), int)
-    acc = {}
-    for name, emb in (("fp32", ref), ("int8", q)):
-        pred = knn_predict(emb, labels, emb, k=20, exclude_self=True)
-        acc[name] = float((pred == labels).mean())
-    report = {
+    labels = dominant_channel_labels(crops) if in_chans > 1 else np.zeros(len(crops), int)
+    acc = {
+        name: float((knn_predict(emb, labels, emb, k=K, exclude_self=True) == labels).mean())
+        for name, emb in (("fp32", ref), ("int8", q))
+    }
+    return {
         "method": method,
         "target": target,
         "weights": weights,
         "forms_tried": tried,
         # a full-range signed form saturates on CPUs without VNNI: the ONNX Runtime backend warns there
         "needs_vnni": any(f[2] for f in DYNAMIC_FORMS if f[0] == weights),
-        "seconds": round(seconds, 2),
         "n_crops": int(len(crops)),
-        "min_cosine_to_fp32": cmin,
+        "min_cosine_to_fp32": tried[weights],
         "median_cosine_to_fp32": float(np.median(cos)),
         "max_abs_diff": diff,
         "knn_leave_one_out_top1": acc,
         "knn_labels": "dominant channel of each crop (derived from pixels)",
     }
-    qmeta = {**meta, "precision": "int8", "quantization": report, "source_onnx": str(model)}
-    write_sidecar(out, qmeta)
-    log.info("int8 (%s): min cosine to fp32 %.5f, k-NN %.3f -> %.3f", method, cmin, acc["fp32"], acc["int8"])
-    return qmeta

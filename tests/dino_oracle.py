@@ -52,7 +52,7 @@ def vit(p: dict, x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def head(p: dict, e: torch.Tensor) -> torch.Tensor:
-    gelu = lambda z: 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))  # noqa: E731
+    gelu = lambda z: 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))
     y = gelu(e @ p["mlp.0.weight"].T + p["mlp.0.bias"])
     y = gelu(y @ p["mlp.2.weight"].T + p["mlp.2.bias"])
     y = y @ p["mlp.4.weight"].T + p["mlp.4.bias"]
@@ -61,15 +61,24 @@ def head(p: dict, e: torch.Tensor) -> torch.Tensor:
     return y @ (p["last_layer.weight_g"] * v / v.norm(dim=1, keepdim=True)).T
 
 
-def step(student: dict, teacher: dict, center: torch.Tensor, views: list[torch.Tensor], heads: int, *, teacher_temp,
-         student_temp, center_momentum):
+def step(
+    student: dict,
+    teacher: dict,
+    center: torch.Tensor,
+    views: list[torch.Tensor],
+    heads: int,
+    *,
+    teacher_temp,
+    student_temp,
+    center_momentum,
+):
     """(loss, gradients of the student's parameters, teacher outputs, the new centre) of one DINO step, float64."""
     sp = {k: v.detach().double().requires_grad_(v.is_floating_point()) for k, v in student.items()}
     tp = {k: v.detach().double() for k, v in teacher.items()}
 
     def net(p, x):
-        bb = {k[len("backbone."):]: v for k, v in p.items() if k.startswith("backbone.")}
-        hd = {k[len("head."):]: v for k, v in p.items() if k.startswith("head.")}
+        bb = {k[len("backbone.") :]: v for k, v in p.items() if k.startswith("backbone.")}
+        hd = {k[len("head.") :]: v for k, v in p.items() if k.startswith("head.")}
         return head(hd, vit(bb, x.double(), heads))
 
     t_out = [net(tp, v) for v in views[:2]]

@@ -34,7 +34,9 @@ def test_the_cells_are_split_once_stratified_and_disjoint():
 
 
 def test_the_withdrawn_model_says_why_and_what_to_do():
-    with pytest.raises(CheckpointError, match="ifc-cellcycle: the label-free cell-cycle model was withdrawn.*scdino-train"):
+    with pytest.raises(
+        CheckpointError, match="ifc-cellcycle: the label-free cell-cycle model was withdrawn.*scdino-train"
+    ):
         load_model("ifc-cellcycle", 2)
 
 

@@ -522,8 +522,7 @@ def test_torchrun_two_processes_match_one(crop_store, tmp_path):
 
 def test_knn_monitoring_logs_what_the_engine_would_measure(crop_store, tmp_path):
     from scdino.cells.cropstore import CropStore
-    from scdino.knn import labels_of
-    from scdino.knn import evaluate_knn
+    from scdino.knn import evaluate_knn, labels_of
     from scdino.models import embed_crops, load_model
 
     out = tmp_path / "mon"
@@ -585,8 +584,7 @@ def test_one_training_step_matches_dino_written_from_its_definition(tmp_path, pr
 
     cfg = build_config(
         None,
-        TINY
-        + ["clip_grad=0", "freeze_last_layer=0", "momentum_teacher=0.9", f"precision={precision}", "out_dim=64"],
+        TINY + ["clip_grad=0", "freeze_last_layer=0", "momentum_teacher=0.9", f"precision={precision}", "out_dim=64"],
         data="crops",
         out=str(tmp_path / "run"),
         arch="vit_test",
@@ -605,14 +603,20 @@ def test_one_training_step_matches_dino_written_from_its_definition(tmp_path, pr
     assert [v.shape[-1] for v in views] == [32, 32, 16, 16]
     loss = loop_mod._step(tr, 0, 0, order, None)
     o_loss, o_grads, _, o_center = dino_oracle.step(
-        student0, teacher0, center0, views, heads=2, teacher_temp=cfg.teacher_temp, student_temp=cfg.student_temp,
+        student0,
+        teacher0,
+        center0,
+        views,
+        heads=2,
+        teacher_temp=cfg.teacher_temp,
+        student_temp=cfg.student_temp,
         center_momentum=cfg.center_momentum,
     )
     tol = {"fp32": 1e-5, "bf16": 2e-2}[precision]
     assert abs(loss - float(o_loss)) <= tol * abs(float(o_loss))
     got = {n: p.grad for n, p in tr.student.named_parameters() if p.grad is not None}
     assert set(got) == {n for n in o_grads if n != "head.last_layer.weight_g"}  # g is fixed (norm_last_layer)
-    flat = lambda d: torch.cat([d[n].flatten().double() for n in sorted(got)])  # noqa: E731
+    flat = lambda d: torch.cat([d[n].flatten().double() for n in sorted(got)])
     g, o = flat(got), flat(o_grads)
     if precision == "fp32":
         for n in got:
@@ -621,7 +625,9 @@ def test_one_training_step_matches_dino_written_from_its_definition(tmp_path, pr
     else:
         assert float(F.cosine_similarity(g, o, dim=0)) > 0.99
         assert abs(float(g.norm() / o.norm()) - 1) < 0.05
-    torch.testing.assert_close(tr.loss_fn.center.double(), o_center, rtol=tol, atol=1e-3 if precision == "bf16" else 1e-7)
+    torch.testing.assert_close(
+        tr.loss_fn.center.double(), o_center, rtol=tol, atol=1e-3 if precision == "bf16" else 1e-7
+    )
     m = 0.9  # the first step's teacher momentum
     student1 = tr.student.state_dict()
     for n, t in tr.teacher.state_dict().items():
@@ -672,7 +678,7 @@ def test_health_names_uniform_and_one_cluster_collapse_and_a_flat_teacher():
     cfg = build_config(None, ["out_dim=4096", "warmup_epochs=2", "epochs=10"], data="d", out="o")
     ln_k = np.log(4096)
     first = {"epoch": 1, "teacher_entropy": 7.1, "teacher_mean_entropy": 8.0}
-    at = lambda epoch, h, hm: {"epoch": epoch, "teacher_entropy": h, "teacher_mean_entropy": hm}  # noqa: E731
+    at = lambda epoch, h, hm: {"epoch": epoch, "teacher_entropy": h, "teacher_mean_entropy": hm}
     assert "uniform collapse" in loop_mod.health(at(5, ln_k - 0.01, ln_k - 0.001), first, cfg)[0]
     assert "one-cluster collapse" in loop_mod.health(at(5, 0.01, 0.02), first, cfg)[0]
     assert "has not sharpened" in loop_mod.health(at(5, 7.0, 8.0), first, cfg)[0]

@@ -440,7 +440,12 @@ def train_one_epoch(tr: Trainer, epoch: int, logf) -> dict:
             rate = (it + 1) / (now - t0)
             log.info(
                 "%s: step %d/%d, loss %.4f, %.2f steps/s, %s left in this epoch",
-                desc, it + 1, tr.n_iter, losses[-1], rate, duration((tr.n_iter - it - 1) / rate),
+                desc,
+                it + 1,
+                tr.n_iter,
+                losses[-1],
+                rate,
+                duration((tr.n_iter - it - 1) / rate),
             )
     seconds = time.perf_counter() - t0
     mean_loss = torch.tensor(float(np.mean(losses)), device=tr.device)
@@ -538,7 +543,9 @@ def train(
         if tr.rank == 0:
             log.info(
                 "%s: already trained for %d of %d epochs, nothing to do (to train longer: --extend --epochs N)",
-                out, start, cfg.epochs,
+                out,
+                start,
+                cfg.epochs,
             )
         return {"nothing_to_do": True, "epoch": start, "epochs": cfg.epochs}
     if cfg.knn_freq and tr.rank == 0:
