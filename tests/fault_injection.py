@@ -366,7 +366,7 @@ def input_cases() -> list[Case]:
         Case(
             "resume a truncated training checkpoint",
             "train",
-            [*TRAIN, "--out", "{ws}/trainrun", "--epochs", "2"],
+            [*TRAIN, "--out", "{ws}/trainrun", "--epochs", "2", "--extend"],
             ("checkpoint.pth", "cannot be read", "checkpoint0001.pth", "copy it"),
             ALL,
             _truncated_run,

@@ -21,6 +21,7 @@ def test_default_model_is_shipped_small_and_complete():
     assert lm.model.pos_embed.dtype.is_floating_point and str(lm.model.pos_embed.dtype) == "torch.float32"
 
 
+@pytest.mark.slow
 def test_run_without_model_uses_it(neocortex_plate, tmp_path):
     seg = neocortex_segment_params()
     res = run(

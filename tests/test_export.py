@@ -15,7 +15,7 @@ from scdino.engine.backends import onnxruntime_backend as ortb
 from scdino.engine.pipeline import RunConfig, run
 from scdino.errors import CheckpointError, ConfigError
 from scdino.export.onnx_export import export_onnx
-from scdino.export.quantize import DYNAMIC_FORMS, FAST_FORM_MIN_COSINE, _embed, _session, dynamic_forms, quantize
+from scdino.export.quantize import DYNAMIC_FORMS, FAST_FORM_MIN_COSINE, dynamic_forms, quantize
 from scdino.export.verify import VerificationError, compare, edge_cases, fit_crops
 from scdino.models import load_model
 from scdino.models.plan import check_plan
@@ -68,6 +68,7 @@ def test_onnx_parity_per_dtype(tmp_path, dtype):
         assert key in side
 
 
+@pytest.mark.slow
 def test_adapted_vits16_checkpoint_parity_and_attention(tmp_path):
     ckpt = tmp_path / "dino.pth"
     dino_full_checkpoint(ckpt, arch="vit_small16", in_chans=3)
@@ -150,9 +151,16 @@ def test_int8_takes_the_most_accurate_form_when_none_keeps_the_bar(tmp_path, mon
     assert q["weights"] == max(tried, key=tried.get) and q["min_cosine_to_fp32"] == tried[q["weights"]]
     # the file written is the chosen form: its own embeddings give the reported cosine
 
+    import onnxruntime as ort
+
     crops = fit_crops(packaged_crops(), 3, 48, "uint16")
-    ref, got = _embed(_session(str(src)), crops), _embed(_session(str(tmp_path / "m.int8.onnx")), crops)
-    assert compare(got, ref)[1] == pytest.approx(tried[q["weights"]], abs=1e-6)
+    def embed(path):  # in batches of 16, as the check runs (dynamic int8 scales activations per batch)
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return np.concatenate([sess.run(["cls"], {"crops": crops[i : i + 16]})[0] for i in range(0, len(crops), 16)])
+
+    ref, got = embed(src).astype(np.float64), embed(tmp_path / "m.int8.onnx").astype(np.float64)
+    cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    assert float(cos.min()) == pytest.approx(tried[q["weights"]], abs=1e-5)
 
 
 def test_int8_forms_follow_the_cpu_and_a_vnni_form_warns_elsewhere(tmp_path, monkeypatch, caplog):

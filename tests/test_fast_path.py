@@ -68,7 +68,7 @@ def test_checkpoint_runs_from_its_cached_export_when_that_is_faster(tiny_plate, 
     assert sidecar["verification"]["passed"]
     # a second run reuses the entry and the recorded choice: no export, no timing
     monkeypatch.setattr(export_cache, "_timing", lambda *a: pytest.fail("timed again"))
-    monkeypatch.setattr("scdino.export.onnx_export.export_onnx", lambda *a, **k: pytest.fail("exported again"))
+    monkeypatch.setattr("scdino.engine.export_cache.export_onnx", lambda *a, **k: pytest.fail("exported again"))
     _run(tiny_plate, tmp_path / "b.zarr", ckpt)
     assert _emb(tmp_path / "b.zarr")[1]["path"]["path"] == "onnxruntime (cached export)"
     # the same embeddings as PyTorch
@@ -102,7 +102,7 @@ def test_a_failed_export_falls_back_to_pytorch_and_leaves_no_entry(tiny_plate, t
     def broken(*a, **k):
         raise VerificationError("differs from PyTorch")
 
-    monkeypatch.setattr("scdino.export.onnx_export.export_onnx", broken)
+    monkeypatch.setattr("scdino.engine.export_cache.export_onnx", broken)
     res = _run(tiny_plate, tmp_path / "a.zarr", ckpt)
     assert res.backend == "torch on cpu"
     assert "export failed" in _emb(tmp_path / "a.zarr")[1]["path"]["why"]
@@ -110,7 +110,7 @@ def test_a_failed_export_falls_back_to_pytorch_and_leaves_no_entry(tiny_plate, t
 
 
 def test_untrained_models_and_explicit_backends_are_not_exported(tiny_plate, tmp_path, cache, ckpt, monkeypatch):
-    monkeypatch.setattr("scdino.export.onnx_export.export_onnx", lambda *a, **k: pytest.fail("exported"))
+    monkeypatch.setattr("scdino.engine.export_cache.export_onnx", lambda *a, **k: pytest.fail("exported"))
     _run(tiny_plate, tmp_path / "r.zarr", "random:vit_test8")
     assert "untrained" in _emb(tmp_path / "r.zarr")[1]["path"]["why"]
     _run(tiny_plate, tmp_path / "t.zarr", ckpt, backend="torch")
@@ -177,7 +177,7 @@ def test_cpu_batch_size_follows_the_tokens_of_a_pass():
     # the measured best batches (benchmarks/cpu_settings.py): ViT-tiny/16 at 32 px, ViT-tiny/8 at 48, ViT-S/16 at 224
     assert [cpu_batch_size(t) for t in (5, 37, 50, 197, 10_000)] == [256, 64, 64, 16, 16]
     card = describe_model("default", n_channels=3)
-    assert card.patch_size == 8 and card.tokens == (48 // 8) ** 2 + 1
+    assert card.patch_size == 8 and card.tokens == 37  # 6 x 6 patches + CLS
 
 
 def test_gpu_batch_size_follows_the_tokens_of_a_pass_and_never_exceeds_a_block(monkeypatch):

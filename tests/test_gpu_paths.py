@@ -428,6 +428,7 @@ def test_fused_gradient_clipping_equals_the_per_parameter_rule():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.slow
 def test_the_device_check_runs_its_cpu_sections_here(tmp_path, capsys):
     """benchmarks/gpu_check.py on a machine without CUDA: CPU sections run, CUDA ones say why they are skipped."""
     import importlib.util

@@ -10,7 +10,28 @@ from reference import vit_cls
 from scdino.errors import CheckpointError, ConfigError
 from scdino.models import adapt_patch_weight, arch_config, build_model, load_model, read_checkpoint
 from scdino.models import checkpoint as ckmod
-from scdino.models.vit import resize_pos_embed
+
+
+def _keys(t: np.ndarray, a: float = -0.75) -> np.ndarray:
+    """Keys' cubic convolution kernel (the 'bicubic' of PyTorch and OpenCV)."""
+    t = np.abs(t)
+    return np.where(
+        t <= 1, (a + 2) * t**3 - (a + 3) * t**2 + 1, np.where(t < 2, a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a, 0.0)
+    )
+
+
+def _bicubic_grid(pos: torch.Tensor, new: int) -> torch.Tensor:
+    """A (1, 1 + g*g, D) position embedding resized to new x new patches, written from the definition: half-pixel
+    centres, Keys kernel over the 4 x 4 nearest samples, edges repeated; the CLS row unchanged."""
+    p = pos[0, 1:].double().numpy()
+    g = int(round(len(p) ** 0.5))
+    grid = p.reshape(g, g, -1)
+    src = (np.arange(new) + 0.5) * g / new - 0.5
+    base = np.floor(src).astype(int)
+    taps = [(np.clip(base + k, 0, g - 1), _keys(src - (base + k))) for k in (-1, 0, 1, 2)]
+    rows = sum(w[:, None, None] * grid[i] for i, w in taps)  # (new, g, D)
+    out = sum(w[None, :, None] * rows[:, i] for i, w in taps)  # (new, new, D)
+    return torch.cat([pos[0, :1].double(), torch.from_numpy(out.reshape(new * new, -1))])[None]
 
 
 def _embed(lm, x):
@@ -127,8 +148,8 @@ def test_position_embedding_interpolated_once(tmp_path):
     teacher = dino_full_checkpoint(path)
     lm = load_model(str(path), 1, 96)
     assert lm.model.pos_embed.shape == (1, 1 + 6 * 6, 32)
-    ref = resize_pos_embed(teacher["pos_embed"], 6)
-    torch.testing.assert_close(lm.model.pos_embed.data, ref)
+    ref = _bicubic_grid(teacher["pos_embed"], 6)
+    torch.testing.assert_close(lm.model.pos_embed.data.double(), ref, rtol=1e-5, atol=1e-6)
     assert torch.equal(lm.model.pos_embed[:, 0], teacher["pos_embed"][:, 0])
     with pytest.raises(ValueError, match="built for 96x96"):
         lm.model(torch.rand(1, 1, 112, 112))

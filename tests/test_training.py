@@ -521,19 +521,23 @@ def test_torchrun_two_processes_match_one(crop_store, tmp_path):
 
 
 def test_knn_monitoring_logs_what_the_engine_would_measure(crop_store, tmp_path):
-    from scdino.cells.cropstore import CropStore
-    from scdino.knn import evaluate_knn, labels_of
-    from scdino.models import embed_crops, load_model
+    """The logged k-NN equals scikit-learn's vote on the embeddings scdino-engine run writes for the final teacher."""
+    import anndata as ad
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from scdino.engine.pipeline import RunConfig, run
+    from scdino.knn import split
 
     out = tmp_path / "mon"
     train(cfg_for(crop_store, out, epochs=2, val_data=crop_store, knn_freq=1, intensity_scaling="dataset"))
     logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"summary"' in line]
     assert [("knn_top1" in r) for r in logged] == [True, True]
-    store = CropStore(crop_store)
-    table = store.table()
-    lm = load_model(str(out / "checkpoint.pth"), 3)  # the teacher, with the preprocessing the engine applies
-    emb = embed_crops(lm.model, store.read(np.arange(len(table)), [0, 1, 2]), lm.prep)
-    want = evaluate_knn(emb, labels_of(table, "class", crop_store).to_numpy(), seed=0)["top1"]
+    run(RunConfig(plate=crop_store, out=str(tmp_path / "e.zarr"), model=str(out / "checkpoint.pth"), progress=False))
+    a = ad.read_zarr(tmp_path / "e.zarr")
+    x, y = a.obsm["X_scdino"], a.obs["class"].astype(str).to_numpy()
+    tr, te, _ = split(y, 0.8, 0)
+    clf = KNeighborsClassifier(20, metric="cosine", weights=lambda d: np.exp((1 - d) / 0.07), algorithm="brute")
+    want = float((clf.fit(x[tr], y[tr]).predict(x[te]) == y[te]).mean())
     assert logged[-1]["knn_top1"] == pytest.approx(want, abs=1e-9)
 
 
