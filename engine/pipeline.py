@@ -22,7 +22,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import psutil
 
+from scdino.bounds import check_block_memory
 from scdino.cells.source import CellSource, open_source
 from scdino.cells.table import FIELDS
 from scdino.engine.backends import BackendSpec, resolve, using
@@ -270,6 +272,13 @@ def run(cfg: RunConfig) -> RunResult:
     cfg.validate()
     t0 = time.perf_counter()
     source = open_source(cfg.plate, cfg.cells)
+    check_block_memory(
+        cfg.chunk_cells,
+        len(source.channels),
+        source.crop_size,
+        np.dtype(source.dtype).itemsize,
+        psutil.virtual_memory().available,
+    )
     card = describe_model(  # a bad checkpoint or a channel mismatch fails here, before any work is distributed
         cfg.model,
         channels=source.channel_names,

@@ -233,3 +233,33 @@ def test_the_real_command_is_quiet_and_logs_progress_off_a_terminal(plate2, tmp_
     others = [ln for ln in p.stderr.strip().splitlines() if not ln.startswith("INFO scdino")]
     assert len(others) == 1 and others[0].startswith("error:"), p.stderr
     assert "B/2/0" in p.stderr and "chunk cannot be read" in p.stderr
+
+
+def test_every_numeric_option_has_its_bounds():
+    """One validation home: each int or float option of every scdino-engine command is in scdino.bounds."""
+    import click
+
+    from scdino.bounds import BOUNDS
+    from scdino.engine.cli import main
+
+    numeric = {
+        (name, opt)
+        for name, cmd in main.commands.items()
+        for p in cmd.params
+        if isinstance(p, click.Option) and isinstance(p.type, (click.types.IntParamType, click.types.FloatParamType))
+        for opt in p.opts
+        if opt.startswith("--")
+    }
+    assert len(numeric) >= 30
+    assert {(n, o) for n, o in numeric if o not in BOUNDS} == set()
+
+
+def test_a_block_of_crops_must_fit_in_memory():
+    from scdino.bounds import check_block_memory
+    from scdino.errors import ConfigError
+
+    gib = 2**30
+    # 256 crops x 3 channels x 1000 x 1000 px x (2 bytes uint16 + 4 bytes float32) = 4.608e9 bytes = 4.29 GiB
+    with pytest.raises(ConfigError, match=r"takes 4\.29 GiB .* half of the 8\.00 GiB .*--chunk-cells or --crop-size"):
+        check_block_memory(256, 3, 1000, 2, 8 * gib)
+    check_block_memory(256, 3, 1000, 2, 10 * gib)  # 4.29 GiB is under half of 10
