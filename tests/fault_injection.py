@@ -201,6 +201,7 @@ def writer_cases() -> list[Case]:
             targets += [
                 ("its input", "{ws}/" + inp, (inp,), ("is the input",)),
                 ("the input's folder", "{ws}", ALL, ("holds the input",)),
+                ("a path inside its input", "{ws}/" + inp + "/inner", (inp,), ("inside the input",)),
             ]
         for what, out, keep, words in targets:
             a = [out if x == "OUT" else x for x in args] + extra
@@ -467,8 +468,38 @@ def number_cases() -> list[Case]:
     return [Case(name, "engine", args, words, ALL, before_work=True) for name, args, words in NUMBERS]
 
 
+def guard_cases() -> list[Case]:
+    """Outputs inside an input, the wrong kind of input, a damaged model file."""
+    return [
+        Case(
+            "run --out inside the plate",
+            "engine",
+            [*RUN, "--labels", "nuclei", "--out", "{ws}/plate.zarr/A/inner.zarr"],
+            ("plate.zarr/A/inner.zarr", "is inside the input", "--out"),
+            ALL,
+            before_work=True,
+        ),
+        Case(
+            "knn on a plate",
+            "engine",
+            ["knn", "{ws}/plate.zarr", "--label-key", "class"],
+            ("plate.zarr", "not an embeddings store", "scdino-engine run"),
+            ALL,
+            before_work=True,
+        ),
+        Case(
+            "umap on a crop store",
+            "engine",
+            ["umap", "{ws}/crops.zarr"],
+            ("crops.zarr", "not an embeddings store", "holds the output of scdino-engine ingest"),
+            ALL,
+            before_work=True,
+        ),
+    ]
+
+
 def cases() -> list[Case]:
-    return writer_cases() + input_cases() + number_cases()
+    return writer_cases() + input_cases() + number_cases() + guard_cases()
 
 
 def run_case(case: Case, ws: Path) -> Outcome:

@@ -5,7 +5,7 @@ stores written before the marker existed are recognised by their own scdino meta
 output (``--overwrite``) goes through :func:`claim_dir`, which refuses
 
 * a plain file where a folder is expected,
-* the command's input, or a folder that holds the input,
+* the command's input, a folder that holds the input, or a path inside the input,
 * a folder scdino did not write (it is never deleted, whatever the options).
 
 Exported model files go through :func:`claim_file`, which refuses to replace a file that no scdino sidecar describes, or
@@ -74,7 +74,8 @@ def is_empty(path: Path) -> bool:
 
 
 def check_not_input(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], option: str = "--out") -> None:
-    """Refuse an output that is one of the ``inputs`` or a folder holding one of them."""
+    """Refuse an output that is one of the ``inputs``, a folder holding one of them, or a path inside one (an input is
+    only read: nothing is ever written into a plate, a store or a model that a command reads)."""
     out = os.path.realpath(path)
     for inp in inputs:
         if inp is None:
@@ -84,6 +85,8 @@ def check_not_input(path: str | os.PathLike, inputs: Iterable[str | os.PathLike 
             raise OutputError(f"{path}: is the input of this command; choose another {option}")
         if real.startswith(out.rstrip(os.sep) + os.sep):
             raise OutputError(f"{path}: holds the input {inp} of this command; choose another {option}")
+        if out.startswith(real.rstrip(os.sep) + os.sep) and os.path.exists(real):
+            raise OutputError(f"{path}: is inside the input {inp} of this command; choose another {option} outside it")
 
 
 def claim_dir(
@@ -185,3 +188,4 @@ def claim_new(
     if p.is_dir() and not is_empty(p) and written_by(p) == command and not overwrite:
         raise OutputError(f"{path}: already exists; pass --overwrite to replace it, or choose another {option}")
     return claim_dir(p, command, inputs=inputs, overwrite=True, option=option)
+
