@@ -35,7 +35,7 @@ from scdino.engine.output import COMMAND, EmbeddingStore, store_status
 from scdino.errors import OutputError
 from scdino.models.card import ModelCard, describe_model
 from scdino.models.checkpoint import forget_checkpoints
-from scdino.outputs import check_not_input, check_replaceable, is_empty, written_by
+from scdino.outputs import check_not_input, check_replaceable, discard, is_empty, written_by
 from scdino.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -328,14 +328,22 @@ def run(cfg: RunConfig) -> RunResult:
             table = _find_cells(cfg, source, client, phases)
         _warn_intensity_range(cfg, source, table, card)
         t = time.perf_counter()
+        created = False
         try:
             if not resumed:
                 uns = _uns(cfg, spec, source, "running", path.to_dict())
+                created = True
                 store = EmbeddingStore.create(cfg.out, table, card.embed_dim, cfg.chunk_cells, uns, fp)
                 todo = list(range(store.n_blocks))
                 phases["store_seconds"] = time.perf_counter() - t
             t = time.perf_counter()
             blocks_run = _embed_stream(cfg, client, source, table, spec, todo, store)
+        except Exception:
+            # a store this run made and filled nothing into is not left half-written (an interruption keeps it:
+            # the rerun starts from its cell table)
+            if created and not _any_block_done(cfg.out):
+                discard(cfg.out, COMMAND)
+            raise
         finally:
             FIELDS.clear()  # an in-process worker's decoded fields and the checkpoint are not kept past the run
             forget_checkpoints()
@@ -347,6 +355,14 @@ def run(cfg: RunConfig) -> RunResult:
     done = {"status": "complete", "backend": spec.to_dict(), "path": path.to_dict(), "versions": versions()}
     store.finish(_plain({**done, "timing": timing}))
     return RunResult(cfg.out, len(table), seconds, blocks_run, resumed, phases, card.untrained, backend)
+
+
+def _any_block_done(out: str) -> bool:
+    """Whether the store at ``out`` holds a finished block (it may be half-made: then it holds none)."""
+    try:
+        return bool(EmbeddingStore(out).done().any())
+    except Exception:  # made only in part: no progress array, or no metadata yet
+        return False
 
 
 def _asked(cfg: RunConfig, card: ModelCard) -> dict:

@@ -379,6 +379,11 @@ def input_cases() -> list[Case]:
     ]
 
 
+def _truncate_onnx(ws: Path) -> None:
+    data = (ws / "m.onnx").read_bytes()
+    (ws / "m.onnx").write_bytes(data[: len(data) // 3])
+
+
 KNN = ["knn", "{ws}/cells.zarr", "--label-key", "class"]
 RUN_OUT = [*RUN, "--labels", "nuclei", "--out", "{ws}/o_bad.zarr"]
 UMAP = ["umap", "{ws}/cells.zarr"]
@@ -493,6 +498,15 @@ def guard_cases() -> list[Case]:
             ["umap", "{ws}/crops.zarr"],
             ("crops.zarr", "not an embeddings store", "holds the output of scdino-engine ingest"),
             ALL,
+            before_work=True,
+        ),
+        Case(
+            "run a truncated model.onnx",
+            "engine",
+            ["run", "{ws}/crops.zarr", "--model", "{ws}/m.onnx", "--out", "{ws}/o_onnx.zarr"],
+            ("m.onnx", "not a readable ONNX model", "truncated", "export it again"),
+            ("crops.zarr", "m.json"),
+            _truncate_onnx,
             before_work=True,
         ),
     ]

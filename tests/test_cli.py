@@ -263,3 +263,31 @@ def test_a_block_of_crops_must_fit_in_memory():
     with pytest.raises(ConfigError, match=r"takes 4\.29 GiB .* half of the 8\.00 GiB .*--chunk-cells or --crop-size"):
         check_block_memory(256, 3, 1000, 2, 8 * gib)
     check_block_memory(256, 3, 1000, 2, 10 * gib)  # 4.29 GiB is under half of 10
+
+
+def test_a_model_onnx_runtime_cannot_load_leaves_no_store(plate2, tmp_path):
+    """A model.onnx that parses but that ONNX Runtime refuses (here: an unknown operator) fails in the workers, after
+    the store was made: one line, and no half-written store."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from scdino.export.onnx_export import export_onnx
+
+    m = tmp_path / "m.onnx"
+    export_onnx("random:vit_test8", m, n_channels=2, crop_size=16, input_size=32)
+    node = helper.make_node("NoSuchOperator", ["crops"], ["embeddings"], domain="")
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("crops", TensorProto.FLOAT, ["n", 2, 16, 16])],
+        [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["n", 8])],
+    )
+    onnx.save(helper.make_model(graph), m)
+    out = tmp_path / "o.zarr"
+    _bad(
+        cli("run", plate2, "--model", m, "--labels", "nuclei", "--crop-size", "16", "--out", out),
+        "m.onnx",
+        "ONNX Runtime cannot load it",
+        "export it again",
+    )
+    assert not out.exists() and not Path(f"{out}.lock").exists()

@@ -189,3 +189,13 @@ def claim_new(
         raise OutputError(f"{path}: already exists; pass --overwrite to replace it, or choose another {option}")
     return claim_dir(p, command, inputs=inputs, overwrite=True, option=option)
 
+
+def discard(path: str | os.PathLike, command: str) -> bool:
+    """Delete ``path`` if ``command`` wrote it (a store a failed run made and filled nothing into); anything else is
+    left alone. Returns whether it was deleted."""
+    p = Path(path)
+    if p.is_dir() and written_by(p) == command:
+        shutil.rmtree(p)
+        return True
+    return False
+
