@@ -265,6 +265,20 @@ def test_a_block_of_crops_must_fit_in_memory():
     check_block_memory(256, 3, 1000, 2, 10 * gib)  # 4.29 GiB is under half of 10
 
 
+def test_a_missing_chunk_is_named_not_read_silently_as_zeros(tmp_path):
+    """A writer may skip chunks that hold only the fill value, so a missing chunk is a warning naming the field (a
+    refusal would reject such plates), never silent zeros."""
+    plate = make_tiny_plate(tmp_path / "t.zarr")
+    chunk = Path(plate, "B", "2", "0", "s0", "c", "1", "0", "0")  # GFP of field B/2/0: 1 of its 2 chunks (c, 512, 512)
+    chunk.unlink()
+    run = ("run", plate, "--model", "random:vit_test8", "--labels", "nuclei", "--crop-size", "16", "--input-size", "32")
+    p = cli(*run, "--out", tmp_path / "o.zarr", check=True)
+    warned = [ln for ln in p.stderr.splitlines() if "t.zarr/B/2/0" in ln]
+    assert len(warned) == 1 and "1 of 2 image chunks are not stored" in warned[0], p.stderr
+    assert "read as the fill value 0" in warned[0] and "copy it again" in warned[0]
+    assert "A/1" not in p.stderr  # complete fields are not named
+
+
 def test_a_model_onnx_runtime_cannot_load_leaves_no_store(plate2, tmp_path):
     """A model.onnx that parses but that ONNX Runtime refuses (here: an unknown operator) fails in the workers, after
     the store was made: one line, and no half-written store."""
