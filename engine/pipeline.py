@@ -35,7 +35,7 @@ from scdino.engine.output import COMMAND, EmbeddingStore, store_status
 from scdino.errors import OutputError
 from scdino.models.card import ModelCard, describe_model
 from scdino.models.checkpoint import forget_checkpoints
-from scdino.outputs import check_not_input, check_replaceable, discard, is_empty, written_by
+from scdino.outputs import check_not_input, check_replaceable, discard, is_empty, output_lock, written_by
 from scdino.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -268,8 +268,16 @@ def _embed_stream(cfg: RunConfig, client, source: CellSource, table, spec: Backe
 
 
 def run(cfg: RunConfig) -> RunResult:
-    """Embed every cell of a plate into ``cfg.out``; resumes an interrupted run with the same settings."""
+    """Embed every cell of a plate into ``cfg.out``; resumes an interrupted run with the same settings. Options out of
+    bounds and an output inside the input are refused before anything else; the output is locked while the run
+    writes it (a second run on it is refused)."""
     cfg.validate()
+    check_not_input(cfg.out, [cfg.plate, cfg.model])
+    with output_lock(cfg.out, COMMAND):
+        return _run(cfg)
+
+
+def _run(cfg: RunConfig) -> RunResult:
     t0 = time.perf_counter()
     source = open_source(cfg.plate, cfg.cells)
     check_block_memory(

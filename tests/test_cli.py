@@ -305,3 +305,71 @@ def test_a_model_onnx_runtime_cannot_load_leaves_no_store(plate2, tmp_path):
         "export it again",
     )
     assert not out.exists() and not Path(f"{out}.lock").exists()
+
+
+def test_the_lock_never_touches_a_users_file_and_goes_however_the_run_ends(plate2, tmp_path):
+    run = (
+        "run",
+        plate2,
+        "--model",
+        "random:vit_test8",
+        "--labels",
+        "nuclei",
+        "--crop-size",
+        "16",
+        "--input-size",
+        "32",
+    )
+    out = tmp_path / "o.zarr"
+    user = tmp_path / "o.zarr.lock"
+    user.write_text("a user's notes that happen to have this name")
+    _bad(cli(*run, "--out", out), "o.zarr.lock", "not a scdino lock", "never replaced or deleted")
+    assert user.read_text() == "a user's notes that happen to have this name" and not out.exists()
+    user.unlink()
+    # a run that fails after taking the lock leaves neither the lock nor the folders made for it
+    deep = tmp_path / "new" / "deeper" / "o.zarr"
+    _bad(cli(*run, "--channels", "CY5", "--out", deep), "no channel 'CY5'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    cli(*run, "--out", out, check=True)
+    assert store_status(str(out))["status"] == "complete"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.zarr"]
+
+
+def test_a_second_run_on_a_locked_output_is_refused_and_a_stale_lock_taken_over(plate2, tmp_path):
+    import os
+    import signal
+
+    out = tmp_path / "o.zarr"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from scdino.outputs import output_lock\n"
+            "lock = output_lock(sys.argv[1], 'scdino-engine run')\n"
+            "lock.__enter__()\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(300)\n",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        run = ("run", plate2, "--model", "random:vit_test8", "--labels", "nuclei", "--crop-size", "16")
+        _bad(
+            cli(*run, "--input-size", "32", "--out", out),
+            "o.zarr",
+            f"scdino-engine run (pid {holder.pid} on this host",
+            "is writing it",
+            "wait for it to finish",
+        )
+        assert not out.exists() and Path(f"{out}.lock").exists()  # the holder's lock is left as it was
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)  # as kill -9: no clean-up, the lock file stays
+        holder.wait()
+    assert Path(f"{out}.lock").exists()
+    p = cli(*run, "--input-size", "32", "--out", out, check=True)
+    assert "taking over the stale lock" in p.stderr and f"pid {holder.pid}" in p.stderr, p.stderr
+    assert store_status(str(out))["status"] == "complete" and not Path(f"{out}.lock").exists()
