@@ -8,6 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
+from scdino.bounds import check
 from scdino.errors import ConfigError, InputError
 from scdino.outputs import claim_dir
 
@@ -82,6 +83,7 @@ def attention_command(
     from scdino.models import load_model
     from scdino.preprocess import apply
 
+    check(per_class=per_class, input_size=input_size, seed=seed)
     claim_dir(out, "scdino-engine attention", inputs=[source, model])
     table, reader, names = _cells_and_crops(source, channels)
     label_key = label_key or ("class" if "class" in table and not cells else None)

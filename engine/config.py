@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from scdino.bounds import check, check_segmentation
 from scdino.cells.options import CellOptions
 from scdino.errors import ConfigError
 
@@ -72,8 +73,18 @@ class RunConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if (self.batch_size or 1) < 1 or self.chunk_cells < 1 or (self.workers or 1) < 1 or (self.input_size or 1) < 1:
-            raise ConfigError("--batch-size, --chunk-cells, --workers and --input-size must be positive")
+        """Refuse options that are out of bounds (:mod:`scdino.bounds`) or contradict each other."""
+        cells = self.cells
+        check(
+            batch_size=self.batch_size,
+            chunk_cells=self.chunk_cells,
+            workers=self.workers,
+            threads=self.threads,
+            input_size=self.input_size,
+            crop_size=cells.crop_size,
+            crop_um=cells.crop_um,
+        )
+        check_segmentation(**cells.segment.to_dict())
         if self.precision not in ("fp32", "int8"):
             raise ConfigError(f"--precision {self.precision!r}: expected fp32 or int8")
         if self.fast and (self.input_size is not None or self.precision != "fp32"):

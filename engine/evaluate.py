@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
+from scdino.bounds import check
 from scdino.cells.options import CellOptions
 from scdino.errors import ConfigError, InputError, OutputError
 from scdino.knn import TEMPERATURE, TRAIN_FRACTION, K
@@ -39,6 +40,17 @@ class EvalSettings:
     input_size: int | None = None
     batch_size: int | None = None  # None: the run's default for the device
     progress: bool = True
+
+    def validate(self) -> None:
+        """Refuse numbers out of their bounds (:mod:`scdino.bounds`)."""
+        check(
+            k=self.k,
+            temperature=self.temperature,
+            train_fraction=self.train_fraction,
+            seed=self.seed,
+            input_size=self.input_size,
+            batch_size=self.batch_size,
+        )
 
 
 @dataclass
@@ -269,6 +281,7 @@ def evaluate(
     """Run the grid and write ``out``/report.md, results.json, heatmap.png (and epochs.png); ``settings`` are the
     fields of :class:`EvalSettings`."""
     s = EvalSettings(**settings)
+    s.validate()
     t0 = time.perf_counter()
     outdir = claim_dir(out, "scdino-engine evaluate", inputs=[crops, run_dir, *models])
     (outdir / "embeddings").mkdir(exist_ok=True)

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from scdino.bounds import check
 from scdino.engine.output import read_embeddings, write_obs_column
-from scdino.knn import labels_of
 from scdino.errors import ConfigError, InputError
-from scdino.knn import TEMPERATURE, TRAIN_FRACTION, K, evaluate_knn, knn_predict
+from scdino.knn import TEMPERATURE, TRAIN_FRACTION, K, evaluate_knn, knn_predict, labels_of
 from scdino.outputs import claim_dir
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ def knn_command(
 ) -> dict:
     """k-NN accuracy of ``cells`` on its own ``label_key`` (report with a confusion matrix), or, with ``reference``,
     classification of every cell against that labelled store (obs column ``knn_<label_key>``)."""
+    check(k=k, temperature=temperature, train_fraction=train_fraction, seed=seed)
     x, obs = read_embeddings(cells)
     out_dir = Path(out or os.path.join(os.path.dirname(os.path.abspath(cells)), Path(cells).stem + "_knn"))
     claim_dir(out_dir, "scdino-engine knn", inputs=[cells, reference])

@@ -19,7 +19,7 @@ import pandas as pd
 import zarr
 
 from scdino.errors import ConfigError, InputError, OutputError
-from scdino.outputs import claim_dir, mark
+from scdino.outputs import claim_dir, mark, written_by
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,15 @@ def consolidate(path: str) -> None:
         zarr.consolidate_metadata(path)
 
 
+def is_anndata(path: str) -> bool:
+    """Whether ``path`` is a zarr store that anndata wrote (its root says so)."""
+    try:
+        g = zarr.open_group(path, mode="r", use_consolidated=False)
+    except Exception:  # not a zarr group at all
+        return False
+    return g.attrs.get("encoding-type") == "anndata"
+
+
 def read_embeddings(path: str, key: str = "X_scdino") -> tuple[np.ndarray, pd.DataFrame]:
     """(embeddings as float32, obs) of a complete store; clear errors for a missing or unfinished one."""
     import anndata as ad
@@ -176,6 +185,13 @@ def read_embeddings(path: str, key: str = "X_scdino") -> tuple[np.ndarray, pd.Da
     st = store_status(path)
     if st is None:
         raise InputError(f"{path}: no such embeddings store; make one with 'scdino-engine run'")
+    if not st and not is_anndata(path):
+        owner = written_by(path)
+        what = f"it holds the output of {owner}" if owner else "it is not an AnnData store"
+        raise InputError(
+            f"{path}: not an embeddings store ({what}); embed its cells first (scdino-engine run {path} --out "
+            "cells.zarr) and pass that store"
+        )
     if st and st.get("status") not in (None, "complete"):
         raise InputError(f"{path}: the run that writes it is not complete; run the same command again to finish it")
     a = ad.read_zarr(path)

@@ -22,7 +22,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import psutil
 
+from scdino.bounds import check_block_memory
 from scdino.cells.source import CellSource, open_source
 from scdino.cells.table import FIELDS
 from scdino.engine.backends import BackendSpec, resolve, using
@@ -33,7 +35,7 @@ from scdino.engine.output import COMMAND, EmbeddingStore, store_status
 from scdino.errors import OutputError
 from scdino.models.card import ModelCard, describe_model
 from scdino.models.checkpoint import forget_checkpoints
-from scdino.outputs import check_not_input, check_replaceable, is_empty, written_by
+from scdino.outputs import check_not_input, check_replaceable, discard, is_empty, output_lock, written_by
 from scdino.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -266,10 +268,25 @@ def _embed_stream(cfg: RunConfig, client, source: CellSource, table, spec: Backe
 
 
 def run(cfg: RunConfig) -> RunResult:
-    """Embed every cell of a plate into ``cfg.out``; resumes an interrupted run with the same settings."""
+    """Embed every cell of a plate into ``cfg.out``; resumes an interrupted run with the same settings. Options out of
+    bounds and an output inside the input are refused before anything else; the output is locked while the run
+    writes it (a second run on it is refused)."""
     cfg.validate()
+    check_not_input(cfg.out, [cfg.plate, cfg.model])
+    with output_lock(cfg.out, COMMAND):
+        return _run(cfg)
+
+
+def _run(cfg: RunConfig) -> RunResult:
     t0 = time.perf_counter()
     source = open_source(cfg.plate, cfg.cells)
+    check_block_memory(
+        cfg.chunk_cells,
+        len(source.channels),
+        source.crop_size,
+        np.dtype(source.dtype).itemsize,
+        psutil.virtual_memory().available,
+    )
     card = describe_model(  # a bad checkpoint or a channel mismatch fails here, before any work is distributed
         cfg.model,
         channels=source.channel_names,
@@ -319,14 +336,22 @@ def run(cfg: RunConfig) -> RunResult:
             table = _find_cells(cfg, source, client, phases)
         _warn_intensity_range(cfg, source, table, card)
         t = time.perf_counter()
+        created = False
         try:
             if not resumed:
                 uns = _uns(cfg, spec, source, "running", path.to_dict())
+                created = True
                 store = EmbeddingStore.create(cfg.out, table, card.embed_dim, cfg.chunk_cells, uns, fp)
                 todo = list(range(store.n_blocks))
                 phases["store_seconds"] = time.perf_counter() - t
             t = time.perf_counter()
             blocks_run = _embed_stream(cfg, client, source, table, spec, todo, store)
+        except Exception:
+            # a store this run made and filled nothing into is not left half-written (an interruption keeps it:
+            # the rerun starts from its cell table)
+            if created and not _any_block_done(cfg.out):
+                discard(cfg.out, COMMAND)
+            raise
         finally:
             FIELDS.clear()  # an in-process worker's decoded fields and the checkpoint are not kept past the run
             forget_checkpoints()
@@ -338,6 +363,14 @@ def run(cfg: RunConfig) -> RunResult:
     done = {"status": "complete", "backend": spec.to_dict(), "path": path.to_dict(), "versions": versions()}
     store.finish(_plain({**done, "timing": timing}))
     return RunResult(cfg.out, len(table), seconds, blocks_run, resumed, phases, card.untrained, backend)
+
+
+def _any_block_done(out: str) -> bool:
+    """Whether the store at ``out`` holds a finished block (it may be half-made: then it holds none)."""
+    try:
+        return bool(EmbeddingStore(out).done().any())
+    except Exception:  # made only in part: no progress array, or no metadata yet
+        return False
 
 
 def _asked(cfg: RunConfig, card: ModelCard) -> dict:

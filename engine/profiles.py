@@ -25,6 +25,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import pandas as pd
 
+from scdino.bounds import check
 from scdino.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
@@ -366,6 +367,7 @@ def replicate_consistency(profiles_df: pd.DataFrame, key: str, n_null: int = 100
     """For each treatment in column ``key`` with at least two wells: the median cosine similarity of its replicate
     wells, against a null of the same statistic for ``n_null`` random groups of as many wells; a treatment is
     consistent above the null's 95th percentile. Returns the share consistent and every number behind it."""
+    check(null_draws=n_null, seed=seed)
     col = key if key in profiles_df else f"{META}{key}"
     if col not in profiles_df:
         meta = [c.removeprefix(META) for c in profiles_df if c.startswith(META)]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scdino.bounds import check, check_umap
 from scdino.errors import ConfigError
 from scdino.progress import Progress, heartbeat
 
@@ -112,6 +113,8 @@ def umap_command(
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
     params = {**PRESETS[preset or DEFAULT_PRESET], **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    check_umap(params["n_neighbors"], params["min_dist"], params["spread"], params["n_epochs"])
+    check(fit_max=fit_max, seed=seed)
     x, obs = read_embeddings(cells)
     png = png or os.path.join(os.path.dirname(os.path.abspath(cells)), Path(cells).stem + "_umap.png")
     claim_file(png, inputs=[cells], option="--png", ours=is_scdino_png)

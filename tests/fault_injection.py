@@ -34,6 +34,8 @@ class Case:
     keep: tuple[str, ...] = ()
     #: run before the command (breaks something in the workspace copy the case uses)
     setup: Callable[[Path], None] | None = None
+    #: refused before any work: no cluster is started and nothing new appears in the workspace
+    before_work: bool = False
 
 
 @dataclass
@@ -44,6 +46,8 @@ class Outcome:
     errors: list[str]
     before: dict[str, str] = field(default_factory=dict)
     after: dict[str, str] = field(default_factory=dict)
+    #: workspace entries the command left that were not there before
+    new: list[str] = field(default_factory=list)
 
     @property
     def kept(self) -> bool:
@@ -197,6 +201,7 @@ def writer_cases() -> list[Case]:
             targets += [
                 ("its input", "{ws}/" + inp, (inp,), ("is the input",)),
                 ("the input's folder", "{ws}", ALL, ("holds the input",)),
+                ("a path inside its input", "{ws}/" + inp + "/inner", (inp,), ("inside the input",)),
             ]
         for what, out, keep, words in targets:
             a = [out if x == "OUT" else x for x in args] + extra
@@ -374,8 +379,141 @@ def input_cases() -> list[Case]:
     ]
 
 
+def _truncate_onnx(ws: Path) -> None:
+    data = (ws / "m.onnx").read_bytes()
+    (ws / "m.onnx").write_bytes(data[: len(data) // 3])
+
+
+KNN = ["knn", "{ws}/cells.zarr", "--label-key", "class"]
+RUN_OUT = [*RUN, "--labels", "nuclei", "--out", "{ws}/o_bad.zarr"]
+UMAP = ["umap", "{ws}/cells.zarr"]
+EVALUATE = ["evaluate", "{ws}/crops.zarr", "--models", "random:vit_test16", "--input-size", "32", "--out", "{ws}/o_ev"]
+ATTENTION = ["attention", "{ws}/crops.zarr", "--model", "random:vit_test16", "--out", "{ws}/o_att"]
+
+#: numbers out of bounds: (name, args, words of the one error line); expected bounds as the --help texts state them
+NUMBERS = [
+    ("knn --k 0", [*KNN, "--k", "0"], ("--k 0", "whole number of at least 1")),
+    ("knn --k -3", [*KNN, "--k", "-3"], ("--k -3", "at least 1")),
+    ("knn --temperature -1", [*KNN, "--temperature", "-1"], ("--temperature -1.0", "above 0")),
+    ("knn --temperature 0", [*KNN, "--temperature", "0"], ("--temperature 0.0", "above 0")),
+    ("knn --temperature nan", [*KNN, "--temperature", "nan"], ("--temperature nan", "above 0")),
+    ("knn --train-fraction 1.5", [*KNN, "--train-fraction", "1.5"], ("--train-fraction 1.5", "above 0 and below 1")),
+    ("knn --train-fraction 0", [*KNN, "--train-fraction", "0"], ("--train-fraction 0.0", "above 0 and below 1")),
+    ("knn --train-fraction 1", [*KNN, "--train-fraction", "1"], ("--train-fraction 1.0", "below 1")),
+    ("knn --seed -1", [*KNN, "--seed", "-1"], ("--seed -1", "at least 0")),
+    ("run --sigma -1 --min-area -5", [*RUN_OUT, "--sigma", "-1", "--min-area", "-5"], ("--sigma -1.0", "at least 0")),
+    ("run --min-area -5", [*RUN_OUT, "--min-area", "-5"], ("--min-area -5", "at least 0")),
+    ("run --max-area -1", [*RUN_OUT, "--max-area", "-1"], ("--max-area -1", "at least 0")),
+    ("run --min-distance -2", [*RUN_OUT, "--min-distance", "-2"], ("--min-distance -2", "at least 0")),
+    (
+        "run --max-area below --min-area",
+        [*RUN_OUT, "--min-area", "50", "--max-area", "10"],
+        ("--max-area 10 is below --min-area 50", "no nucleus"),
+    ),
+    ("run --threshold abc", [*RUN_OUT, "--threshold", "abc"], ("--threshold abc", "otsu, li or a number")),
+    ("run --batch-size 0", [*RUN_OUT, "--batch-size", "0"], ("--batch-size 0", "at least 1")),
+    ("run --workers 0", [*RUN_OUT, "--workers", "0"], ("--workers 0", "at least 1")),
+    ("run --threads 0", [*RUN_OUT, "--threads", "0"], ("--threads 0", "at least 1")),
+    ("run --chunk-cells -1", [*RUN_OUT, "--chunk-cells", "-1"], ("--chunk-cells -1", "at least 1")),
+    ("run --chunk-cells 0", [*RUN_OUT, "--chunk-cells", "0"], ("--chunk-cells 0", "at least 1")),
+    ("run --input-size 0", [*RUN_OUT, "--input-size", "0"], ("--input-size 0", "at least 1")),
+    ("run --crop-size 2", [*RUN_OUT, "--crop-size", "2"], ("--crop-size 2", "at least 4")),
+    ("run --crop-um -3", [*RUN_OUT, "--crop-um", "-3"], ("--crop-um -3.0", "above 0")),
+    (
+        "run --crop-size 100000",
+        [*RUN_OUT, "--crop-size", "100000"],
+        ("plate.zarr/A/1/0", "crop of 100000 px is larger than the field (96 x 128 px)", "--crop-size at most 128"),
+    ),
+    (
+        "run --crop-um 1000 (2000 px at 0.5 um)",
+        [
+            "run",
+            "{ws}/plate.zarr",
+            "--model",
+            "random:vit_test8",
+            "--labels",
+            "nuclei",
+            "--crop-um",
+            "1000",
+            "--out",
+            "{ws}/o_bad.zarr",
+        ],
+        ("crop of 2000 px is larger than the field (96 x 128 px)", "--crop-um"),
+    ),
+    ("umap --n-neighbors 1", [*UMAP, "--n-neighbors", "1"], ("--n-neighbors 1", "at least 2")),
+    ("umap --min-dist -0.5", [*UMAP, "--min-dist", "-0.5"], ("--min-dist -0.5", "at least 0")),
+    ("umap --spread 0", [*UMAP, "--spread", "0"], ("--spread 0.0", "above 0")),
+    (
+        "umap --min-dist 2 --spread 1",
+        [*UMAP, "--min-dist", "2", "--spread", "1"],
+        ("--min-dist 2.0 is above --spread",),
+    ),
+    ("umap --epochs 0", [*UMAP, "--epochs", "0"], ("--epochs 0", "at least 1")),
+    ("umap --fit-max 0", [*UMAP, "--fit-max", "0"], ("--fit-max 0", "at least 3")),
+    ("evaluate --k 0", [*EVALUATE, "--k", "0"], ("--k 0", "at least 1")),
+    ("evaluate --temperature 0", [*EVALUATE, "--temperature", "0"], ("--temperature 0.0", "above 0")),
+    (
+        "evaluate --input-size 0",
+        ["evaluate", "{ws}/crops.zarr", "--models", "random:vit_test16", "--out", "{ws}/o_ev", "--input-size", "0"],
+        ("--input-size 0", "at least 1"),
+    ),
+    ("attention --per-class 0", [*ATTENTION, "--per-class", "0"], ("--per-class 0", "at least 1")),
+    ("attention --input-size -8", [*ATTENTION, "--input-size", "-8"], ("--input-size -8", "at least 1")),
+    ("attention --seed -1", [*ATTENTION, "--seed", "-1"], ("--seed -1", "at least 0")),
+    (
+        "replicates --null-draws 0",
+        ["replicates", "{ws}/profiles.parquet", "--key", "treatment", "--null-draws", "0"],
+        ("--null-draws 0", "at least 1"),
+    ),
+]
+
+
+def number_cases() -> list[Case]:
+    """Every kind of numeric option out of its bounds: one line naming the option, before any work starts."""
+    return [Case(name, "engine", args, words, ALL, before_work=True) for name, args, words in NUMBERS]
+
+
+def guard_cases() -> list[Case]:
+    """Outputs inside an input, the wrong kind of input, a damaged model file."""
+    return [
+        Case(
+            "run --out inside the plate",
+            "engine",
+            [*RUN, "--labels", "nuclei", "--out", "{ws}/plate.zarr/A/inner.zarr"],
+            ("plate.zarr/A/inner.zarr", "is inside the input", "--out"),
+            ALL,
+            before_work=True,
+        ),
+        Case(
+            "knn on a plate",
+            "engine",
+            ["knn", "{ws}/plate.zarr", "--label-key", "class"],
+            ("plate.zarr", "not an embeddings store", "scdino-engine run"),
+            ALL,
+            before_work=True,
+        ),
+        Case(
+            "umap on a crop store",
+            "engine",
+            ["umap", "{ws}/crops.zarr"],
+            ("crops.zarr", "not an embeddings store", "holds the output of scdino-engine ingest"),
+            ALL,
+            before_work=True,
+        ),
+        Case(
+            "run a truncated model.onnx",
+            "engine",
+            ["run", "{ws}/crops.zarr", "--model", "{ws}/m.onnx", "--out", "{ws}/o_onnx.zarr"],
+            ("m.onnx", "not a readable ONNX model", "truncated", "export it again"),
+            ("crops.zarr", "m.json"),
+            _truncate_onnx,
+            before_work=True,
+        ),
+    ]
+
+
 def cases() -> list[Case]:
-    return writer_cases() + input_cases()
+    return writer_cases() + input_cases() + number_cases() + guard_cases()
 
 
 def run_case(case: Case, ws: Path) -> Outcome:
@@ -389,6 +527,7 @@ def run_case(case: Case, ws: Path) -> Outcome:
     if case.setup is not None:
         case.setup(ws)
     before = {k: fingerprint(ws / k) for k in case.keep}
+    entries = {p.name for p in ws.iterdir()}
     args = [a.replace("{ws}", str(ws)) for a in case.args]
     r = CliRunner().invoke({"engine": engine, "export": export, "train": train}[case.tool], args)
     if r.exception is not None and not isinstance(r.exception, SystemExit):
@@ -398,7 +537,8 @@ def run_case(case: Case, ws: Path) -> Outcome:
     else:
         stderr = r.stderr
     errors = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
-    return Outcome(case, r.exit_code, stderr, errors, before, {k: fingerprint(ws / k) for k in case.keep})
+    after = {k: fingerprint(ws / k) for k in case.keep}
+    return Outcome(case, r.exit_code, stderr, errors, before, after, sorted({p.name for p in ws.iterdir()} - entries))
 
 
 def main() -> None:
@@ -411,9 +551,10 @@ def main() -> None:
         ws = base.parent / f"ws{i}"
         shutil.copytree(base, ws)
         o = run_case(case, ws)
-        ok = o.code == 2 and len(o.errors) == 1 and all(w in o.errors[0] for w in case.words) and o.kept
+        kept = o.kept and not (case.before_work and o.new)
+        ok = o.code == 2 and len(o.errors) == 1 and all(w in o.errors[0] for w in case.words) and kept
         msg = o.errors[0].removeprefix("error: ") if o.errors else o.stderr.strip().splitlines()[-1:]
-        files = "unchanged" if o.kept else f"CHANGED {o.before} -> {o.after}"
+        files = "unchanged" if kept else f"CHANGED {o.before} -> {o.after}, new {o.new}"
         rows.append((case.name, o.code, msg, files, "ok" if ok else "FAIL"))
         shutil.rmtree(ws)
     print("| input | exit | message | files before/after | check |")

@@ -232,3 +232,143 @@ def test_the_real_command_is_quiet_and_logs_progress_off_a_terminal(plate2, tmp_
     others = [ln for ln in p.stderr.strip().splitlines() if not ln.startswith("INFO scdino")]
     assert len(others) == 1 and others[0].startswith("error:"), p.stderr
     assert "B/2/0" in p.stderr and "chunk cannot be read" in p.stderr
+
+
+def test_every_numeric_option_has_its_bounds():
+    """One validation home: each int or float option of every scdino-engine command is in scdino.bounds."""
+    import click
+
+    from scdino.bounds import BOUNDS
+    from scdino.engine.cli import main
+
+    numeric = {
+        (name, opt)
+        for name, cmd in main.commands.items()
+        for p in cmd.params
+        if isinstance(p, click.Option) and isinstance(p.type, (click.types.IntParamType, click.types.FloatParamType))
+        for opt in p.opts
+        if opt.startswith("--")
+    }
+    assert len(numeric) >= 30
+    assert {(n, o) for n, o in numeric if o not in BOUNDS} == set()
+
+
+def test_a_block_of_crops_must_fit_in_memory():
+    from scdino.bounds import check_block_memory
+    from scdino.errors import ConfigError
+
+    gib = 2**30
+    # 256 crops x 3 channels x 1000 x 1000 px x (2 bytes uint16 + 4 bytes float32) = 4.608e9 bytes = 4.29 GiB
+    with pytest.raises(ConfigError, match=r"takes 4\.29 GiB .* half of the 8\.00 GiB .*--chunk-cells or --crop-size"):
+        check_block_memory(256, 3, 1000, 2, 8 * gib)
+    check_block_memory(256, 3, 1000, 2, 10 * gib)  # 4.29 GiB is under half of 10
+
+
+def test_a_missing_chunk_is_named_not_read_silently_as_zeros(tmp_path):
+    """A writer may skip chunks that hold only the fill value, so a missing chunk is a warning naming the field (a
+    refusal would reject such plates), never silent zeros."""
+    plate = make_tiny_plate(tmp_path / "t.zarr")
+    chunk = Path(plate, "B", "2", "0", "s0", "c", "1", "0", "0")  # GFP of field B/2/0: 1 of its 2 chunks (c, 512, 512)
+    chunk.unlink()
+    run = ("run", plate, "--model", "random:vit_test8", "--labels", "nuclei", "--crop-size", "16", "--input-size", "32")
+    p = cli(*run, "--out", tmp_path / "o.zarr", check=True)
+    warned = [ln for ln in p.stderr.splitlines() if "t.zarr/B/2/0" in ln]
+    assert len(warned) == 1 and "1 of 2 image chunks are not stored" in warned[0], p.stderr
+    assert "read as the fill value 0" in warned[0] and "copy it again" in warned[0]
+    assert "A/1" not in p.stderr  # complete fields are not named
+
+
+def test_a_model_onnx_runtime_cannot_load_leaves_no_store(plate2, tmp_path):
+    """A model.onnx that parses but that ONNX Runtime refuses (here: an unknown operator) fails in the workers, after
+    the store was made: one line, and no half-written store."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from scdino.export.onnx_export import export_onnx
+
+    m = tmp_path / "m.onnx"
+    export_onnx("random:vit_test8", m, n_channels=2, crop_size=16, input_size=32)
+    node = helper.make_node("NoSuchOperator", ["crops"], ["embeddings"], domain="")
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("crops", TensorProto.FLOAT, ["n", 2, 16, 16])],
+        [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["n", 8])],
+    )
+    onnx.save(helper.make_model(graph), m)
+    out = tmp_path / "o.zarr"
+    _bad(
+        cli("run", plate2, "--model", m, "--labels", "nuclei", "--crop-size", "16", "--out", out),
+        "m.onnx",
+        "ONNX Runtime cannot load it",
+        "export it again",
+    )
+    assert not out.exists() and not Path(f"{out}.lock").exists()
+
+
+def test_the_lock_never_touches_a_users_file_and_goes_however_the_run_ends(plate2, tmp_path):
+    run = (
+        "run",
+        plate2,
+        "--model",
+        "random:vit_test8",
+        "--labels",
+        "nuclei",
+        "--crop-size",
+        "16",
+        "--input-size",
+        "32",
+    )
+    out = tmp_path / "o.zarr"
+    user = tmp_path / "o.zarr.lock"
+    user.write_text("a user's notes that happen to have this name")
+    _bad(cli(*run, "--out", out), "o.zarr.lock", "not a scdino lock", "never replaced or deleted")
+    assert user.read_text() == "a user's notes that happen to have this name" and not out.exists()
+    user.unlink()
+    # a run that fails after taking the lock leaves neither the lock nor the folders made for it
+    deep = tmp_path / "new" / "deeper" / "o.zarr"
+    _bad(cli(*run, "--channels", "CY5", "--out", deep), "no channel 'CY5'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    cli(*run, "--out", out, check=True)
+    assert store_status(str(out))["status"] == "complete"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.zarr"]
+
+
+def test_a_second_run_on_a_locked_output_is_refused_and_a_stale_lock_taken_over(plate2, tmp_path):
+    import os
+    import signal
+
+    out = tmp_path / "o.zarr"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from scdino.outputs import output_lock\n"
+            "lock = output_lock(sys.argv[1], 'scdino-engine run')\n"
+            "lock.__enter__()\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(300)\n",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        run = ("run", plate2, "--model", "random:vit_test8", "--labels", "nuclei", "--crop-size", "16")
+        _bad(
+            cli(*run, "--input-size", "32", "--out", out),
+            "o.zarr",
+            f"scdino-engine run (pid {holder.pid} on this host",
+            "is writing it",
+            "wait for it to finish",
+        )
+        assert not out.exists() and Path(f"{out}.lock").exists()  # the holder's lock is left as it was
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)  # as kill -9: no clean-up, the lock file stays
+        holder.wait()
+    assert Path(f"{out}.lock").exists()
+    p = cli(*run, "--input-size", "32", "--out", out, check=True)
+    assert "taking over the stale lock" in p.stderr and f"pid {holder.pid}" in p.stderr, p.stderr
+    assert store_status(str(out))["status"] == "complete" and not Path(f"{out}.lock").exists()

@@ -16,7 +16,7 @@ def workspace(tmp_path_factory):
 def test_fault_gives_one_clear_line_and_loses_nothing(case, workspace, tmp_path, monkeypatch):
     ws = tmp_path / "ws"
     shutil.copytree(workspace, ws)
-    if case.name in (
+    if case.before_work or case.name in (
         "unknown label image",
         "unknown channel",
         "unknown segmentation channel",
@@ -35,6 +35,8 @@ def test_fault_gives_one_clear_line_and_loses_nothing(case, workspace, tmp_path,
     for w in case.words:
         assert w in o.errors[0], (w, o.errors[0])
     assert o.kept, (o.before, o.after)
+    if case.before_work:
+        assert not o.new, o.new  # nothing made: no output, no report folder, no lock left behind
     for out in ws.glob("o*.zarr"):  # nothing half-made is ever marked complete
         from scdino.engine.output import store_status
 

@@ -13,7 +13,7 @@ import logging
 import numpy as np
 
 from scdino.engine.backends.base import BackendSpec, check_crops
-from scdino.errors import ConfigError, ScdinoError
+from scdino.errors import CheckpointError, ConfigError, ScdinoError
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,13 @@ class OnnxRuntimeBackend:
         opts.intra_op_num_threads = spec.threads or 0
         opts.inter_op_num_threads = 1
         wanted = providers_for(spec.device)
-        self.session = ort.InferenceSession(str(spec.model), opts, providers=wanted)
+        try:
+            self.session = ort.InferenceSession(str(spec.model), opts, providers=wanted)
+        except Exception as exc:  # ONNX Runtime's own error types (InvalidProtobuf, InvalidGraph, Fail, ...)
+            raise CheckpointError(
+                f"{spec.model}: ONNX Runtime cannot load it ({type(exc).__name__}: {str(exc)[:200]}); export it again "
+                "with scdino-export onnx"
+            ) from exc
         got = self.session.get_providers()
         if spec.device == "cuda" and "CUDAExecutionProvider" not in got and "TensorrtExecutionProvider" not in got:
             raise ConfigError(

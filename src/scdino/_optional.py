@@ -12,6 +12,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "tifffile": ("samples", "reading the sample images"),
     "ome_zarr": ("samples", "writing OME-Zarr sample plates"),
     "ndev_sampledata": ("samples", "the sample plates"),
+    "onnx": ("onnx", "reading ONNX models"),
     "onnxruntime": ("onnx", "the ONNX Runtime backend"),
     "tensorrt": ("trt", "the TensorRT backend"),
     "cuml": ("gpu", "GPU UMAP"),

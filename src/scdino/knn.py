@@ -60,6 +60,12 @@ def split(labels: np.ndarray, train_fraction: float, seed: int) -> tuple[np.ndar
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(labels))
+    n_ref = int(np.floor(train_fraction * len(labels)))  # as scikit-learn rounds a fractional train size
+    if n_ref < 1 or n_ref >= len(labels):
+        raise ConfigError(
+            f"--train-fraction {train_fraction} of {len(labels)} labelled cells leaves {n_ref} reference and "
+            f"{len(labels) - n_ref} query cells; pass a fraction that leaves at least one of each"
+        )
     _, counts = np.unique(labels, return_counts=True)
     strat = labels if counts.min() >= 2 and len(labels) * (1 - train_fraction) >= len(counts) else None
     tr, te = train_test_split(idx, train_size=train_fraction, random_state=seed, stratify=strat)

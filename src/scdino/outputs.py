@@ -5,7 +5,7 @@ stores written before the marker existed are recognised by their own scdino meta
 output (``--overwrite``) goes through :func:`claim_dir`, which refuses
 
 * a plain file where a folder is expected,
-* the command's input, or a folder that holds the input,
+* the command's input, a folder that holds the input, or a path inside the input,
 * a folder scdino did not write (it is never deleted, whatever the options).
 
 Exported model files go through :func:`claim_file`, which refuses to replace a file that no scdino sidecar describes, or
@@ -14,13 +14,22 @@ the input itself.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import logging
 import os
 import shutil
+import socket
+import time
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from scdino.errors import OutputError
+
+log = logging.getLogger(__name__)
 
 #: the marker file in every folder scdino creates
 MARKER = ".scdino"
@@ -74,7 +83,8 @@ def is_empty(path: Path) -> bool:
 
 
 def check_not_input(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], option: str = "--out") -> None:
-    """Refuse an output that is one of the ``inputs`` or a folder holding one of them."""
+    """Refuse an output that is one of the ``inputs``, a folder holding one of them, or a path inside one (an input is
+    only read: nothing is ever written into a plate, a store or a model that a command reads)."""
     out = os.path.realpath(path)
     for inp in inputs:
         if inp is None:
@@ -84,6 +94,8 @@ def check_not_input(path: str | os.PathLike, inputs: Iterable[str | os.PathLike 
             raise OutputError(f"{path}: is the input of this command; choose another {option}")
         if real.startswith(out.rstrip(os.sep) + os.sep):
             raise OutputError(f"{path}: holds the input {inp} of this command; choose another {option}")
+        if out.startswith(real.rstrip(os.sep) + os.sep) and os.path.exists(real):
+            raise OutputError(f"{path}: is inside the input {inp} of this command; choose another {option} outside it")
 
 
 def claim_dir(
@@ -185,3 +197,194 @@ def claim_new(
     if p.is_dir() and not is_empty(p) and written_by(p) == command and not overwrite:
         raise OutputError(f"{path}: already exists; pass --overwrite to replace it, or choose another {option}")
     return claim_dir(p, command, inputs=inputs, overwrite=True, option=option)
+
+
+def discard(path: str | os.PathLike, command: str) -> bool:
+    """Delete ``path`` if ``command`` wrote it (a store a failed run made and filled nothing into); anything else is
+    left alone. Returns whether it was deleted."""
+    p = Path(path)
+    if p.is_dir() and written_by(p) == command:
+        shutil.rmtree(p)
+        return True
+    return False
+
+
+#: what a lock file of scdino says it is
+LOCK_FORMAT = "scdino-lock/1"
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock file of the output ``path``: beside it, ``cells.zarr`` -> ``cells.zarr.lock`` (inside it, replacing
+    the output with ``--overwrite`` would delete the lock)."""
+    p = Path(os.path.abspath(path))
+    return p.with_name(p.name + ".lock")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _read_lock(fd: int) -> dict | None:
+    """The record of a lock file, or None when the file is not a scdino lock (e.g. a user's file of that name)."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    data = b""
+    while chunk := os.read(fd, 65536):
+        data += chunk
+    try:
+        record = json.loads(data)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and record.get("format") == LOCK_FORMAT else None
+
+
+def _holder(record: dict | None) -> str:
+    if not record:
+        return "another process"
+    host = "this host" if record.get("host") == socket.gethostname() else record.get("host")
+    return f"{record.get('command')} (pid {record.get('pid')} on {host}, since {record.get('started')})"
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _new_lock(lock: Path, record: dict) -> int | None:
+    """Make the lock file whole and locked in one step: the record is written and flock'ed in a file of its own, which
+    is then linked to the lock's name (so no other process ever sees it empty or unlocked). The fd, or None if the
+    lock file exists."""
+    tmp = lock.with_name(f"{lock.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, json.dumps(record).encode())
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.link(tmp, lock)
+    except FileExistsError:
+        os.close(fd)
+        return None
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        return _new_lock_unlinked(lock, record)  # a file system without hard links
+    except BaseException:
+        os.close(fd)
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+    return fd
+
+
+def _new_lock_unlinked(lock: Path, record: dict) -> int | None:
+    """:func:`_new_lock` where hard links are not supported: created, then locked and written (another process that
+    opens it in between finds it empty, not a scdino lock, and refuses; nothing is lost)."""
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return None
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, json.dumps(record).encode())
+    return fd
+
+
+def _take(lock: Path, record: dict, out: str, command: str, option: str) -> int | None:
+    """The fd of the lock file ``lock``, now held for ``record``; None when it vanished meanwhile (try again)."""
+    fd = _new_lock(lock, record)
+    if fd is not None:
+        return fd
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        held = _read_lock(fd)
+        os.close(fd)
+        raise OutputError(
+            f"{out}: {_holder(held)} is writing it (lock {lock}); wait for it to finish, or choose another {option}"
+        ) from None
+    if not _same_file(fd, lock):  # its holder removed it between our open and flock
+        os.close(fd)
+        return None
+    old = _read_lock(fd)
+    if old is None:
+        os.close(fd)
+        raise OutputError(
+            f"{lock}: exists and is not a scdino lock, so it is never replaced or deleted; {command} keeps its lock "
+            f"there while it writes {out}: move that file, or choose another {option}"
+        )
+    if old.get("host") != socket.gethostname():
+        os.close(fd)
+        raise OutputError(
+            f"{out}: locked by {_holder(old)}, whose process cannot be checked from here; if no run is writing it any "
+            f"more, delete {lock}; else wait, or choose another {option}"
+        )
+    # nobody holds it: its process was killed (its pid no longer runs, or runs something else now)
+    pid = old.get("pid")
+    why = "no longer runs" if not isinstance(pid, int) or not _pid_alive(pid) else "no longer holds it"
+    log.warning("%s: taking over the stale lock of %s, which %s", out, _holder(old), why)
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, json.dumps(record).encode())
+    return fd
+
+
+@contextmanager
+def output_lock(path: str | os.PathLike, command: str, option: str = "--out") -> Iterator[Path]:
+    """Hold the lock of the output ``path`` while ``command`` writes it: a second command on the same output is refused
+    while the first runs (one line naming its pid, host and start); a lock left by a killed process (its flock is gone
+    with it) is taken over with a warning. The lock file (:func:`lock_path`) is removed when the block ends, however
+    it ends; a file of that name that is not a scdino lock is never touched. Folders made to hold the lock are removed
+    again when they stay empty."""
+    lock = lock_path(path)
+    made = [d for d in [lock.parent, *lock.parent.parents] if not d.exists()]
+    record = {
+        "format": LOCK_FORMAT,
+        "command": command,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "out": str(os.path.abspath(path)),
+    }
+    fd = None
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):
+            fd = _take(lock, record, str(path), command, option)
+            if fd is not None:
+                break
+        else:
+            raise OutputError(f"{path}: its lock {lock} keeps changing; another process is taking it: try again")
+    except OSError as exc:
+        _remove_empty(made)
+        raise OutputError(
+            f"{lock}: cannot make the lock of {path} ({exc.strerror or exc}); choose a writable {option}"
+        ) from exc
+    except BaseException:
+        _remove_empty(made)
+        raise
+    try:
+        yield lock
+    finally:
+        if _same_file(fd, lock):
+            lock.unlink(missing_ok=True)
+        os.close(fd)
+        _remove_empty(made)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders (innermost first) that a command made and left empty; a folder with anything in it stays."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            return

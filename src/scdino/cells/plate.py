@@ -168,6 +168,21 @@ class Plate:
             names = [str(i) for i in range(n)]
         return names
 
+    def missing_chunks(self, ref: FieldRef) -> str | None:
+        """What to say when the field's image lacks chunk files, else None. Zarr reads a missing chunk as the fill
+        value, so a copy that lost files gives blank regions and loses cells without an error; writers may also skip
+        chunks that hold only the fill value, so this is a warning, not a refusal. Label images are not checked: their
+        background chunks are all 0 and often rightly not stored."""
+        arr = self.image(ref).array
+        missing = arr.nchunks - arr.nchunks_initialized
+        if missing <= 0:
+            return None
+        return (
+            f"{self.path}/{ref.path}: {missing} of {arr.nchunks} image chunks are not stored and are read as the fill "
+            f"value {arr.fill_value}, so cells there are lost or blank; if the plate was copied or converted "
+            "incompletely, copy it again"
+        )
+
     def label_names(self, ref: FieldRef) -> list[str]:
         try:
             g = self._root[f"{ref.path}/labels"]

@@ -73,6 +73,10 @@ class PlateSource:
                 have = plate.label_names(f)
                 if opts.labels not in have:
                     raise InputError(missing_labels_message(f"{plate.path}/{f.path}", opts.labels, have))
+        for f in self.fields:  # never silent zeros: say where chunks are missing, before any work starts
+            missing = plate.missing_chunks(f)
+            if missing:
+                log.warning(missing)
         first: FieldPlan = plans[0]
         for p in plans[1:]:
             if p.channel_names != first.channel_names or p.crop != first.crop:

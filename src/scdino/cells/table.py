@@ -65,8 +65,9 @@ def plan_field(plate: Plate, ref: FieldRef, opts: CellOptions) -> FieldPlan:
         seg = resolve_channels(names, wanted, where, option="--segment-channel")
     else:
         seg = [chans[0]]
+    image = plate.image(ref)
     if opts.crop_um is not None:
-        px = plate.image(ref).pixel_size
+        px = image.pixel_size
         if px is None:
             raise ConfigError(f"{where}: the pixel size is not in the plate metadata; use --crop-size in pixels")
         crop = int(round(opts.crop_um / px[0]))
@@ -74,6 +75,12 @@ def plan_field(plate: Plate, ref: FieldRef, opts: CellOptions) -> FieldPlan:
         crop = opts.crop_size or DEFAULT_CROP_SIZE
     if crop < 4:
         raise ConfigError(f"{where}: crop of {crop} px is too small; expected at least 4 px")
+    h, w = (image.array.shape[image.axes.index(a)] if a in image.axes else 1 for a in ("y", "x"))
+    if crop > max(h, w):
+        fix = "a --crop-um that gives" if opts.crop_um is not None else "--crop-size"
+        raise ConfigError(
+            f"{where}: crop of {crop} px is larger than the field ({h} x {w} px); pass {fix} at most {max(h, w)} px"
+        )
     return FieldPlan(ref, tuple(chans), tuple(names[c] for c in chans), tuple(seg), crop)
 
 

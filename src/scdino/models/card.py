@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from scdino.errors import ConfigError
+from scdino._optional import require
+from scdino.errors import CheckpointError, ConfigError
 from scdino.preprocess import Preprocessing
 
 #: formats a model comes in, and the backend that runs each natively
@@ -176,6 +177,20 @@ def describe_model(
     return _exported_card(spec, fmt, channels, n, available)
 
 
+def check_onnx_file(path: str) -> None:
+    """Refuse an ONNX file that does not parse (truncated or damaged), before a run starts any work with it."""
+    onnx = require("onnx")
+    try:
+        onnx.load_model(path, load_external_data=False)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path}: no such file; pass the path of an exported model.onnx") from exc
+    except Exception as exc:  # protobuf's DecodeError and onnx's own errors: the bytes are not a model
+        raise CheckpointError(
+            f"{path}: not a readable ONNX model ({type(exc).__name__}: {str(exc)[:200]}); the file is truncated or "
+            "damaged: export it again with scdino-export onnx, or copy it again"
+        ) from exc
+
+
 def _exported_card(
     spec: str, fmt: str, channels: Sequence[str] | None, n: int | None, available: Sequence[str] | None
 ) -> ModelCard:
@@ -183,6 +198,8 @@ def _exported_card(
     from scdino.models.sidecar import read_sidecar
 
     meta = read_sidecar(spec)
+    if fmt == "onnx":
+        check_onnx_file(spec)
     names = tuple(meta["channels"]) if meta.get("channels") else None
     if n is not None:
         check_channels(spec, int(meta["in_chans"]), names, n, channels, available)
