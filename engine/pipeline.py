@@ -16,7 +16,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from scdino.bounds import check_block_memory
 from scdino.cells.source import CellSource, open_source
 from scdino.cells.table import FIELDS
 from scdino.engine.backends import BackendSpec, resolve, using
+from scdino.engine.backends.null_backend import ENV as NULL_ENV
 from scdino.engine.cluster import EMBED_SLOT, dask_client
 from scdino.engine.config import RunConfig, cpu_batch_size, gpu_batch_size
 from scdino.engine.export_cache import choose
@@ -309,6 +310,9 @@ def _run(cfg: RunConfig) -> RunResult:
         cfg.precision,
     )
     spec = path.spec
+    if os.environ.get(NULL_ENV) == "1":  # benchmarks/pipeline_ceiling.py: the pipeline with a model that takes no time
+        spec = replace(spec, kind="null")
+        log.warning("%s=1: the null backend writes zeros, not embeddings (a pipeline benchmark)", NULL_ENV)
     if not (spec.kind == "torch" and spec.device == "cpu" and local_workers(cfg, "cpu") == 1 and not cfg.scheduler):
         forget_checkpoints()  # no model is built from it in this process (an in-process PyTorch worker reuses it)
     phases: dict[str, float] = {"model_seconds": time.perf_counter() - t0}  # card, export cache, path
@@ -385,8 +389,6 @@ def fast_input_size(card: ModelCard) -> int:
 
 
 def _fast(cfg: RunConfig, card: ModelCard, source: CellSource) -> tuple[RunConfig, ModelCard]:
-    from dataclasses import replace
-
     size = fast_input_size(card)
     log.info("fast mode: int8 at %d px (the model's input is %d px)", size, card.input_size)
     cfg = replace(cfg, fast=False, precision="int8", input_size=size)

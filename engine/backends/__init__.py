@@ -30,6 +30,8 @@ REGISTRY = {
     "tensorrt": "scdino.engine.backends.tensorrt_backend:TensorRTBackend",
 }
 KINDS = tuple(REGISTRY)
+#: backends never chosen by name on the command line: ``null`` (zeros, for pipeline benchmarks; SCDINO_NULL_BACKEND)
+HIDDEN = {"null": "scdino.engine.backends.null_backend:NullBackend"}
 
 
 def cuda_available() -> bool:
@@ -86,9 +88,10 @@ def resolve(kind: str, device: str, model: str = "") -> tuple[str, str]:
 
 def open_backend(spec: BackendSpec) -> Backend:
     """A new backend for ``spec`` (see :data:`REGISTRY`)."""
-    if spec.kind not in REGISTRY:
+    where = REGISTRY.get(spec.kind) or HIDDEN.get(spec.kind)
+    if where is None:
         raise ConfigError(f"unknown backend {spec.kind!r}; expected one of {', '.join(KINDS)}")
-    module, cls = REGISTRY[spec.kind].split(":")
+    module, cls = where.split(":")
     return getattr(importlib.import_module(module), cls)(spec)
 
 
