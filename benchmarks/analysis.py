@@ -15,13 +15,10 @@ same: one row of the exact similarity matrix); UMAP times the full fit on --fit-
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
-from pathlib import Path
 
 import numpy as np
+from harness import machine, write_results
 
 
 def synthetic(n: int, d: int = 384, classes: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -133,12 +130,11 @@ def main() -> None:
         "preset": args.preset,
         "umap_warmup_s": warm,
         "torch_threads": torch.get_num_threads(),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine(),
         "results": rows,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2))
+    write_results(args.out, res)
     print(f"\nwrote {args.out}")
 
 

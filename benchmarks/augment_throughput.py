@@ -10,12 +10,10 @@ operations. Views: the recipe's 2 x 224 + 8 x 96 and the default model's 2 x 48 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
-from pathlib import Path
+
+from harness import machine, write_results
 
 
 def main() -> None:
@@ -82,12 +80,11 @@ def main() -> None:
         "benchmark": "augment_throughput",
         "device": str(dev),
         "batch": args.batch,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "machine": machine(),
         "results": rows,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2))
+    write_results(args.out, res)
     print(f"\nwrote {args.out}")
 
 

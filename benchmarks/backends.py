@@ -12,15 +12,13 @@ nucleus' dominant marker) per backend.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from harness import machine, write_results
 
 
 def main() -> None:
@@ -139,13 +137,12 @@ def main() -> None:
         "wells": args.wells,
         "repeats": args.repeats,
         "label_classes": np.bincount(labels).tolist(),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine(),
         "versions": versions(),
         "results": rows,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_results(args.out, result)
     print(f"\nwrote {args.out}")
 
 

@@ -12,14 +12,13 @@ holds (``scdino.engine.config.cpu_batch_size``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from harness import machine, write_results
 
 
 def main() -> None:
@@ -84,11 +83,10 @@ def main() -> None:
     res = {
         "benchmark": "cpu_settings",
         "rows": rows,
-        "machine": {"cpus": cores, "platform": platform.platform(), "torch": torch.__version__},
+        "machine": machine(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
+    write_results(args.out, res)
     print(f"wrote {args.out}")
 
 

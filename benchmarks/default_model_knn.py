@@ -14,14 +14,12 @@ difference to each baseline on the same splits.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from harness import machine, write_results
 
 
 def main() -> None:
@@ -104,12 +102,11 @@ def main() -> None:
         "model_info": lm.info,
         "wells": args.wells,
         "n_cells": int(len(labels)),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine(),
         "results": rows,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2, default=str))
+    write_results(args.out, res)
     print(f"\nwrote {args.out}")
 
 

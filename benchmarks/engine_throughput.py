@@ -10,13 +10,12 @@ the machine, versions and settings.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from harness import machine, write_results
 
 
 def main() -> None:
@@ -88,13 +87,12 @@ def main() -> None:
         "repeats": args.repeats,
         "batch_size": args.batch_size,
         "workers": args.workers,
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor(), "platform": platform.platform()},
+        "machine": machine(),
         "versions": versions(),
         "results": rows,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_results(args.out, result)
     print(f"\nwrote {args.out}")
 
 

@@ -14,15 +14,14 @@ ONNX Runtime with ``--threads`` threads at the engine's CPU batch, the median of
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from harness import machine, write_results
 
 DATA = Path(__file__).parent / "data" / "jurkat_cellcycle"
 
@@ -39,7 +38,6 @@ def main() -> None:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from scdino.cells.cropstore import CropStore
-    from scdino.cpu import cpu_flags
     from scdino.data import packaged_crops
     from scdino.engine.config import cpu_batch_size
     from scdino.engine.pipeline import versions
@@ -115,18 +113,16 @@ def main() -> None:
                 f"| {k} | {cps:.1f} | {cps / base:.2f} | {cps / u8:.2f} | {row['min_cosine_to_fp32']:.5f} | "
                 f"{row['median_cosine_to_fp32']:.6f} |"
             )
-    vector_flags = sorted(f for f in cpu_flags() if f.startswith(("avx2", "avx512_vnni", "avx_vnni", "amx")))
     result = {
         "benchmark": "int8_forms",
         "threads": args.threads,
         "repeats": args.repeats,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu_flags": vector_flags},
+        "machine": machine(),
         "versions": versions(),
         "rows": rows,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_results(args.out, result)
     print(f"\nwrote {args.out}")
 
 

@@ -28,14 +28,12 @@ matrix and a UMAP of the held-out cells coloured by class (``jurkat_cellcycle_*.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from harness import machine, write_results
 
 DATA = Path(__file__).parent / "data" / "jurkat_cellcycle"
 CHANNEL_SETS = {"BF+DF": ("BF", "DF"), "BF+DNA+DF": ("BF", "DNA", "DF"), "DNA": ("DNA",)}
@@ -270,11 +268,11 @@ def main() -> None:
         "models": {**MODELS, "untrained": UNTRAINED, "input_size": INPUT_SIZE},
         "morphology_seconds_per_cell": (train["morph_seconds"] + held["morph_seconds"])
         / (len(train["labels"]) + len(held["labels"])),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine(),
         "results": results,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    (args.out / "jurkat_cellcycle.json").write_text(json.dumps(res, indent=1))
+    write_results(args.out / "jurkat_cellcycle.json", res)
     print(f"\nwrote {args.out / 'jurkat_cellcycle.json'}, jurkat_cellcycle.md and the figures")
 
 

@@ -22,9 +22,7 @@ Also: making a store's ``obs`` and ``uns`` with anndata's writer through zarr's 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -33,6 +31,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from harness import machine, write_results
 
 from reference import SEG, timed  # the same cells and the same whole-command timing as the reference comparison
 
@@ -178,12 +177,11 @@ def main() -> None:
         "medians": med,
         "summary": summary,
         "store_writes": writes,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
+        "machine": machine(),
         "versions": a.uns["scdino"]["versions"],
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1, default=str))
+    write_results(args.out, res)
     print(f"wrote {args.out}")
     shutil.rmtree(tmp, ignore_errors=True)
 

@@ -18,9 +18,7 @@ Prints a table, writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -29,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from harness import machine, write_results
 
 GRID = 32
 CHANNELS = ["CTIP2", "BRN2", "ROR"]
@@ -166,12 +165,11 @@ def main() -> None:
         "cells": n,
         "field": args.field,
         "chunk_cells": args.chunk_cells,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine(),
         "results": rows,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
+    write_results(args.out, res)
     print(f"\nwrote {args.out}")
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -20,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from harness import machine
 
 STEPS = {
     "profiles (median)": "from scdino.engine.profiles import profiles, ProfileOptions as O; "
@@ -104,7 +103,7 @@ def main() -> None:
         if "peak_mb" in r:
             print(f"| {r['cells']:,} | {r['step']} | {r['seconds']} | {r['peak_mb']} |")
     out = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "machine": machine(),
         "settings": {"dim": 384, "wells": 384, "fields_per_well": 4, "block_rows": 16384},
         "import_only": {"seconds": round(baseline_s, 1), "peak_mb": round(baseline_mb)},
         "results": results,

@@ -31,9 +31,7 @@ The practical peak: a 2048 x 2048 fp32 matrix product through torch (all cores),
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -43,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from harness import machine, write_results
 
 SEG = ["--segment-channel", "CTIP2,BRN2,ROR", "--sigma", "1", "--min-distance", "4", "--min-area", "15"]
 CROP = 32
@@ -276,11 +275,10 @@ def main() -> None:
         "rows": rows,
         "repeats": args.repeats,
         "threads": threads,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "machine": machine(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1, default=str))
+    write_results(args.out, res)
     print(f"wrote {args.out}")
 
 

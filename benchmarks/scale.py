@@ -16,9 +16,7 @@ the run's embedding phase; the difference is everything that is not inference (r
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -27,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from harness import machine, write_results
 
 CELLS_PER_FIELD = 1024
 GRID = 32
@@ -191,11 +190,10 @@ def main() -> None:
         "input_size": INPUT,
         "rows": rows,
         "summary": summary,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
+    write_results(args.out, res)
     print(f"wrote {args.out}")
 
 

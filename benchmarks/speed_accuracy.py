@@ -15,14 +15,13 @@ Cosine: each setting against fp32 PyTorch at the same size.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from harness import machine, write_results
 
 DATA = Path(__file__).parent / "data" / "jurkat_cellcycle"
 
@@ -115,11 +114,10 @@ def main() -> None:
         "cells": len(crops),
         "threads": threads,
         "rows": rows,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
+    write_results(args.out, res)
     print(f"wrote {args.out}")
 
 

@@ -30,6 +30,8 @@ import tarfile
 import time
 from pathlib import Path
 
+from harness import machine, write_results
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "benchmarks" / "data" / "jurkat_cellcycle"
 CHANNELS = ("BF", "DF")
@@ -328,12 +330,12 @@ def search(args) -> None:
         "budget_s": args.budget_s,
         "wall_s": time.time() - t0,
         "kept_models": keep,
-        "machine": {"device": device, "gpu": gpu, "cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine(device=device, gpu=gpu),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "results": rows,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    (out / "train_recipes.json").write_text(json.dumps(res, indent=1))
+    write_results(out / "train_recipes.json", res)
     print(f"wrote {out / 'train_recipes.json'}, logs.tar.gz and {', '.join(f'{k}.pth' for k in keep)}")
 
 

@@ -13,12 +13,12 @@ median of ``--repeats`` and the bf16/fp32 ratio. ``auto`` is what ``precision=au
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
+
+from harness import machine, write_results
 
 DATA = Path(__file__).parent / "data" / "jurkat_cellcycle" / "train.zarr"
 RECIPES = {
@@ -103,13 +103,12 @@ def main() -> None:
         "device": dev,
         "auto_precision": str(auto or "fp32"),
         "settings": {"arch": "vit_tiny8", "input": 40, "batch": args.batch, "iters": args.iters},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads()},
+        "machine": machine(threads=torch.get_num_threads()),
         "results": rows,
         "torch": torch.__version__,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2))
+    write_results(args.out, res)
     print(f"\nwrote {args.out}")
 
 

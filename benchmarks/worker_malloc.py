@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from harness import machine, write_results
 
 RUN = """
 import json, sys
@@ -61,7 +62,7 @@ def main() -> None:
     for k, v in med.items():
         print(f"| {k} | {v:.2f} | {v / base:.2f}x |")
     out = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "machine": machine(),
         "settings": {
             "model": "random:vit_small16",
             "input_size": 224,
@@ -71,7 +72,7 @@ def main() -> None:
         "cells_per_s": rates,
         "median": med,
     }
-    Path(args.out).write_text(json.dumps(out, indent=2))
+    write_results(args.out, out, indent=2)
 
 
 if __name__ == "__main__":
