@@ -26,6 +26,7 @@ TINY = [
     "warmup_epochs=1",
     "drop_path=0.0",
     "saveckp_freq=1",
+    "precision=fp32",  # the same arithmetic on every CPU; bf16 has its own tests
 ]
 
 
@@ -756,3 +757,39 @@ def test_bad_values_in_set_and_config_files_are_one_line_errors(tmp_path):
         build_config(str(bad), [], data="d", out="o")
     with pytest.raises(ConfigError, match=r"warmup_epochs 5 cannot exceed epochs \(2\).*--set warmup_epochs=N"):
         build_config(None, ["warmup_epochs=5", "epochs=2"], data="d", out="o")
+
+
+def test_older_run_folders_resume_and_broken_records_are_one_line_errors(crop_store, tmp_path):
+    from scdino.errors import CheckpointError
+
+    out = tmp_path / "old"
+    train(cfg_for(crop_store, out, epochs=1))
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["aspect_ratio"]  # written by a version before the setting existed: its default is what that run used
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert train(cfg_for(crop_store, out, epochs=1))["nothing_to_do"]
+    (out / "history.jsonl").write_text((out / "history.jsonl").read_text() + '{"event": "res')  # cut short
+    with pytest.raises(ConfigError, match=r"history.jsonl:3: not a JSON record"):
+        train(cfg_for(crop_store, out, epochs=1))
+    # only a numbered checkpoint left: never trained over from epoch 0
+    only = tmp_path / "numbered"
+    train(cfg_for(crop_store, only, epochs=1))
+    (only / "checkpoint.pth").unlink()
+    before = (only / "checkpoint0001.pth").read_bytes()
+    with pytest.raises(
+        CheckpointError, match="checkpoint0001.pth: copy it to .*checkpoint.pth to resume after epoch 1"
+    ):
+        train(cfg_for(crop_store, only, epochs=2), extend=True)
+    assert (only / "checkpoint0001.pth").read_bytes() == before
+
+
+def test_a_resumed_run_is_judged_against_its_own_first_epoch(crop_store, tmp_path, monkeypatch):
+    out = tmp_path / "judge"
+    train(cfg_for(crop_store, out, epochs=1))
+    log = out / "log.jsonl"
+    log.write_text("\n".join(ln for ln in log.read_text().splitlines() if '"summary"' not in ln) + "\n")  # no baseline
+    seen = []
+    real = loop_mod.health
+    monkeypatch.setattr(loop_mod, "health", lambda s, first, cfg: seen.append(first) or real(s, first, cfg))
+    train(cfg_for(crop_store, out, epochs=4), extend=True)
+    assert seen == [None, None, None]  # not compared with itself: not judged at all

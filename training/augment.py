@@ -62,8 +62,9 @@ def crop_params(
 ) -> torch.Tensor:
     """(n, 4) random resized crop boxes (half-width, half-height, centre x, centre y, in grid units: the image spans
     -1..1), drawn as torchvision's RandomResizedCrop draws them: an area fraction in ``scale`` and a log-uniform aspect
-    ratio in ``ratio``, up to ``attempts`` tries for a box that fits inside the crop, else the whole crop. A box is
-    never clamped, so the only change of aspect is the drawn ratio (``ratio=(1, 1)``: none). ``centred``: each box
+    ratio in ``ratio``, up to ``attempts`` tries for a box that fits inside the crop, else the whole crop (torchvision
+    then takes a centred box clamped to the ratio range; the two agree whenever the range holds 1, as every default
+    does). A box is never clamped, so the only change of aspect is the drawn ratio (``ratio=(1, 1)``: none). ``centred``: each box
     keeps the image centre (the cell of a cell-centred crop) in its middle half."""
     area = torch.rand(attempts, n, generator=g, device=device) * (scale[1] - scale[0]) + scale[0]
     lo, hi = math.log(ratio[0]), math.log(ratio[1])

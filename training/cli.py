@@ -34,7 +34,8 @@ def _d(name: str, value=None) -> str:
     "--extend",
     is_flag=True,
     help="Continue a finished run in --out to a larger --epochs (recorded in OUT/history.jsonl); every other setting "
-    "must stay the run's own.",
+    "must stay the run's own. The lr, weight-decay and momentum schedules are laid over the new length from where "
+    "the run is (the warm-up is the run's own), so the result differs from a run started with that length.",
 )
 @click.option("-v", "--verbose", count=True)
 def main(

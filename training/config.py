@@ -91,7 +91,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         if not self.data or not self.out:
             raise ConfigError("--data and --out are required")
-        for name in ("epochs", "batch_size_per_device", "global_size", "local_size", "patch"):
+        for name in ("epochs", "batch_size_per_device", "global_size", "local_size", "patch", "out_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.global_size % self.patch or self.local_size % self.patch:

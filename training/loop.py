@@ -117,6 +117,10 @@ def _atomic_save(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _amp_name(amp: torch.dtype | None) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp, "fp32")
+
+
 def _args_namespace(cfg: TrainConfig) -> argparse.Namespace:
     d = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.to_dict().items()}
     d["patch_size"] = cfg.patch
@@ -243,6 +247,8 @@ def build(cfg: TrainConfig, data: TrainingData | None = None, extend: bool = Fal
     if rank == 0:
         claim_dir(out, "scdino-train", inputs=[cfg.data, cfg.val_data])
         record.write(cfg, action)
+    if world > 1:
+        dist.barrier()  # every process has checked the run's record before rank 0 adds to it
     data = data if data is not None else prepare_data(cfg)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process and every run
     student, teacher = build_networks(cfg, data.crops.shape[1])
@@ -316,6 +322,7 @@ def save_checkpoint(tr: Trainer, epoch: int, path: Path) -> None:
             "arch": tr.cfg.arch_name,
             "input_size": tr.cfg.global_size,
             "crop_size": int(d.crops.shape[-1]),
+            "precision": _amp_name(tr.amp),
             "data": tr.cfg.data,
         },
     )
@@ -344,6 +351,16 @@ def resume(tr: Trainer, path: Path) -> int:
         if obj is not None and ck.get(entry) is not None:
             obj.load_state_dict({k.removeprefix(prefix): v for k, v in ck[entry].items()} if prefix else ck[entry])
     _check_resumed_scaling(path, ck.get("scdino") or {}, tr.data.lo, tr.data.hi)
+    was, now = (ck.get("scdino") or {}).get("precision"), _amp_name(tr.amp)
+    if was is not None and was != now and tr.rank == 0:
+        log.warning(
+            "%s was trained in %s so far and goes on in %s (precision=auto follows the machine): not bit for bit the "
+            "run it would have been; --set precision=%s keeps it",
+            path,
+            was,
+            now,
+            was,
+        )
     if tr.rank == 0:
         log.info("resuming %s after epoch %d", path, int(ck["epoch"]))
     return int(ck["epoch"])
@@ -410,8 +427,9 @@ def _step(tr: Trainer, epoch: int, it: int, order: torch.Tensor, logf) -> float:
 
 
 #: what every epoch's summary reports about learning, besides the loss (means over the epoch's steps): the teacher's
-#: entropy per cell and of its batch-mean output (nats, of the centred and sharpened targets; a random head gives about
-#: ln K - 1.2 at temperature 0.04), the student-teacher KL, and the spread of the teacher's embeddings across cells
+#: entropy per cell and of its batch-mean output (nats, of the centred and sharpened targets; with the 256-wide
+#: bottleneck a random head gives about ln K - 1.2 at temperature 0.04; the mean's is at most ln of the teacher outputs
+#: a process sees), the student-teacher KL, and the spread of the teacher's embeddings across cells
 #: (per-dimension std of the L2-normalised CLS tokens x sqrt(D): 0 when every cell maps to one point)
 MONITORED = ("teacher_entropy", "teacher_mean_entropy", "kl", "embedding_spread")
 
@@ -449,9 +467,11 @@ def train_one_epoch(tr: Trainer, epoch: int, logf) -> dict:
             )
     seconds = time.perf_counter() - t0
     mean_loss = torch.tensor(float(np.mean(losses)), device=tr.device)
-    if tr.world > 1:
+    if tr.world > 1:  # the monitored values are averaged over the processes too (each over its own share)
         dist.all_reduce(mean_loss)
         mean_loss /= tr.world
+        dist.all_reduce(tr.stats)
+        tr.stats /= tr.world
     last = (epoch + 1) * tr.n_iter - 1
     summary = {
         "epoch": epoch + 1,
@@ -474,10 +494,15 @@ def train_one_epoch(tr: Trainer, epoch: int, logf) -> dict:
     return summary
 
 
-def health(summary: dict, first: dict, cfg: TrainConfig) -> list[str]:
-    """Plain-language warnings about an epoch's summary (``first``: the first epoch's): uniform collapse (every cell's
-    target near uniform), one-cluster collapse (every cell gets the same target), and a teacher that has not sharpened
-    after the warm-ups."""
+def baseline_epoch(cfg: TrainConfig) -> int:
+    """The epoch whose teacher entropy later epochs are compared with: the first at the final teacher temperature."""
+    return cfg.warmup_teacher_temp_epochs + 1
+
+
+def health(summary: dict, first: dict | None, cfg: TrainConfig) -> list[str]:
+    """Plain-language warnings about an epoch's summary: uniform collapse (every cell's target near uniform), one-cluster
+    collapse (every cell gets the same target), and a teacher that has not sharpened after the warm-ups compared with
+    ``first``, the summary of :func:`baseline_epoch` (None, e.g. a resumed run whose log lacks it: not judged)."""
     ln_k = math.log(cfg.out_dim)
     h, h_mean = summary["teacher_entropy"], summary["teacher_mean_entropy"]
     warm = max(cfg.warmup_epochs, cfg.warmup_teacher_temp_epochs, 2)  # a quick 2-epoch try is not judged
@@ -495,7 +520,7 @@ def health(summary: dict, first: dict, cfg: TrainConfig) -> list[str]:
             f"{h_mean:.2f} of ln K = {ln_k:.2f}); lower teacher_temp is not the fix: raise teacher_temp or "
             "center_momentum, lower lr, or use stronger augmentation"
         )
-    elif summary["epoch"] > warm and h > 0.9 * first["teacher_entropy"]:
+    elif first is not None and summary["epoch"] > max(warm, first["epoch"]) and h > 0.9 * first["teacher_entropy"]:
         out.append(
             f"the teacher has not sharpened in {summary['epoch']} epochs (entropy per cell {h:.2f}, "
             f"{first['teacher_entropy']:.2f} in epoch {first['epoch']}): the run is not learning yet. Typical fixes: "
@@ -539,6 +564,12 @@ def train(
     cfg = tr.cfg
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pth"
+    numbered = sorted(out.glob("checkpoint[0-9][0-9][0-9][0-9].pth"))
+    if not ckpt_path.is_file() and numbered:
+        raise CheckpointError(
+            f"{ckpt_path}: missing, but the run has {numbered[-1].name}: copy it to {ckpt_path} to resume after epoch "
+            f"{int(numbered[-1].stem[-4:])}, or start a new --out (training again here would overwrite it)"
+        )
     start = resume(tr, ckpt_path) if ckpt_path.is_file() else 0
     if start >= cfg.epochs:
         if tr.rank == 0:
@@ -552,13 +583,14 @@ def train(
     if cfg.knn_freq and tr.rank == 0:
         tr.val = val if val is not None else _validation_data(cfg, tr.data.names)
     logf = open(out / "log.jsonl", "a") if tr.rank == 0 else None
-    first = _first_summary(out / "log.jsonl") if start else None
+    first = _summary_of(out / "log.jsonl", baseline_epoch(cfg)) if start else None
     summary: dict = {}
     seconds: list[float] = []
     for epoch in range(start, cfg.epochs):
         summary = train_one_epoch(tr, epoch, logf)
         seconds.append(summary["seconds"])
-        first = first or summary
+        if summary["epoch"] == baseline_epoch(cfg):
+            first = summary
         if tr.rank == 0:
             log.info(_epoch_line(summary, cfg.epochs, float(np.mean(seconds)) * (cfg.epochs - epoch - 1)))
             summary["warnings"] = health(summary, first, cfg)
@@ -576,8 +608,8 @@ def train(
     return summary
 
 
-def _first_summary(path: Path) -> dict | None:
-    """The first epoch's summary in a run's log (what a resumed run compares the teacher's entropy with)."""
+def _summary_of(path: Path, epoch: int) -> dict | None:
+    """Epoch ``epoch``'s summary in a run's log (what a resumed run compares the teacher's entropy with)."""
     if not path.is_file():
         return None
     for line in path.read_text().splitlines():
@@ -585,6 +617,6 @@ def _first_summary(path: Path) -> dict | None:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if rec.get("summary") and "teacher_entropy" in rec:
+        if rec.get("summary") and rec.get("epoch") == epoch and "teacher_entropy" in rec:
             return rec
     return None

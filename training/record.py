@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
 
 from scdino.errors import ConfigError
 from scdino.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 #: settings that change neither the weights nor the schedule: a resumed run may change them
 FREE = frozenset({"out", "threads", "device", "knn_freq", "val_data", "val_label_key", "saveckp_freq"})
@@ -26,8 +29,8 @@ def trained(out: Path) -> bool:
 
 
 def run_settings(out: Path) -> dict | None:
-    """The settings the run in ``out`` trains with: its ``config.json`` and the extensions in its history (None for a
-    new run)."""
+    """The settings the run in ``out`` trains with: its ``config.json`` (a setting it lacks, written by an older scdino,
+    at that setting's default) and the extensions in its history (None for a new run)."""
     path = out / "config.json"
     if not path.is_file():
         return None
@@ -35,6 +38,9 @@ def run_settings(out: Path) -> dict | None:
         saved = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not readable JSON ({exc}); start a new --out") from exc
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path}: expected the run's settings as a JSON object; start a new --out")
+    saved = {**_plain(TrainConfig().to_dict()), **saved}
     for rec in history(out):
         if rec.get("event") == "extend":
             saved["epochs"] = rec["epochs"]
@@ -45,14 +51,28 @@ def history(out: Path) -> list[dict]:
     path = out / "history.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out_ = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise ConfigError(f"{path}:{i}: not a JSON record (cut short?); remove that line to go on") from None
+        if isinstance(rec, dict):
+            out_.append(rec)
+    return out_
 
 
 def check(cfg: TrainConfig, extend: bool = False) -> tuple[TrainConfig, str]:
-    """The settings to train with and what this command does (``start``, ``restart``, ``resume`` or ``extend``),
+    """The settings to train with and what this command does (``start``, ``restart``, ``resume``, ``extend``, or
+    ``adopt``: a folder of checkpoints without config.json),
     checked against the run already in ``cfg.out``; raises :class:`ConfigError` naming every differing setting."""
     out = Path(cfg.out)
     saved = run_settings(out)
+    if saved is None and trained(out):  # a run of an older scdino: nothing to check against, from now on recorded
+        log.warning("%s: holds checkpoints but no config.json; its settings cannot be checked, these are recorded", out)
+        return cfg, "adopt"
     if saved is None or not trained(out):
         if extend:
             raise ConfigError(f"{out}: --extend continues a run, and this folder holds no trained checkpoint yet")
@@ -85,7 +105,7 @@ def check(cfg: TrainConfig, extend: bool = False) -> tuple[TrainConfig, str]:
 def write(cfg: TrainConfig, action: str, from_epoch: int | None = None) -> None:
     """Write ``config.json`` for a new run and add this command to the history."""
     out = Path(cfg.out)
-    if action in ("start", "restart"):
+    if action in ("start", "restart", "adopt"):
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     rec = {"event": action, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "epochs": cfg.epochs}
     if from_epoch is not None:

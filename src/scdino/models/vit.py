@@ -5,8 +5,9 @@ The module tree and parameter names are those of DINO's ``vision_transformer.py`
 norm2,mlp.fc1,mlp.fc2}``, ``norm``; so DINO, scDINO and timm state dicts load without renaming. Attention uses
 PyTorch's fused ``scaled_dot_product_attention``; ``get_last_selfattention`` computes the weights explicitly.
 
-The position embedding is resized once, when the model is built for an input size (:func:`resize_pos_embed`),
-never in the forward pass.
+For inference the position embedding is resized once, when the model is built for an input size
+(:func:`resize_pos_embed`); only training's smaller local crops interpolate it in the forward pass, as DINO does
+(:func:`interpolate_pos_encoding`).
 """
 
 from __future__ import annotations
@@ -232,8 +233,8 @@ def _init_weights(m: nn.Module) -> None:
 def resize_pos_embed(pos_embed: torch.Tensor, new_grid: int) -> torch.Tensor:
     """Bicubically resize a (1, 1 + g*g, D) position embedding to a ``new_grid`` x ``new_grid`` patch grid.
 
-    Done once when a model is built for an input size other than the one it was trained at (as DINO's
-    ``interpolate_pos_encoding`` does in every forward pass).
+    Done once when a model is built for an input size other than the one it was trained at (resized to the target
+    size; DINO's training interpolates by a scale factor instead: :func:`interpolate_pos_encoding`).
     """
     n = pos_embed.shape[1] - 1
     old = int(math.isqrt(n))
