@@ -18,7 +18,7 @@ import argparse
 import time
 
 import numpy as np
-from harness import machine, write_results
+from harness import write_results
 
 
 def synthetic(n: int, d: int = 384, classes: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -130,9 +130,7 @@ def main() -> None:
         "preset": args.preset,
         "umap_warmup_s": warm,
         "torch_threads": torch.get_num_threads(),
-        "machine": machine(),
         "results": rows,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_results(args.out, res)
     print(f"\nwrote {args.out}")

@@ -13,7 +13,7 @@ import argparse
 import statistics
 import time
 
-from harness import machine, write_results
+from harness import write_results
 
 
 def main() -> None:
@@ -80,9 +80,7 @@ def main() -> None:
         "benchmark": "augment_throughput",
         "device": str(dev),
         "batch": args.batch,
-        "machine": machine(),
         "results": rows,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_results(args.out, res)
     print(f"\nwrote {args.out}")

@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-from harness import machine, write_results
+from harness import write_results
 
 
 def main() -> None:
@@ -137,10 +136,8 @@ def main() -> None:
         "wells": args.wells,
         "repeats": args.repeats,
         "label_classes": np.bincount(labels).tolist(),
-        "machine": machine(),
         "versions": versions(),
         "results": rows,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_results(args.out, result)
     print(f"\nwrote {args.out}")

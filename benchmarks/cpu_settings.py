@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from harness import machine, write_results
+from harness import write_results
 
 
 def main() -> None:
@@ -83,8 +83,6 @@ def main() -> None:
     res = {
         "benchmark": "cpu_settings",
         "rows": rows,
-        "machine": machine(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_results(args.out, res)
     print(f"wrote {args.out}")

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-from harness import machine, write_results
+from harness import write_results
 
 
 def main() -> None:
@@ -102,9 +101,7 @@ def main() -> None:
         "model_info": lm.info,
         "wells": args.wells,
         "n_cells": int(len(labels)),
-        "machine": machine(),
         "results": rows,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_results(args.out, res)
     print(f"\nwrote {args.out}")

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import machine, write_results
+from harness import write_results
 
 
 def main() -> None:
@@ -87,10 +87,8 @@ def main() -> None:
         "repeats": args.repeats,
         "batch_size": args.batch_size,
         "workers": args.workers,
-        "machine": machine(),
         "versions": versions(),
         "results": rows,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_results(args.out, result)
     print(f"\nwrote {args.out}")

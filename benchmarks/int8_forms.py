@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from harness import machine, write_results
+from harness import write_results
 
 DATA = Path(__file__).parent / "data" / "jurkat_cellcycle"
 
@@ -117,10 +117,8 @@ def main() -> None:
         "benchmark": "int8_forms",
         "threads": args.threads,
         "repeats": args.repeats,
-        "machine": machine(),
         "versions": versions(),
         "rows": rows,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_results(args.out, result)
     print(f"\nwrote {args.out}")

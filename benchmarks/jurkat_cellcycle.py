@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from harness import machine, write_results
+from harness import write_results
 
 DATA = Path(__file__).parent / "data" / "jurkat_cellcycle"
 CHANNEL_SETS = {"BF+DF": ("BF", "DF"), "BF+DNA+DF": ("BF", "DNA", "DF"), "DNA": ("DNA",)}
@@ -268,9 +268,7 @@ def main() -> None:
         "models": {**MODELS, "untrained": UNTRAINED, "input_size": INPUT_SIZE},
         "morphology_seconds_per_cell": (train["morph_seconds"] + held["morph_seconds"])
         / (len(train["labels"]) + len(held["labels"])),
-        "machine": machine(),
         "results": results,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_results(args.out / "jurkat_cellcycle.json", res)
     print(f"\nwrote {args.out / 'jurkat_cellcycle.json'}, jurkat_cellcycle.md and the figures")

@@ -31,7 +31,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from harness import machine, write_results
+from harness import write_results
 
 from reference import SEG, timed  # the same cells and the same whole-command timing as the reference comparison
 
@@ -177,9 +177,7 @@ def main() -> None:
         "medians": med,
         "summary": summary,
         "store_writes": writes,
-        "machine": machine(),
         "versions": a.uns["scdino"]["versions"],
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_results(args.out, res)
     print(f"wrote {args.out}")

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from harness import machine, write_results
+from harness import write_results
 
 GRID = 32
 CHANNELS = ["CTIP2", "BRN2", "ROR"]
@@ -165,9 +165,7 @@ def main() -> None:
         "cells": n,
         "field": args.field,
         "chunk_cells": args.chunk_cells,
-        "machine": machine(),
         "results": rows,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_results(args.out, res)
     print(f"\nwrote {args.out}")

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from harness import machine, write_results
+from harness import write_results
 
 SEG = ["--segment-channel", "CTIP2,BRN2,ROR", "--sigma", "1", "--min-distance", "4", "--min-area", "15"]
 CROP = 32
@@ -275,8 +275,6 @@ def main() -> None:
         "rows": rows,
         "repeats": args.repeats,
         "threads": threads,
-        "machine": machine(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_results(args.out, res)
     print(f"wrote {args.out}")

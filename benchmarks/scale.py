@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from harness import machine, write_results
+from harness import write_results
 
 CELLS_PER_FIELD = 1024
 GRID = 32
@@ -190,8 +190,6 @@ def main() -> None:
         "input_size": INPUT,
         "rows": rows,
         "summary": summary,
-        "machine": machine(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_results(args.out, res)
     print(f"wrote {args.out}")

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from harness import machine, write_results
+from harness import write_results
 
 DATA = Path(__file__).parent / "data" / "jurkat_cellcycle"
 
@@ -114,8 +114,6 @@ def main() -> None:
         "cells": len(crops),
         "threads": threads,
         "rows": rows,
-        "machine": machine(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_results(args.out, res)
     print(f"wrote {args.out}")

@@ -333,7 +333,6 @@ def search(args) -> None:
         "machine": machine(device=device, gpu=gpu),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "results": rows,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_results(out / "train_recipes.json", res)
     print(f"wrote {out / 'train_recipes.json'}, logs.tar.gz and {', '.join(f'{k}.pth' for k in keep)}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 from pathlib import Path
 
 from harness import machine, write_results
@@ -106,7 +105,6 @@ def main() -> None:
         "machine": machine(threads=torch.get_num_threads()),
         "results": rows,
         "torch": torch.__version__,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_results(args.out, res)
     print(f"\nwrote {args.out}")

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harness import machine, write_results
+from harness import write_results
 
 RUN = """
 import json, sys
@@ -62,7 +62,6 @@ def main() -> None:
     for k, v in med.items():
         print(f"| {k} | {v:.2f} | {v / base:.2f}x |")
     out = {
-        "machine": machine(),
         "settings": {
             "model": "random:vit_small16",
             "input_size": 224,
