@@ -72,7 +72,8 @@ def step(
     student_temp,
     center_momentum,
 ):
-    """(loss, gradients of the student's parameters, teacher outputs, the new centre) of one DINO step, float64."""
+    """(loss, gradients of the student's parameters, teacher outputs, the new centre, details) of one DINO step, in
+    float64; details: the student's outputs per view and the teacher's CLS embeddings (for monitoring checks)."""
     sp = {k: v.detach().double().requires_grad_(v.is_floating_point()) for k, v in student.items()}
     tp = {k: v.detach().double() for k, v in teacher.items()}
 
@@ -83,6 +84,8 @@ def step(
 
     t_out = [net(tp, v) for v in views[:2]]
     s_out = [net(sp, v) for v in views]
+    bb = {k[len("backbone.") :]: v for k, v in tp.items() if k.startswith("backbone.")}
+    t_cls = torch.cat([vit(bb, v.double(), heads) for v in views[:2]])
     c = center.double()
     total, terms = 0.0, 0
     for iq, t in enumerate(t_out):
@@ -97,4 +100,5 @@ def step(
     grads = {k: v.grad for k, v in sp.items() if v.grad is not None}
     t_all = torch.cat(t_out)
     new_center = c * center_momentum + t_all.mean(0, keepdim=True) * (1 - center_momentum)
-    return loss.detach(), grads, t_all.detach(), new_center
+    details = {"student": [o.detach() for o in s_out], "teacher_cls": t_cls}
+    return loss.detach(), grads, t_all.detach(), new_center, details

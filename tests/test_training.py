@@ -607,7 +607,7 @@ def test_one_training_step_matches_dino_written_from_its_definition(tmp_path, pr
     views = tr.augment(crops[order[:4]], make_generator(cfg.seed, 0, 0), 4, 0)
     assert [v.shape[-1] for v in views] == [32, 32, 16, 16]
     loss = loop_mod._step(tr, 0, 0, order, None)
-    o_loss, o_grads, _, o_center = dino_oracle.step(
+    o_loss, o_grads, o_teacher, o_center, o_more = dino_oracle.step(
         student0,
         teacher0,
         center0,
@@ -633,6 +633,23 @@ def test_one_training_step_matches_dino_written_from_its_definition(tmp_path, pr
     torch.testing.assert_close(
         tr.loss_fn.center.double(), o_center, rtol=tol, atol=1e-3 if precision == "bf16" else 1e-7
     )
+    # the monitored values of this step, from the definitions: entropy of each cell's target and of their mean, KL
+    # from each target to each other view's student distribution, spread of the teacher's L2-normalised embeddings
+    q = torch.softmax((o_teacher - center0.double()) / cfg.teacher_temp, -1)
+    h_cell = float(-(q * q.log()).sum(-1).mean())
+    qm = q.mean(0)
+    h_mean = float(-(qm * qm.log()).sum())
+    kls = []
+    for iq, qv in enumerate(q.chunk(2)):
+        for iv, sv in enumerate(o_more["student"]):
+            if iv != iq:
+                kls.append(float((qv * (qv.log() - torch.log_softmax(sv / cfg.student_temp, -1))).sum(-1).mean()))
+    e = o_more["teacher_cls"] / o_more["teacher_cls"].norm(dim=-1, keepdim=True)
+    spread = float(e.std(0).mean()) * e.shape[1] ** 0.5
+    want = [h_cell, h_mean, sum(kls) / len(kls), spread]
+    got_stats = tr.stats.tolist()
+    for name, g_, w_ in zip(loop_mod.MONITORED, got_stats, want):
+        assert abs(g_ - w_) <= (tol * 5 + 1e-5) * max(1.0, abs(w_)), (name, g_, w_)
     m = 0.9  # the first step's teacher momentum
     student1 = tr.student.state_dict()
     for n, t in tr.teacher.state_dict().items():
