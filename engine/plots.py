@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import numpy as np
@@ -194,10 +195,18 @@ def attention_png(
 PLATE_FORMATS = ((8, 12), (16, 24), (32, 48))
 
 
+def _well_rc(well: str) -> tuple[int, int]:
+    """``B/3``, ``B03`` or ``B3`` -> (row index, column index), both from 0."""
+    m = re.fullmatch(r"\s*([A-Za-z]+)\s*/?\s*0*(\d+)\s*", str(well))
+    if not m:
+        raise ValueError(f"well {well!r}: expected a row letter and a column number")
+    return _row_index(m.group(1)), int(m.group(2)) - 1
+
+
 def plate_format(wells) -> tuple[int, int]:
-    """The smallest standard plate (96, 384, 1536 wells) that holds ``wells`` (``"B/3"`` form)."""
-    rows = max(_row_index(w.split("/")[0]) for w in wells) + 1
-    cols = max(int(w.split("/")[1]) for w in wells)
+    """The smallest standard plate (96, 384, 1536 wells) that holds ``wells`` (``"B/3"`` or ``"B03"`` form)."""
+    rows = max(_well_rc(w)[0] for w in wells) + 1
+    cols = max(_well_rc(w)[1] for w in wells) + 1
     for r, c in PLATE_FORMATS:
         if rows <= r and cols <= c:
             return r, c
@@ -217,14 +226,13 @@ def _row_name(i: int) -> str:
 
 
 def plate_heatmap_png(values: dict, path: str, title: str, label: str, cmap: str = "viridis") -> None:
-    """A plate-layout heatmap of one value per well (``"B/3"`` -> value): rows and columns labelled as on the plate,
+    """A plate-layout heatmap of one value per well (``"B/3"`` or ``"B03"`` -> value): rows and columns labelled as on the plate,
     wells without a value left blank, a colour bar saying what the colour is."""
     plt = _plt()
     nr, nc = plate_format(values)
     grid = np.full((nr, nc), np.nan)
     for w, v in values.items():
-        r, c = w.split("/")
-        grid[_row_index(r), int(c) - 1] = v
+        grid[_well_rc(w)] = v
     fig, ax = plt.subplots(figsize=(max(4.0, 0.42 * nc + 1.6), max(2.6, 0.38 * nr + 1.2)))
     im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, aspect="equal")
     ax.set_facecolor("#dddddd")
