@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import zarr
 
 from scdino.bounds import check
 from scdino.errors import ConfigError, InputError
@@ -17,7 +18,7 @@ log = logging.getLogger(__name__)
 
 def _cells_and_crops(source: str, channels: Sequence[str] | None):
     """(table, crop reader, channel names) of a crop store or plate, or of the cells of a finished ``run`` output."""
-    import anndata as ad
+    from anndata.io import read_elem
 
     from scdino.cells.cropstore import is_crop_store
     from scdino.cells.options import CellOptions
@@ -29,7 +30,8 @@ def _cells_and_crops(source: str, channels: Sequence[str] | None):
         return src.find_cells(), src.read, list(src.channel_names)
 
     _, obs = read_embeddings(source)
-    uns = ad.read_zarr(source).uns.get("scdino", {})
+    g = zarr.open_group(source, mode="r", use_consolidated=False)
+    uns = read_elem(g["uns"]["scdino"]) if "uns" in g and "scdino" in g["uns"] else {}
     if "crop_size" not in uns or "plate" not in uns:
         raise InputError(f"{source}: neither a crop store nor an embeddings store of 'scdino-engine run'")
     used = tuple(channels) if channels else tuple(uns["channels"])
@@ -64,6 +66,17 @@ def select_cells(table, cells: Sequence[str] | None, per_class: int | None, labe
     return table.iloc[np.sort(rng.choice(len(table), min(n, len(table)), replace=False))]
 
 
+def row_title(row, label_key: str | None = None) -> str:
+    """A cell as a reader names it: ``well B/3, field 0`` and ``cell 17`` (a plate's), or its file name (a crop
+    store's), under its class when there is one."""
+    if "well" in row and "label" in row:
+        name = f"well {row['well']}, field {row['field']}\ncell {row['label']}"
+    else:
+        name = Path(str(row["path"] if "path" in row else row["cell"])).name
+        name = name if len(name) <= 24 else name[:10] + "..." + name[-11:]
+    return f"{label_key} {row[label_key]}\n{name}" if label_key else name
+
+
 def attention_command(
     source: str,
     model: str,
@@ -96,8 +109,7 @@ def attention_command(
     maps = att.reshape(len(crops), att.shape[1], g, g)
     maps = F.interpolate(maps, size=crops.shape[-2:], mode="nearest").numpy()
     ids = (rows["path"] if "path" in rows else rows["cell"]).astype(str).tolist()
-    short = [i if len(i) <= 28 else "..." + i[-25:] for i in ids]
-    titles = [f"{r[label_key]}\n{i}" if label_key else i for i, (_, r) in zip(short, rows.iterrows())]
+    titles = [row_title(r, label_key) for _, r in rows.iterrows()]
     png = str(Path(out) / "attention.png")
     attention_png(crops, maps, titles, names, png)
     np.savez_compressed(Path(out) / "attention.npz", attention=maps, crops=crops, ids=np.array(ids))

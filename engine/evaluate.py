@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import zarr
 
 from scdino.bounds import check
 from scdino.cells.options import CellOptions
@@ -66,6 +67,8 @@ class Grid:
     epoch_baselines: dict[str, float] = field(default_factory=dict)
     classes: list[str] = field(default_factory=list)
     n_cells: int = 0
+    #: the input size (px) each embedded column ran at, as its store records it
+    input_sizes: dict[str, int] = field(default_factory=dict)
 
 
 def raw_pixel_features(crops: np.ndarray, scale_lo=None, scale_hi=None) -> np.ndarray:
@@ -103,6 +106,23 @@ def _checkpoints(run_dir: str) -> list[tuple[int, str]]:
 def _tag(j: int, model: str, name: str) -> str:
     tag = f"{j}_{re.sub(r'[^A-Za-z0-9]+', '_', Path(model).stem if '/' in model else model)}_{name}"
     return re.sub(r"[^A-Za-z0-9_+-]", "_", tag)
+
+
+def store_input_size(path: str | Path) -> int:
+    """The input size (px) an embeddings store's model ran at (its ``uns/scdino/preprocessing``)."""
+    from anndata.io import read_elem
+
+    return int(read_elem(zarr.open_group(str(path), mode="r")["uns"]["scdino"]["preprocessing"]["input_size"]))
+
+
+def input_sizes_text(sizes: dict[str, int], requested: int | None) -> str:
+    """``input 224 px`` when every model ran at one size, else each model's size; never ``None``."""
+    if not sizes:
+        return f"input {requested} px" if requested else "input: each model's own size"
+    if len(set(sizes.values())) == 1:
+        how = "" if requested else " (the models' own)"
+        return f"input {next(iter(sizes.values()))} px{how}"
+    return "input " + ", ".join(f"{v} px ({k})" for k, v in sizes.items())
 
 
 def embed_with_run(crops: str, model: str, channels: tuple[str, ...], out: Path, settings: EvalSettings) -> np.ndarray:
@@ -170,14 +190,15 @@ def compute_grid(
     total = len(sets) * (len(models) + 1) + len(epochs)
     with dask_client(), Progress(total, "evaluate", "embedding", settings.progress) as bar:
 
-        def embed(model: str, chans: tuple[str, ...], tag: str) -> np.ndarray:
+        def embed(model: str, chans: tuple[str, ...], tag: str, column: str) -> np.ndarray:
             x = embed_with_run(crops, model, chans, outdir / "embeddings" / f"{tag}.zarr", settings)
+            grid.input_sizes.setdefault(column, store_input_size(outdir / "embeddings" / f"{tag}.zarr"))
             bar.update(1)
             return x
 
         for i, chans in enumerate(sets):
             for j, model in enumerate([*models, untrained]):
-                record(i, j, knn(embed(model, chans, _tag(j, model, grid.rows[i]))))
+                record(i, j, knn(embed(model, chans, _tag(j, model, grid.rows[i]), columns[j])))
             raw = read_all(sources[chans], table)
             j = len(models) + 1
             record(i, j, knn(raw_pixel_features(raw)))
@@ -189,7 +210,7 @@ def compute_grid(
         if epochs:
             chans = sets[-1]
             for ep, ck in epochs:
-                grid.epochs.append((ep, knn(embed(ck, chans, f"epoch{ep:04d}"))["top1"]))
+                grid.epochs.append((ep, knn(embed(ck, chans, f"epoch{ep:04d}", "checkpoints"))["top1"]))
     if grid.epochs:  # drawn against the baselines of the last channel set, fixed-range ones where there are
         last = dict(zip(columns, grid.top1[-1]))
         names = [c for c in columns[len(models) :] if c.endswith("fixed range") and np.isfinite(last[c])]
@@ -239,6 +260,7 @@ def write_report(outdir: Path, crops: str, grid: Grid, s: EvalSettings) -> dict:
         "temperature": s.temperature,
         "seed": s.seed,
         "input_size": s.input_size,
+        "input_sizes": grid.input_sizes,
     }
     if grid.epochs:
         epochs_png(
@@ -253,7 +275,8 @@ def write_report(outdir: Path, crops: str, grid: Grid, s: EvalSettings) -> dict:
         f"# scdino evaluation of {crops}",
         "",
         f"{grid.n_cells} cells, classes {', '.join(grid.classes)}; k-NN k={s.k}, T={s.temperature}, "
-        f"{int(100 * s.train_fraction)}% reference / rest query, seed {s.seed}; input {s.input_size} px.",
+        f"{int(100 * s.train_fraction)}% reference / rest query, seed {s.seed}; "
+        f"{input_sizes_text(grid.input_sizes, s.input_size)}.",
         "",
         "| channels | " + " | ".join(grid.columns) + " |",
         "|---" * (len(grid.columns) + 1) + "|",

@@ -3,7 +3,9 @@
 Layout (readable by ``anndata.read_zarr``): ``obs`` = cell table, ``obsm/X_scdino`` = float32 CLS tokens chunked
 along cells exactly like the engine's blocks (so each block is one atomic chunk write), ``uns/scdino`` = run
 metadata, ``uns/scdino_progress`` = one flag per block. The root attribute ``scdino.status`` is ``creating``,
-``running`` or ``complete``.
+``running`` or ``complete``. When the run completes, ``X`` gets a copy of the embeddings and ``var`` names their
+dimensions (``scdino_0000``, ...), so that scanpy's defaults (``pp.pca``, ``pp.neighbors``, ``tl.leiden``,
+``tl.rank_genes_groups``) run on the store as read; the copy doubles the embeddings' bytes on disk (docs/engine.md).
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ class EmbeddingStore:
 
         if not self.done().all():
             raise OutputError(f"{self.path}: {int((~self.done()).sum())} blocks missing; cannot mark complete")
+        self._write_x()
         with quiet_zarr():
             for key, value in updates.items():
                 write_elem(self.group["uns"]["scdino"], key, value)
@@ -132,6 +135,28 @@ class EmbeddingStore:
         meta["status"] = "complete"
         self.group.attrs["scdino"] = meta
         consolidate(self.path)
+
+    def _write_x(self, rows: int = 65536) -> None:
+        """``X`` = the finished embeddings, copied from ``obsm/X_scdino`` ``rows`` at a time, and ``var`` naming their
+        dimensions. Written last, from what the blocks wrote: a store begun before ``X`` existed resumes into the same
+        layout, and a run stopped here writes it again when resumed (the store is not complete until then)."""
+        from anndata.io import write_elem
+
+        n, dim = self.X.shape
+        if "X" in self.group:
+            del self.group["X"]
+        x = self.group.create_array("X", shape=(n, dim), chunks=(self.chunk, dim), dtype="float32")
+        x.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        step = self.chunk * max(1, rows // self.chunk)  # whole chunks
+        for a in range(0, n, step):
+            x[a : a + step] = self.X[a : a + step]
+        with quiet_zarr():
+            write_elem(self.group, "var", pd.DataFrame(index=var_names(dim)))
+
+
+def var_names(dim: int) -> list[str]:
+    """The names of the embedding's dimensions in ``var``: ``scdino_0000``, ``scdino_0001``, ..."""
+    return [f"scdino_{i:04d}" for i in range(dim)]
 
 
 @contextmanager
@@ -180,7 +205,7 @@ def is_anndata(path: str) -> bool:
 
 def read_embeddings(path: str, key: str = "X_scdino") -> tuple[np.ndarray, pd.DataFrame]:
     """(embeddings as float32, obs) of a complete store; clear errors for a missing or unfinished one."""
-    import anndata as ad
+    from anndata.io import read_elem
 
     st = store_status(path)
     if st is None:
@@ -194,10 +219,11 @@ def read_embeddings(path: str, key: str = "X_scdino") -> tuple[np.ndarray, pd.Da
         )
     if st and st.get("status") not in (None, "complete"):
         raise InputError(f"{path}: the run that writes it is not complete; run the same command again to finish it")
-    a = ad.read_zarr(path)
-    if key not in a.obsm:
-        raise InputError(f"{path}: no obsm[{key!r}] (has {', '.join(a.obsm) or 'none'})")
-    return np.asarray(a.obsm[key], dtype=np.float32), a.obs
+    g = zarr.open_group(path, mode="r", use_consolidated=False)  # obs and one obsm entry, not X (a second copy)
+    obsm = list(g["obsm"].keys()) if "obsm" in g else []
+    if key not in obsm:
+        raise InputError(f"{path}: no obsm[{key!r}] (has {', '.join(sorted(obsm)) or 'none'})")
+    return np.asarray(read_elem(g["obsm"][key]), dtype=np.float32), read_elem(g["obs"])
 
 
 def write_obs_column(path: str, name: str, values) -> None:

@@ -24,8 +24,9 @@ def cosine_distance(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
     return 1.0 - xn @ rn
 
 
-def profile_map(x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
-    """2-D coordinates of well profiles: UMAP from :data:`MIN_UMAP_WELLS` wells up, else PCA (said in the title)."""
+def profile_map(x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str, tuple[str, str]]:
+    """2-D coordinates of well profiles: UMAP from :data:`MIN_UMAP_WELLS` wells up, else PCA (said in the title);
+    with the axes' labels (a PCA's say the share of the variance of the standardised profiles each axis holds)."""
     z = (x - x.mean(0)) / np.maximum(x.std(0), 1e-12)
     if len(x) >= MIN_UMAP_WELLS:
         import warnings
@@ -35,11 +36,15 @@ def profile_map(x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*n_jobs value.*overridden.*")
             nn = min(15, len(x) - 1)
-            return UMAP(n_neighbors=nn, min_dist=0.3, random_state=seed).fit_transform(z), f"UMAP ({nn} neighbours)"
+            xy = UMAP(n_neighbors=nn, min_dist=0.3, random_state=seed).fit_transform(z)
+            return xy, f"UMAP ({nn} neighbours)", ("UMAP 1", "UMAP 2")
     if len(x) < 3:
-        return np.c_[np.arange(len(x), dtype=float), np.zeros(len(x))], "wells in order (too few for a map)"
+        xy = np.c_[np.arange(len(x), dtype=float), np.zeros(len(x))]
+        return xy, "wells in order (too few for a map)", ("wells in order", "")
     u, s, _ = np.linalg.svd(z - z.mean(0), full_matrices=False)
-    return u[:, :2] * s[:2], f"PCA (fewer than {MIN_UMAP_WELLS} wells for UMAP)"
+    share = s**2 / max(float(np.sum(s**2)), 1e-300)
+    labels = (f"PC 1 ({100 * share[0]:.1f}% of variance)", f"PC 2 ({100 * share[1]:.1f}% of variance)")
+    return u[:, :2] * s[:2], f"PCA (fewer than {MIN_UMAP_WELLS} wells for UMAP)", labels
 
 
 def plate_view(cells: str, out: str, opts: ProfileOptions = ProfileOptions(), color_by: str | None = None) -> dict:
@@ -91,11 +96,16 @@ def plate_view(cells: str, out: str, opts: ProfileOptions = ProfileOptions(), co
             "cosine distance",
             cmap="inferno",
         )
-        xy, how = profile_map(x)
+        xy, how, axis_labels = profile_map(x)
         files["map"] = str(outdir / f"{safe}_profiles_map.png")
         labels = p[colour].astype(str).tolist() if colour else ["control" if c else "well" for c in ref_rows]
         scatter_labels_png(
-            xy, labels, wells, files["map"], f"{head}\nwell profiles, {how}; colour: {color_by or 'controls'}"
+            xy,
+            labels,
+            wells,
+            files["map"],
+            f"{head}\nwell profiles, {how}; colour: {color_by or 'controls'}",
+            axis_labels,
         )
         summary["plates"][str(plate)] = {
             "cells": n_cells,

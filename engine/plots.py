@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import numpy as np
@@ -38,12 +39,18 @@ def _plt():
     return plt
 
 
-def confusion_png(cm: np.ndarray, classes: Sequence[str], path: str, title: str = "") -> None:
+def confusion_png(cm: np.ndarray, classes: Sequence[str], path: str, title: str = ""):
+    """Cells of each true class (rows) by predicted class (columns): the numbers are cells, the colour is the row's
+    share (each row normalised to its class's cells, so a small class reads as well as a large one). Returns the
+    (closed) figure."""
     plt = _plt()
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 + 0.6 * n), max(4.0, 1.0 + 0.55 * n)))
+    fig, ax = plt.subplots(figsize=(max(5.6, 2.0 + 0.6 * n), max(4.2, 1.4 + 0.55 * n)))
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    cb.set_label("share of the true class's cells (row)", fontsize=8)
+    cb.ax.tick_params(labelsize=7)
     for i in range(n):
         for j in range(n):
             ax.text(
@@ -57,11 +64,13 @@ def confusion_png(cm: np.ndarray, classes: Sequence[str], path: str, title: str 
             )
     ax.set_xticks(range(n), classes, rotation=45, ha="right")
     ax.set_yticks(range(n), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    note = "numbers: cells; colour: rows normalised (each true class sums to 1)"
+    ax.set_title(f"{title}\n{note}" if title else note, fontsize=9)
     fig.tight_layout()
     _save(fig, path, 120)
+    return fig
 
 
 def scatter_png(xy: np.ndarray, labels: Sequence, path: str, title: str = "", max_legend: int = 20) -> None:
@@ -117,10 +126,20 @@ def heatmap_png(values: np.ndarray, rows: Sequence[str], cols: Sequence[str], pa
 
 def epochs_png(
     epochs: Sequence[int], acc: Sequence[float], path: str, baselines: dict[str, float] | None = None, title: str = ""
-) -> None:
+):
+    """k-NN top-1 of each checkpoint against its epoch (whole epochs on the axis), with baselines as lines. Returns
+    the (closed) figure."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     ax.plot(epochs, [100 * a for a in acc], "o-", label="checkpoint")
+    if len(epochs) <= 12:
+        ax.set_xticks(list(epochs))  # each checkpoint's epoch, and only those
+        if len(epochs) == 1:
+            ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for name, v in (baselines or {}).items():
         ax.axhline(100 * v, ls="--", lw=1, label=name, color="grey" if "raw" in name else "tab:red")
     ax.set_xlabel("epoch")
@@ -129,6 +148,7 @@ def epochs_png(
     ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()
     _save(fig, path, 120)
+    return fig
 
 
 #: percentiles of the shown cells' pixels that set each channel's display range in attention figures
@@ -143,11 +163,10 @@ def channel_display_ranges(crops: np.ndarray, percentiles=DISPLAY_PERCENTILES) -
     return np.stack([lo, np.maximum(hi, lo + 1e-12)], axis=1)
 
 
-def attention_png(
-    crops: np.ndarray, attn: np.ndarray, titles: Sequence[str], channel_names: Sequence[str], path: str
-) -> None:
+def attention_png(crops: np.ndarray, attn: np.ndarray, titles: Sequence[str], channel_names: Sequence[str], path: str):
     """One row per cell: its channels (grey, one fixed range per channel for the whole figure), then the mean over
-    heads and each head's last-block CLS attention, upsampled to the crop and laid over the cell, with colour bars."""
+    heads and each head's last-block CLS attention, upsampled to the crop and laid over the cell; each row's colour
+    bar in a column of its own, so that every panel has the same size. Returns the (closed) figure."""
     plt = _plt()
     n, c = crops.shape[:2]
     h = attn.shape[1]
@@ -159,45 +178,58 @@ def attention_png(
     under = scaled.mean(axis=1)
     maps = np.concatenate([attn.mean(axis=1, keepdims=True), attn], axis=1)  # mean over heads first
     map_titles = ["mean of heads"] + [f"head {k}" for k in range(h)]
-    fig, axes = plt.subplots(n, c + h + 1, figsize=(1.35 * (c + h + 1) + 0.6, 1.45 * n + 0.6), squeeze=False)
+    cols = c + h + 1
+    fig = plt.figure(figsize=(1.3 * cols + 2.2, 1.3 * n + 1.1), layout="constrained")
+    grid = fig.add_gridspec(n, cols + 1, width_ratios=[1.0] * cols + [0.07])
+    lo, hi = DISPLAY_PERCENTILES
     for i in range(n):
         for j in range(c):
-            axes[i, j].imshow(scaled[i, j], cmap="gray", vmin=0, vmax=1)
+            ax = fig.add_subplot(grid[i, j])
+            ax.imshow(scaled[i, j], cmap="gray", vmin=0, vmax=1)
             if i == 0:
-                axes[i, j].set_title(f"{channel_names[j]}\n{ranges[j, 0]:.4g}..{ranges[j, 1]:.4g}", fontsize=6)
+                ax.set_title(f"{channel_names[j]}\n{ranges[j, 0]:.4g}..{ranges[j, 1]:.4g}", fontsize=8)
+            if j == 0:
+                ax.set_ylabel(titles[i], fontsize=8, rotation=0, ha="right", va="center")
         for k in range(h + 1):
-            ax = axes[i, c + k]
+            ax = fig.add_subplot(grid[i, c + k])
             ax.imshow(under[i], cmap="gray", vmin=0, vmax=1)
             im = ax.imshow(maps[i, k], cmap="inferno", alpha=0.6, vmin=0, vmax=float(maps[i].max()) or 1.0)
             if i == 0:
-                ax.set_title(map_titles[k], fontsize=6)
-            if k == h:
-                cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-                cb.ax.tick_params(labelsize=5)
-        axes[i, 0].set_ylabel(titles[i], fontsize=6, rotation=0, ha="right", va="center")
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    lo, hi = DISPLAY_PERCENTILES
+                ax.set_title(map_titles[k], fontsize=8)
+        cb = fig.colorbar(im, cax=fig.add_subplot(grid[i, cols]))
+        cb.ax.tick_params(labelsize=6)
+        if i == 0:
+            cb.ax.set_title("share of\nattention", fontsize=7)
+    for ax in fig.axes[:-1]:
+        if ax.get_images():
+            ax.set_xticks([])
+            ax.set_yticks([])
     fig.suptitle(
-        f"Channels: one grey scale per channel for all {n} cells ({lo:g}th..{hi:g}th percentile of their pixels, raw "
-        "units above each column). Attention of the CLS token to each patch in the last block, over the cell; "
-        "colour bar: share of the CLS token's attention (per row)",
-        fontsize=6,
-        wrap=True,
+        f"Where the model looks: the CLS token's attention to each patch in the last block, over {n} cells\n"
+        f"grey: each channel on one scale for all cells ({lo:g}th..{hi:g}th percentile, raw units above the "
+        "column); colour: share of the cell's attention",
+        fontsize=10,
     )
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
     _save(fig, path, 110)
+    return fig
 
 
 #: plate formats: (rows, columns)
 PLATE_FORMATS = ((8, 12), (16, 24), (32, 48))
 
 
+def _well_rc(well: str) -> tuple[int, int]:
+    """``B/3``, ``B03`` or ``B3`` -> (row index, column index), both from 0."""
+    m = re.fullmatch(r"\s*([A-Za-z]+)\s*/?\s*0*(\d+)\s*", str(well))
+    if not m:
+        raise ValueError(f"well {well!r}: expected a row letter and a column number")
+    return _row_index(m.group(1)), int(m.group(2)) - 1
+
+
 def plate_format(wells) -> tuple[int, int]:
-    """The smallest standard plate (96, 384, 1536 wells) that holds ``wells`` (``"B/3"`` form)."""
-    rows = max(_row_index(w.split("/")[0]) for w in wells) + 1
-    cols = max(int(w.split("/")[1]) for w in wells)
+    """The smallest standard plate (96, 384, 1536 wells) that holds ``wells`` (``"B/3"`` or ``"B03"`` form)."""
+    rows = max(_well_rc(w)[0] for w in wells) + 1
+    cols = max(_well_rc(w)[1] for w in wells) + 1
     for r, c in PLATE_FORMATS:
         if rows <= r and cols <= c:
             return r, c
@@ -217,14 +249,13 @@ def _row_name(i: int) -> str:
 
 
 def plate_heatmap_png(values: dict, path: str, title: str, label: str, cmap: str = "viridis") -> None:
-    """A plate-layout heatmap of one value per well (``"B/3"`` -> value): rows and columns labelled as on the plate,
+    """A plate-layout heatmap of one value per well (``"B/3"`` or ``"B03"`` -> value): rows and columns labelled as on the plate,
     wells without a value left blank, a colour bar saying what the colour is."""
     plt = _plt()
     nr, nc = plate_format(values)
     grid = np.full((nr, nc), np.nan)
     for w, v in values.items():
-        r, c = w.split("/")
-        grid[_row_index(r), int(c) - 1] = v
+        grid[_well_rc(w)] = v
     fig, ax = plt.subplots(figsize=(max(4.0, 0.42 * nc + 1.6), max(2.6, 0.38 * nr + 1.2)))
     im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, aspect="equal")
     ax.set_facecolor("#dddddd")
@@ -239,8 +270,16 @@ def plate_heatmap_png(values: dict, path: str, title: str, label: str, cmap: str
     _save(fig, path, 130)
 
 
-def scatter_labels_png(xy: np.ndarray, colours: Sequence, names: Sequence[str], path: str, title: str) -> None:
-    """Points (one per well) coloured by a metadata value, each labelled with its well."""
+def scatter_labels_png(
+    xy: np.ndarray,
+    colours: Sequence,
+    names: Sequence[str],
+    path: str,
+    title: str,
+    axis_labels: tuple[str, str] = ("", ""),
+):
+    """Points (one per well) coloured by a metadata value, each labelled with its well; ``axis_labels`` say what the
+    axes are (e.g. ``PC 1 (43% of variance)``). Returns the (closed) figure."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 5))
     values = np.asarray([str(c) for c in colours])
@@ -251,7 +290,10 @@ def scatter_labels_png(xy: np.ndarray, colours: Sequence, names: Sequence[str], 
         ax.annotate(n, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.legend(fontsize=7, loc="best", frameon=False)
     ax.set_title(title, fontsize=8)
+    ax.set_xlabel(axis_labels[0], fontsize=8)
+    ax.set_ylabel(axis_labels[1], fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
     fig.tight_layout()
     _save(fig, path, 130)
+    return fig

@@ -3,7 +3,10 @@
 * :func:`profiles`: aggregate each well's cells (median or mean of their embeddings), add the cell count and per-well
   metadata (a plate map CSV keyed by well), normalise per plate against control wells (``standardise``: mean / std;
   ``robust``: median / MAD x 1.4826, the robust z-score), write parquet (pyarrow). Metadata columns are prefixed
-  ``Metadata_`` (pycytominer's and CytoTable's convention); features are ``scdino_0000``, ``scdino_0001``, ...
+  ``Metadata_`` (pycytominer's and CytoTable's convention), wells are written ``A01`` (CellProfiler's form, and that of
+  most plate maps: pycytominer's ``annotate`` matches wells exactly); features are ``Cells_scdino_0000``,
+  ``Cells_scdino_0001``, ...: the ``Cells_`` compartment prefix is how pycytominer's ``normalize``, ``feature_select``
+  and ``aggregate`` find features by default (the embedding describes the whole crop around a cell).
 * :func:`export_cells`: every cell, metadata and embedding, streamed into parquet row groups.
 * :func:`replicate_consistency`: for a treatment column, the share of treatments whose replicate wells are more alike
   than random groups of wells of the same size (the 95th percentile of that null).
@@ -40,8 +43,12 @@ AGGREGATES = ("median", "mean")
 NORMALISATIONS = ("none", "standardise", "robust")
 
 
+#: feature columns: a CellProfiler compartment (pycytominer infers features by ``Cells_``, ``Cytoplasm_``, ``Nuclei_``)
+FEATURE_PREFIX = "Cells_scdino_"
+
+
 def feature_names(dim: int) -> list[str]:
-    return [f"scdino_{i:04d}" for i in range(dim)]
+    return [f"{FEATURE_PREFIX}{i:04d}" for i in range(dim)]
 
 
 def canonical_well(well: str) -> str:
@@ -50,6 +57,13 @@ def canonical_well(well: str) -> str:
     if not m:
         raise ConfigError(f"well {well!r}: expected a row letter and a column number, e.g. B03 or B/3")
     return f"{m.group(1).upper()}/{int(m.group(2))}"
+
+
+def well_id(well: str) -> str:
+    """``A/1``, ``A/01``, ``A1``, ``a01`` -> ``A01``: ``Metadata_Well`` of profiles and exported cells. CellProfiler
+    names wells so, and so do most plate maps; pycytominer's ``annotate`` joins on the exact string."""
+    row, col = canonical_well(well).split("/")
+    return f"{row}{int(col):02d}"
 
 
 # ---------------------------------------------------------------------------------------------- reading the store
@@ -137,7 +151,7 @@ def aggregate(path: str, by: str = "well", agg: str = "median", block: int = BLO
     keys = group_keys(obs, by)
     codes = obs.groupby(keys, sort=False, observed=True).ngroup().to_numpy()
     meta = obs[keys].iloc[np.unique(codes, return_index=True)[1]].astype(str).reset_index(drop=True)
-    meta["well"] = meta["well"].map(canonical_well)  # B/03 and B/3 are one well, whichever form the plate uses
+    meta["well"] = meta["well"].map(well_id)  # B/03 and B/3 are one well B03, whichever form the plate uses
     n_groups = len(meta)
     dim = int(_store(path)["obsm"][KEY].shape[1])
     counts = np.bincount(codes, minlength=n_groups)
@@ -183,17 +197,22 @@ def aggregate(path: str, by: str = "well", agg: str = "median", block: int = BLO
 
 
 def join_plate_map(profiles: pd.DataFrame, csv: str) -> pd.DataFrame:
-    """Per-well metadata from a CSV with a ``well`` (or ``Metadata_Well``) column, and optionally ``plate``."""
+    """Per-well metadata from a CSV with a ``well`` or ``well_position`` (pycytominer's name; either may have the
+    ``Metadata_`` prefix) column, written ``A01``, ``A1`` or ``A/1``, and optionally ``plate``."""
     try:
         pm = pd.read_csv(csv, dtype=str)
     except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise InputError(f"{csv}: cannot be read as a CSV plate map ({exc})") from exc
     lower = {c.lower().removeprefix("metadata_"): c for c in pm.columns}
-    if "well" not in lower:
-        raise InputError(f"{csv}: no 'well' column (columns: {', '.join(pm.columns)}); the plate map is keyed by well")
+    wkey = next((k for k in ("well", "well_position") if k in lower), None)
+    if wkey is None:
+        raise InputError(
+            f"{csv}: no 'well' column (nor 'well_position'; columns: {', '.join(pm.columns)}); the plate map is keyed "
+            "by well"
+        )
     pm = pm.rename(columns={c: f"{META}{c.removeprefix(META)}" for c in pm.columns})
-    wcol, pcol = f"{META}{lower['well'].removeprefix(META)}", lower.get("plate")
-    pm[f"{META}Well"] = pm.pop(wcol).map(canonical_well)
+    wcol, pcol = f"{META}{lower[wkey].removeprefix(META)}", lower.get("plate")
+    pm[f"{META}Well"] = pm.pop(wcol).map(well_id)  # A01, A1 and A/1 all match
     on = [f"{META}Well"]
     if pcol is not None:
         pm[f"{META}Plate"] = pm.pop(f"{META}{pcol.removeprefix(META)}")
@@ -216,7 +235,7 @@ def control_mask(profiles: pd.DataFrame, controls: Sequence[str] | None, control
     if controls and control_key:
         raise ConfigError("pass either --controls or --control-key, not both")
     if controls:
-        want = {canonical_well(w) for w in controls}
+        want = {well_id(w) for w in controls}
         mask = profiles[f"{META}Well"].isin(want).to_numpy()
         missing = want - set(profiles[f"{META}Well"])
         if missing:
@@ -290,7 +309,7 @@ def _ours(path: Path) -> bool:
     try:
         if str(path).endswith(".csv"):
             header = path.read_text().split("\n", 1)[0].split(",")
-            return header[0].startswith(META) and "scdino_0000" in header
+            return header[0].startswith(META) and any(h.endswith("scdino_0000") for h in header)
         import pyarrow.parquet as pq
 
         return b"scdino" in (pq.read_schema(path).metadata or {})
@@ -330,6 +349,9 @@ def export_cells(cells: str, out: str, block: int = BLOCK) -> int:
     a = 0
     with Progress(int(shape[0]), "export-cells", "cell") as bar:
         for obs, x in zip(metadata_blocks(cells, block), embedding_blocks(cells, block=block)):
+            if "well" in obs:  # the plate's path form (A/1) as profiles write it (A01)
+                w = obs["well"].astype(str)
+                obs["well"] = pd.Categorical(w.map({v: well_id(v) for v in w.unique()}))
             meta = obs.rename(columns={c: f"{META}{c[:1].upper()}{c[1:]}" for c in obs.columns})
             part = pd.concat([meta, pd.DataFrame(x, columns=names)], axis=1)
             table = pa.Table.from_pandas(part, preserve_index=False)

@@ -161,11 +161,14 @@ def plate_map_path(plate: str | os.PathLike) -> str:
 
 
 def write_sample_plate_map(path: str) -> None:
-    """The ``neocortex-wells`` sample's plate map (well, treatment); replaced only if scdino wrote it."""
+    """The ``neocortex-wells`` sample's plate map (``well_position``, ``treatment``; wells written ``A01``: the names
+    pycytominer's ``annotate`` joins on by default); replaced only if scdino wrote it."""
     from scdino.outputs import claim_file
 
-    claim_file(path, option="OUT", ours=lambda p: p.read_text().startswith("well,treatment\n"))
-    lines = ["well,treatment"] + [
+    claim_file(
+        path, option="OUT", ours=lambda p: p.read_text().startswith(("well_position,treatment\n", "well,treatment\n"))
+    )
+    lines = ["well_position,treatment"] + [
         f"{w.replace('/', '0') if len(w) == 3 else w.replace('/', '')},{t}" for w, t in SAMPLE_PLATE_MAP.items()
     ]
     Path(path).write_text("\n".join(lines) + "\n")

@@ -196,6 +196,61 @@ def _trace(wrapper: nn.Module, path, c: int, crop_size: int, names: list[str], d
         _prepend_cast(str(path), dtype)
 
 
+#: how the engine cuts a cell's crop from a field (scdino.cells.table.field_cells and read_crops), for a user who
+#: feeds the graph crops of their own
+CROP_RULE = {
+    "window": "crop_size x crop_size pixels of the field, all channels, in the order of 'channels'",
+    "centre": (
+        "the window's top-left pixel is (round(cy) - crop_size // 2, round(cx) - crop_size // 2), (cy, cx) being the "
+        "nucleus' intensity-weighted centroid on the image it was segmented on (--segment-channel; the cell table's "
+        "centroid_y, centroid_x), or its geometric centroid when it has no signal there; round is numpy's (halves to "
+        "even)"
+    ),
+    "border": (
+        "pixels of the window outside the field are 0 (zero padding; the cell table flags such cells border=True), "
+        "or such cells are left out (--border skip)"
+    ),
+    "values": (
+        "raw pixel values in the input's dtype, not scaled: intensity scaling, the resize to input_size and the "
+        "channel mean/std are inside the graph"
+    ),
+    "size": "any height and width are accepted (resized bilinearly inside the graph); verified at crop_size",
+}
+
+
+def graph_io(lm: LoadedModel, channels, dtype: str, names: Sequence[str]) -> dict:
+    """The graph's input and outputs by name: dtype, shape (named dynamic axes) and meaning."""
+    cfg = lm.model.cfg
+    patches = (lm.prep.input_size // cfg.patch_size) ** 2
+    outputs = {
+        "cls": {
+            "dtype": "float32",
+            "shape": ["batch", cfg.embed_dim],
+            "meaning": "the CLS token after the final LayerNorm: the cell's embedding",
+        },
+        "attention": {
+            "dtype": "float32",
+            "shape": ["batch", cfg.num_heads, patches],
+            "meaning": (
+                f"last block's attention of the CLS token to each patch, per head; the {patches} patches row by row "
+                f"({lm.prep.input_size // cfg.patch_size} x {lm.prep.input_size // cfg.patch_size})"
+            ),
+        },
+    }
+    return {
+        "inputs": [
+            {
+                "name": "crops",
+                "dtype": dtype,
+                "shape": ["batch", cfg.in_chans, "height", "width"],
+                "channels": list(channels) if channels else None,
+                "meaning": "raw crops, one per cell, cut by crop_rule",
+            }
+        ],
+        "outputs": [{"name": n, **outputs[n]} for n in names],
+    }
+
+
 def _sidecar(model, lm: LoadedModel, channels, crop_size, dtype, precision, attention, names) -> dict:
     """``model.json``: what the graph is, what it expects and where it came from."""
     cfg = lm.model.cfg
@@ -219,5 +274,7 @@ def _sidecar(model, lm: LoadedModel, channels, crop_size, dtype, precision, atte
         "adaptation": lm.info.get("adaptation"),
         "checkpoint_key": lm.info.get("checkpoint_key"),
         "outputs": names,
+        "graph": graph_io(lm, channels, dtype, names),
+        "crop_rule": CROP_RULE,
         "torch": torch.__version__,
     }

@@ -154,6 +154,7 @@ def test_int8_takes_the_most_accurate_form_when_none_keeps_the_bar(tmp_path, mon
     import onnxruntime as ort
 
     crops = fit_crops(packaged_crops(), 3, 48, "uint16")
+
     def embed(path):  # in batches of 16, as the check runs (dynamic int8 scales activations per batch)
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return np.concatenate([sess.run(["cls"], {"crops": crops[i : i + 16]})[0] for i in range(0, len(crops), 16)])
@@ -280,3 +281,30 @@ def test_quantize_says_what_its_check_measured(tmp_path):
     weights = read_sidecar(tmp_path / "q.onnx")["quantization"]["weights"]
     assert f"(int8 dynamic, {weights} weights)" in r.stdout
     assert "leave-one-out k-NN top-1 on those crops, each labelled by its brightest channel" in r.stdout
+
+
+def test_sidecar_names_the_graph_io_and_the_crop_rule(tmp_path, tiny_plate):
+    from scdino.cells.plate import FieldRef, Plate
+    from scdino.cells.table import field_cells, read_crops
+
+    out = tmp_path / "m.onnx"
+    export_onnx("random:vit_test16", out, n_channels=2, crop_size=40, input_size=64, attention=True)
+    side = read_sidecar(out)
+    g = onnx.load(out).graph
+    assert [i["name"] for i in side["graph"]["inputs"]] == [i.name for i in g.input] == ["crops"]
+    assert [o["name"] for o in side["graph"]["outputs"]] == [o.name for o in g.output] == ["cls", "attention"]
+    assert side["graph"]["inputs"][0]["dtype"] == "uint16" and g.input[0].type.tensor_type.elem_type == 4
+    crops = fit_crops(packaged_crops()[:3], 2, 40, "uint16")
+    for spec, got in zip(side["graph"]["outputs"], _ort(out).run(None, {"crops": crops})):
+        assert [3 if d == "batch" else d for d in spec["shape"]] == list(got.shape) and got.dtype == spec["dtype"]
+    assert set(side["crop_rule"]) == {"window", "centre", "border", "values", "size"}
+    # the rule as written, applied by hand, cuts the engine's crops (a cell at the field's edge included)
+    plate, ref, s = Plate(tiny_plate), FieldRef("A/1", "0"), 48
+    table = field_cells(plate, ref, CellOptions(labels="nuclei", crop_size=s))
+    field = plate.read(ref, [0, 1], slice(None), slice(None))
+    padded = np.pad(field, ((0, 0), (s, s), (s, s)))  # zeros outside the field
+    engine = read_crops(plate, table, [0, 1], s)
+    for i, row in table.iterrows():
+        y0, x0 = int(np.round(row["centroid_y"])) - s // 2, int(np.round(row["centroid_x"])) - s // 2
+        np.testing.assert_array_equal(engine[i], padded[:, s + y0 : s + y0 + s, s + x0 : s + x0 + s])
+    assert table["border"].any()

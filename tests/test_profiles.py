@@ -60,14 +60,15 @@ def expected(table, x, keys, fn):
 def test_well_profiles_are_the_exact_aggregates(tmp_path, agg, interleave):
     table, x = synthetic_store(tmp_path / "c.zarr", ["A/1", "A/2", "B/1"], interleave=interleave)
     p = aggregate(str(tmp_path / "c.zarr"), "well", agg, block=4)  # blocks cut across wells
-    want = expected(table, x, ["plate", "well"], np.median if agg == "median" else np.mean)
+    wells = table.assign(well=table["well"].str.replace("/", "0"))  # A/1 in the plate, A01 in profiles
+    want = expected(wells, x, ["plate", "well"], np.median if agg == "median" else np.mean)
     assert list(p.columns[:4]) == [
         "Metadata_Plate",
         "Metadata_Well",
         "Metadata_Count_Cells",
         "Metadata_Border_Fraction",
     ]
-    assert p.columns[4:].tolist() == ["scdino_0000", "scdino_0001", "scdino_0002", "scdino_0003"]
+    assert p.columns[4:].tolist() == [f"Cells_scdino_000{i}" for i in range(4)]
     for _, row in p.iterrows():
         np.testing.assert_allclose(row.iloc[4:].to_numpy(float), want[(row.iloc[0], row.iloc[1])], rtol=1e-6)
         assert row["Metadata_Count_Cells"] == 5 and row["Metadata_Border_Fraction"] == pytest.approx(0.2)
@@ -78,7 +79,8 @@ def test_well_profiles_are_the_exact_aggregates(tmp_path, agg, interleave):
 def test_normalisation_against_controls_per_plate(tmp_path):
     synthetic_store(tmp_path / "c.zarr", ["A/1", "A/2", "B/1", "B/2"], plates=("p1", "p2"))
     raw = aggregate(str(tmp_path / "c.zarr"))
-    feats = [c for c in raw if c.startswith("scdino_")]
+    feats = [c for c in raw if c.startswith("Cells_scdino_")]
+    assert len(feats) == 4
     for method in ("standardise", "robust"):
         out = profiles(
             str(tmp_path / "c.zarr"),
@@ -87,7 +89,7 @@ def test_normalisation_against_controls_per_plate(tmp_path):
         )
         for plate in ("p1", "p2"):
             r = raw[raw["Metadata_Plate"] == plate]
-            ref = r[r["Metadata_Well"].isin(["A/1", "A/2"])][feats].to_numpy(np.float64)
+            ref = r[r["Metadata_Well"].isin(["A01", "A02"])][feats].to_numpy(np.float64)
             if method == "standardise":
                 centre, scale = ref.mean(0), ref.std(0)
             else:
@@ -98,7 +100,7 @@ def test_normalisation_against_controls_per_plate(tmp_path):
     back = pd.read_parquet(tmp_path / "robust.parquet")  # what pandas, pycytominer and CytoTable read
     assert back.shape == out.shape and back["Metadata_Well"].dtype == object
     assert all(back[c].dtype == np.float32 for c in feats) and back["Metadata_Count_Cells"].dtype == np.int64
-    with pytest.raises(ConfigError, match="no cells in well\\(s\\) H/12"):
+    with pytest.raises(ConfigError, match="no cells in well\\(s\\) H12"):
         profiles(
             str(tmp_path / "c.zarr"), str(tmp_path / "x.parquet"), ProfileOptions(normalise="robust", controls=("H12",))
         )
@@ -114,8 +116,8 @@ def test_plate_map_joins_by_well_and_names_controls(tmp_path, caplog):
         ProfileOptions(metadata=str(pm), control_key="treatment=DMSO", normalise="standardise"),
     )
     assert out["Metadata_treatment"].tolist() == ["DMSO", "drug", "drug"]
-    assert out["Metadata_dose"].tolist() == ["0", "1", "2"] and "C/7" in caplog.text  # a well without cells: said
-    assert [c for c in out.columns if not c.startswith("Metadata_")] == [f"scdino_{i:04d}" for i in range(4)]
+    assert out["Metadata_dose"].tolist() == ["0", "1", "2"] and "C07" in caplog.text  # a well without cells: said
+    assert [c for c in out.columns if not c.startswith("Metadata_")] == [f"Cells_scdino_{i:04d}" for i in range(4)]
     dmso = out[out["Metadata_treatment"] == "DMSO"].filter(like="scdino_").to_numpy()
     np.testing.assert_allclose(dmso, 0, atol=1e-6)  # one control well: centred on itself, constant -> only centred
     bad = tmp_path / "bad.csv"
@@ -155,7 +157,7 @@ def test_single_cell_export_streams_row_groups(tmp_path):
     f = pq.ParquetFile(tmp_path / "cells.parquet")
     assert n == 21 and f.metadata.num_row_groups == 5  # one per block of 5 cells: never all in memory
     back = pd.read_parquet(tmp_path / "cells.parquet")
-    assert back["Metadata_Well"].astype(str).tolist() == table["well"].tolist()
+    assert back["Metadata_Well"].astype(str).tolist() == table["well"].str.replace("/", "0").tolist()  # A/1 -> A01
     np.testing.assert_array_equal(back.filter(like="scdino_").to_numpy(), x)
 
 
@@ -170,7 +172,7 @@ def test_plate_view_draws_the_plate_and_measures_distance_from_controls(tmp_path
     want = [1 - float(v @ x[0]) / float(np.linalg.norm(v) * np.linalg.norm(x[0])) for v in x]  # 1 - cosine, by hand
     got = [p["wells"][w]["distance_from_controls"] for w in prof["Metadata_Well"]]
     np.testing.assert_allclose(got, want, atol=1e-6)
-    assert p["wells"]["A/1"]["distance_from_controls"] == pytest.approx(0, abs=1e-6) and p["cells"] == 20
+    assert p["wells"]["A01"]["distance_from_controls"] == pytest.approx(0, abs=1e-6) and p["cells"] == 20
     from scdino.engine.plots import is_scdino_png, plate_format
 
     assert plate_format(["A/1", "H/12"]) == (8, 12) and plate_format(["P/24"]) == (16, 24)
@@ -198,7 +200,7 @@ def test_wells_are_one_whichever_form_the_plate_uses(tmp_path):
         str(tmp_path / "p.parquet"),
         ProfileOptions(controls=("B03",), normalise="standardise"),
     )
-    assert out["Metadata_Well"].tolist() == ["A/1", "B/3"]
+    assert out["Metadata_Well"].tolist() == ["A01", "B03"]
     np.testing.assert_allclose(out.iloc[1].filter(like="scdino_").to_numpy(float), 0, atol=1e-6)
 
 
