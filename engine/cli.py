@@ -523,8 +523,9 @@ def profile_options(f):
 def profiles_cmd(cells, out, by, agg, controls, control_key, metadata, normalise) -> None:
     """Per-well (or per-field) profiles of an embeddings store, for pycytominer, CytoTable or pandas.
 
-    Metadata columns are Metadata_Plate, Metadata_Well (, Metadata_Field), Metadata_Count_Cells,
-    Metadata_Border_Fraction and the plate map's columns; features are scdino_0000, scdino_0001, ...
+    Metadata columns are Metadata_Plate, Metadata_Well (written A01, as CellProfiler does; Metadata_Field),
+    Metadata_Count_Cells, Metadata_Border_Fraction and the plate map's columns; features are Cells_scdino_0000,
+    Cells_scdino_0001, ... (the Cells_ prefix by which pycytominer finds features with its defaults).
     """
     from scdino.engine.profiles import profiles
 
