@@ -512,8 +512,43 @@ def guard_cases() -> list[Case]:
     ]
 
 
+def _damage_metadata(level: str) -> Callable[[Path], None]:
+    """Setup: the ``zarr.json`` of ``plate.zarr/<level>`` cut short (a copy that stopped while writing it)."""
+
+    def damage(ws: Path) -> None:
+        (ws / "plate.zarr" / level / "zarr.json").write_text('{"zarr_format": 3, "node')
+
+    return damage
+
+
+#: damaged metadata below the plate: (level, what it is)
+METADATA_LEVELS = [
+    ("B/2", "well"),
+    ("B/2/0", "field"),
+    ("B/2/0/s0", "image array"),
+    ("B/2/0/labels/nuclei", "label image"),
+    ("B/2/0/labels/nuclei/s0", "label array"),
+]
+
+
+def io_cases() -> list[Case]:
+    """Damaged files on disk, locations that cannot be written and disks that fill up: one line, nothing half-written."""
+    return [
+        Case(
+            f"damaged zarr.json of a {what}",
+            "engine",
+            [*RUN, "--labels", "nuclei", "--out", "{ws}/o_meta.zarr"],
+            (f"plate.zarr/{level}", "zarr metadata cannot be read", "copy or convert it again"),
+            ALL,
+            _damage_metadata(level),
+            before_work=level.count("/") < 3,  # a label image is read by the task that finds the field's cells
+        )
+        for level, what in METADATA_LEVELS
+    ]
+
+
 def cases() -> list[Case]:
-    return writer_cases() + input_cases() + number_cases() + guard_cases()
+    return writer_cases() + input_cases() + number_cases() + guard_cases() + io_cases()
 
 
 def run_case(case: Case, ws: Path) -> Outcome:

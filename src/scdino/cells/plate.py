@@ -58,6 +58,20 @@ def _open_group(path: str | os.PathLike, what: str) -> zarr.Group:
         ) from exc
 
 
+def child(group: zarr.Group, key: str, where: str) -> Any:
+    """``group[key]``: a KeyError where it is missing on disk, one clear error where its metadata (``zarr.json``, or
+    ``.zgroup`` / ``.zarray`` / ``.zattrs``) cannot be read."""
+    try:
+        return group[key]
+    except KeyError:
+        raise
+    except Exception as exc:  # zarr raises JSONDecodeError, ValueError, TypeError... for damaged metadata
+        raise InputError(
+            f"{where}: its zarr metadata cannot be read ({type(exc).__name__}: {str(exc)[:200]}); the plate is damaged "
+            "or incomplete: copy or convert it again, or select other wells with --wells"
+        ) from exc
+
+
 _UNIT_TO_UM = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3, "meter": 1e6, "angstrom": 1e-4}
 
 
@@ -71,7 +85,7 @@ def read_multiscale(group: zarr.Group, where: str) -> Multiscale:
     axes = tuple((a["name"] if isinstance(a, dict) else a).lower() for a in ms0.get("axes", []))
     ds0 = ms0["datasets"][0]
     try:
-        arr = group[ds0["path"]]
+        arr = child(group, ds0["path"], f"{where}/{ds0['path']}")
     except KeyError as exc:
         raise InputError(f"{where}: multiscale level {ds0['path']!r} is missing") from exc
     if not axes:  # NGFF < 0.4 had no axes: (t, c, z, y, x)
@@ -131,7 +145,7 @@ class Plate:
         out: list[FieldRef] = []
         for w in names:
             try:
-                g = self._root[w]
+                g = child(self._root, w, f"{self.path}/{w}")
             except KeyError as exc:
                 raise InputError(f"{self.path}/{w}: listed in the plate metadata but missing on disk") from exc
             wmeta = _ome(dict(g.attrs)).get("well")
@@ -142,7 +156,7 @@ class Plate:
 
     def _field(self, ref: FieldRef) -> zarr.Group:
         try:
-            return self._root[ref.path]
+            return child(self._root, ref.path, f"{self.path}/{ref.path}")
         except KeyError as exc:
             raise InputError(
                 f"{self.path}/{ref.path}: field listed in the well metadata but missing on disk; the plate is "
@@ -185,7 +199,7 @@ class Plate:
 
     def label_names(self, ref: FieldRef) -> list[str]:
         try:
-            g = self._root[f"{ref.path}/labels"]
+            g = child(self._root, f"{ref.path}/labels", f"{self.path}/{ref.path}/labels")
         except KeyError:
             return []
         return [str(n) for n in _ome(dict(g.attrs)).get("labels", [])]
@@ -196,7 +210,7 @@ class Plate:
         if name not in have:
             raise InputError(missing_labels_message(f"{self.path}/{ref.path}", name, have))
         where = f"{self.path}/{ref.path}/labels/{name}"
-        ms = read_multiscale(self._root[f"{ref.path}/labels/{name}"], where)
+        ms = read_multiscale(child(self._root, f"{ref.path}/labels/{name}", where), where)
         arr = read_array(ms.array, where)
         return squeeze_2d(arr, ms.axes, where)
 
