@@ -527,8 +527,10 @@ def profiles_cmd(cells, out, by, agg, controls, control_key, metadata, normalise
     Metadata_Border_Fraction and the plate map's columns; features are scdino_0000, scdino_0001, ...
     """
     from scdino.engine.profiles import profiles
+    from scdino.outputs import removed_on_failure
 
-    df = profiles(cells, out, _profile_options(by, agg, normalise, controls, control_key, metadata))
+    with removed_on_failure(f"{out}.partial"):  # the file the table is written to first
+        df = profiles(cells, out, _profile_options(by, agg, normalise, controls, control_key, metadata))
     click.echo(f"wrote {out}: {len(df)} {by} profiles of {int(df['Metadata_Count_Cells'].sum())} cells")
 
 
@@ -538,8 +540,10 @@ def profiles_cmd(cells, out, by, agg, controls, control_key, metadata, normalise
 def export_cells_cmd(cells, out) -> None:
     """Every cell (Metadata_ columns + embedding) into parquet, streamed in row groups (flat memory)."""
     from scdino.engine.profiles import export_cells
+    from scdino.outputs import removed_on_failure
 
-    n = export_cells(cells, out)
+    with removed_on_failure(f"{out}.partial"):  # the file it streams into (a full disk must not leave it behind)
+        n = export_cells(cells, out)
     click.echo(f"wrote {out}: {n} cells")
 
 

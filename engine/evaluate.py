@@ -21,7 +21,7 @@ from scdino.bounds import check
 from scdino.cells.options import CellOptions
 from scdino.errors import ConfigError, InputError, OutputError
 from scdino.knn import TEMPERATURE, TRAIN_FRACTION, K
-from scdino.outputs import claim_dir
+from scdino.outputs import claimed_dir
 from scdino.preprocess import Preprocessing
 from scdino.progress import Progress
 
@@ -283,10 +283,10 @@ def evaluate(
     s = EvalSettings(**settings)
     s.validate()
     t0 = time.perf_counter()
-    outdir = claim_dir(out, "scdino-engine evaluate", inputs=[crops, run_dir, *models])
-    (outdir / "embeddings").mkdir(exist_ok=True)
-    grid = compute_grid(crops, models, channel_sets, outdir, s, run_dir, baseline_arch)
-    result = write_report(outdir, crops, grid, s)
-    result["seconds"] = round(time.perf_counter() - t0, 1)
-    (outdir / "results.json").write_text(json.dumps(result, indent=2))
+    with claimed_dir(out, "scdino-engine evaluate", inputs=[crops, run_dir, *models]) as outdir:
+        (outdir / "embeddings").mkdir(exist_ok=True)
+        grid = compute_grid(crops, models, channel_sets, outdir, s, run_dir, baseline_arch)
+        result = write_report(outdir, crops, grid, s)
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        (outdir / "results.json").write_text(json.dumps(result, indent=2))
     return result

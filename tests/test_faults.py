@@ -34,6 +34,7 @@ def test_fault_gives_one_clear_line_and_loses_nothing(case, workspace, tmp_path,
     assert len(o.errors) == 1, o.stderr
     for w in case.words:
         assert w in o.errors[0], (w, o.errors[0])
+    assert not o.left, o.left  # no partial file, no empty folder where the output was to go
     assert o.kept, (o.before, o.after)
     if case.before_work:
         assert not o.new, o.new  # nothing made: no output, no report folder, no lock left behind
