@@ -57,3 +57,23 @@ def test_another_tools_run_folder_is_not_taken_for_scdinos(tmp_path):
         '{"global_size": 224, "local_crops": 8, "out_dim": 65536, "teacher_temp": 0.04, "intensity_scaling": "crop"}'
     )
     assert written_by(other) == "scdino-train"  # a run folder of an older scdino (before the marker)
+
+
+def test_run_refuses_its_output_before_the_export_cache(workspace, tmp_path, monkeypatch):
+    """The output is checked before the export cache exports and times the model (tens of seconds on a ViT)."""
+    from scdino.engine import pipeline
+
+    def no_export(*a, **k):
+        raise AssertionError("the export cache was asked before the output was checked")
+
+    monkeypatch.setattr(pipeline, "choose", no_export)
+    ws = tmp_path / "ws"
+    shutil.copytree(workspace, ws)
+    case = fi.Case(
+        "run onto a user's folder",
+        "engine",
+        ["run", "{ws}/crops.zarr", "--model", "random:vit_test16", "--out", "{ws}/precious"],
+        ("precious", "not written by scdino"),
+    )
+    o = fi.run_case(case, ws)
+    assert o.code == 2 and len(o.errors) == 1 and "not an unfinished scdino run" in o.errors[0], o.stderr
