@@ -89,6 +89,20 @@ def fixed_range_of(model: str) -> tuple[Preprocessing, list[str]] | None:
     return (card.preprocessing, list(card.channels or [])) if card.preprocessing.scale_lo is not None else None
 
 
+def check_channel_sets(models: Sequence[str], sets: Sequence[tuple[str, ...]], available: Sequence[str]) -> None:
+    """Refuse, before any embedding, a channel set that a model trained on named channels (or on a fixed count) cannot
+    take; the advice names --channel-sets (evaluate has no --channels)."""
+    from scdino.models.card import check_channels, describe_model
+
+    for model in models:
+        try:
+            card = describe_model(model)
+        except ConfigError:  # an RGB or random model adapts to any channels
+            continue
+        for chans in sets:
+            check_channels(model, card.in_chans, card.channels, len(chans), chans, available, option="--channel-sets")
+
+
 def _checkpoints(run_dir: str) -> list[tuple[int, str]]:
     found = []
     for p in Path(run_dir).glob("checkpoint*.pth"):
@@ -154,6 +168,7 @@ def compute_grid(
     y = labels.to_numpy()
     sets = [tuple(s) for s in channel_sets] or [tuple(source.channel_names)]
     sources = {s: open_source(crops, CellOptions(channels=s)) for s in sets}  # unknown channels fail before any work
+    check_channel_sets([*models, *([_checkpoints(run_dir)[-1][1]] if run_dir else [])], sets, source.channel_names)
     untrained = f"random:{baseline_arch or 'vit_small16'}"
     columns, fixed = _columns(models, untrained, run_dir)
     grid = Grid(["+".join(s) for s in sets], columns, np.full((len(sets), len(columns)), np.nan))

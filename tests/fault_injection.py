@@ -866,6 +866,14 @@ def write_fault_cases() -> list[Case]:
             before_work=True,
         ),
         Case(
+            "evaluate with a channel set the model was not trained on",
+            "engine",
+            [*EVALUATE[:3], "default", "--channel-sets", "CTIP2,BRN2,ROR;BRN2,CTIP2,ROR", "--out", "{ws}/o_ev"],
+            ("the default model: trained on channels CTIP2, BRN2, ROR", "pass --channel-sets CTIP2,BRN2,ROR"),
+            ALL,
+            before_work=True,
+        ),
+        Case(
             "evaluate -> full disk",
             "engine",
             [*EVALUATE[:-1], "{ws}/full/ev"],

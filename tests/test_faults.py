@@ -77,3 +77,20 @@ def test_run_refuses_its_output_before_the_export_cache(workspace, tmp_path, mon
     )
     o = fi.run_case(case, ws)
     assert o.code == 2 and len(o.errors) == 1 and "not an unfinished scdino run" in o.errors[0], o.stderr
+
+
+def test_evaluate_refuses_a_channel_set_before_embedding(workspace, tmp_path, monkeypatch):
+    """A channel set the model cannot take is refused before the first grid cell is embedded, and the advice names
+    evaluate's own option (it has no --channels)."""
+    from scdino.engine import evaluate
+
+    def no_embedding(*a, **k):
+        raise AssertionError("a grid cell was embedded before the channel sets were checked")
+
+    monkeypatch.setattr(evaluate, "embed_with_run", no_embedding)
+    ws = tmp_path / "ws"
+    shutil.copytree(workspace, ws)
+    case = next(c for c in fi.cases() if c.name == "evaluate with a channel set the model was not trained on")
+    o = fi.run_case(case, ws)
+    assert o.code == 2 and len(o.errors) == 1, o.stderr
+    assert "--channel-sets" in o.errors[0] and "--channels " not in o.errors[0], o.errors[0]
