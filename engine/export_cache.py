@@ -308,7 +308,8 @@ def choose(
     precision: str = "fp32",
 ) -> Choice:
     """The backend a run uses: ``spec`` (PyTorch) or the cached, verified ONNX export, whichever measured faster;
-    with ``precision="int8"`` the cached export's verified int8 copy."""
+    with ``precision="int8"`` the cached export's verified int8 copy. The run logs the choice (once, with its
+    device)."""
     if precision not in ("fp32", "int8"):
         raise ConfigError(f"--precision {precision!r}: expected fp32 or int8")
     reason = eligible(spec, requested_backend, enabled, precision)
@@ -331,7 +332,7 @@ def choose(
             f"--precision int8: dynamic int8 copy of the cached export ({qr.get('weights', 'int8')} weights), "
             f"verified against fp32 (min cosine {qr.get('min_cosine_to_fp32', float('nan')):.5f} on its check crops)"
         )
-        log.info("path: onnxruntime int8 (%s)", why)
+        log.debug("path: onnxruntime int8 (%s)", why)
         return Choice(
             replace(spec, card=card, kind="onnxruntime"), "onnxruntime int8 (cached export)", why, {"export": q}
         )
@@ -345,13 +346,13 @@ def choose(
             f"PyTorch measured faster here ({rec['torch_seconds_per_batch']:.3f} s vs "
             f"{rec['onnxruntime_seconds_per_batch']:.3f} s per batch of {rec['batch']})"
         )
-        log.info("path: torch (%s)", why)
+        log.debug("path: torch (%s)", why)
         return Choice(spec, "torch", why, details)
     why = (
         f"ONNX Runtime measured faster here ({rec['onnxruntime_seconds_per_batch']:.3f} s vs "
         f"{rec['torch_seconds_per_batch']:.3f} s per batch of {rec['batch']}); export verified against PyTorch"
     )
-    log.info("path: onnxruntime from the cached export (%s)", why)
+    log.debug("path: onnxruntime from the cached export (%s)", why)
     return Choice(ort_spec, "onnxruntime (cached export)", why, details)
 
 

@@ -326,6 +326,7 @@ def _run(cfg: RunConfig) -> RunResult:
         cfg.precision,
     )
     spec = path.spec
+    log.info("path: %s on %s (%s)", path.path, spec.device, path.why)
     if not (spec.kind == "torch" and spec.device == "cpu" and local_workers(cfg, "cpu") == 1 and not cfg.scheduler):
         forget_checkpoints()  # no model is built from it in this process (an in-process PyTorch worker reuses it)
     phases: dict[str, float] = {"model_seconds": time.perf_counter() - t0}  # card, export cache, path

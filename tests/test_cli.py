@@ -372,3 +372,18 @@ def test_a_second_run_on_a_locked_output_is_refused_and_a_stale_lock_taken_over(
     p = cli(*run, "--input-size", "32", "--out", out, check=True)
     assert "taking over the stale lock" in p.stderr and f"pid {holder.pid}" in p.stderr, p.stderr
     assert store_status(str(out))["status"] == "complete" and not Path(f"{out}.lock").exists()
+
+
+def test_the_log_names_the_path_a_run_takes_once(plate2, tmp_path, monkeypatch):
+    """One line says how the cells are embedded: the path the export cache finally chose, with its device (never an
+    earlier guess that it then changes)."""
+    from conftest import dino_full_checkpoint
+
+    monkeypatch.setenv("SCDINO_CACHE_DIR", str(tmp_path / "cache"))
+    dino_full_checkpoint(tmp_path / "ck.pth", arch="vit_test16", in_chans=2)
+    args = ["--labels", "nuclei", "--input-size", "32", "--crop-size", "16", "--no-progress"]
+    for model, out in [("random:vit_test8", "r.zarr"), (tmp_path / "ck.pth", "c.zarr")]:
+        p = cli("-v", "run", plate2, "--model", model, *args, "--out", tmp_path / out, check=True)
+        said = [ln for ln in p.stderr.splitlines() if "backend auto" in ln or " path: " in ln]
+        assert len(said) == 1 and said[0].startswith("INFO scdino.engine.pipeline: path: "), p.stderr
+        assert said[0].split(" (")[0].endswith(" on cpu") or ") on cpu (" in said[0], said
