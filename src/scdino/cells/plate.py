@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Sequence
@@ -70,6 +71,23 @@ def child(group: zarr.Group, key: str, where: str) -> Any:
             f"{where}: its zarr metadata cannot be read ({type(exc).__name__}: {str(exc)[:200]}); the plate is damaged "
             "or incomplete: copy or convert it again, or select other wells with --wells"
         ) from exc
+
+
+def canonical_well(well: str) -> str:
+    """``A/1``, ``A/01``, ``A01``, ``a1`` -> ``A/1`` (row letters, column number): one well whichever form a plate or a
+    plate map writes it in."""
+    m = re.fullmatch(r"\s*([A-Za-z]+)\s*/?\s*0*(\d+)\s*", str(well))
+    if not m:
+        raise ConfigError(f"well {well!r}: expected a row letter and a column number, e.g. B03 or B/3")
+    return f"{m.group(1).upper()}/{int(m.group(2))}"
+
+
+def _well_key(well: str) -> str:
+    """The plate's well path in canonical form where it has one (a well named otherwise is matched as it is)."""
+    try:
+        return canonical_well(well)
+    except ConfigError:
+        return well
 
 
 _UNIT_TO_UM = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3, "meter": 1e6, "angstrom": 1e-4}
@@ -136,12 +154,15 @@ class Plate:
     def fields(self, wells: Sequence[str] | None = None) -> list[FieldRef]:
         """All fields of the selected wells (all wells by default), in plate order."""
         names = self.wells
-        if wells:
+        if wells:  # A/1, A1 and A01 name one well, as plate maps write it
+            keys = {_well_key(n): n for n in reversed(names)}
             want = [w.strip().strip("/") for w in wells]
-            unknown = [w for w in want if w not in names]
+            found = {w: w if w in names else keys.get(_well_key(w)) for w in want}
+            unknown = [w for w, n in found.items() if n is None]
             if unknown:
                 raise ConfigError(f"{self.path}: no well {', '.join(unknown)}; wells are {', '.join(names[:12])}...")
-            names = [w for w in names if w in want]
+            chosen = set(found.values())
+            names = [w for w in names if w in chosen]
         out: list[FieldRef] = []
         for w in names:
             try:
