@@ -262,6 +262,11 @@ def cache_cmd(clear) -> None:
     click.echo(f"{export_cache.cache_root() / 'onnx'}: {len(found)} cached export(s)")
     for e in found:
         click.echo(f"  {e['entry']}  {e['bytes'] / 1e6:.1f} MB  {e['model']}  (made {e['made']})")
+    left = export_cache.partial()
+    if left:
+        click.echo(
+            f"  and {len(left)} export(s) left partial by a run that stopped; 'scdino-engine cache --clear' removes them"
+        )
 
 
 @main.command("sample-plate")

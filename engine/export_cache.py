@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scdino._optional import pip_extra
 from scdino.cpu import has_vnni
 from scdino.engine.backends.base import BackendSpec
 from scdino.errors import ConfigError, ScdinoError
@@ -128,7 +129,7 @@ def eligible(spec: BackendSpec, requested_backend: str, enabled: bool, precision
     if spec.card.untrained or not spec.card.checkpoint_sha256:
         return "untrained models (random:ARCH) are not exported"
     if not _have_ort():
-        return "ONNX Runtime is not installed (pip install 'scdino[onnx]' for the faster CPU path)"
+        return f"ONNX Runtime is not installed ({pip_extra('onnx')} for the faster CPU path)"
     return None
 
 
@@ -150,7 +151,7 @@ def _int8_blocker(spec: BackendSpec, requested_backend: str) -> str | None:
         return "is for CPUs (on a GPU build an int8 TensorRT plan: scdino-export tensorrt --int8)"
     if spec.card.untrained or not spec.card.checkpoint_sha256:
         return "needs a trained checkpoint (random:ARCH models are not exported)"
-    return None if _have_ort() else "needs ONNX Runtime: pip install 'scdino[onnx]'"
+    return None if _have_ort() else f"needs ONNX Runtime: {pip_extra('onnx')}"
 
 
 def _int8(entry: Path) -> Path:
@@ -357,11 +358,14 @@ def choose(
 
 
 def entries() -> list[dict]:
-    """The cache's entries: folder, model, size in bytes."""
+    """The cache's entries: folder, model, size in bytes, when it was made (exports left partial by a run that stopped
+    are not entries: :func:`partial` lists them)."""
     root = cache_root() / "onnx"
     out = []
     for e in sorted(root.glob("*")) if root.is_dir() else []:
-        if not e.is_dir():
+        if not e.is_dir() or e.name.startswith(
+            ".partial-"
+        ):  # an export that stopped: not an entry (--clear removes it)
             continue
         meta = {}
         if (e / "entry.json").is_file():
@@ -369,6 +373,12 @@ def entries() -> list[dict]:
         size = sum(p.stat().st_size for p in e.rglob("*") if p.is_file())
         out.append({"entry": str(e), "model": meta.get("model"), "bytes": size, "made": meta.get("made")})
     return out
+
+
+def partial() -> list[Path]:
+    """Exports left partial by a run that stopped while exporting (removed by :func:`clear`)."""
+    root = cache_root() / "onnx"
+    return sorted(e for e in root.glob(".partial-*") if e.is_dir()) if root.is_dir() else []
 
 
 def clear() -> int:

@@ -718,6 +718,22 @@ EXPORT = ["onnx", "{ws}/ck.pth", "--n-channels", "3", "--crop-size", "32"]
 NO_SPACE = ("no space left on the device", "free space there or choose another output location")
 
 
+@contextmanager
+def offline(ws: Path) -> Iterator[None]:
+    """No network: a hub model's download fails (into an empty hub cache in the workspace)."""
+    import urllib.error
+
+    def no_network(url, dst, *a, **k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    (ws / "hub").mkdir(exist_ok=True)
+    with (
+        mock.patch("torch.hub.download_url_to_file", no_network),
+        mock.patch("torch.hub.get_dir", lambda: str(ws / "hub")),
+    ):
+        yield
+
+
 def write_fault_cases() -> list[Case]:
     """A read-only location or a full disk under each writer: one line, and no partial file or empty folder left."""
     ro, full = read_only("ro"), full_disk("full")
@@ -872,6 +888,14 @@ def write_fault_cases() -> list[Case]:
             ("the default model: trained on channels CTIP2, BRN2, ROR", "pass --channel-sets CTIP2,BRN2,ROR"),
             ALL,
             before_work=True,
+        ),
+        Case(
+            "export onnx of a hub model, offline",
+            "export",
+            ["onnx", "dino_vits16", "--n-channels", "3", "--out", "{ws}/h.onnx"],
+            ("dino_vits16: the download", "failed", "pass its path instead of dino_vits16"),
+            ALL,
+            during=offline,
         ),
         Case(
             "evaluate -> full disk",

@@ -387,3 +387,29 @@ def test_the_log_names_the_path_a_run_takes_once(plate2, tmp_path, monkeypatch):
         said = [ln for ln in p.stderr.splitlines() if "backend auto" in ln or " path: " in ln]
         assert len(said) == 1 and said[0].startswith("INFO scdino.engine.pipeline: path: "), p.stderr
         assert said[0].split(" (")[0].endswith(" on cpu") or ") on cpu (" in said[0], said
+
+
+def test_the_cache_listing_names_partial_exports_as_such(tmp_path, monkeypatch):
+    """An export a run left partial (it stopped while exporting) is not listed as an entry 'None (made None)'."""
+    monkeypatch.setenv("SCDINO_CACHE_DIR", str(tmp_path / "cache"))
+    left = tmp_path / "cache" / "onnx" / ".partial-20b1a86e4e45a98991881888-4242"
+    left.mkdir(parents=True)
+    (left / "model.onnx").write_bytes(b"\x08" * 1000)
+    p = cli("cache", check=True)
+    assert "None" not in p.stdout, p.stdout
+    assert "0 cached export(s)" in p.stdout and "1 export(s) left partial by a run that stopped" in p.stdout
+    assert "--clear" in p.stdout
+
+
+def test_a_missing_extra_is_named_for_a_wheel_and_for_a_source_checkout(monkeypatch):
+    """A source checkout is told the editable form (the index's scdino is not the one it runs)."""
+    from scdino import _optional
+
+    monkeypatch.setitem(_optional.EXTRAS, "no_such_module_for_scdino", ("trt", "the test"))
+    root = _optional.source_checkout()
+    assert root == ROOT  # the tests run from this checkout
+    with pytest.raises(_optional.MissingDependencyError, match=r"run: pip install -e '\.\[trt\]' in "):
+        _optional.require("no_such_module_for_scdino")
+    monkeypatch.setattr(_optional, "source_checkout", lambda: None)  # a wheel
+    with pytest.raises(_optional.MissingDependencyError, match=r"run: pip install 'scdino\[trt\]'$"):
+        _optional.require("no_such_module_for_scdino")
