@@ -36,6 +36,7 @@ from scdino.export.onnx_export import OPSET, export_onnx
 from scdino.export.quantize import quantize
 from scdino.export.verify import fit_crops
 from scdino.models.sidecar import read_sidecar
+from scdino.progress import heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +273,7 @@ def _measure(entry: Path, torch_spec: BackendSpec, ort_spec: BackendSpec, batch:
     f = _choice_file(entry, torch_spec)
     if f.is_file():
         return json.loads(f.read_text())
-    with _torch_threads_kept():
+    with _torch_threads_kept(), heartbeat("timing PyTorch and ONNX Runtime once on this machine"):
         ort_s = _timing(ort_spec, batch)
         torch_s = _timing(torch_spec, batch)
     rec = {

@@ -86,20 +86,19 @@ def _write(tifffile, folder: Path, out: str, files, classes, first, names, chann
     mark(out, COMMAND)
     arr = root.create_array("crops", shape=(len(files), c, s, s), chunks=(chunk, c, s, s), dtype=first.dtype)
     buf = np.zeros((min(chunk, len(files)), c, s, s), first.dtype)
-    bar = Progress(len(files), "ingest", "crop", progress)
-    for a in range(0, len(files), chunk):
-        part = files[a : a + chunk]
-        for i, (_, p) in enumerate(part):
-            img = _read(tifffile, p, channels_last)
-            if img.shape != (c, s, s) or img.dtype != first.dtype:
-                raise InputError(
-                    f"{p}: crop {img.shape} {img.dtype}; the first crop ({files[0][1].name}) is "
-                    f"{(c, s, s)} {first.dtype}: every crop of a store must have the same shape"
-                )
-            buf[i] = img
-        arr[a : a + len(part)] = buf[: len(part)]
-        bar.update(len(part))
-    bar.close()
+    with Progress(len(files), "ingest", "crop", progress) as bar:
+        for a in range(0, len(files), chunk):
+            part = files[a : a + chunk]
+            for i, (_, p) in enumerate(part):
+                img = _read(tifffile, p, channels_last)
+                if img.shape != (c, s, s) or img.dtype != first.dtype:
+                    raise InputError(
+                        f"{p}: crop {img.shape} {img.dtype}; the first crop ({files[0][1].name}) is "
+                        f"{(c, s, s)} {first.dtype}: every crop of a store must have the same shape"
+                    )
+                buf[i] = img
+            arr[a : a + len(part)] = buf[: len(part)]
+            bar.update(len(part))
     obs = pd.DataFrame(
         {
             "class": pd.Categorical([k for k, _ in files], categories=classes),

@@ -413,3 +413,27 @@ def test_a_missing_extra_is_named_for_a_wheel_and_for_a_source_checkout(monkeypa
     monkeypatch.setattr(_optional, "source_checkout", lambda: None)  # a wheel
     with pytest.raises(_optional.MissingDependencyError, match=r"run: pip install 'scdino\[trt\]'$"):
         _optional.require("no_such_module_for_scdino")
+
+
+def test_progress_lines_come_on_time_while_a_long_block_embeds(plate2, tmp_path, monkeypatch):
+    """Off a terminal a line comes at least every SCDINO_PROGRESS_SECONDS, also while one block takes longer than
+    that (a ViT-B block of 256 cells takes minutes on a CPU), from the start of the phase."""
+    import time
+
+    from scdino.engine import pipeline
+
+    real = pipeline._embed_block
+
+    def slow_block(crops, spec):
+        time.sleep(2.0)
+        return real(crops, spec)
+
+    monkeypatch.setattr(pipeline, "_embed_block", slow_block)
+    monkeypatch.setenv("SCDINO_PROGRESS_SECONDS", "0.5")
+    args = ["--labels", "nuclei", "--input-size", "32", "--crop-size", "16"]
+    p = cli("run", plate2, "--model", "random:vit_test8", *args, "--out", tmp_path / "o.zarr", check=True)
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("INFO scdino.progress: embedding: ")]
+    assert "to do" in lines[0], lines  # said when the phase starts
+    waiting = [ln for ln in lines if " 0/" in ln and "so far" in ln]
+    assert len(waiting) >= 2, lines  # during the one block, about every 0.5 s
+    assert " in " in lines[-1], lines
