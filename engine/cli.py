@@ -93,7 +93,7 @@ def _split(value: str | None) -> tuple[str, ...] | None:
     show_default=True,
     help="Cells whose crop leaves the field: zero-pad and flag them, or skip them.",
 )
-@click.option("--wells", help="Only these wells, e.g. A/1,B/03. Default: all.")
+@click.option("--wells", help="Only these wells, e.g. A/1,B/03 (A1 and A01 name A/1 too). Default: all.")
 @click.option(
     "--input-size",
     type=int,

@@ -4,6 +4,8 @@ nothing deleted and nothing marked complete.
 
     python tests/fault_injection.py            # prints the table (input, exit code, message, files before/after)
 
+docs/faults.md holds its output (WS stands for the workspace the cases run in).
+
 ``tests/test_faults.py`` runs the same cases and asserts them.
 """
 
@@ -954,8 +956,9 @@ def main() -> None:
         o = run_case(case, ws)
         kept = o.kept and not (case.before_work and o.new)
         ok = o.code == 2 and len(o.errors) == 1 and all(w in o.errors[0] for w in case.words) and kept
-        msg = o.errors[0].removeprefix("error: ") if o.errors else o.stderr.strip().splitlines()[-1:]
-        files = "unchanged" if kept else f"CHANGED {o.before} -> {o.after}, new {o.new}"
+        msg = o.errors[0].removeprefix("error: ") if o.errors else " ".join(o.stderr.strip().splitlines()[-1:])
+        msg = msg.replace(str(ws), "WS").replace("|", "\\|")  # the workspace as WS; a table cell
+        files = "unchanged" if kept else f"CHANGED {o.before} -> {o.after}, new {o.new}, left {o.left}"
         rows.append((case.name, o.code, msg, files, "ok" if ok else "FAIL"))
         shutil.rmtree(ws)
     print("| input | exit | message | files before/after | check |")
