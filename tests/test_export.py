@@ -154,6 +154,7 @@ def test_int8_takes_the_most_accurate_form_when_none_keeps_the_bar(tmp_path, mon
     import onnxruntime as ort
 
     crops = fit_crops(packaged_crops(), 3, 48, "uint16")
+
     def embed(path):  # in batches of 16, as the check runs (dynamic int8 scales activations per batch)
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return np.concatenate([sess.run(["cls"], {"crops": crops[i : i + 16]})[0] for i in range(0, len(crops), 16)])
