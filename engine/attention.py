@@ -11,7 +11,7 @@ import zarr
 
 from scdino.bounds import check
 from scdino.errors import ConfigError, InputError
-from scdino.outputs import claim_dir
+from scdino.outputs import claimed_dir
 
 log = logging.getLogger(__name__)
 
@@ -97,20 +97,20 @@ def attention_command(
     from scdino.preprocess import apply
 
     check(per_class=per_class, input_size=input_size, seed=seed)
-    claim_dir(out, "scdino-engine attention", inputs=[source, model])
-    table, reader, names = _cells_and_crops(source, channels)
-    label_key = label_key or ("class" if "class" in table and not cells else None)
-    rows = select_cells(table, cells, per_class, label_key, seed)
-    crops = reader(rows.reset_index(drop=True))
-    lm = load_model(model, len(names), input_size, checkpoint_key)
-    with torch.inference_mode():
-        _, att = lm.model.forward_with_attention(apply(torch.from_numpy(crops.astype(np.float32)), lm.prep))
-    g = lm.prep.input_size // lm.model.cfg.patch_size
-    maps = att.reshape(len(crops), att.shape[1], g, g)
-    maps = F.interpolate(maps, size=crops.shape[-2:], mode="nearest").numpy()
-    ids = (rows["path"] if "path" in rows else rows["cell"]).astype(str).tolist()
-    titles = [row_title(r, label_key) for _, r in rows.iterrows()]
-    png = str(Path(out) / "attention.png")
-    attention_png(crops, maps, titles, names, png)
-    np.savez_compressed(Path(out) / "attention.npz", attention=maps, crops=crops, ids=np.array(ids))
-    return {"png": png, "cells": len(crops), "heads": int(att.shape[1]), "untrained": lm.info["untrained"]}
+    with claimed_dir(out, "scdino-engine attention", inputs=[source, model]):
+        table, reader, names = _cells_and_crops(source, channels)
+        label_key = label_key or ("class" if "class" in table and not cells else None)
+        rows = select_cells(table, cells, per_class, label_key, seed)
+        crops = reader(rows.reset_index(drop=True))
+        lm = load_model(model, len(names), input_size, checkpoint_key)
+        with torch.inference_mode():
+            _, att = lm.model.forward_with_attention(apply(torch.from_numpy(crops.astype(np.float32)), lm.prep))
+        g = lm.prep.input_size // lm.model.cfg.patch_size
+        maps = att.reshape(len(crops), att.shape[1], g, g)
+        maps = F.interpolate(maps, size=crops.shape[-2:], mode="nearest").numpy()
+        ids = (rows["path"] if "path" in rows else rows["cell"]).astype(str).tolist()
+        titles = [row_title(r, label_key) for _, r in rows.iterrows()]
+        png = str(Path(out) / "attention.png")
+        attention_png(crops, maps, titles, names, png)
+        np.savez_compressed(Path(out) / "attention.npz", attention=maps, crops=crops, ids=np.array(ids))
+        return {"png": png, "cells": len(crops), "heads": int(att.shape[1]), "untrained": lm.info["untrained"]}

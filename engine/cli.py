@@ -93,7 +93,7 @@ def _split(value: str | None) -> tuple[str, ...] | None:
     show_default=True,
     help="Cells whose crop leaves the field: zero-pad and flag them, or skip them.",
 )
-@click.option("--wells", help="Only these wells, e.g. A/1,B/03. Default: all.")
+@click.option("--wells", help="Only these wells, e.g. A/1,B/03 (A1 and A01 name A/1 too). Default: all.")
 @click.option(
     "--input-size",
     type=int,
@@ -262,6 +262,11 @@ def cache_cmd(clear) -> None:
     click.echo(f"{export_cache.cache_root() / 'onnx'}: {len(found)} cached export(s)")
     for e in found:
         click.echo(f"  {e['entry']}  {e['bytes'] / 1e6:.1f} MB  {e['model']}  (made {e['made']})")
+    left = export_cache.partial()
+    if left:
+        click.echo(
+            f"  and {len(left)} export(s) left partial by a run that stopped; 'scdino-engine cache --clear' removes them"
+        )
 
 
 @main.command("sample-plate")
@@ -528,8 +533,10 @@ def profiles_cmd(cells, out, by, agg, controls, control_key, metadata, normalise
     Cells_scdino_0001, ... (the Cells_ prefix by which pycytominer finds features with its defaults).
     """
     from scdino.engine.profiles import profiles
+    from scdino.outputs import removed_on_failure
 
-    df = profiles(cells, out, _profile_options(by, agg, normalise, controls, control_key, metadata))
+    with removed_on_failure(f"{out}.partial"):  # the file the table is written to first
+        df = profiles(cells, out, _profile_options(by, agg, normalise, controls, control_key, metadata))
     click.echo(f"wrote {out}: {len(df)} {by} profiles of {int(df['Metadata_Count_Cells'].sum())} cells")
 
 
@@ -539,8 +546,10 @@ def profiles_cmd(cells, out, by, agg, controls, control_key, metadata, normalise
 def export_cells_cmd(cells, out) -> None:
     """Every cell (Metadata_ columns + embedding) into parquet, streamed in row groups (flat memory)."""
     from scdino.engine.profiles import export_cells
+    from scdino.outputs import removed_on_failure
 
-    n = export_cells(cells, out)
+    with removed_on_failure(f"{out}.partial"):  # the file it streams into (a full disk must not leave it behind)
+        n = export_cells(cells, out)
     click.echo(f"wrote {out}: {n} cells")
 
 

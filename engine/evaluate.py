@@ -22,7 +22,7 @@ from scdino.bounds import check
 from scdino.cells.options import CellOptions
 from scdino.errors import ConfigError, InputError, OutputError
 from scdino.knn import TEMPERATURE, TRAIN_FRACTION, K
-from scdino.outputs import claim_dir
+from scdino.outputs import claimed_dir
 from scdino.preprocess import Preprocessing
 from scdino.progress import Progress
 
@@ -90,6 +90,20 @@ def fixed_range_of(model: str) -> tuple[Preprocessing, list[str]] | None:
     except ConfigError:  # an RGB or random model adapts to any channel count: it has no fixed range of its own
         return None
     return (card.preprocessing, list(card.channels or [])) if card.preprocessing.scale_lo is not None else None
+
+
+def check_channel_sets(models: Sequence[str], sets: Sequence[tuple[str, ...]], available: Sequence[str]) -> None:
+    """Refuse, before any embedding, a channel set that a model trained on named channels (or on a fixed count) cannot
+    take; the advice names --channel-sets (evaluate has no --channels)."""
+    from scdino.models.card import check_channels, describe_model
+
+    for model in models:
+        try:
+            card = describe_model(model)
+        except ConfigError:  # an RGB or random model adapts to any channels
+            continue
+        for chans in sets:
+            check_channels(model, card.in_chans, card.channels, len(chans), chans, available, option="--channel-sets")
 
 
 def _checkpoints(run_dir: str) -> list[tuple[int, str]]:
@@ -174,6 +188,7 @@ def compute_grid(
     y = labels.to_numpy()
     sets = [tuple(s) for s in channel_sets] or [tuple(source.channel_names)]
     sources = {s: open_source(crops, CellOptions(channels=s)) for s in sets}  # unknown channels fail before any work
+    check_channel_sets([*models, *([_checkpoints(run_dir)[-1][1]] if run_dir else [])], sets, source.channel_names)
     untrained = f"random:{baseline_arch or 'vit_small16'}"
     columns, fixed = _columns(models, untrained, run_dir)
     grid = Grid(["+".join(s) for s in sets], columns, np.full((len(sets), len(columns)), np.nan))
@@ -306,10 +321,10 @@ def evaluate(
     s = EvalSettings(**settings)
     s.validate()
     t0 = time.perf_counter()
-    outdir = claim_dir(out, "scdino-engine evaluate", inputs=[crops, run_dir, *models])
-    (outdir / "embeddings").mkdir(exist_ok=True)
-    grid = compute_grid(crops, models, channel_sets, outdir, s, run_dir, baseline_arch)
-    result = write_report(outdir, crops, grid, s)
-    result["seconds"] = round(time.perf_counter() - t0, 1)
-    (outdir / "results.json").write_text(json.dumps(result, indent=2))
+    with claimed_dir(out, "scdino-engine evaluate", inputs=[crops, run_dir, *models]) as outdir:
+        (outdir / "embeddings").mkdir(exist_ok=True)
+        grid = compute_grid(crops, models, channel_sets, outdir, s, run_dir, baseline_arch)
+        result = write_report(outdir, crops, grid, s)
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        (outdir / "results.json").write_text(json.dumps(result, indent=2))
     return result

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scdino._optional import pip_extra
 from scdino.cpu import has_vnni
 from scdino.engine.backends.base import BackendSpec
 from scdino.errors import ConfigError, ScdinoError
@@ -35,6 +36,7 @@ from scdino.export.onnx_export import OPSET, export_onnx
 from scdino.export.quantize import quantize
 from scdino.export.verify import fit_crops
 from scdino.models.sidecar import read_sidecar
+from scdino.progress import heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +130,7 @@ def eligible(spec: BackendSpec, requested_backend: str, enabled: bool, precision
     if spec.card.untrained or not spec.card.checkpoint_sha256:
         return "untrained models (random:ARCH) are not exported"
     if not _have_ort():
-        return "ONNX Runtime is not installed (pip install 'scdino[onnx]' for the faster CPU path)"
+        return f"ONNX Runtime is not installed ({pip_extra('onnx')} for the faster CPU path)"
     return None
 
 
@@ -150,7 +152,7 @@ def _int8_blocker(spec: BackendSpec, requested_backend: str) -> str | None:
         return "is for CPUs (on a GPU build an int8 TensorRT plan: scdino-export tensorrt --int8)"
     if spec.card.untrained or not spec.card.checkpoint_sha256:
         return "needs a trained checkpoint (random:ARCH models are not exported)"
-    return None if _have_ort() else "needs ONNX Runtime: pip install 'scdino[onnx]'"
+    return None if _have_ort() else f"needs ONNX Runtime: {pip_extra('onnx')}"
 
 
 def _int8(entry: Path) -> Path:
@@ -271,7 +273,7 @@ def _measure(entry: Path, torch_spec: BackendSpec, ort_spec: BackendSpec, batch:
     f = _choice_file(entry, torch_spec)
     if f.is_file():
         return json.loads(f.read_text())
-    with _torch_threads_kept():
+    with _torch_threads_kept(), heartbeat("timing PyTorch and ONNX Runtime once on this machine"):
         ort_s = _timing(ort_spec, batch)
         torch_s = _timing(torch_spec, batch)
     rec = {
@@ -308,7 +310,8 @@ def choose(
     precision: str = "fp32",
 ) -> Choice:
     """The backend a run uses: ``spec`` (PyTorch) or the cached, verified ONNX export, whichever measured faster;
-    with ``precision="int8"`` the cached export's verified int8 copy."""
+    with ``precision="int8"`` the cached export's verified int8 copy. The run logs the choice (once, with its
+    device)."""
     if precision not in ("fp32", "int8"):
         raise ConfigError(f"--precision {precision!r}: expected fp32 or int8")
     reason = eligible(spec, requested_backend, enabled, precision)
@@ -331,7 +334,7 @@ def choose(
             f"--precision int8: dynamic int8 copy of the cached export ({qr.get('weights', 'int8')} weights), "
             f"verified against fp32 (min cosine {qr.get('min_cosine_to_fp32', float('nan')):.5f} on its check crops)"
         )
-        log.info("path: onnxruntime int8 (%s)", why)
+        log.debug("path: onnxruntime int8 (%s)", why)
         return Choice(
             replace(spec, card=card, kind="onnxruntime"), "onnxruntime int8 (cached export)", why, {"export": q}
         )
@@ -345,22 +348,25 @@ def choose(
             f"PyTorch measured faster here ({rec['torch_seconds_per_batch']:.3f} s vs "
             f"{rec['onnxruntime_seconds_per_batch']:.3f} s per batch of {rec['batch']})"
         )
-        log.info("path: torch (%s)", why)
+        log.debug("path: torch (%s)", why)
         return Choice(spec, "torch", why, details)
     why = (
         f"ONNX Runtime measured faster here ({rec['onnxruntime_seconds_per_batch']:.3f} s vs "
         f"{rec['torch_seconds_per_batch']:.3f} s per batch of {rec['batch']}); export verified against PyTorch"
     )
-    log.info("path: onnxruntime from the cached export (%s)", why)
+    log.debug("path: onnxruntime from the cached export (%s)", why)
     return Choice(ort_spec, "onnxruntime (cached export)", why, details)
 
 
 def entries() -> list[dict]:
-    """The cache's entries: folder, model, size in bytes."""
+    """The cache's entries: folder, model, size in bytes, when it was made (exports left partial by a run that stopped
+    are not entries: :func:`partial` lists them)."""
     root = cache_root() / "onnx"
     out = []
     for e in sorted(root.glob("*")) if root.is_dir() else []:
-        if not e.is_dir():
+        if not e.is_dir() or e.name.startswith(
+            ".partial-"
+        ):  # an export that stopped: not an entry (--clear removes it)
             continue
         meta = {}
         if (e / "entry.json").is_file():
@@ -368,6 +374,12 @@ def entries() -> list[dict]:
         size = sum(p.stat().st_size for p in e.rglob("*") if p.is_file())
         out.append({"entry": str(e), "model": meta.get("model"), "bytes": size, "made": meta.get("made")})
     return out
+
+
+def partial() -> list[Path]:
+    """Exports left partial by a run that stopped while exporting (removed by :func:`clear`)."""
+    root = cache_root() / "onnx"
+    return sorted(e for e in root.glob(".partial-*") if e.is_dir()) if root.is_dir() else []
 
 
 def clear() -> int:

@@ -16,12 +16,25 @@ import zarr
 from scdino._optional import require
 from scdino.cells.cropstore import ATTR
 from scdino.errors import ConfigError, InputError
-from scdino.outputs import claim_new, mark
+from scdino.outputs import claim_new, discard, mark
 from scdino.progress import Progress
 
 log = logging.getLogger(__name__)
 
 EXTS = (".tif", ".tiff")
+COMMAND = "scdino-engine ingest"
+
+
+def _read(tifffile, path: Path, channels_last: bool) -> np.ndarray:
+    """One crop as (c, y, x); a file that is not a readable TIFF is one clear error naming it."""
+    try:
+        img = tifffile.imread(path)
+    except (ValueError, EOFError) as exc:  # tifffile.TiffFileError is a ValueError; a file cut short, an EOFError
+        raise InputError(
+            f"{path}: not a readable TIFF ({type(exc).__name__}: {str(exc)[:200]}); replace it with the crop, or "
+            "move it out of the folder"
+        ) from exc
+    return _to_cyx(img, str(path), channels_last)
 
 
 def _to_cyx(img: np.ndarray, where: str, channels_last: bool) -> np.ndarray:
@@ -52,32 +65,40 @@ def ingest(
         raise InputError(
             f"{folder}: no .tif files in class sub-folders (found folders: {', '.join(classes) or 'none'})"
         )
-    claim_new(out, "scdino-engine ingest", inputs=[folder], overwrite=overwrite, option="OUT")
-    first = _to_cyx(tifffile.imread(files[0][1]), str(files[0][1]), channels_last)
-    c, s = first.shape[0], first.shape[1]
+    first = _read(tifffile, files[0][1], channels_last)
+    c = first.shape[0]
     if first.shape[1] != first.shape[2]:
         raise InputError(f"{files[0][1]}: crop of {first.shape[1]}x{first.shape[2]} px; expected square crops")
     names = list(channels) if channels else [str(i) for i in range(c)]
     if len(names) != c:
         raise ConfigError(f"--channels names {len(names)} channels, the crops have {c}")
+    claim_new(out, COMMAND, inputs=[folder], overwrite=overwrite, option="OUT")
+    try:
+        return _write(tifffile, folder, out, files, classes, first, names, channels_last, chunk, progress)
+    except BaseException:
+        discard(out, COMMAND)  # a store cut short is not left behind (a rerun makes it whole)
+        raise
+
+
+def _write(tifffile, folder: Path, out: str, files, classes, first, names, channels_last, chunk, progress) -> dict:
+    c, s = first.shape[0], first.shape[1]
     root = zarr.open_group(out, mode="w", zarr_format=3)
-    mark(out, "scdino-engine ingest")
+    mark(out, COMMAND)
     arr = root.create_array("crops", shape=(len(files), c, s, s), chunks=(chunk, c, s, s), dtype=first.dtype)
     buf = np.zeros((min(chunk, len(files)), c, s, s), first.dtype)
-    bar = Progress(len(files), "ingest", "crop", progress)
-    for a in range(0, len(files), chunk):
-        part = files[a : a + chunk]
-        for i, (_, p) in enumerate(part):
-            img = _to_cyx(tifffile.imread(p), str(p), channels_last)
-            if img.shape != (c, s, s) or img.dtype != first.dtype:
-                raise InputError(
-                    f"{p}: crop {img.shape} {img.dtype}; the first crop ({files[0][1].name}) is "
-                    f"{(c, s, s)} {first.dtype}: every crop of a store must have the same shape"
-                )
-            buf[i] = img
-        arr[a : a + len(part)] = buf[: len(part)]
-        bar.update(len(part))
-    bar.close()
+    with Progress(len(files), "ingest", "crop", progress) as bar:
+        for a in range(0, len(files), chunk):
+            part = files[a : a + chunk]
+            for i, (_, p) in enumerate(part):
+                img = _read(tifffile, p, channels_last)
+                if img.shape != (c, s, s) or img.dtype != first.dtype:
+                    raise InputError(
+                        f"{p}: crop {img.shape} {img.dtype}; the first crop ({files[0][1].name}) is "
+                        f"{(c, s, s)} {first.dtype}: every crop of a store must have the same shape"
+                    )
+                buf[i] = img
+            arr[a : a + len(part)] = buf[: len(part)]
+            bar.update(len(part))
     obs = pd.DataFrame(
         {
             "class": pd.Categorical([k for k, _ in files], categories=classes),

@@ -15,7 +15,7 @@ from scdino.bounds import check
 from scdino.engine.output import read_embeddings, write_obs_column
 from scdino.errors import ConfigError, InputError
 from scdino.knn import TEMPERATURE, TRAIN_FRACTION, K, evaluate_knn, knn_predict, labels_of
-from scdino.outputs import claim_dir
+from scdino.outputs import claimed_dir
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +36,13 @@ def knn_command(
     check(k=k, temperature=temperature, train_fraction=train_fraction, seed=seed)
     x, obs = read_embeddings(cells)
     out_dir = Path(out or os.path.join(os.path.dirname(os.path.abspath(cells)), Path(cells).stem + "_knn"))
-    claim_dir(out_dir, "scdino-engine knn", inputs=[cells, reference])
-    if reference:
-        result = classify(cells, x, reference, label_key, k, temperature, device)
-    else:
-        result = accuracy(cells, x, obs, label_key, k, temperature, train_fraction, seed, device, out_dir)
-    result.update(cells=cells, label_key=label_key)
-    (out_dir / "knn.json").write_text(json.dumps(result, indent=2))
+    with claimed_dir(out_dir, "scdino-engine knn", inputs=[cells, reference]):
+        if reference:
+            result = classify(cells, x, reference, label_key, k, temperature, device)
+        else:
+            result = accuracy(cells, x, obs, label_key, k, temperature, train_fraction, seed, device, out_dir)
+        result.update(cells=cells, label_key=label_key)
+        (out_dir / "knn.json").write_text(json.dumps(result, indent=2))
     result["out"] = str(out_dir)
     return result
 

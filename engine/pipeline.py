@@ -158,38 +158,54 @@ def embeddings_array(crops, spec: BackendSpec):
     )
 
 
-def _existing_output(cfg: RunConfig, fp: str) -> dict | None:
-    """The status of an output that can be resumed or is already complete; an error for anything else there. With
-    ``--overwrite`` an output scdino wrote is deleted here, before any work starts (and nothing else ever is)."""
+def _existing_output(cfg: RunConfig) -> dict | None:
+    """The status of an output that can be resumed or is complete (whether with the same settings is known once the
+    model's path is chosen: :func:`_complete`); an error for anything else there. Checked before any work. With
+    ``--overwrite`` an output scdino wrote is replaced only when the new run writes (EmbeddingStore.create), and
+    nothing else ever is."""
     inputs = [cfg.plate, cfg.model]
     check_not_input(cfg.out, inputs)
     status = store_status(cfg.out)
     if status is None:
         return None
     out = Path(cfg.out)
-    if cfg.overwrite:  # checked now; the old run is replaced only when the new one writes (EmbeddingStore.create)
+    if cfg.overwrite:
         check_replaceable(out, COMMAND, inputs=inputs, overwrite=True)
         return None
     if not status:  # not a run output: an empty folder is taken, anything else is left alone
         if out.is_dir() and is_empty(out):
             return None
         owner = written_by(out)
+        if owner == COMMAND:  # its store was being made when the run stopped (no cell table or metadata yet)
+            raise OutputError(
+                f"{cfg.out}: holds a run of {COMMAND} that stopped while its store was being made, before any cell "
+                "was embedded; pass --overwrite to make it anew, or choose another --out"
+            )
         if owner is not None:
             raise OutputError(f"{cfg.out}: holds the output of {owner}, not a run; choose another --out")
         raise OutputError(
             f"{cfg.out}: exists and is not an unfinished scdino run; it was not written by scdino, so it is never "
             "deleted (--overwrite does not apply): choose another --out"
         )
-    if status.get("status") == "complete" and status.get("fingerprint") == fp:
-        return status
     if status.get("status") == "creating":  # stopped while being created: made anew
         return None
-    if status.get("status") != "running":
+    if status.get("status") not in ("running", "complete"):
         raise OutputError(
-            f"{cfg.out}: exists and is not an unfinished scdino run (a complete run with other settings); pass "
-            "--overwrite to replace it, or another --out"
+            f"{cfg.out}: its run status {status.get('status')!r} is unknown; pass --overwrite or another --out"
         )
     return status
+
+
+def _complete(cfg: RunConfig, status: dict | None, fp: str) -> bool:
+    """Whether the output is already complete with these settings; a complete run with other settings is refused."""
+    if status is None or status.get("status") != "complete":
+        return False
+    if status.get("fingerprint") == fp:
+        return True
+    raise OutputError(
+        f"{cfg.out}: exists and is not an unfinished scdino run (a complete run with other settings); pass "
+        "--overwrite to replace it, or another --out"
+    )
 
 
 def _find_cells(cfg: RunConfig, source: CellSource, client, phases: dict[str, float]) -> pd.DataFrame:
@@ -280,6 +296,7 @@ def run(cfg: RunConfig) -> RunResult:
 
 def _run(cfg: RunConfig) -> RunResult:
     t0 = time.perf_counter()
+    status = _existing_output(cfg)  # before any work: the export cache's export and timing take tens of seconds
     source = open_source(cfg.plate, cfg.cells)
     check_block_memory(
         cfg.chunk_cells,
@@ -310,6 +327,7 @@ def _run(cfg: RunConfig) -> RunResult:
         cfg.precision,
     )
     spec = path.spec
+    log.info("path: %s on %s (%s)", path.path, spec.device, path.why)
     if os.environ.get(NULL_ENV) == "1":  # benchmarks/pipeline_ceiling.py: the pipeline with a model that takes no time
         spec = replace(spec, kind="null")
         log.warning("%s=1: the null backend writes zeros, not embeddings (a pipeline benchmark)", NULL_ENV)
@@ -318,8 +336,7 @@ def _run(cfg: RunConfig) -> RunResult:
     phases: dict[str, float] = {"model_seconds": time.perf_counter() - t0}  # card, export cache, path
     fp = fingerprint(cfg, source, spec)
     backend = f"{spec.kind} on {spec.device}"
-    status = _existing_output(cfg, fp)
-    if status is not None and status.get("status") == "complete":
+    if _complete(cfg, status, fp):
         log.info("%s is already complete; nothing to do", cfg.out)
         return RunResult(cfg.out, int(status.get("n_cells", 0)), 0.0, 0, True, {}, card.untrained, backend)
     resumed = status is not None

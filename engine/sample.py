@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from scdino._optional import MissingDependencyError, require
+from scdino._optional import MissingDependencyError, pip_extra, require
 from scdino.errors import ConfigError
 from scdino.outputs import claim_new, mark
 
@@ -114,7 +114,7 @@ def _ndev(name: str) -> np.ndarray:
     except md.PackageNotFoundError as exc:
         raise MissingDependencyError(
             "the sample images come from the ndev-sampledata package, which is not installed; "
-            "run: pip install 'scdino[samples]'"
+            f"run: {pip_extra('samples')}"
         ) from exc
     return tifffile.imread(f)
 

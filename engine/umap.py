@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scdino._optional import pip_extra
 from scdino.bounds import check, check_umap
 from scdino.errors import ConfigError
 from scdino.progress import Progress, heartbeat
@@ -48,7 +49,7 @@ def fit_umap(x: np.ndarray, params: dict, device: str = "auto", fit_max: int = F
     """2-D embedding of ``x``; returns (coordinates, info)."""
     use_gpu = device == "cuda" or (device == "auto" and _cuml_usable())
     if device == "cuda" and not _cuml_usable():
-        raise ConfigError("--device cuda for UMAP needs cuML and a GPU: pip install 'scdino[gpu]' plus cuml-cu12")
+        raise ConfigError(f"--device cuda for UMAP needs cuML and a GPU: {pip_extra('gpu')}, plus cuml-cu12")
     n = len(x)
     rng = np.random.default_rng(seed)
     fit_idx = np.sort(rng.choice(n, fit_max, replace=False)) if n > fit_max else np.arange(n)
@@ -108,7 +109,7 @@ def umap_command(
 
     from scdino.engine.output import consolidate, quiet_zarr, read_embeddings
     from scdino.engine.plots import is_scdino_png, scatter_png
-    from scdino.outputs import claim_file
+    from scdino.outputs import check_writable, claim_file
 
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
@@ -118,6 +119,11 @@ def umap_command(
     x, obs = read_embeddings(cells)
     png = png or os.path.join(os.path.dirname(os.path.abspath(cells)), Path(cells).stem + "_umap.png")
     claim_file(png, inputs=[cells], option="--png", ours=is_scdino_png)
+    # the fit takes minutes on a large store: where its results go is checked first
+    check_writable(
+        os.path.join(cells, "obsm"),
+        fix="umap writes obsm['X_umap'] into the store CELLS: copy the store to a writable location",
+    )
     color_by = color_by or next((c for c in ("class", "well") if c in obs), None)
     if color_by is not None and color_by not in obs:
         raise ConfigError(f"{cells}: no obs column {color_by!r} to colour by; columns are {', '.join(obs.columns)}")

@@ -142,11 +142,12 @@ def export_onnx(
         meta["export_seconds"] = round(time.perf_counter() - t0, 2)
         with heartbeat(f"verifying {out.name} against PyTorch"):
             meta["verification"] = verify(str(tmp), lm, meta, verify_with, tolerance)
+        # the sidecar first: a model file is never left without the sidecar that says scdino wrote it
+        write_sidecar(out, meta)
+        os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, out)
-    write_sidecar(out, meta)
     v = meta["verification"]
     log.info(
         "exported %s -> %s in %.1f s (verified: max abs %.2e, min cosine %.6f)",

@@ -23,8 +23,9 @@ from scdino.data import packaged_crops
 from scdino.errors import ConfigError
 from scdino.export.verify import VerificationError, compare, fit_crops
 from scdino.knn import K, dominant_channel_labels, knn_predict
+from scdino.models.card import check_onnx_file
 from scdino.models.sidecar import read_sidecar, write_sidecar
-from scdino.outputs import claim_file
+from scdino.outputs import claim_file, partial_file
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ def quantize(
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     meta = read_sidecar(model)
+    check_onnx_file(str(model))  # a truncated or damaged file: one line before any work
     if meta.get("precision") != "fp32":
         raise ConfigError(f"{model}: quantise an fp32 export, not {meta.get('precision')}")
     if target not in ("cpu", "tensorrt") or (target == "tensorrt" and method != "static"):
@@ -126,11 +128,13 @@ def quantize(
                 "not written. "
                 + ("Keep the fp32 model" if method == "dynamic" else "Use --method dynamic, or keep the fp32 model")
             )
-        shutil.move(dest, out)
-    report = _report(method, target, weights, tried, crops, ref, q, diff, meta["in_chans"])
-    report["seconds"] = round(time.perf_counter() - t0, 2)
-    qmeta = {**meta, "precision": "int8", "quantization": report, "source_onnx": str(model)}
-    write_sidecar(out, qmeta)
+        report = _report(method, target, weights, tried, crops, ref, q, diff, meta["in_chans"])
+        report["seconds"] = round(time.perf_counter() - t0, 2)
+        qmeta = {**meta, "precision": "int8", "quantization": report, "source_onnx": str(model)}
+        # copied beside OUT, then moved into place after its sidecar: a full disk leaves no partial file
+        with partial_file(out, out.with_name(out.stem + ".partial.onnx")) as part:
+            shutil.copyfile(dest, part)
+            write_sidecar(out, qmeta)
     acc = report["knn_leave_one_out_top1"]
     log.info("int8 (%s): min cosine to fp32 %.5f, k-NN %.3f -> %.3f", method, cmin, acc["fp32"], acc["int8"])
     return qmeta

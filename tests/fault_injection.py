@@ -4,18 +4,25 @@ nothing deleted and nothing marked complete.
 
     python tests/fault_injection.py            # prints the table (input, exit code, message, files before/after)
 
+docs/faults.md holds its output (WS stands for the workspace the cases run in).
+
 ``tests/test_faults.py`` runs the same cases and asserts them.
 """
 
 from __future__ import annotations
 
+import builtins
+import errno
 import hashlib
+import io
 import os
 import shutil
 import sys
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ContextManager, Iterator
+from unittest import mock
 
 import numpy as np
 
@@ -36,6 +43,10 @@ class Case:
     setup: Callable[[Path], None] | None = None
     #: refused before any work: no cluster is started and nothing new appears in the workspace
     before_work: bool = False
+    #: a fault in effect while the command runs (a disk that fills up, a read-only location), given the workspace
+    during: Callable[[Path], ContextManager] | None = None
+    #: folder (relative to the workspace) that must hold nothing afterwards: no partial file, no empty folder
+    empty: str | None = None
 
 
 @dataclass
@@ -48,10 +59,12 @@ class Outcome:
     after: dict[str, str] = field(default_factory=dict)
     #: workspace entries the command left that were not there before
     new: list[str] = field(default_factory=list)
+    #: what the command left in the case's ``empty`` folder (partial files, empty folders)
+    left: list[str] = field(default_factory=list)
 
     @property
     def kept(self) -> bool:
-        return self.before == self.after
+        return self.before == self.after and not self.left
 
 
 def fingerprint(path: Path) -> str:
@@ -512,8 +525,394 @@ def guard_cases() -> list[Case]:
     ]
 
 
+@contextmanager
+def failing_writes(root: Path, err: int, budget: int = 0) -> Iterator[None]:
+    """Writes under the folder ``root`` fail as the kernel fails them, at the calls that make them (Python's ``open``
+    and ``os`` functions, pyarrow's parquet writer): ``EROFS`` (a read-only location) refuses every file, folder and
+    rename there; ``ENOSPC`` (a full disk) lets files and folders be made but fails every write once ``budget`` bytes
+    have been written there, so that what a command left half-written stays on disk for the check."""
+    import pyarrow.parquet as pq
+
+    root = Path(os.path.abspath(root))
+    written = [0]
+    real_open, real_os_open, real_write, real_mkdir = builtins.open, os.open, os.write, os.mkdir
+    real_rename, real_replace, real_link = os.rename, os.replace, os.link
+    real_writer_init, real_write_table = pq.ParquetWriter.__init__, pq.ParquetWriter.write_table
+
+    def under(path) -> bool:
+        if isinstance(path, int) or path is None:
+            return False
+        return Path(os.path.abspath(os.fsdecode(path))).is_relative_to(root)
+
+    def fail(path) -> OSError:
+        return OSError(err, os.strerror(err), os.fsdecode(path))
+
+    def spend(n: int, path) -> None:
+        if written[0] + n > budget:
+            raise fail(path)
+        written[0] += n
+
+    class FullFile(io.BufferedIOBase):
+        """A file on a full disk: made, but writes beyond the budget fail."""
+
+        def __init__(self, f) -> None:
+            self.f = f
+
+        def write(self, data) -> int:
+            spend(len(memoryview(data).cast("B")) if not isinstance(data, str) else len(data), self.f.name)
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def close(self) -> None:
+            self.f.close()
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.f.close()
+
+    def fake_open(file, mode="r", *a, **k):
+        if under(file) and any(c in mode for c in "wax+"):
+            if err != errno.ENOSPC:
+                raise fail(file)
+            return FullFile(real_open(file, mode, *a, **k))
+        return real_open(file, mode, *a, **k)
+
+    def fake_os_open(path, flags, *a, **k):
+        if under(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and err != errno.ENOSPC:
+            raise fail(path)
+        return real_os_open(path, flags, *a, **k)
+
+    def fake_write(fd, data):
+        if err == errno.ENOSPC:
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                target = None
+            if under(target):
+                spend(len(data), target)
+        return real_write(fd, data)
+
+    def fake_mkdir(path, *a, **k):
+        if under(path) and err != errno.ENOSPC:
+            raise fail(path)
+        return real_mkdir(path, *a, **k)
+
+    def moving(real):
+        def move(src, dst, *a, **k):
+            if err != errno.ENOSPC and (under(src) or under(dst)):
+                raise fail(dst)
+            return real(src, dst, *a, **k)
+
+        return move
+
+    def writer_init(self, where, *a, **k):
+        if under(where) and err != errno.ENOSPC:
+            raise fail(where)
+        real_writer_init(self, where, *a, **k)
+        self._fault_where = where
+
+    def write_table(self, table, *a, **k):
+        if under(getattr(self, "_fault_where", None)):
+            spend(table.nbytes, self._fault_where)
+        return real_write_table(self, table, *a, **k)
+
+    with ExitStack() as stack:
+        for target, new in [
+            ("builtins.open", fake_open),
+            ("io.open", fake_open),
+            ("os.open", fake_os_open),
+            ("os.write", fake_write),
+            ("os.mkdir", fake_mkdir),
+            ("os.rename", moving(real_rename)),
+            ("os.replace", moving(real_replace)),
+            ("os.link", moving(real_link)),
+            ("pyarrow.parquet.ParquetWriter.__init__", writer_init),
+            ("pyarrow.parquet.ParquetWriter.write_table", write_table),
+        ]:
+            stack.enter_context(mock.patch(target, new))
+        yield
+
+
+def read_only(folder: str) -> Callable[[Path], ContextManager]:
+    """During the command: the workspace's ``folder`` (made empty) is on a read-only file system."""
+
+    def during(ws: Path) -> ContextManager:
+        (ws / folder).mkdir(exist_ok=True)
+        return failing_writes(ws / folder, errno.EROFS)
+
+    return during
+
+
+def full_disk(folder: str, budget: int = 0) -> Callable[[Path], ContextManager]:
+    """During the command: the workspace's ``folder`` (made empty) is on a disk with ``budget`` bytes left."""
+
+    def during(ws: Path) -> ContextManager:
+        (ws / folder).mkdir(exist_ok=True)
+        return failing_writes(ws / folder, errno.ENOSPC, budget)
+
+    return during
+
+
+def _damage_metadata(level: str) -> Callable[[Path], None]:
+    """Setup: the ``zarr.json`` of ``plate.zarr/<level>`` cut short (a copy that stopped while writing it)."""
+
+    def damage(ws: Path) -> None:
+        (ws / "plate.zarr" / level / "zarr.json").write_text('{"zarr_format": 3, "node')
+
+    return damage
+
+
+#: damaged metadata below the plate: (level, what it is)
+METADATA_LEVELS = [
+    ("B/2", "well"),
+    ("B/2/0", "field"),
+    ("B/2/0/s0", "image array"),
+    ("B/2/0/labels/nuclei", "label image"),
+    ("B/2/0/labels/nuclei/s0", "label array"),
+]
+
+
+def io_cases() -> list[Case]:
+    """Damaged files on disk, locations that cannot be written and disks that fill up: one line, nothing half-written."""
+    return [
+        Case(
+            f"damaged zarr.json of a {what}",
+            "engine",
+            [*RUN, "--labels", "nuclei", "--out", "{ws}/o_meta.zarr"],
+            (f"plate.zarr/{level}", "zarr metadata cannot be read", "copy or convert it again"),
+            ALL,
+            _damage_metadata(level),
+            before_work=level.count("/") < 3,  # a label image is read by the task that finds the field's cells
+        )
+        for level, what in METADATA_LEVELS
+    ] + write_fault_cases()
+
+
+def _not_a_tiff(ws: Path) -> None:
+    """A text file named like a crop, sorted after the real ones (found while the store is being written)."""
+    (ws / "tiffs" / "m0" / "zz_notes.tif").write_text("not an image")
+
+
+def _not_a_tiff_first(ws: Path) -> None:
+    (ws / "tiffs" / "m0" / "_notes.tif").write_text("not an image")
+
+
+def _store_cut_short(ws: Path) -> None:
+    """What a run stopped while making its store leaves: its marker and part of the cell table, no run metadata."""
+    out = ws / "o_cut.zarr"
+    out.mkdir()
+    (out / ".scdino").write_text('{"written_by": "scdino-engine run"}\n')
+    (out / "obs").mkdir()
+    (out / "obs" / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+
+
+def _cells_in_ro(ws: Path) -> None:
+    (ws / "ro").mkdir()
+    shutil.copytree(ws / "cells.zarr", ws / "ro" / "cells.zarr")
+
+
+RUN_CROPS = ["run", "{ws}/crops.zarr", "--model", "random:vit_test16", "--input-size", "32"]
+EXPORT = ["onnx", "{ws}/ck.pth", "--n-channels", "3", "--crop-size", "32"]
+NO_SPACE = ("no space left on the device", "free space there or choose another output location")
+
+
+@contextmanager
+def offline(ws: Path) -> Iterator[None]:
+    """No network: a hub model's download fails (into an empty hub cache in the workspace)."""
+    import urllib.error
+
+    def no_network(url, dst, *a, **k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    (ws / "hub").mkdir(exist_ok=True)
+    with (
+        mock.patch("torch.hub.download_url_to_file", no_network),
+        mock.patch("torch.hub.get_dir", lambda: str(ws / "hub")),
+    ):
+        yield
+
+
+def write_fault_cases() -> list[Case]:
+    """A read-only location or a full disk under each writer: one line, and no partial file or empty folder left."""
+    ro, full = read_only("ro"), full_disk("full")
+    return [
+        Case(
+            "run -> read-only location",
+            "engine",
+            [*RUN_CROPS, "--out", "{ws}/ro/o.zarr"],
+            ("ro/o.zarr", "Read-only file system", "choose a writable --out"),
+            ALL,
+            during=ro,
+            empty="ro",
+        ),
+        Case(
+            "run -> disk full while the store is made",
+            "engine",
+            [*RUN_CROPS, "--out", "{ws}/full/o.zarr"],
+            NO_SPACE,
+            ALL,
+            during=full_disk("full", 4096),
+            empty="full",
+        ),
+        Case(
+            "run onto a store cut short while being made",
+            "engine",
+            [*RUN_CROPS, "--out", "{ws}/o_cut.zarr"],
+            ("o_cut.zarr", "stopped while its store was being made", "pass --overwrite"),
+            ("o_cut.zarr",),
+            _store_cut_short,
+            before_work=True,
+        ),
+        Case(
+            "umap --png on a read-only location",
+            "engine",
+            ["umap", "{ws}/cells.zarr", "--png", "{ws}/ro/u.png"],
+            ("ro/u.png", "read-only", "--png"),
+            ALL,
+            during=ro,
+            empty="ro",
+        ),
+        Case(
+            "umap of a store on a read-only location",
+            "engine",
+            ["umap", "{ws}/ro/cells.zarr", "--png", "{ws}/u.png"],
+            ("ro/cells.zarr", "read-only", "copy the store to a writable location"),
+            ("ro/cells.zarr", *ALL),
+            _cells_in_ro,
+            during=ro,
+        ),
+        Case(
+            "knn --out on a read-only location",
+            "engine",
+            [*KNN, "--out", "{ws}/ro/knn"],
+            ("ro/knn", "read-only", "--out"),
+            ALL,
+            during=ro,
+            empty="ro",
+        ),
+        Case(
+            "export onnx -> read-only location",
+            "export",
+            [*EXPORT, "--out", "{ws}/ro/m.onnx"],
+            ("ro/m.onnx", "read-only", "--out"),
+            ALL,
+            during=ro,
+            empty="ro",
+        ),
+        Case(
+            "export onnx -> full disk",
+            "export",
+            [*EXPORT, "--out", "{ws}/full/m.onnx"],
+            NO_SPACE,
+            ALL,
+            during=full,
+            empty="full",
+        ),
+        Case(
+            "export-cells -> full disk",
+            "engine",
+            ["export-cells", "{ws}/cells.zarr", "--out", "{ws}/full/c.parquet"],
+            NO_SPACE,
+            ALL,
+            during=full,
+            empty="full",
+        ),
+        Case(
+            "export-cells -> read-only location",
+            "engine",
+            ["export-cells", "{ws}/cells.zarr", "--out", "{ws}/ro/c.parquet"],
+            ("ro/c.parquet", "read-only", "--out"),
+            ALL,
+            during=ro,
+            empty="ro",
+        ),
+        Case(
+            "quantize -> full disk",
+            "export",
+            ["quantize", "{ws}/m.onnx", "--out", "{ws}/full/q.onnx"],
+            NO_SPACE,
+            ALL,
+            during=full,
+            empty="full",
+        ),
+        Case(
+            "quantize a truncated model.onnx",
+            "export",
+            ["quantize", "{ws}/m.onnx", "--out", "{ws}/q.onnx"],
+            ("m.onnx", "not a readable ONNX model", "export it again"),
+            ("crops.zarr", "m.json"),
+            _truncate_onnx,
+            before_work=True,
+        ),
+        Case(
+            "ingest -> full disk",
+            "engine",
+            ["ingest", "{ws}/tiffs", "{ws}/full/i.zarr"],
+            NO_SPACE,
+            ALL,
+            during=full,
+            empty="full",
+        ),
+        Case(
+            "ingest a folder whose first .tif is not a TIFF",
+            "engine",
+            ["ingest", "{ws}/tiffs", "{ws}/i.zarr"],
+            ("_notes.tif", "not a readable TIFF", "move it out of the folder"),
+            ALL,
+            _not_a_tiff_first,
+            before_work=True,
+        ),
+        Case(
+            "ingest a folder with a non-TIFF .tif among the crops",
+            "engine",
+            ["ingest", "{ws}/tiffs", "{ws}/i.zarr"],
+            ("zz_notes.tif", "not a readable TIFF", "move it out of the folder"),
+            ALL,
+            _not_a_tiff,
+            before_work=True,
+        ),
+        Case(
+            "attention of an unknown cell leaves no report folder",
+            "engine",
+            [*ATTENTION, "--input-size", "32", "--cells", "no/such/cell"],
+            ("no/such/cell",),
+            ALL,
+            before_work=True,
+        ),
+        Case(
+            "evaluate with a channel set the model was not trained on",
+            "engine",
+            [*EVALUATE[:3], "default", "--channel-sets", "CTIP2,BRN2,ROR;BRN2,CTIP2,ROR", "--out", "{ws}/o_ev"],
+            ("the default model: trained on channels CTIP2, BRN2, ROR", "pass --channel-sets CTIP2,BRN2,ROR"),
+            ALL,
+            before_work=True,
+        ),
+        Case(
+            "export onnx of a hub model, offline",
+            "export",
+            ["onnx", "dino_vits16", "--n-channels", "3", "--out", "{ws}/h.onnx"],
+            ("dino_vits16: the download", "failed", "pass its path instead of dino_vits16"),
+            ALL,
+            during=offline,
+        ),
+        Case(
+            "evaluate -> full disk",
+            "engine",
+            [*EVALUATE[:-1], "{ws}/full/ev"],
+            NO_SPACE,
+            ALL,
+            during=full,
+            empty="full",
+        ),
+    ]
+
+
 def cases() -> list[Case]:
-    return writer_cases() + input_cases() + number_cases() + guard_cases()
+    return writer_cases() + input_cases() + number_cases() + guard_cases() + io_cases()
 
 
 def run_case(case: Case, ws: Path) -> Outcome:
@@ -529,7 +928,8 @@ def run_case(case: Case, ws: Path) -> Outcome:
     before = {k: fingerprint(ws / k) for k in case.keep}
     entries = {p.name for p in ws.iterdir()}
     args = [a.replace("{ws}", str(ws)) for a in case.args]
-    r = CliRunner().invoke({"engine": engine, "export": export, "train": train}[case.tool], args)
+    with case.during(ws) if case.during is not None else ExitStack():
+        r = CliRunner().invoke({"engine": engine, "export": export, "train": train}[case.tool], args)
     if r.exception is not None and not isinstance(r.exception, SystemExit):
         import traceback
 
@@ -538,7 +938,10 @@ def run_case(case: Case, ws: Path) -> Outcome:
         stderr = r.stderr
     errors = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
     after = {k: fingerprint(ws / k) for k in case.keep}
-    return Outcome(case, r.exit_code, stderr, errors, before, after, sorted({p.name for p in ws.iterdir()} - entries))
+    left = sorted(str(p.relative_to(ws)) for p in (ws / case.empty).rglob("*")) if case.empty else []
+    return Outcome(
+        case, r.exit_code, stderr, errors, before, after, sorted({p.name for p in ws.iterdir()} - entries), left
+    )
 
 
 def main() -> None:
@@ -553,8 +956,9 @@ def main() -> None:
         o = run_case(case, ws)
         kept = o.kept and not (case.before_work and o.new)
         ok = o.code == 2 and len(o.errors) == 1 and all(w in o.errors[0] for w in case.words) and kept
-        msg = o.errors[0].removeprefix("error: ") if o.errors else o.stderr.strip().splitlines()[-1:]
-        files = "unchanged" if kept else f"CHANGED {o.before} -> {o.after}, new {o.new}"
+        msg = o.errors[0].removeprefix("error: ") if o.errors else " ".join(o.stderr.strip().splitlines()[-1:])
+        msg = msg.replace(str(ws), "WS").replace("|", "\\|")  # the workspace as WS; a table cell
+        files = "unchanged" if kept else f"CHANGED {o.before} -> {o.after}, new {o.new}, left {o.left}"
         rows.append((case.name, o.code, msg, files, "ok" if ok else "FAIL"))
         shutil.rmtree(ws)
     print("| input | exit | message | files before/after | check |")

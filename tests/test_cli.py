@@ -372,3 +372,68 @@ def test_a_second_run_on_a_locked_output_is_refused_and_a_stale_lock_taken_over(
     p = cli(*run, "--input-size", "32", "--out", out, check=True)
     assert "taking over the stale lock" in p.stderr and f"pid {holder.pid}" in p.stderr, p.stderr
     assert store_status(str(out))["status"] == "complete" and not Path(f"{out}.lock").exists()
+
+
+def test_the_log_names_the_path_a_run_takes_once(plate2, tmp_path, monkeypatch):
+    """One line says how the cells are embedded: the path the export cache finally chose, with its device (never an
+    earlier guess that it then changes)."""
+    from conftest import dino_full_checkpoint
+
+    monkeypatch.setenv("SCDINO_CACHE_DIR", str(tmp_path / "cache"))
+    dino_full_checkpoint(tmp_path / "ck.pth", arch="vit_test16", in_chans=2)
+    args = ["--labels", "nuclei", "--input-size", "32", "--crop-size", "16", "--no-progress"]
+    for model, out in [("random:vit_test8", "r.zarr"), (tmp_path / "ck.pth", "c.zarr")]:
+        p = cli("-v", "run", plate2, "--model", model, *args, "--out", tmp_path / out, check=True)
+        said = [ln for ln in p.stderr.splitlines() if "backend auto" in ln or " path: " in ln]
+        assert len(said) == 1 and said[0].startswith("INFO scdino.engine.pipeline: path: "), p.stderr
+        assert said[0].split(" (")[0].endswith(" on cpu") or ") on cpu (" in said[0], said
+
+
+def test_the_cache_listing_names_partial_exports_as_such(tmp_path, monkeypatch):
+    """An export a run left partial (it stopped while exporting) is not listed as an entry 'None (made None)'."""
+    monkeypatch.setenv("SCDINO_CACHE_DIR", str(tmp_path / "cache"))
+    left = tmp_path / "cache" / "onnx" / ".partial-20b1a86e4e45a98991881888-4242"
+    left.mkdir(parents=True)
+    (left / "model.onnx").write_bytes(b"\x08" * 1000)
+    p = cli("cache", check=True)
+    assert "None" not in p.stdout, p.stdout
+    assert "0 cached export(s)" in p.stdout and "1 export(s) left partial by a run that stopped" in p.stdout
+    assert "--clear" in p.stdout
+
+
+def test_a_missing_extra_is_named_for_a_wheel_and_for_a_source_checkout(monkeypatch):
+    """A source checkout is told the editable form (the index's scdino is not the one it runs)."""
+    from scdino import _optional
+
+    monkeypatch.setitem(_optional.EXTRAS, "no_such_module_for_scdino", ("trt", "the test"))
+    root = _optional.source_checkout()
+    assert root == ROOT  # the tests run from this checkout
+    with pytest.raises(_optional.MissingDependencyError, match=r"run: pip install -e '\.\[trt\]' in "):
+        _optional.require("no_such_module_for_scdino")
+    monkeypatch.setattr(_optional, "source_checkout", lambda: None)  # a wheel
+    with pytest.raises(_optional.MissingDependencyError, match=r"run: pip install 'scdino\[trt\]'$"):
+        _optional.require("no_such_module_for_scdino")
+
+
+def test_progress_lines_come_on_time_while_a_long_block_embeds(plate2, tmp_path, monkeypatch):
+    """Off a terminal a line comes at least every SCDINO_PROGRESS_SECONDS, also while one block takes longer than
+    that (a ViT-B block of 256 cells takes minutes on a CPU), from the start of the phase."""
+    import time
+
+    from scdino.engine import pipeline
+
+    real = pipeline._embed_block
+
+    def slow_block(crops, spec):
+        time.sleep(2.0)
+        return real(crops, spec)
+
+    monkeypatch.setattr(pipeline, "_embed_block", slow_block)
+    monkeypatch.setenv("SCDINO_PROGRESS_SECONDS", "0.5")
+    args = ["--labels", "nuclei", "--input-size", "32", "--crop-size", "16"]
+    p = cli("run", plate2, "--model", "random:vit_test8", *args, "--out", tmp_path / "o.zarr", check=True)
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("INFO scdino.progress: embedding: ")]
+    assert "to do" in lines[0], lines  # said when the phase starts
+    waiting = [ln for ln in lines if " 0/" in ln and "so far" in ln]
+    assert len(waiting) >= 2, lines  # during the one block, about every 0.5 s
+    assert " in " in lines[-1], lines

@@ -194,7 +194,9 @@ def test_hub_name_offline_fails_with_advice(tmp_path, monkeypatch):
         raise urllib.error.URLError("Temporary failure in name resolution")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    with pytest.raises(CheckpointError, match="dino_vits16: the download .* failed.*pass its path with --model"):
+    with pytest.raises(
+        CheckpointError, match="dino_vits16: the download .* failed.*pass its path instead of dino_vits16"
+    ):
         load_model("dino_vits16", 3)
 
 

@@ -157,3 +157,14 @@ def test_object_measures_equal_regionprops():
     marked = labels.copy()
     marked[50:55, 0:5] = -1  # a negative "ignore" mark is not an object, as for regionprops
     assert list(object_measures(marked, img)["label"]) == list(ours["label"])
+
+
+def test_wells_in_every_form_plate_maps_use(tmp_path):
+    """--wells A1, A01, a/01 and A/1 select the same well (plate maps write A01 or A1; the plate's path is A/1)."""
+    plate = Plate(make_tiny_plate(tmp_path / "p.zarr"))
+    want = ["A/1/0", "A/1/1"]
+    for form in ("A/1", "A1", "A01", "a/01", " A1 "):
+        assert [r.path for r in plate.fields([form])] == want, form
+    assert [r.path for r in plate.fields(["b02", "A1"])] == ["A/1/0", "A/1/1", "B/2/0"]  # in plate order
+    with pytest.raises(ConfigError, match="no well C7; wells are A/1, B/2"):
+        plate.fields(["C7"])

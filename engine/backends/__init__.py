@@ -81,8 +81,8 @@ def resolve(kind: str, device: str, model: str = "") -> tuple[str, str]:
             device = "cuda" if gpu else "cpu"
     if fmt == "plan" and device != "cuda":
         raise ConfigError(f"{model}: a TensorRT plan runs on an NVIDIA GPU only; use the .onnx on the CPU")
-    if kind == "auto":
-        log.info("backend auto -> %s on %s", native, device)
+    if kind == "auto":  # the run logs the path it finally takes, once (the export cache may change it)
+        log.debug("backend auto -> %s on %s", native, device)
     return native, device
 
 

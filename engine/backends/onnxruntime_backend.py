@@ -12,6 +12,7 @@ import logging
 
 import numpy as np
 
+from scdino._optional import pip_extra
 from scdino.engine.backends.base import BackendSpec, check_crops
 from scdino.errors import CheckpointError, ConfigError, ScdinoError
 
@@ -36,14 +37,13 @@ def import_ort():
     if len(dists) > 1:
         raise ConfigError(
             f"{' and '.join(dists)} are both installed; they provide the same module and overwrite each other. "
-            f"Run: pip uninstall -y {' '.join(dists)} && pip install 'scdino[onnx]' (CPU) or 'scdino[gpu]' (CUDA)"
+            f"Run: pip uninstall -y {' '.join(dists)}, then {pip_extra('onnx')} (CPU) or {pip_extra('gpu')} (CUDA)"
         )
     try:
         import onnxruntime as ort
     except ImportError as exc:
         raise ConfigError(
-            f"ONNX Runtime is not installed ({exc}); run: pip install 'scdino[onnx]' "
-            "(CPU) or 'scdino[gpu]' (NVIDIA GPU)"
+            f"ONNX Runtime is not installed ({exc}); run: {pip_extra('onnx')} (CPU) or {pip_extra('gpu')} (NVIDIA GPU)"
         ) from exc
     return ort
 
@@ -108,7 +108,7 @@ def providers_for(device: str) -> list[str]:
         if "CUDAExecutionProvider" not in avail:
             raise ConfigError(
                 f"--device cuda with ONNX Runtime needs onnxruntime-gpu; this installation offers {', '.join(avail)}. "
-                "Run: pip uninstall -y onnxruntime && pip install 'scdino[gpu]'"
+                f"Run: pip uninstall -y onnxruntime, then {pip_extra('gpu')}"
             )
         # not the TensorRT provider: without an engine cache it rebuilds per batch shape; use scdino-export tensorrt.
         # device 0: each worker sees its own GPU as device 0 (scdino.engine.cluster pins one GPU per worker)

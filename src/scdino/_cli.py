@@ -9,6 +9,7 @@ import sys
 import click
 
 from scdino.errors import ScdinoError
+from scdino.outputs import WRITE_ERRNOS, write_failure
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -43,11 +44,18 @@ def configure_logging(verbose: int) -> None:
 
 
 def handle_errors(fn, resume_hint: str = "run the same command again to continue where it stopped"):
-    """Call ``fn``; scdino's own errors become one line on stderr and exit code 2, Ctrl-C exit code 130."""
+    """Call ``fn``; scdino's own errors and failed writes (a full disk, a read-only location) become one line on stderr
+    and exit code 2, Ctrl-C exit code 130. The writers remove what they left half-written before the error comes
+    here."""
     try:
         return fn()
     except ScdinoError as exc:
         click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        click.echo(f"error: {write_failure(exc)}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo(f"interrupted: {resume_hint}", err=True)

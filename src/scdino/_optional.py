@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+from functools import lru_cache
+from pathlib import Path
 from types import ModuleType
 
 from scdino.errors import ScdinoError
@@ -19,6 +21,28 @@ EXTRAS: dict[str, tuple[str, str]] = {
 }
 
 
+@lru_cache(maxsize=1)
+def source_checkout() -> Path | None:
+    """The source checkout scdino runs from (an editable install: ``pip install -e .``), else None (a wheel)."""
+    import scdino
+
+    root = Path(scdino.__file__).resolve().parents[2]
+    try:
+        project = (root / "pyproject.toml").read_text()
+    except OSError:
+        return None
+    return root if 'name = "scdino"' in project else None
+
+
+def pip_extra(extra: str) -> str:
+    """How to install the pip extra ``extra`` in this installation: ``pip install 'scdino[trt]'`` for a wheel; in a
+    source checkout ``pip install -e '.[trt]'`` run there (the package index's scdino is not this one)."""
+    root = source_checkout()
+    if root is None:
+        return f"pip install 'scdino[{extra}]'"
+    return f"pip install -e '.[{extra}]' in {root} (a source checkout)"
+
+
 class MissingDependencyError(ScdinoError):
     """An optional dependency is not installed."""
 
@@ -29,7 +53,7 @@ def require(module: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as exc:
         extra, purpose = EXTRAS.get(module.split(".")[0], (None, "this feature"))
-        hint = f"pip install 'scdino[{extra}]'" if extra else f"pip install {module.split('.')[0]}"
+        hint = pip_extra(extra) if extra else f"pip install {module.split('.')[0]}"
         raise MissingDependencyError(
             f"{module} is needed for {purpose} but cannot be imported ({exc}); run: {hint}"
         ) from exc

@@ -9,7 +9,8 @@ output (``--overwrite``) goes through :func:`claim_dir`, which refuses
 * a folder scdino did not write (it is never deleted, whatever the options).
 
 Exported model files go through :func:`claim_file`, which refuses to replace a file that no scdino sidecar describes, or
-the input itself.
+the input itself. Both check that the location can be written before the command starts its work
+(:func:`check_writable`); a write that fails later (a full disk) is one line too (:func:`write_failure`).
 """
 
 from __future__ import annotations
@@ -98,6 +99,48 @@ def check_not_input(path: str | os.PathLike, inputs: Iterable[str | os.PathLike 
             raise OutputError(f"{path}: is inside the input {inp} of this command; choose another {option} outside it")
 
 
+#: errors of a write: a full disk or quota, a read-only file system, a location without write permission
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def write_failure(exc: OSError) -> str:
+    """The one line for a write that failed with ``exc`` (one of :data:`WRITE_ERRNOS`): where, why and the fix."""
+    name = exc.filename2 or exc.filename  # a copy or a move names its destination second
+    where = f"{name}: " if name else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = "no space left on the device" if exc.errno == errno.ENOSPC else "the disk quota is used up"
+        return (
+            f"{where}{what} while writing the output; free space there or choose another output location, then run "
+            "the command again"
+        )
+    if exc.errno == errno.EROFS:
+        return f"{where}the file system is read-only; choose a writable output location"
+    return f"{where}permission denied ({exc.strerror or exc}); check its permissions or choose another location"
+
+
+def check_writable(path: str | os.PathLike, option: str = "--out", fix: str | None = None) -> None:
+    """Refuse, before any work, an output ``path`` whose location cannot be written: a file is made and removed in the
+    nearest folder that exists (the folder ``path`` itself when it is one), which is what the command will write into
+    (a permission test by mode bits would pass for root on a read-only file system and fail on ACLs that allow it).
+    ``fix`` replaces the default advice (choose a writable ``option``)."""
+    p = Path(os.path.abspath(path))
+    folder = p if p.is_dir() else p.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    probe = folder / f".scdino-write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        why = {errno.EROFS: "the file system is read-only", errno.ENOSPC: "no space left on the device"}.get(
+            exc.errno or 0, exc.strerror or str(exc)
+        )
+        raise OutputError(
+            f"{path}: {folder} cannot be written ({why}); {fix or f'choose a writable {option}'}"
+        ) from exc
+
+
 def claim_dir(
     path: str | os.PathLike,
     command: str,
@@ -115,12 +158,48 @@ def claim_dir(
     """
     p = Path(path)
     check_replaceable(p, command, inputs=inputs, overwrite=overwrite, option=option)
+    check_writable(p, option)
     if overwrite and p.is_dir() and not is_empty(p):
         shutil.rmtree(p)
-    p.mkdir(parents=True, exist_ok=True)
-    if not (p / MARKER).is_file():
-        mark(p, command)
+    made = [d for d in [p, *p.parents] if not d.exists()]
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        if not (p / MARKER).is_file():
+            mark(p, command)
+    except BaseException:  # a full disk: the folders made for it are not left behind
+        if made:
+            _unlink(p / MARKER)
+            _remove_empty(made)
+        raise
     return p
+
+
+@contextmanager
+def claimed_dir(
+    path: str | os.PathLike,
+    command: str,
+    *,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    overwrite: bool = False,
+    option: str = "--out",
+) -> Iterator[Path]:
+    """:func:`claim_dir` for a command that fills a folder (a report): when the command fails, however it fails, a
+    folder it made (or found empty) is removed again with what it wrote, so that no empty or half-filled report is
+    left; a folder holding an earlier output of the command is kept as it is."""
+    p = Path(path)
+    fresh = not p.exists() or (p.is_dir() and is_empty(p))
+    made = [d for d in [p, *p.parents] if not d.exists()]
+    p = claim_dir(p, command, inputs=inputs, overwrite=overwrite, option=option)
+    try:
+        yield p
+    except BaseException:
+        if fresh:
+            try:
+                discard(p, command)
+            except OSError as exc:
+                log.warning("%s: left behind, it could not be removed (%s)", p, exc.strerror or exc)
+            _remove_empty(made)
+        raise
 
 
 def check_replaceable(
@@ -177,6 +256,7 @@ def claim_file(
         raise OutputError(
             f"{path}: exists and was not written by scdino, so it is not replaced; choose another {option}"
         )
+    check_writable(p, option)
     p.parent.mkdir(parents=True, exist_ok=True)
     return p
 
@@ -197,6 +277,40 @@ def claim_new(
     if p.is_dir() and not is_empty(p) and written_by(p) == command and not overwrite:
         raise OutputError(f"{path}: already exists; pass --overwrite to replace it, or choose another {option}")
     return claim_dir(p, command, inputs=inputs, overwrite=True, option=option)
+
+
+@contextmanager
+def removed_on_failure(*paths: str | os.PathLike) -> Iterator[None]:
+    """Remove the files ``paths`` (partial files the body writes) when the body fails, however it fails (a full disk,
+    an interruption), so that nothing half-written is left to fill the disk."""
+    try:
+        yield
+    except BaseException:
+        for p in paths:
+            _unlink(Path(p))
+        raise
+
+
+def _unlink(path: Path) -> None:
+    """Remove the file ``path`` after a failure; where that fails too (a read-only location) say what is left, and
+    let the first error be the one reported."""
+    if not os.path.lexists(path):
+        return
+    try:
+        path.unlink()
+    except OSError as exc:
+        log.warning("%s: left behind, it could not be removed (%s)", path, exc.strerror or exc)
+
+
+@contextmanager
+def partial_file(out: str | os.PathLike, tmp: str | os.PathLike | None = None) -> Iterator[Path]:
+    """A file written whole or not at all: the body writes the returned path (``tmp``, by default ``OUT.partial``
+    beside ``out``), which replaces ``out`` when the body ends and is removed when it fails."""
+    out = Path(out)
+    tmp = Path(tmp) if tmp is not None else out.with_name(out.name + ".partial")
+    with removed_on_failure(tmp):
+        yield tmp
+        os.replace(tmp, out)
 
 
 def discard(path: str | os.PathLike, command: str) -> bool:

@@ -1,7 +1,9 @@
 """Progress a person can follow on a terminal and in a log file alike.
 
-On a terminal, :class:`Progress` draws a tqdm bar. Anywhere else (nohup, a pipe, a batch scheduler's log) it logs one
-line at a steady interval: done / total, rate and time left, and a last line with the total time. :func:`heartbeat`
+On a terminal, :class:`Progress` draws a tqdm bar. Anywhere else (nohup, a pipe, a batch scheduler's log) it logs a
+line when the work starts, then one at least every interval whatever the size of a unit of work (a clock thread
+writes it while a long block is still being embedded): done / total, rate and time left, and a last line with the
+total time. :func:`heartbeat`
 does the same for a phase that cannot count its work (a UMAP fit): a line every interval saying it is still running.
 The interval is 30 s, or ``SCDINO_PROGRESS_SECONDS``.
 """
@@ -51,18 +53,44 @@ class Progress:
         self.enabled = enabled and self.total > 0
         self.t0 = self.last = time.monotonic()
         self.bar = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._clock: threading.Thread | None = None
         if self.enabled and on_terminal():
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=self.total, initial=self.done, desc=desc, unit=unit, dynamic_ncols=True)
+        elif self.enabled:
+            log.info("%s: %d/%d %ss to do", self.desc, self.total - self.done, self.total, self.unit)
+            if interval() > 0:  # (0: a line per finished unit, nothing in between)
+                self._clock = threading.Thread(target=self._tick, name=f"progress {desc}", daemon=True)
+                self._clock.start()
+
+    def _tick(self) -> None:
+        """Log the line whenever an interval has passed without one (a unit of work that takes longer than it)."""
+        while True:
+            with self._lock:
+                due = self.last + interval() - time.monotonic()
+            if self._stop.wait(max(0.05, due)):
+                return
+            self._log_if_due()
+
+    def _log_if_due(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self.last >= interval() and self.done < self.total and not self._stop.is_set():
+                self.last = now
+                log.info(self.line())
 
     def line(self) -> str:
-        """``desc: done/total unit (pct), rate unit/s, ETA``."""
+        """``desc: done/total unit (pct), rate unit/s, ETA``; before the first unit is done, the time so far."""
         elapsed = time.monotonic() - self.t0
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        if self.done == self.start_done:
+            return f"{self.desc}: {self.done}/{self.total} {self.unit}s ({pct:.0f}%), {duration(elapsed)} so far"
         rate = (self.done - self.start_done) / elapsed if elapsed > 0 else 0.0
         left = (self.total - self.done) / rate if rate > 0 else float("nan")
         eta = duration(left) if left == left else "unknown"
-        pct = 100.0 * self.done / self.total if self.total else 100.0
         return f"{self.desc}: {self.done}/{self.total} {self.unit}s ({pct:.0f}%), {rate:.1f} {self.unit}s/s, {eta} left"
 
     def update(self, n: int = 1) -> None:
@@ -72,14 +100,18 @@ class Progress:
         if self.bar is not None:
             self.bar.update(n)
             return
-        now = time.monotonic()
-        if now - self.last >= interval() and self.done < self.total:
-            self.last = now
-            log.info(self.line())
+        self._log_if_due()
+
+    def _stop_clock(self) -> None:
+        self._stop.set()
+        if self._clock is not None:
+            self._clock.join()
+            self._clock = None
 
     def close(self) -> None:
         if not self.enabled:
             return
+        self._stop_clock()
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -94,7 +126,9 @@ class Progress:
     def __exit__(self, *exc) -> None:
         if exc[0] is None:
             self.close()
-        elif self.bar is not None:
+            return
+        self._stop_clock()
+        if self.bar is not None:
             self.bar.close()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Sequence
@@ -58,6 +59,37 @@ def _open_group(path: str | os.PathLike, what: str) -> zarr.Group:
         ) from exc
 
 
+def child(group: zarr.Group, key: str, where: str) -> Any:
+    """``group[key]``: a KeyError where it is missing on disk, one clear error where its metadata (``zarr.json``, or
+    ``.zgroup`` / ``.zarray`` / ``.zattrs``) cannot be read."""
+    try:
+        return group[key]
+    except KeyError:
+        raise
+    except Exception as exc:  # zarr raises JSONDecodeError, ValueError, TypeError... for damaged metadata
+        raise InputError(
+            f"{where}: its zarr metadata cannot be read ({type(exc).__name__}: {str(exc)[:200]}); the plate is damaged "
+            "or incomplete: copy or convert it again, or select other wells with --wells"
+        ) from exc
+
+
+def canonical_well(well: str) -> str:
+    """``A/1``, ``A/01``, ``A01``, ``a1`` -> ``A/1`` (row letters, column number): one well whichever form a plate or a
+    plate map writes it in."""
+    m = re.fullmatch(r"\s*([A-Za-z]+)\s*/?\s*0*(\d+)\s*", str(well))
+    if not m:
+        raise ConfigError(f"well {well!r}: expected a row letter and a column number, e.g. B03 or B/3")
+    return f"{m.group(1).upper()}/{int(m.group(2))}"
+
+
+def _well_key(well: str) -> str:
+    """The plate's well path in canonical form where it has one (a well named otherwise is matched as it is)."""
+    try:
+        return canonical_well(well)
+    except ConfigError:
+        return well
+
+
 _UNIT_TO_UM = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3, "meter": 1e6, "angstrom": 1e-4}
 
 
@@ -71,7 +103,7 @@ def read_multiscale(group: zarr.Group, where: str) -> Multiscale:
     axes = tuple((a["name"] if isinstance(a, dict) else a).lower() for a in ms0.get("axes", []))
     ds0 = ms0["datasets"][0]
     try:
-        arr = group[ds0["path"]]
+        arr = child(group, ds0["path"], f"{where}/{ds0['path']}")
     except KeyError as exc:
         raise InputError(f"{where}: multiscale level {ds0['path']!r} is missing") from exc
     if not axes:  # NGFF < 0.4 had no axes: (t, c, z, y, x)
@@ -122,16 +154,19 @@ class Plate:
     def fields(self, wells: Sequence[str] | None = None) -> list[FieldRef]:
         """All fields of the selected wells (all wells by default), in plate order."""
         names = self.wells
-        if wells:
+        if wells:  # A/1, A1 and A01 name one well, as plate maps write it
+            keys = {_well_key(n): n for n in reversed(names)}
             want = [w.strip().strip("/") for w in wells]
-            unknown = [w for w in want if w not in names]
+            found = {w: w if w in names else keys.get(_well_key(w)) for w in want}
+            unknown = [w for w, n in found.items() if n is None]
             if unknown:
                 raise ConfigError(f"{self.path}: no well {', '.join(unknown)}; wells are {', '.join(names[:12])}...")
-            names = [w for w in names if w in want]
+            chosen = set(found.values())
+            names = [w for w in names if w in chosen]
         out: list[FieldRef] = []
         for w in names:
             try:
-                g = self._root[w]
+                g = child(self._root, w, f"{self.path}/{w}")
             except KeyError as exc:
                 raise InputError(f"{self.path}/{w}: listed in the plate metadata but missing on disk") from exc
             wmeta = _ome(dict(g.attrs)).get("well")
@@ -142,7 +177,7 @@ class Plate:
 
     def _field(self, ref: FieldRef) -> zarr.Group:
         try:
-            return self._root[ref.path]
+            return child(self._root, ref.path, f"{self.path}/{ref.path}")
         except KeyError as exc:
             raise InputError(
                 f"{self.path}/{ref.path}: field listed in the well metadata but missing on disk; the plate is "
@@ -185,7 +220,7 @@ class Plate:
 
     def label_names(self, ref: FieldRef) -> list[str]:
         try:
-            g = self._root[f"{ref.path}/labels"]
+            g = child(self._root, f"{ref.path}/labels", f"{self.path}/{ref.path}/labels")
         except KeyError:
             return []
         return [str(n) for n in _ome(dict(g.attrs)).get("labels", [])]
@@ -196,7 +231,7 @@ class Plate:
         if name not in have:
             raise InputError(missing_labels_message(f"{self.path}/{ref.path}", name, have))
         where = f"{self.path}/{ref.path}/labels/{name}"
-        ms = read_multiscale(self._root[f"{ref.path}/labels/{name}"], where)
+        ms = read_multiscale(child(self._root, f"{ref.path}/labels/{name}", where), where)
         arr = read_array(ms.array, where)
         return squeeze_2d(arr, ms.axes, where)
 

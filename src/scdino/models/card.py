@@ -114,15 +114,17 @@ def check_channels(
     n_channels: int,
     selected: Sequence[str] | None = None,
     available: Sequence[str] | None = None,
+    option: str = "--channels",
 ) -> None:
     """The one check of the channels a run gives a model: the names it was trained on (where both are known), then
-    the count it needs. ``available`` are all the channels of the data, for the advice."""
+    the count it needs. ``available`` are all the channels of the data, for the advice; ``option`` is the option that
+    selects channels in the command that asks (evaluate's is --channel-sets)."""
     name = display_name(model)
     if trained_on and selected is not None and list(trained_on) != list(selected):
         have = list(available) if available is not None else list(selected)
         missing = [c for c in trained_on if c not in have]
         hint = (
-            f"pass --channels {','.join(trained_on)}"
+            f"pass {option} {','.join(trained_on)}"
             if not missing
             else "this plate lacks them: pass --model with a model for its channels (e.g. dino_vits16, adapted to any "
             "channels, or one trained with scdino-train)"
@@ -134,7 +136,7 @@ def check_channels(
         expect = f" ({', '.join(trained_on)})" if trained_on else ""
         raise ConfigError(
             f"{name}: the model expects {in_chans} channels{expect}, the data give {n_channels}; "
-            "pass --channels to select them"
+            f"pass {option} to select them"
         )
 
 

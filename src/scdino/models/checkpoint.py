@@ -230,6 +230,6 @@ def hub_path(name: str) -> Path:
     except Exception as exc:  # urllib raises many types; all mean the same thing to the user
         raise CheckpointError(
             f"{name}: the download from {url} failed ({type(exc).__name__}: {exc}). Without network access, "
-            f"download the file elsewhere and pass its path with --model, or copy it to {dest}"
+            f"download the file elsewhere and pass its path instead of {name}, or copy it to {dest}"
         ) from exc
     return dest

@@ -22,8 +22,12 @@ def sidecar_path(model_path: str | os.PathLike) -> Path:
 def write_sidecar(model_path: str | os.PathLike, meta: dict[str, Any]) -> Path:
     path = sidecar_path(model_path)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"format": FORMAT, **meta}, indent=2, default=str))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps({"format": FORMAT, **meta}, indent=2, default=str))
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no half-written sidecar is left
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
