@@ -174,8 +174,7 @@ def compute_grid(
     ``outdir/embeddings``) and measure k-NN on each, beside the untrained and raw-pixel baselines."""
     from scdino.cells.source import open_source, read_all
     from scdino.engine.cluster import dask_client
-    from scdino.knn import labels_of
-    from scdino.knn import evaluate_knn
+    from scdino.knn import evaluate_knn, labels_of
     from scdino.models import embed_crops, load_model
 
     source = open_source(crops)

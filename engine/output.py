@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from scdino.errors import ConfigError, InputError, OutputError
+from scdino.errors import InputError, OutputError
 from scdino.outputs import claim_dir, mark, written_by
 
 log = logging.getLogger(__name__)

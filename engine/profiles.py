@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -29,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from scdino.bounds import check
+from scdino.cells.plate import canonical_well
 from scdino.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
@@ -49,14 +49,6 @@ FEATURE_PREFIX = "Cells_scdino_"
 
 def feature_names(dim: int) -> list[str]:
     return [f"{FEATURE_PREFIX}{i:04d}" for i in range(dim)]
-
-
-def canonical_well(well: str) -> str:
-    """``A/1``, ``A/01``, ``A01``, ``a1`` -> ``A/1`` (row letters, column number), the form scdino's outputs use."""
-    m = re.fullmatch(r"\s*([A-Za-z]+)\s*/?\s*0*(\d+)\s*", str(well))
-    if not m:
-        raise ConfigError(f"well {well!r}: expected a row letter and a column number, e.g. B03 or B/3")
-    return f"{m.group(1).upper()}/{int(m.group(2))}"
 
 
 def well_id(well: str) -> str:
