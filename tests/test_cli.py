@@ -220,7 +220,7 @@ def test_the_real_command_is_quiet_and_logs_progress_off_a_terminal(plate2, tmp_
     assert any("finding cells: 3/3 fields" in ln for ln in lines), p.stderr
     noise = [ln for ln in lines if not ln.startswith("INFO scdino")]
     assert not noise, noise
-    assert (p.stdout + p.stderr).count("untrained") == 1, p.stdout + p.stderr
+    assert (p.stdout + p.stderr).count("the model is untrained") == 1, p.stdout + p.stderr
     timing = ad.read_zarr(tmp_path / "o.zarr").uns["scdino"]["timing"]
     assert timing["find_cells_seconds"] > 0 and timing["embed_seconds"] > 0 and "cells_s" not in timing
     broken = make_tiny_plate(tmp_path / "broken.zarr")
