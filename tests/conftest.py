@@ -116,3 +116,16 @@ def dino_full_checkpoint(
         save.update(extra)
     torch.save(save, path)
     return teacher
+
+
+def sklearn_knn_top1(x: np.ndarray, y: np.ndarray, k: int, temperature: float = 0.07, seed: int = 0) -> float:
+    """Top-1 of the paper's vote on the seeded stratified split, by scikit-learn: k cosine neighbours, each weighted
+    exp(similarity / T) (a second implementation of the vote; the split is the protocol's)."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from scdino.knn import split
+
+    tr, te, _ = split(y, 0.8, seed)
+    clf = KNeighborsClassifier(k, metric="cosine", weights=lambda d: np.exp((1 - d) / temperature), algorithm="brute")
+    clf.fit(x[tr], y[tr])
+    return float((clf.predict(x[te]) == y[te]).mean())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import dino_full_checkpoint, write_class_tiffs
+from conftest import dino_full_checkpoint, sklearn_knn_top1, write_class_tiffs
 from scdino.cells.cropstore import CropStore
 from scdino.engine.attention import attention_command
 from scdino.engine.evaluate import evaluate, raw_pixel_features
@@ -110,25 +110,12 @@ def test_run_on_a_crop_store_keeps_every_label(embedded_store):
     assert a.n_obs == 48 and list(a.obs["class"].astype(str)) == list(table["class"])
 
 
-def _sklearn_knn_top1(x: np.ndarray, y: np.ndarray, k: int, temperature: float = 0.07, seed: int = 0) -> float:
-    """Top-1 of the paper's vote on the seeded stratified split, by scikit-learn: k cosine neighbours, each weighted
-    exp(similarity / T) (a second implementation of the vote; the split is the protocol's)."""
-    from sklearn.neighbors import KNeighborsClassifier
-
-    from scdino.knn import split
-
-    tr, te, _ = split(y, 0.8, seed)
-    clf = KNeighborsClassifier(k, metric="cosine", weights=lambda d: np.exp((1 - d) / temperature), algorithm="brute")
-    clf.fit(x[tr], y[tr])
-    return float((clf.predict(x[te]) == y[te]).mean())
-
-
 def test_knn_report_and_classification_against_a_reference(embedded_store, tmp_path):
     shutil.copytree(embedded_store / "e.zarr", tmp_path / "e.zarr")  # the classification writes into the store
     r = knn_command(str(tmp_path / "e.zarr"), "class", k=5, out=str(tmp_path / "k"))
     a = ad.read_zarr(tmp_path / "e.zarr")
     y = a.obs["class"].astype(str).to_numpy()
-    assert r["top1"] == pytest.approx(_sklearn_knn_top1(a.obsm["X_scdino"], y, k=5))
+    assert r["top1"] == pytest.approx(sklearn_knn_top1(a.obsm["X_scdino"], y, k=5))
     assert os.path.getsize(tmp_path / "k" / "confusion.png") > 1000
     assert json.loads((tmp_path / "k" / "knn.json").read_text())["classes"] == ["BRN2", "CTIP2", "ROR"]
     # classify the store's cells against itself as a labelled reference: obs column written, store readable
@@ -192,7 +179,7 @@ def test_evaluate_grid_with_baselines_and_epochs(authors_folder, tmp_path):
     px = CropStore(tmp_path / "c.zarr").read(np.arange(len(table)), [0]).astype(np.float64)
     lo, hi = px.min(axis=(2, 3), keepdims=True), px.max(axis=(2, 3), keepdims=True)
     flat = ((px - lo) / np.where(hi > lo, hi - lo, 1)).reshape(len(px), -1)
-    assert top1[0, 2] == pytest.approx(_sklearn_knn_top1(flat, table["class"].astype(str).to_numpy(), k=20))
+    assert top1[0, 2] == pytest.approx(sklearn_knn_top1(flat, table["class"].astype(str).to_numpy(), k=20))
     # the same model twice gives the same accuracy: the grid is deterministic
     assert top1[0, 0] == top1[0, 1]
 

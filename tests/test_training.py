@@ -524,10 +524,9 @@ def test_torchrun_two_processes_match_one(crop_store, tmp_path):
 def test_knn_monitoring_logs_what_the_engine_would_measure(crop_store, tmp_path):
     """The logged k-NN equals scikit-learn's vote on the embeddings scdino-engine run writes for the final teacher."""
     import anndata as ad
-    from sklearn.neighbors import KNeighborsClassifier
 
+    from conftest import sklearn_knn_top1
     from scdino.engine.pipeline import RunConfig, run
-    from scdino.knn import split
 
     out = tmp_path / "mon"
     train(cfg_for(crop_store, out, epochs=2, val_data=crop_store, knn_freq=1, intensity_scaling="dataset"))
@@ -535,10 +534,7 @@ def test_knn_monitoring_logs_what_the_engine_would_measure(crop_store, tmp_path)
     assert [("knn_top1" in r) for r in logged] == [True, True]
     run(RunConfig(plate=crop_store, out=str(tmp_path / "e.zarr"), model=str(out / "checkpoint.pth"), progress=False))
     a = ad.read_zarr(tmp_path / "e.zarr")
-    x, y = a.obsm["X_scdino"], a.obs["class"].astype(str).to_numpy()
-    tr, te, _ = split(y, 0.8, 0)
-    clf = KNeighborsClassifier(20, metric="cosine", weights=lambda d: np.exp((1 - d) / 0.07), algorithm="brute")
-    want = float((clf.fit(x[tr], y[tr]).predict(x[te]) == y[te]).mean())
+    want = sklearn_knn_top1(a.obsm["X_scdino"], a.obs["class"].astype(str).to_numpy(), k=20)
     assert logged[-1]["knn_top1"] == pytest.approx(want, abs=1e-9)
 
 

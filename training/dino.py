@@ -102,7 +102,7 @@ class DINOLoss(nn.Module):
 
     def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, epoch: int) -> torch.Tensor:
         s = (student_out / self.student_temp).chunk(self.n_crops)
-        temp = float(self.teacher_temp_schedule[min(epoch, len(self.teacher_temp_schedule) - 1)])
+        temp = self.teacher_temp(epoch)
         t = F.softmax((teacher_out - self.center) / temp, dim=-1).detach().chunk(2)
         total, n = 0.0, 0
         for iq, q in enumerate(t):
@@ -115,6 +115,10 @@ class DINOLoss(nn.Module):
         self.last_stats = self._stats(torch.cat(t), loss.detach())
         self.update_center(teacher_out)
         return loss
+
+    def teacher_temp(self, epoch: int) -> float:
+        """The teacher temperature of ``epoch`` (0-based; the last value beyond the schedule)."""
+        return float(self.teacher_temp_schedule[min(epoch, len(self.teacher_temp_schedule) - 1)])
 
     @staticmethod
     @torch.no_grad()

@@ -21,7 +21,7 @@ from torch import nn
 from scdino.cells.options import CellOptions
 from scdino.cpu import has_native_bf16
 from scdino.errors import CheckpointError, ConfigError, ScdinoError
-from scdino.knn import labels_of
+from scdino.knn import evaluate_knn, labels_of
 from scdino.models import arch_config, embed_crops
 from scdino.models.vit import VisionTransformer
 from scdino.outputs import claim_dir
@@ -83,11 +83,10 @@ def _precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
         return torch.float16
     if cfg.precision == "fp16":
         raise ConfigError("precision fp16 is for GPUs; on a CPU use bf16 (CPUs with avx512_bf16 or AMX) or fp32")
-    if cfg.precision == "bf16" or has_native_bf16():
-        if not has_native_bf16():
-            log.warning("this CPU has no native bf16 (avx512_bf16/AMX): bf16 training will be slower than fp32")
-        return torch.bfloat16
-    return None
+    native = has_native_bf16()
+    if cfg.precision == "bf16" and not native:
+        log.warning("this CPU has no native bf16 (avx512_bf16/AMX): bf16 training will be slower than fp32")
+    return torch.bfloat16 if cfg.precision == "bf16" or native else None
 
 
 def build_networks(cfg: TrainConfig, in_chans: int) -> tuple[MultiCropWrapper, MultiCropWrapper]:
@@ -336,15 +335,9 @@ def resume(tr: Trainer, path: Path) -> int:
     try:
         ck = safe_load(path)
     except CheckpointError as exc:
-        saved = sorted(path.parent.glob("checkpoint[0-9][0-9][0-9][0-9].pth"))
-        hint = (
-            f"the last numbered one is {saved[-1]}: copy it to {path} to resume after epoch "
-            f"{int(saved[-1].stem[-4:])}, or start a new --out"
-            if saved
-            else "there is no numbered checkpointNNNN.pth to fall back on: start a new --out"
-        )
         raise CheckpointError(
-            f"{path}: the run's last checkpoint cannot be read (damaged, or cut short while it was written); {hint}"
+            f"{path}: the run's last checkpoint cannot be read (damaged, or cut short while it was written); "
+            f"{record.fallback_hint(path.parent)}"
         ) from exc
     for entry, (attr, prefix) in STATE.items():
         obj = getattr(tr, attr)
@@ -482,11 +475,9 @@ def train_one_epoch(tr: Trainer, epoch: int, logf) -> dict:
         "lr": float(tr.lr[last]),
         "wd": float(tr.wd[last]),
         "momentum": float(tr.momentum[last]),
-        "teacher_temp": float(tr.loss_fn.teacher_temp_schedule[min(epoch, len(tr.loss_fn.teacher_temp_schedule) - 1)]),
+        "teacher_temp": tr.loss_fn.teacher_temp(epoch),
     }
     if tr.val is not None and (epoch + 1) % tr.cfg.knn_freq == 0:
-        from scdino.knn import evaluate_knn
-
         emb = embed_crops(tr.teacher.backbone, tr.val[0], tr.data.prep, tr.device)
         knn = evaluate_knn(emb, tr.val[1], seed=tr.cfg.seed)
         summary["knn_top1"] = knn["top1"]
@@ -532,7 +523,6 @@ def health(summary: dict, first: dict | None, cfg: TrainConfig) -> list[str]:
 
 def _validation_data(cfg: TrainConfig, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """The labelled crops (``val_data``) k-NN is followed on, with the training channels."""
-
     vcrops, _, vtable = load_crops(cfg.val_data, CellOptions(channels=tuple(names)))
     return vcrops, labels_of(vtable, cfg.val_label_key, cfg.val_data).to_numpy()
 
@@ -564,12 +554,8 @@ def train(
     cfg = tr.cfg
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pth"
-    numbered = sorted(out.glob("checkpoint[0-9][0-9][0-9][0-9].pth"))
-    if not ckpt_path.is_file() and numbered:
-        raise CheckpointError(
-            f"{ckpt_path}: missing, but the run has {numbered[-1].name}: copy it to {ckpt_path} to resume after epoch "
-            f"{int(numbered[-1].stem[-4:])}, or start a new --out (training again here would overwrite it)"
-        )
+    if not ckpt_path.is_file() and record.numbered_checkpoints(out):  # never trained over from epoch 0
+        raise CheckpointError(f"{ckpt_path}: missing; {record.fallback_hint(out)}")
     start = resume(tr, ckpt_path) if ckpt_path.is_file() else 0
     if start >= cfg.epochs:
         if tr.rank == 0:

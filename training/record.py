@@ -23,9 +23,25 @@ def _plain(d: dict) -> dict:
     return json.loads(json.dumps(d))  # tuples as lists, as config.json holds them
 
 
+def numbered_checkpoints(out: Path) -> list[Path]:
+    """The run's ``checkpointNNNN.pth`` files, oldest first."""
+    return sorted(out.glob("checkpoint[0-9][0-9][0-9][0-9].pth"))
+
+
+def fallback_hint(out: Path) -> str:
+    """What to do when ``checkpoint.pth`` cannot be used: copy the last numbered checkpoint over it, or a new --out."""
+    saved = numbered_checkpoints(out)
+    if not saved:
+        return "there is no numbered checkpointNNNN.pth to fall back on: start a new --out"
+    return (
+        f"the last numbered one is {saved[-1]}: copy it to {out / 'checkpoint.pth'} to resume after epoch "
+        f"{int(saved[-1].stem[-4:])}, or start a new --out"
+    )
+
+
 def trained(out: Path) -> bool:
     """Whether the run folder holds a checkpoint (something was trained under its settings)."""
-    return (out / "checkpoint.pth").is_file() or any(out.glob("checkpoint[0-9][0-9][0-9][0-9].pth"))
+    return (out / "checkpoint.pth").is_file() or bool(numbered_checkpoints(out))
 
 
 def run_settings(out: Path) -> dict | None:
@@ -51,7 +67,7 @@ def history(out: Path) -> list[dict]:
     path = out / "history.jsonl"
     if not path.is_file():
         return []
-    out_ = []
+    records = []
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -60,8 +76,8 @@ def history(out: Path) -> list[dict]:
         except json.JSONDecodeError:
             raise ConfigError(f"{path}:{i}: not a JSON record (cut short?); remove that line to go on") from None
         if isinstance(rec, dict):
-            out_.append(rec)
-    return out_
+            records.append(rec)
+    return records
 
 
 def check(cfg: TrainConfig, extend: bool = False) -> tuple[TrainConfig, str]:
@@ -84,7 +100,7 @@ def check(cfg: TrainConfig, extend: bool = False) -> tuple[TrainConfig, str]:
         if epochs is None or epochs[1] <= epochs[0]:
             raise ConfigError(f"{out}: --extend needs more --epochs than the run's {saved['epochs']}")
         differ.pop("warmup_epochs", None)  # a derived value (a tenth of a short run): the run keeps its own
-        cfg = dataclasses.replace(cfg, warmup_epochs=saved.get("warmup_epochs", cfg.warmup_epochs))
+        cfg = dataclasses.replace(cfg, warmup_epochs=saved["warmup_epochs"])
     elif epochs is not None:
         differ["epochs"] = epochs
     if differ:
@@ -102,13 +118,11 @@ def check(cfg: TrainConfig, extend: bool = False) -> tuple[TrainConfig, str]:
     return cfg, "extend" if extend else "resume"
 
 
-def write(cfg: TrainConfig, action: str, from_epoch: int | None = None) -> None:
+def write(cfg: TrainConfig, action: str) -> None:
     """Write ``config.json`` for a new run and add this command to the history."""
     out = Path(cfg.out)
     if action in ("start", "restart", "adopt"):
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     rec = {"event": action, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "epochs": cfg.epochs}
-    if from_epoch is not None:
-        rec["from_epoch"] = from_epoch
     with open(out / "history.jsonl", "a") as f:
         f.write(json.dumps(rec) + "\n")
