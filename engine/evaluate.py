@@ -206,7 +206,8 @@ def compute_grid(
 
         def embed(model: str, chans: tuple[str, ...], tag: str, column: str) -> np.ndarray:
             x = embed_with_run(crops, model, chans, outdir / "embeddings" / f"{tag}.zarr", settings)
-            grid.input_sizes.setdefault(column, store_input_size(outdir / "embeddings" / f"{tag}.zarr"))
+            if column not in grid.input_sizes:  # read once per column, not at every embedding
+                grid.input_sizes[column] = store_input_size(outdir / "embeddings" / f"{tag}.zarr")
             bar.update(1)
             return x
 

@@ -163,8 +163,7 @@ def _existing_output(cfg: RunConfig) -> dict | None:
     model's path is chosen: :func:`_complete`); an error for anything else there. Checked before any work. With
     ``--overwrite`` an output scdino wrote is replaced only when the new run writes (EmbeddingStore.create), and
     nothing else ever is."""
-    inputs = [cfg.plate, cfg.model]
-    check_not_input(cfg.out, inputs)
+    inputs = [cfg.plate, cfg.model]  # checked against the output by run() before the lock is taken
     status = store_status(cfg.out)
     if status is None:
         return None

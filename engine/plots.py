@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from typing import Sequence
 
 import numpy as np
+
+from scdino.cells.plate import canonical_well
 
 #: the PNG text chunk that marks a figure as scdino's (the output guard replaces only such files)
 SOFTWARE = "scdino"
@@ -220,10 +221,8 @@ PLATE_FORMATS = ((8, 12), (16, 24), (32, 48))
 
 def _well_rc(well: str) -> tuple[int, int]:
     """``B/3``, ``B03`` or ``B3`` -> (row index, column index), both from 0."""
-    m = re.fullmatch(r"\s*([A-Za-z]+)\s*/?\s*0*(\d+)\s*", str(well))
-    if not m:
-        raise ValueError(f"well {well!r}: expected a row letter and a column number")
-    return _row_index(m.group(1)), int(m.group(2)) - 1
+    row, col = canonical_well(well).split("/")
+    return _row_index(row), int(col) - 1
 
 
 def plate_format(wells) -> tuple[int, int]:
