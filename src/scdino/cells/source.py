@@ -4,8 +4,11 @@ An OME-Zarr plate (:class:`PlateSource`: cells found by stored labels or segment
 store (:class:`CropStoreSource`: crops already cut) both give
 
 * the selected channels (indices, names, and every channel the source has), the crop size and the pixel dtype;
-* :meth:`~CellSource.find_cells`: the cell table (a plate's fields are searched in parallel, on a Dask client when one
-  is given, else on a local thread pool);
+* :attr:`~CellSource.parts` and :meth:`~CellSource.cells_of`: the units cells are found in (a plate's fields; a crop
+  store is one part) and the cells of one part (picklable, so a pipeline can find the cells of a part as a task and
+  start embedding them while the next parts are still searched);
+* :meth:`~CellSource.find_cells`: the whole cell table, the parts' tables in order (searched in parallel, on a Dask
+  client when one is given, else on a local thread pool);
 * :meth:`~CellSource.read`: raw crops (n, C, S, S) for any rows of that table (picklable, so Dask tasks can call it);
 * :meth:`~CellSource.identity`: what a resumed run must find unchanged.
 """
@@ -42,7 +45,12 @@ class CellSource(Protocol):
     #: the table columns :meth:`read` needs
     read_columns: tuple[str, ...]
 
+    #: the units cells are found in, in table order (picklable)
+    parts: list[Any]
+
     def identity(self) -> dict[str, Any]: ...
+
+    def cells_of(self, part: Any) -> pd.DataFrame: ...
 
     def find_cells(self, client: Any = None, progress: Callable[[int], Any] | None = None) -> pd.DataFrame: ...
 
@@ -98,6 +106,13 @@ class PlateSource:
         self.crop_size = first.crop
         self.token = uuid.uuid4().hex  # names this reader's decoded fields in each process's cache
 
+    @property
+    def parts(self) -> list[FieldRef]:
+        return self.fields
+
+    def cells_of(self, part: FieldRef) -> pd.DataFrame:
+        return field_cells(self.plate, part, self.opts)
+
     def identity(self) -> dict[str, Any]:
         return {
             "plate": os.path.abspath(self.path),
@@ -115,7 +130,7 @@ class PlateSource:
         if client is not None:
             from distributed import as_completed
 
-            futs = client.map(field_cells, [self.plate] * n, self.fields, [self.opts] * n, pure=False)
+            futs = client.map(self.cells_of, self.fields, pure=False)
             index = {f.key: i for i, f in enumerate(futs)}
             for fut, df in as_completed(futs, with_results=True):
                 parts[index[fut.key]] = df
@@ -123,7 +138,7 @@ class PlateSource:
                     progress(1)
         else:
             with ThreadPoolExecutor(max_workers=max(1, min(n, os.cpu_count() or 1))) as pool:
-                for i, df in enumerate(pool.map(lambda ref: field_cells(self.plate, ref, self.opts), self.fields)):
+                for i, df in enumerate(pool.map(self.cells_of, self.fields)):
                     parts[i] = df
                     if progress:
                         progress(1)
@@ -178,6 +193,11 @@ class CropStoreSource:
             "crop": self.crop_size,
             "source": dict(self.store.meta),
         }
+
+    parts = [None]  # one part: the store's table
+
+    def cells_of(self, part: Any = None) -> pd.DataFrame:
+        return self.store.table()
 
     def find_cells(self, client: Any = None, progress: Callable[[int], Any] | None = None) -> pd.DataFrame:
         return self.store.table()
