@@ -93,7 +93,7 @@ def attention_command(
     import torch.nn.functional as F
 
     from scdino.engine.plots import attention_png
-    from scdino.models import load_model
+    from scdino.models.card import describe_model
     from scdino.preprocess import apply
 
     check(per_class=per_class, input_size=input_size, seed=seed)
@@ -102,7 +102,7 @@ def attention_command(
         label_key = label_key or ("class" if "class" in table and not cells else None)
         rows = select_cells(table, cells, per_class, label_key, seed)
         crops = reader(rows.reset_index(drop=True))
-        lm = load_model(model, len(names), input_size, checkpoint_key)
+        lm = describe_model(model, n_channels=len(names), input_size=input_size, checkpoint_key=checkpoint_key).load()
         with torch.inference_mode():
             _, att = lm.model.forward_with_attention(apply(torch.from_numpy(crops.astype(np.float32)), lm.prep))
         g = lm.prep.input_size // lm.model.cfg.patch_size

@@ -11,6 +11,7 @@ import click
 
 from scdino._cli import ErrorGroup, configure_logging
 from scdino.cells.options import DEFAULT_CROP_SIZE, CellOptions, SegmentParams
+from scdino.engine import backends
 from scdino.engine.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, RunConfig
 from scdino.engine.umap import DEFAULT_PRESET, FIT_MAX, PRESETS
 from scdino.knn import TEMPERATURE, TRAIN_FRACTION, K
@@ -22,6 +23,21 @@ MODEL_HELP = (
     "(dino_vits16, dino_vits8, dino_vitb16, dino_vitb8; downloaded once into the torch hub cache), or random:ARCH "
     "(e.g. random:vit_small16) for an untrained model whose embeddings carry no learned features."
 )
+
+
+class BackendChoice(click.Choice):
+    """``--backend``'s choices, read from the backend registry when asked (a backend registered later is one too)."""
+
+    def __init__(self) -> None:
+        super().__init__(backends.choices())
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(backends.choices())
+
+    @choices.setter
+    def choices(self, value) -> None:  # click.Choice sets its choices once; these are always the registry's
+        pass
 
 
 @click.group(cls=ErrorGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -108,7 +124,7 @@ def _split(value: str | None) -> tuple[str, ...] | None:
 )
 @click.option(
     "--backend",
-    type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]),
+    type=BackendChoice(),
     default=RunConfig.backend,
     show_default=True,
     help="auto picks by MODEL: a checkpoint runs on torch (on a CPU: through its cached ONNX export when ONNX "

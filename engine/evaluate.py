@@ -175,7 +175,8 @@ def compute_grid(
     from scdino.cells.source import open_source, read_all
     from scdino.engine.cluster import dask_client
     from scdino.knn import evaluate_knn, labels_of
-    from scdino.models import embed_crops, load_model
+    from scdino.models import embed_crops
+    from scdino.models.card import describe_model
 
     source = open_source(crops)
     if source.n_fields:
@@ -219,7 +220,7 @@ def compute_grid(
             record(i, j, knn(raw_pixel_features(raw)))
             if fixed and all(c in fixed[1] for c in chans):  # the range is known for these channels (by name)
                 prep = fixed[0].select([fixed[1].index(c) for c in chans])
-                net = load_model(untrained, len(chans), prep.input_size).model
+                net = describe_model(untrained, n_channels=len(chans), input_size=prep.input_size).load().model
                 record(i, j + 1, knn(embed_crops(net, raw, prep)))
                 record(i, j + 2, knn(raw_pixel_features(raw, prep.scale_lo, prep.scale_hi)))
         if epochs:

@@ -76,7 +76,7 @@ def versions() -> dict[str, str]:
 
 def backend_spec(cfg: RunConfig, card: ModelCard, n_channels: int) -> BackendSpec:
     """The backend ``cfg`` asks for, resolved for this model and machine."""
-    kind, device = resolve(cfg.backend, cfg.device, cfg.model)
+    kind, device = resolve(cfg.backend, cfg.device, card)
     threads = cfg.threads or (
         max(1, (os.cpu_count() or 1) // local_workers(cfg, device)) if not cfg.scheduler else None
     )

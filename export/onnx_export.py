@@ -9,84 +9,30 @@ the outputs in float32 and runs the rest in float16 (for GPUs: ONNX Runtime CUDA
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 from scdino.cells.options import DEFAULT_CROP_SIZE
 from scdino.errors import ConfigError
 from scdino.export.verify import verify
-from scdino.models import LoadedModel, load_model
+from scdino.models.card import ModelCard, describe_model
 from scdino.models.sidecar import write_sidecar
 from scdino.outputs import claim_file
-from scdino.preprocess import fixed_scale, minmax_scale
+from scdino.preprocess import Preprocessing
 from scdino.progress import heartbeat
+
+if TYPE_CHECKING:
+    from scdino.models.loader import LoadedModel
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"uint16": np.uint16, "uint8": np.uint8, "float32": np.float32}
 ONNX_TYPES = {"uint16": 4, "uint8": 2, "float32": 1}  # onnx.TensorProto enum values
 OPSET = 18
-
-
-class _FP32LayerNorm(nn.LayerNorm):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps).to(
-            x.dtype
-        )
-
-
-class ExportModule(nn.Module):
-    """Raw float32 pixels (B, C, H, W) -> CLS (B, D) [, attention (B, heads, patches)]."""
-
-    def __init__(self, lm: LoadedModel, attention: bool = False, precision: str = "fp32") -> None:
-        super().__init__()
-        vit = copy.deepcopy(lm.model).eval()
-        self.half = precision == "fp16"
-        if self.half:
-            for name, mod in list(vit.named_modules()):
-                if isinstance(mod, nn.LayerNorm):
-                    ln = _FP32LayerNorm(mod.normalized_shape, eps=mod.eps)
-                    ln.load_state_dict(mod.state_dict())
-                    parent = vit.get_submodule(name.rsplit(".", 1)[0]) if "." in name else vit
-                    setattr(parent, name.rsplit(".", 1)[-1], ln)
-            vit = vit.half()
-            for mod in vit.modules():
-                if isinstance(mod, _FP32LayerNorm):
-                    mod.float()
-        self.vit = vit
-        self.size = lm.prep.input_size
-        self.attention = attention
-        c = vit.cfg.in_chans
-        mean = lm.prep.mean if lm.prep.mean is not None else (0.0,) * c
-        std = lm.prep.std if lm.prep.std is not None else (1.0,) * c
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-        self.normalise = lm.prep.mean is not None
-        self.fixed = lm.prep.scale_lo is not None
-        if self.fixed:
-            self.register_buffer("scale_lo", torch.tensor(lm.prep.scale_lo, dtype=torch.float32))
-            self.register_buffer("scale_hi", torch.tensor(lm.prep.scale_hi, dtype=torch.float32))
-
-    def forward(self, x: torch.Tensor):
-        y = fixed_scale(x, self.scale_lo, self.scale_hi) if self.fixed else minmax_scale(x)
-        # always a Resize node, also when the crop already has the input size (then it is the identity)
-        y = F.interpolate(y, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=False)
-        if self.normalise:
-            y = (y - self.mean) / self.std
-        if self.half:
-            y = y.half()
-        if self.attention:
-            cls, att = self.vit.forward_with_attention(y)
-            return cls.float(), att.float()
-        return self.vit(y).float()
 
 
 def _prepend_cast(path: str, dtype: str) -> None:
@@ -107,7 +53,7 @@ def _prepend_cast(path: str, dtype: str) -> None:
 
 
 def export_onnx(
-    model: str,
+    model: str | ModelCard,
     out: str | os.PathLike,
     n_channels: int | None = None,
     channels: Sequence[str] | None = None,
@@ -121,15 +67,29 @@ def export_onnx(
     verify_with: np.ndarray | None = None,
     tolerance: dict | None = None,
 ) -> dict:
-    """Export MODEL to ``out`` (.onnx) plus its ``.json`` sidecar, verified against PyTorch. Returns the sidecar.
-    The graph is written to ``OUT.partial.onnx`` first and moved into place only once verified; on any failure the
-    partial file is removed."""
+    """Export MODEL (a spec, or the card of a checkpoint: then ``n_channels``, ``input_size``, ``checkpoint_key`` and
+    ``adapt`` are the card's) to ``out`` (.onnx) plus its ``.json`` sidecar, verified against PyTorch. Returns the
+    sidecar. The graph is written to ``OUT.partial.onnx`` first and moved into place only once verified; on any failure
+    the partial file is removed."""
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if precision not in ("fp32", "fp16"):
         raise ConfigError(f"--precision {precision!r}: expected fp32 or fp16")
-    lm = load_model(model, n_channels, input_size, checkpoint_key, adapt, channel_names=channels)
-    _check_fixed_range(model, lm, dtype)
+    card = model if isinstance(model, ModelCard) else None
+    if card is None:
+        card = describe_model(
+            model,
+            channels=channels,
+            n_channels=n_channels,
+            input_size=input_size,
+            checkpoint_key=checkpoint_key,
+            adapt=adapt,
+        )
+    model = card.spec
+    _check_fixed_range(model, card.preprocessing, dtype)
+    from scdino.export import graph  # torch: only an export needs it
+
+    lm = card.load()
     if channels is None and lm.channels:
         channels = lm.channels
     out = claim_file(out, inputs=[model])
@@ -137,8 +97,13 @@ def export_onnx(
     names = ["cls", "attention"] if attention else ["cls"]
     try:
         t0 = time.perf_counter()
-        _trace(ExportModule(lm, attention, precision).eval(), tmp, lm.model.cfg.in_chans, crop_size, names, dtype)
+        graph.trace(
+            graph.ExportModule(lm, attention, precision).eval(), tmp, lm.model.cfg.in_chans, crop_size, names, OPSET
+        )
+        if dtype != "float32":
+            _prepend_cast(str(tmp), dtype)
         meta = _sidecar(model, lm, channels, crop_size, dtype, precision, attention, names)
+        meta["torch"] = graph.TORCH_VERSION
         meta["export_seconds"] = round(time.perf_counter() - t0, 2)
         with heartbeat(f"verifying {out.name} against PyTorch"):
             meta["verification"] = verify(str(tmp), lm, meta, verify_with, tolerance)
@@ -160,41 +125,17 @@ def export_onnx(
     return meta
 
 
-def _check_fixed_range(model: str, lm: LoadedModel, dtype: str) -> None:
+def _check_fixed_range(model: str, prep: Preprocessing, dtype: str) -> None:
     """A model trained with a fixed intensity range needs crops of a dtype that can reach that range."""
-    if lm.prep.scale_hi is None or not np.issubdtype(np.dtype(dtype), np.integer):
+    if prep.scale_hi is None or not np.issubdtype(np.dtype(dtype), np.integer):
         return
     top = np.iinfo(np.dtype(dtype)).max
-    if top < max(lm.prep.scale_hi) * 0.5:
+    if top < max(prep.scale_hi) * 0.5:
         raise ConfigError(
-            f"{model}: trained with a fixed intensity range up to {max(lm.prep.scale_hi):g}, but --dtype {dtype} "
+            f"{model}: trained with a fixed intensity range up to {max(prep.scale_hi):g}, but --dtype {dtype} "
             f"crops reach only {top}: every cell would look nearly black. Export with the dtype of the data the "
             "model was trained on (e.g. --dtype uint16)"
         )
-
-
-def _trace(wrapper: nn.Module, path, c: int, crop_size: int, names: list[str], dtype: str) -> None:
-    """Trace ``wrapper`` to ONNX at ``path`` (dynamic batch, height and width), then prepend the cast from ``dtype``."""
-    import warnings
-
-    dummy = torch.rand(2, c, crop_size, crop_size) * 1000
-    axes = {"crops": {0: "batch", 2: "height", 3: "width"}, **{n: {0: "batch"} for n in names}}
-    with torch.inference_mode(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(
-            wrapper,
-            (dummy,),
-            str(path),
-            input_names=["crops"],
-            output_names=names,
-            dynamic_axes=axes,
-            opset_version=OPSET,
-            dynamo=False,
-            do_constant_folding=True,
-        )
-    if dtype != "float32":
-        _prepend_cast(str(path), dtype)
 
 
 #: how the engine cuts a cell's crop from a field (scdino.cells.table.field_cells and read_crops), for a user who
@@ -277,5 +218,4 @@ def _sidecar(model, lm: LoadedModel, channels, crop_size, dtype, precision, atte
         "outputs": names,
         "graph": graph_io(lm, channels, dtype, names),
         "crop_rule": CROP_RULE,
-        "torch": torch.__version__,
     }

@@ -6,8 +6,7 @@ import os
 
 import torch
 
-from scdino.models.checkpoint import read_checkpoint
-from scdino.models.vit import arch_name
+from scdino.models.checkpoint import compact_backbone
 from scdino.outputs import claim_file
 
 
@@ -25,16 +24,9 @@ def _packaged(path) -> bool:
 
 def package_backbone(checkpoint: str, out: str, half: bool = False, key: str = "teacher") -> dict:
     claim_file(out, inputs=[checkpoint], ours=_packaged)
-    ck = read_checkpoint(checkpoint, key)
-    sd = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in ck.state_dict.items()}
-    meta = {
-        **ck.meta,
-        "arch": ck.meta.get("arch") or arch_name(ck.config),
-        "source_sha256": ck.sha256,
-        "source_checkpoint_key": ck.key,
-        "stored_as": "float16" if half else "float32",
-    }
+    packaged = compact_backbone(checkpoint, key, half)
+    meta = packaged["scdino"]
     tmp = f"{out}.tmp"
-    torch.save({"model": sd, "scdino": meta}, tmp)
+    torch.save(packaged, tmp)
     os.replace(tmp, out)
     return {"arch": meta["arch"], "channels": meta.get("channels"), "mb": os.path.getsize(out) / 1e6}

@@ -1,16 +1,19 @@
-"""Verification of an exported graph against the PyTorch path: part of every export, never optional."""
+"""Verification of an exported graph against the PyTorch path: part of every export, never optional. torch is
+imported by the comparison that needs it, not by this module (``compare`` and ``fit_crops`` serve int8 checks too)."""
 
 from __future__ import annotations
 
 import logging
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from scdino.data import packaged_crops
 from scdino.errors import ScdinoError
-from scdino.models import LoadedModel
-from scdino.preprocess import apply
+
+if TYPE_CHECKING:
+    from scdino.models.loader import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,10 @@ def edge_cases(real: np.ndarray) -> np.ndarray:
 
 
 def _torch_path(lm: LoadedModel, crops: np.ndarray, attention: bool):
+    import torch  # the PyTorch side of the comparison (quantize and the engine use this module without torch)
+
+    from scdino.preprocess_ops import apply
+
     with torch.inference_mode():
         x = apply(torch.from_numpy(crops.astype(np.float32)), lm.prep)
         if attention:

@@ -18,9 +18,10 @@ from scdino.export.onnx_export import export_onnx
 from scdino.export.quantize import DYNAMIC_FORMS, FAST_FORM_MIN_COSINE, dynamic_forms, quantize
 from scdino.export.verify import VerificationError, compare, edge_cases, fit_crops
 from scdino.models import load_model
+from scdino.models.card import ModelCard, model_format
 from scdino.models.plan import check_plan
 from scdino.models.sidecar import read_sidecar
-from scdino.preprocess import apply
+from scdino.preprocess import Preprocessing, apply
 
 
 def _ort(path):
@@ -191,23 +192,28 @@ def test_vnni_is_read_from_the_cpu_flags(tmp_path):
     assert not scdino.cpu.has_vnni.__wrapped__(str(tmp_path / "missing"))  # unreadable: the safe answer
 
 
+def card_of(spec: str) -> ModelCard:
+    """A card with only what :func:`backends.resolve` reads: the spec and its format (from the file name)."""
+    return ModelCard(spec, model_format(spec), "vit_test16", 32, 32, Preprocessing(32), False, None, None, None)
+
+
 def test_backend_choice(monkeypatch):
     monkeypatch.setattr(backends, "cuda_available", lambda: False)
-    assert backends.resolve("auto", "auto", "random:vit_small16") == ("torch", "cpu")
-    assert backends.resolve("auto", "auto", "x/model.onnx") == ("onnxruntime", "cpu")
+    assert backends.resolve("auto", "auto", card_of("random:vit_small16")) == ("torch", "cpu")
+    assert backends.resolve("auto", "auto", card_of("x/model.onnx")) == ("onnxruntime", "cpu")
     with pytest.raises(ConfigError, match="runs on an NVIDIA GPU only"):
-        backends.resolve("auto", "auto", "model.plan")
+        backends.resolve("auto", "auto", card_of("model.plan"))
     with pytest.raises(ConfigError, match="export it first: scdino-export onnx ck.pth"):
-        backends.resolve("onnxruntime", "auto", "ck.pth")
+        backends.resolve("onnxruntime", "auto", card_of("ck.pth"))
     with pytest.raises(ConfigError, match="PyTorch sees no CUDA GPU"):
-        backends.resolve("auto", "cuda", "ck.pth")
+        backends.resolve("auto", "cuda", card_of("ck.pth"))
     monkeypatch.setattr(backends, "cuda_available", lambda: True)
     monkeypatch.setattr(backends, "_ort_has_cuda", lambda: True)
-    assert backends.resolve("auto", "auto", "model.plan") == ("tensorrt", "cuda")
-    assert backends.resolve("auto", "auto", "model.onnx") == ("onnxruntime", "cuda")
-    assert backends.resolve("auto", "auto", "ck.pth") == ("torch", "cuda")
+    assert backends.resolve("auto", "auto", card_of("model.plan")) == ("tensorrt", "cuda")
+    assert backends.resolve("auto", "auto", card_of("model.onnx")) == ("onnxruntime", "cuda")
+    assert backends.resolve("auto", "auto", card_of("ck.pth")) == ("torch", "cuda")
     monkeypatch.setattr(backends, "_ort_has_cuda", lambda: False)  # CPU onnxruntime on a GPU machine
-    assert backends.resolve("auto", "auto", "model.onnx") == ("onnxruntime", "cpu")
+    assert backends.resolve("auto", "auto", card_of("model.onnx")) == ("onnxruntime", "cpu")
 
 
 def test_wrong_onnxruntime_installs_fail_loudly(monkeypatch):

@@ -14,7 +14,7 @@ import torch
 from scdino.engine import backends
 from scdino.engine.backends.base import BackendSpec
 from scdino.errors import ScdinoError
-from scdino.models.card import ModelCard, PlanInfo
+from scdino.models.card import ModelCard, PlanInfo, model_format
 from scdino.preprocess import Preprocessing
 
 # --------------------------------------------------------------------------------------------- a stand-in TensorRT
@@ -361,6 +361,11 @@ def fake_ort():
     return ort
 
 
+def card_of(spec: str) -> ModelCard:
+    """A card with only what :func:`backends.resolve` reads: the spec and its format (from the file name)."""
+    return ModelCard(spec, model_format(spec), "vit_test16", 32, 32, Preprocessing(32), False, None, None, None)
+
+
 def test_onnxruntime_auto_falls_back_to_the_cpu_when_cuda_cannot_load(monkeypatch, caplog):
     import json
     import subprocess
@@ -381,13 +386,13 @@ def test_onnxruntime_auto_falls_back_to_the_cpu_when_cuda_cannot_load(monkeypatc
     monkeypatch.setattr(backends, "cuda_available", lambda: True)
     monkeypatch.setattr(ortb, "_CUDA_WORKS", None)
     monkeypatch.setattr(subprocess, "run", probe(["CPUExecutionProvider"]))  # ... but a session falls back
-    assert backends.resolve("auto", "auto", "m.onnx") == ("onnxruntime", "cpu")
+    assert backends.resolve("auto", "auto", card_of("m.onnx")) == ("onnxruntime", "cpu")
     assert probes and "falls back to the CPU" in caplog.text
     # an explicit --device cuda is not quietly changed (the backend then fails loudly if CUDA does not load)
-    assert backends.resolve("auto", "cuda", "m.onnx") == ("onnxruntime", "cuda")
+    assert backends.resolve("auto", "cuda", card_of("m.onnx")) == ("onnxruntime", "cuda")
     monkeypatch.setattr(ortb, "_CUDA_WORKS", None)
     monkeypatch.setattr(subprocess, "run", probe(["CUDAExecutionProvider", "CPUExecutionProvider"]))
-    assert backends.resolve("auto", "auto", "m.onnx") == ("onnxruntime", "cuda")
+    assert backends.resolve("auto", "auto", card_of("m.onnx")) == ("onnxruntime", "cuda")
     monkeypatch.setattr(
         ortb,
         "import_ort",

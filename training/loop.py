@@ -23,6 +23,7 @@ from scdino.cpu import has_native_bf16
 from scdino.errors import CheckpointError, ConfigError, ScdinoError
 from scdino.knn import evaluate_knn, labels_of
 from scdino.models import arch_config, embed_crops
+from scdino.models.card import describe_model
 from scdino.models.vit import VisionTransformer
 from scdino.outputs import claim_dir
 from scdino.preprocess import Preprocessing
@@ -93,9 +94,7 @@ def build_networks(cfg: TrainConfig, in_chans: int) -> tuple[MultiCropWrapper, M
     arch = arch_config(cfg.arch_name, in_chans=in_chans, img_size=cfg.global_size, drop_path_rate=cfg.drop_path)
     student_bb = VisionTransformer(arch)
     if cfg.init != "scratch":
-        from scdino.models import load_model
-
-        lm = load_model(cfg.init, in_chans, cfg.global_size)
+        lm = describe_model(cfg.init, n_channels=in_chans, input_size=cfg.global_size).load()
         student_bb.load_state_dict(lm.model.state_dict())
         log.info("initialised the backbone from %s", cfg.init)
     teacher_bb = VisionTransformer(arch_config(cfg.arch_name, in_chans=in_chans, img_size=cfg.global_size))

@@ -1,9 +1,11 @@
 """Inference backends behind one small protocol (open, infer(raw crops) -> embeddings, close).
 
 :mod:`~scdino.engine.backends.base` holds the protocol, :class:`BackendSpec` and the shared input check; each backend
-lives in its own module and is registered in :data:`REGISTRY` (imported only when used). :func:`resolve` turns
-``auto`` into a concrete backend and device for a model; :func:`using` opens a backend once per process (once per
-Dask worker), reuses it for every block, and closes one to make room only when no thread is using it.
+lives in its own module and is one :class:`BackendEntry` in :data:`REGISTRY` (its opener imported only when used): the
+model format it runs, its devices and the advice when it cannot run a model. Everything else is derived from the
+registry: the command line's ``--backend`` choices (:func:`choices`), :func:`resolve`, which turns ``auto`` into a
+concrete backend and device for a model card, and :func:`open_backend`. :func:`using` opens a backend once per process
+(once per Dask worker), reuses it for every block, and closes one to make room only when no thread is using it.
 """
 
 from __future__ import annotations
@@ -11,33 +13,71 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
 
 from scdino.engine.backends.base import DEFAULT_BATCH_SIZE, Backend, BackendSpec, check_crops
 from scdino.errors import ConfigError
-from scdino.models.card import FORMATS, model_format
+from scdino.models.card import FORMATS, ModelCard
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_BATCH_SIZE", "KINDS", "REGISTRY", "Backend", "BackendSpec", "check_crops", "resolve", "using"]
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "REGISTRY",
+    "Backend",
+    "BackendEntry",
+    "BackendSpec",
+    "check_crops",
+    "choices",
+    "open_backend",
+    "register",
+    "resolve",
+    "using",
+]
 
-#: backend name -> "module:class", imported on first use
-REGISTRY = {
-    "torch": "scdino.engine.backends.torch_backend:TorchBackend",
-    "onnxruntime": "scdino.engine.backends.onnxruntime_backend:OnnxRuntimeBackend",
-    "tensorrt": "scdino.engine.backends.tensorrt_backend:TensorRTBackend",
-}
-KINDS = tuple(REGISTRY)
-#: backends never chosen by name on the command line: ``null`` (zeros, for pipeline benchmarks; SCDINO_NULL_BACKEND)
-HIDDEN = {"null": "scdino.engine.backends.null_backend:NullBackend"}
+
+@dataclass(frozen=True)
+class BackendEntry:
+    """One backend: how to open it and what it runs."""
+
+    name: str
+    #: ``"module:Class"`` (imported on first use) or a callable; called with the :class:`BackendSpec`
+    opener: str | Callable[[BackendSpec], Backend]
+    #: the model formats it runs (see :data:`scdino.models.card.FORMATS`); ``auto`` picks the first registered,
+    #: listed backend whose first format is the model's
+    formats: tuple[str, ...]
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    #: how to get a model it runs, when it is asked for one it cannot (``{model}`` is the model given)
+    hint: str = ""
+    #: why it cannot run on the CPU (backends without "cpu" in ``devices``)
+    cpu_hint: str = ""
+    #: whether ``auto`` may run this backend on CUDA here (called only where PyTorch sees a GPU)
+    cuda_works: Callable[[], bool] | None = None
+    #: listed on the command line and chosen by ``auto``; a hidden backend is chosen only by name in code
+    listed: bool = True
 
 
-def cuda_available() -> bool:
-    import torch
+#: backend name -> entry; :func:`register` adds one
+REGISTRY: dict[str, BackendEntry] = {}
 
-    return torch.cuda.is_available()
+
+def register(entry: BackendEntry) -> BackendEntry:
+    """Add a backend (or replace the one of the same name); it is then a ``--backend`` choice if ``listed``."""
+    unknown = [f for f in entry.formats if f not in FORMATS]
+    if unknown or not entry.formats:
+        raise ConfigError(f"backend {entry.name!r}: formats {list(entry.formats)}; expected some of {list(FORMATS)}")
+    REGISTRY[entry.name] = entry
+    return entry
+
+
+def choices() -> list[str]:
+    """What ``--backend`` accepts: ``auto`` and every listed backend."""
+    return ["auto", *(n for n, e in REGISTRY.items() if e.listed)]
 
 
 def _ort_has_cuda() -> bool:
@@ -51,47 +91,85 @@ def _ort_has_cuda() -> bool:
         return False
 
 
-def resolve(kind: str, device: str, model: str = "") -> tuple[str, str]:
-    """Turn ``auto`` into a concrete (backend, device) for MODEL and log the choice.
+register(BackendEntry("torch", "scdino.engine.backends.torch_backend:TorchBackend", ("checkpoint",),
+                      hint="pass the checkpoint the model was exported from"))  # fmt: skip
+register(BackendEntry("onnxruntime", "scdino.engine.backends.onnxruntime_backend:OnnxRuntimeBackend", ("onnx",),
+                      hint="export it first: scdino-export onnx {model} --out model.onnx",
+                      cuda_works=lambda: _ort_has_cuda()))  # fmt: skip
+register(BackendEntry("tensorrt", "scdino.engine.backends.tensorrt_backend:TensorRTBackend", ("plan",), ("cuda",),
+                      hint="export it and build a plan: scdino-export onnx ... then scdino-export tensorrt ...",
+                      cpu_hint="a TensorRT plan runs on an NVIDIA GPU only; use the .onnx on the CPU"))  # fmt: skip
+#: zeros, for pipeline benchmarks (SCDINO_NULL_BACKEND=1); never on the command line, never chosen by auto
+register(BackendEntry("null", "scdino.engine.backends.null_backend:NullBackend", FORMATS, listed=False))
 
-    The backend follows MODEL's format: a ``.plan`` runs on TensorRT, an ``.onnx`` on ONNX Runtime (CUDA when
+
+def _nvidia_device_files() -> bool:
+    """Whether the NVIDIA driver shows a device here (Linux); True where this cannot be told (then PyTorch is asked)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return False
+    if not sys.platform.startswith("linux"):
+        return True
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return (gpus.is_dir() and any(gpus.iterdir())) or any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def cuda_available() -> bool:
+    """Whether PyTorch sees a CUDA GPU. Without NVIDIA devices on the machine the answer is no without importing
+    torch (a run on ONNX Runtime on a CPU never imports it)."""
+    if "torch" not in sys.modules and not _nvidia_device_files():
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _entry(kind: str, card: ModelCard) -> BackendEntry:
+    """The backend ``kind`` names (``auto``: the one that runs the card's format natively), checked against it."""
+    if kind == "auto":
+        native = [e for e in REGISTRY.values() if e.listed and e.formats[0] == card.format]
+        if not native:
+            raise ConfigError(f"{card.spec}: no backend runs {card.format} models; expected one of {list(FORMATS)}")
+        return native[0]
+    entry = REGISTRY.get(kind)
+    if entry is None:
+        raise ConfigError(f"unknown backend {kind!r}; expected one of {', '.join(choices())}")
+    if card.format not in entry.formats:
+        hint = entry.hint.format(model=card.spec) or f"it runs {' or '.join(entry.formats)} models"
+        raise ConfigError(f"--backend {kind} cannot run {card.spec} (a {card.format} model); {hint}")
+    return entry
+
+
+def resolve(kind: str, device: str, card: ModelCard) -> tuple[str, str]:
+    """Turn ``auto`` into a concrete (backend, device) for the model of ``card`` and log the choice.
+
+    The backend follows the model's format: a ``.plan`` runs on TensorRT, an ``.onnx`` on ONNX Runtime (CUDA when
     onnxruntime-gpu and a GPU are there, else CPU), a checkpoint on PyTorch (CUDA when there is a GPU). Exporting to
     a faster format is an explicit, verified step (``scdino-export``), never done behind the user's back.
     """
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"unknown device {device!r}; expected auto, cpu or cuda")
-    gpu = cuda_available()
+    entry = _entry(kind, card)
+    gpu = cuda_available() if device != "cpu" else False
     if device == "cuda" and not gpu:
         raise ConfigError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
-    fmt = model_format(model)
-    native = FORMATS[fmt]
-    if kind not in ("auto", *KINDS):
-        raise ConfigError(f"unknown backend {kind!r}; expected auto, {', '.join(KINDS)}")
-    if kind != "auto" and kind != native:
-        hint = {
-            "onnxruntime": f"export it first: scdino-export onnx {model} --out model.onnx",
-            "tensorrt": "export it and build a plan: scdino-export onnx ... then scdino-export tensorrt ...",
-            "torch": "pass the checkpoint the model was exported from",
-        }[kind]
-        raise ConfigError(f"--backend {kind} cannot run {model} (a {fmt} model); {hint}")
     if device == "auto":
-        if fmt == "onnx":
-            device = "cuda" if gpu and _ort_has_cuda() else "cpu"
-        else:
-            device = "cuda" if gpu else "cpu"
-    if fmt == "plan" and device != "cuda":
-        raise ConfigError(f"{model}: a TensorRT plan runs on an NVIDIA GPU only; use the .onnx on the CPU")
+        usable = gpu and "cuda" in entry.devices and (entry.cuda_works is None or entry.cuda_works())
+        device = "cuda" if usable else "cpu"
+    if device not in entry.devices:
+        raise ConfigError(f"{card.spec}: {entry.cpu_hint or f'the {entry.name} backend runs on {entry.devices}'}")
     if kind == "auto":  # the run logs the path it finally takes, once (the export cache may change it)
-        log.debug("backend auto -> %s on %s", native, device)
-    return native, device
+        log.debug("backend auto -> %s on %s", entry.name, device)
+    return entry.name, device
 
 
 def open_backend(spec: BackendSpec) -> Backend:
     """A new backend for ``spec`` (see :data:`REGISTRY`)."""
-    where = REGISTRY.get(spec.kind) or HIDDEN.get(spec.kind)
-    if where is None:
-        raise ConfigError(f"unknown backend {spec.kind!r}; expected one of {', '.join(KINDS)}")
-    module, cls = where.split(":")
+    entry = REGISTRY.get(spec.kind)
+    if entry is None:
+        raise ConfigError(f"unknown backend {spec.kind!r}; expected one of {', '.join(choices())}")
+    if callable(entry.opener):
+        return entry.opener(spec)
+    module, cls = entry.opener.split(":")
     return getattr(importlib.import_module(module), cls)(spec)
 
 

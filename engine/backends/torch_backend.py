@@ -11,8 +11,7 @@ import numpy as np
 import torch
 
 from scdino.engine.backends.base import BackendSpec, check_crops
-from scdino.models import load_model
-from scdino.models.checkpoint import forget_checkpoints
+from scdino.models import forget_checkpoints
 from scdino.preprocess import apply
 
 
@@ -24,8 +23,7 @@ class TorchBackend:
         if spec.threads:
             torch.set_num_threads(spec.threads)
         self.device = torch.device(spec.device)
-        card = spec.card
-        lm = load_model(card.spec, spec.n_channels, card.input_size, spec.checkpoint_key, spec.adapt, spec.seed)
+        lm = spec.card.load()
         forget_checkpoints()  # the model has its own copy of the weights now
         self.model = lm.model.to(self.device)
         self.prep = lm.prep

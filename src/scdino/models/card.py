@@ -3,37 +3,50 @@
 A MODEL spec is ``default``, a checkpoint file, a hub name, ``random:ARCH``, an exported ``model.onnx`` or a TensorRT
 ``model.plan``. :func:`describe_model` resolves it into a :class:`ModelCard` (format, architecture, input size,
 channels, preprocessing, hashes, precision, untrained or not); the pipeline, the backends, evaluate and export read the
-card instead of asking the file again. :func:`check_channels` is the one check of the channels a run gives a model.
+card instead of asking the file again, and :meth:`ModelCard.load` builds a checkpoint's model from its card (the one
+way outside :mod:`scdino.models` to get a torch model). :func:`check_channels` is the one check of the channels a run
+gives a model.
+
+A card of a checkpoint is made by building the model once (torch); a card of an exported model from its sidecar
+(no torch), and a card saved with :meth:`ModelCard.to_record` comes back with :meth:`ModelCard.from_record` (no torch:
+the export cache keeps the cards of the checkpoints it exported).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from scdino._optional import require
 from scdino.errors import CheckpointError, ConfigError
+from scdino.models.checkpoint import sha256_of
+from scdino.models.checks import check_channels, display_name
+from scdino.models.sidecar import read_sidecar
 from scdino.preprocess import Preprocessing
 
-#: formats a model comes in, and the backend that runs each natively
-FORMATS = {"checkpoint": "torch", "onnx": "onnxruntime", "plan": "tensorrt"}
+if TYPE_CHECKING:
+    from scdino.models.loader import LoadedModel
+
+__all__ = [
+    "ModelCard",
+    "PlanInfo",
+    "check_channels",
+    "check_onnx_file",
+    "describe_model",
+    "display_name",
+    "model_format",
+]
+
+#: the formats a model comes in (see :func:`model_format`)
+FORMATS = ("checkpoint", "onnx", "plan")
 
 
 def model_format(model: str) -> str:
     """``plan`` (TensorRT), ``onnx`` or ``checkpoint`` (anything PyTorch loads: file, hub name, random:ARCH)."""
     low = str(model).lower()
     return "plan" if low.endswith((".plan", ".engine")) else "onnx" if low.endswith(".onnx") else "checkpoint"
-
-
-def display_name(spec: str) -> str:
-    """How messages name a model: ``default`` is "the default model", anything else its spec."""
-    if spec == "default":
-        return "the default model"
-    from scdino.data import PACKAGED_MODELS
-
-    return f"the packaged model {spec}" if spec in PACKAGED_MODELS else spec
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,11 @@ class ModelCard:
     dtype: str | None = None
     crop_size: int | None = None
     plan: PlanInfo | None = None
+    #: checkpoints: how the model is built from the file (the entry of a DINO checkpoint, the channel adaptation of
+    #: an RGB model, the seed of an untrained one)
+    checkpoint_key: str | None = "teacher"
+    adapt: str = "mean"
+    seed: int = 0
     #: everything else known about the model (layout, adaptation, checkpoint key, ...), recorded with the output
     details: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
@@ -106,37 +124,49 @@ class ModelCard:
             d["exported_sha256"] = self.exported_sha256
         return json.loads(json.dumps(d, default=str))
 
+    def load(self) -> LoadedModel:
+        """The model of a checkpoint's card, built for its channel count and input size (the position embedding
+        resized once): the backbone in eval mode, its preprocessing and what is known about it."""
+        if self.format != "checkpoint":
+            raise ConfigError(
+                f"{self.spec}: an exported {self.format} model runs on its own backend; PyTorch needs the checkpoint "
+                f"it was exported from ({self.details.get('source') or 'see its sidecar'})"
+            )
+        from scdino.models.loader import load_model  # torch: only where a model is built
 
-def check_channels(
-    model: str,
-    in_chans: int | None,
-    trained_on: Sequence[str] | None,
-    n_channels: int,
-    selected: Sequence[str] | None = None,
-    available: Sequence[str] | None = None,
-    option: str = "--channels",
-) -> None:
-    """The one check of the channels a run gives a model: the names it was trained on (where both are known), then
-    the count it needs. ``available`` are all the channels of the data, for the advice; ``option`` is the option that
-    selects channels in the command that asks (evaluate's is --channel-sets)."""
-    name = display_name(model)
-    if trained_on and selected is not None and list(trained_on) != list(selected):
-        have = list(available) if available is not None else list(selected)
-        missing = [c for c in trained_on if c not in have]
-        hint = (
-            f"pass {option} {','.join(trained_on)}"
-            if not missing
-            else "this plate lacks them: pass --model with a model for its channels (e.g. dino_vits16, adapted to any "
-            "channels, or one trained with scdino-train)"
+        return load_model(self.spec, self.in_chans, self.input_size, self.checkpoint_key, self.adapt, self.seed)
+
+    def at_input_size(self, size: int) -> ModelCard:
+        """The same checkpoint's card at another input size (its position embedding resized when it is built), as
+        :func:`describe_model` with ``input_size=size`` describes it, without building the model again."""
+        if self.format != "checkpoint":
+            raise ConfigError(f"{self.spec}: an exported model runs at the input size it was exported for")
+        if size % self.patch_size:
+            raise ConfigError(f"--input-size {size} is not a multiple of the patch size {self.patch_size}")
+        config = {**dict(self.details.get("config") or {}), "img_size": size}
+        details = {**dict(self.details), "config": config, "input_size": size}
+        return replace(
+            self, input_size=size, preprocessing=replace(self.preprocessing, input_size=size), details=details
         )
-        raise ConfigError(
-            f"{name}: trained on channels {', '.join(trained_on)}, the run selects {', '.join(selected)}; {hint}"
-        )
-    if in_chans is not None and in_chans != n_channels:
-        expect = f" ({', '.join(trained_on)})" if trained_on else ""
-        raise ConfigError(
-            f"{name}: the model expects {in_chans} channels{expect}, the data give {n_channels}; "
-            f"pass {option} to select them"
+
+    def to_record(self) -> dict[str, Any]:
+        """Everything on the card as plain JSON (:meth:`from_record` is its inverse)."""
+        d = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        d.update(preprocessing=self.preprocessing.to_dict(), details=dict(self.details))
+        d.update(channels=list(self.channels) if self.channels else None)
+        d.update(plan=asdict(self.plan) if self.plan else None)
+        return json.loads(json.dumps(d))
+
+    @classmethod
+    def from_record(cls, d: Mapping[str, Any]) -> ModelCard:
+        """The card :meth:`to_record` wrote."""
+        return cls(
+            **{
+                **d,
+                "preprocessing": Preprocessing.from_dict(d["preprocessing"]),
+                "channels": tuple(d["channels"]) if d.get("channels") else None,
+                "plan": PlanInfo(**d["plan"]) if d.get("plan") else None,
+            }
         )
 
 
@@ -150,33 +180,40 @@ def describe_model(
     checkpoint_key: str | None = "teacher",
     adapt: str = "mean",
     seed: int = 0,
+    crop_size: int | None = None,
+    verified_sha256: str | None = None,
 ) -> ModelCard:
     """The card of MODEL ``spec`` for a run that gives it ``channels`` (names, in order) or ``n_channels``.
 
     A checkpoint is loaded and built here (so that a bad file or a channel mismatch fails before any work starts); an
     exported model is described by its sidecar. ``n_channels`` None with no names means the model's own count.
+    ``crop_size``: the size of the run's crops, which a TensorRT plan must have been built for. ``verified_sha256``:
+    the sha256 of an exported file its caller has just checked (the export cache): the file is not read again.
     """
     n = len(channels) if channels is not None else n_channels
     fmt = model_format(spec)
-    if fmt == "checkpoint":
-        from scdino.models import load_model
+    if fmt != "checkpoint":
+        return _exported_card(spec, fmt, channels, n, available, crop_size, verified_sha256)
+    from scdino.models.loader import load_model  # torch: a checkpoint's card is made by building its model
 
-        lm = load_model(spec, n, input_size, checkpoint_key, adapt, seed, channel_names=channels, available=available)
-        info = dict(lm.info)
-        return ModelCard(
-            spec=spec,
-            format=fmt,
-            arch=info["arch"],
-            embed_dim=int(info["embed_dim"]),
-            input_size=lm.prep.input_size,
-            preprocessing=lm.prep,
-            untrained=bool(info["untrained"]),
-            in_chans=lm.model.cfg.in_chans,
-            channels=tuple(lm.channels) if lm.channels else None,
-            checkpoint_sha256=info.get("checkpoint_sha256"),
-            details=info,
-        )
-    return _exported_card(spec, fmt, channels, n, available)
+    lm = load_model(spec, n, input_size, checkpoint_key, adapt, seed, channel_names=channels, available=available)
+    info = dict(lm.info)
+    return ModelCard(
+        spec=spec,
+        format=fmt,
+        arch=info["arch"],
+        embed_dim=int(info["embed_dim"]),
+        input_size=lm.prep.input_size,
+        preprocessing=lm.prep,
+        untrained=bool(info["untrained"]),
+        in_chans=lm.model.cfg.in_chans,
+        channels=tuple(lm.channels) if lm.channels else None,
+        checkpoint_sha256=info.get("checkpoint_sha256"),
+        checkpoint_key=checkpoint_key,
+        adapt=adapt,
+        seed=seed,
+        details=info,
+    )
 
 
 def check_onnx_file(path: str) -> None:
@@ -194,13 +231,16 @@ def check_onnx_file(path: str) -> None:
 
 
 def _exported_card(
-    spec: str, fmt: str, channels: Sequence[str] | None, n: int | None, available: Sequence[str] | None
+    spec: str,
+    fmt: str,
+    channels: Sequence[str] | None,
+    n: int | None,
+    available: Sequence[str] | None,
+    crop_size: int | None,
+    verified_sha256: str | None,
 ) -> ModelCard:
-    from scdino.models.checkpoint import sha256_of
-    from scdino.models.sidecar import read_sidecar
-
     meta = read_sidecar(spec)
-    if fmt == "onnx":
+    if fmt == "onnx" and verified_sha256 is None:
         check_onnx_file(spec)
     names = tuple(meta["channels"]) if meta.get("channels") else None
     if n is not None:
@@ -208,6 +248,11 @@ def _exported_card(
     trt = meta.get("tensorrt")
     plan = None
     if fmt == "plan":
+        if crop_size is not None and int(meta["crop_size"]) != crop_size:
+            raise ConfigError(
+                f"{spec}: built for {meta['crop_size']} px crops, the run cuts {crop_size} px crops; rebuild the "
+                f"plan for this crop size or use --crop-size {meta['crop_size']}"
+            )
         plan = PlanInfo(
             version=str(trt.get("version")),
             gpu=str(trt.get("gpu")),
@@ -227,7 +272,7 @@ def _exported_card(
         channels=names,
         checkpoint_sha256=meta.get("checkpoint_sha256"),
         precision=meta["precision"],
-        exported_sha256=sha256_of(spec),
+        exported_sha256=verified_sha256 or sha256_of(spec),
         dtype=meta["dtype"],
         crop_size=int(meta["crop_size"]),
         plan=plan,

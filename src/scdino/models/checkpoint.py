@@ -1,4 +1,9 @@
-"""Checkpoint I/O: safe loading, DINO / scDINO / scdino-train layouts, hub names, architecture inference."""
+"""Checkpoint I/O: safe loading, DINO / scDINO / scdino-train layouts, hub names, architecture inference, and
+:func:`open_checkpoint`, the one place that turns a MODEL spec (packaged name, hub name, path, ``random:ARCH``) into a
+checkpoint.
+
+torch is imported by the functions that read tensors, not by this module: hashing a file and the memo of the last
+checkpoint read are used on paths that never load a model (a run on a cached export)."""
 
 from __future__ import annotations
 
@@ -11,12 +16,14 @@ import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from scdino.data import PACKAGED_MODELS, WITHDRAWN_MODELS, packaged_model_path
 from scdino.errors import CheckpointError
-from scdino.models.vit import FAMILIES, ViTConfig
+from scdino.models.arch import FAMILIES, ViTConfig, arch_name
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +37,8 @@ HUB_URLS: dict[str, str] = {
 
 #: The only non-tensor globals a DINO-style checkpoint needs (its ``args`` entry is an argparse Namespace).
 SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+#: the spec of an untrained model: ``random:ARCH``
+RANDOM = "random:"
 
 _PREFIXES = ("module.", "backbone.", "_orig_mod.")
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
@@ -59,6 +68,8 @@ def sha256_of(path: str | os.PathLike) -> str:
 
 def safe_load(path: str | os.PathLike) -> Any:
     """``torch.load(weights_only=True)`` admitting only :data:`SAFE_GLOBALS`; clear errors otherwise."""
+    import torch
+
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: no such checkpoint file; pass a .pth file, a hub name or random:ARCH")
@@ -110,6 +121,8 @@ def _strip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def extract_backbone(obj: Any, key: str | None = "teacher", source: str = "<memory>") -> tuple[dict, str, str | None]:
     """Find the ViT backbone state dict in any supported layout; returns (state dict, layout, key used)."""
+    import torch
+
     if not isinstance(obj, dict):
         raise CheckpointError(f"{source}: expected a dict of weights, found {type(obj).__name__}")
     layout, used = "backbone", None
@@ -219,6 +232,8 @@ def _read_checkpoint(path: str | os.PathLike, key: str | None) -> Checkpoint:
 
 def hub_path(name: str) -> Path:
     """Local file of a hub model, downloaded once into torch hub's cache."""
+    import torch
+
     url = HUB_URLS[name]
     dest = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
     if dest.is_file():
@@ -233,3 +248,40 @@ def hub_path(name: str) -> Path:
             f"download the file elsewhere and pass its path instead of {name}, or copy it to {dest}"
         ) from exc
     return dest
+
+
+def open_checkpoint(spec: str, key: str | None = "teacher") -> Checkpoint | None:
+    """The checkpoint a MODEL ``spec`` names: a packaged model, a hub name (downloaded once), a file; None for
+    ``random:ARCH`` (untrained, no file). The one dispatcher of model names to files."""
+    if spec.startswith(RANDOM):
+        return None
+    if spec in WITHDRAWN_MODELS:
+        raise CheckpointError(f"--model {spec}: {WITHDRAWN_MODELS[spec]}")
+    if spec in PACKAGED_MODELS:
+        path = packaged_model_path(spec)
+        if not path.is_file():
+            raise CheckpointError(
+                f"this installation has no file for the packaged model {spec!r} (scdino/data/{PACKAGED_MODELS[spec]}); "
+                "pass --model with a checkpoint, a hub name or random:ARCH"
+            )
+        return read_checkpoint(str(path), key)
+    if spec in HUB_URLS:
+        return read_checkpoint(hub_path(spec), key)
+    return read_checkpoint(spec, key)
+
+
+def compact_backbone(spec: str, key: str | None = "teacher", half: bool = False) -> dict[str, Any]:
+    """What a compact model file holds (``{"model": backbone state dict, "scdino": metadata}``): the backbone of the
+    checkpoint ``spec`` names, float16 when ``half``, with its metadata and the source's sha256."""
+    ck = open_checkpoint(spec, key)
+    if ck is None:
+        raise CheckpointError(f"{spec}: an untrained model has no weights to package; pass a checkpoint")
+    sd = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in ck.state_dict.items()}
+    meta = {
+        **ck.meta,
+        "arch": ck.meta.get("arch") or arch_name(ck.config),
+        "source_sha256": ck.sha256,
+        "source_checkpoint_key": ck.key,
+        "stored_as": "float16" if half else "float32",
+    }
+    return {"model": sd, "scdino": meta}
