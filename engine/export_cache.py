@@ -11,6 +11,10 @@ the faster one is recorded per machine (CPU model, core count, threads) in the e
 The cache lives in ``$SCDINO_CACHE_DIR`` (default ``$XDG_CACHE_HOME/scdino`` or ``~/.cache/scdino``);
 ``scdino-engine cache`` lists it and ``scdino-engine cache --clear`` removes the entries scdino wrote (nothing else).
 ``--no-export-cache`` (or ``SCDINO_EXPORT_CACHE=0``) keeps a run on PyTorch.
+
+A warm run needs no torch: :func:`describe` keeps the card of each checkpoint it described (``<cache>/cards/``, keyed
+by the checkpoint file's sha256, the run's model settings and the versions) and gives it back on the next run, and the
+card of the cached export comes from the entry (its sidecar, and the sha256 the entry verified).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -35,6 +40,8 @@ from scdino.errors import ConfigError, ScdinoError
 from scdino.export.onnx_export import OPSET, export_onnx
 from scdino.export.quantize import quantize
 from scdino.export.verify import fit_crops
+from scdino.models.card import ModelCard, describe_model, model_format
+from scdino.models.checkpoint import RANDOM, checkpoint_file, sha256_of
 from scdino.models.sidecar import read_sidecar
 from scdino.progress import heartbeat
 
@@ -69,9 +76,9 @@ class Choice:
 
 
 def _versions() -> dict:
+    """What an export depends on besides the model (torch's version read from its installed metadata: a warm run does
+    not import torch)."""
     import importlib.metadata as md
-
-    import torch
 
     import scdino
 
@@ -81,7 +88,40 @@ def _versions() -> dict:
         except md.PackageNotFoundError:
             return None
 
-    return {"scdino": scdino.__version__, "torch": torch.__version__, "onnx": v("onnx"), "opset": OPSET}
+    return {"scdino": scdino.__version__, "torch": v("torch"), "onnx": v("onnx"), "opset": OPSET}
+
+
+def _card_file(model: str, settings: dict) -> Path | None:
+    """Where the card of trained checkpoint ``model`` described with ``settings`` is kept; None for other models."""
+    if model_format(model) != "checkpoint" or model.startswith(RANDOM):
+        return None
+    path = checkpoint_file(model)
+    if path is None or not path.is_file():
+        return None  # describe_model says what is wrong
+    key = {"checkpoint_sha256": sha256_of(path), "model": model, **settings, "versions": _versions()}
+    return (
+        cache_root() / "cards" / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24] + ".json")
+    )
+
+
+def describe(model: str, use_cache: bool, **settings) -> ModelCard:
+    """:func:`scdino.models.card.describe_model` of ``model`` with ``settings``; where the export cache is in use
+    (``use_cache``: on, and ``--backend auto``), a trained checkpoint's card is kept in the cache and the next run with
+    the same file and settings gets it back without building the model (nor importing torch)."""
+    where = _card_file(model, settings) if use_cache and enabled_by_env() else None
+    if where is not None and where.is_file():
+        try:
+            return ModelCard.from_record(json.loads(where.read_text()))
+        except (ValueError, KeyError, TypeError) as exc:  # a damaged or older record: described again
+            log.warning("%s: unreadable card record (%s); describing the model again", where, exc)
+    card = describe_model(model, **settings)
+    if where is not None and not card.untrained:
+        where.parent.mkdir(parents=True, exist_ok=True)
+        (cache_root() / MARKER).touch()
+        tmp = where.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(card.to_record()))
+        os.replace(tmp, where)
+    return card
 
 
 def entry_key(spec: BackendSpec, channel_names, dtype: str) -> str:
@@ -175,28 +215,26 @@ def _int8(entry: Path) -> Path:
     return q
 
 
-def _intact(entry: Path) -> bool:
-    """Whether ``entry`` is complete and its model.onnx is the file that was exported and verified."""
-    from scdino.models.checkpoint import sha256_of
-
+def _intact(entry: Path) -> str | None:
+    """The sha256 of ``entry``'s model.onnx where the entry is complete and the file is the one that was exported and
+    verified; else None."""
     files = [entry / n for n in ("model.onnx", "model.json", "entry.json")]
     if not all(f.is_file() for f in files):
-        return False
+        return None
     try:
         want = json.loads(files[2].read_text()).get("onnx_sha256")
     except ValueError:
-        return False
-    return want is not None and sha256_of(str(files[0])) == want
+        return None
+    return want if want is not None and sha256_of(str(files[0])) == want else None
 
 
-def _entry(spec: BackendSpec, channel_names, crop_size: int, dtype: str) -> Path:
-    """The cache entry's folder, exported and verified on first use."""
-    from scdino.models.checkpoint import sha256_of
-
+def _entry(spec: BackendSpec, channel_names, crop_size: int, dtype: str) -> tuple[Path, str]:
+    """The cache entry's folder, exported and verified on first use, and the sha256 of its model.onnx."""
     root = cache_root() / "onnx"
     entry = root / entry_key(spec, channel_names, dtype)
-    if _intact(entry):
-        return entry
+    sha = _intact(entry)
+    if sha:
+        return entry, sha
     if entry.is_dir() and (entry / "entry.json").is_file():  # damaged (disk full, a copied cache): made again
         log.warning("%s: the cached export is damaged (its sha256 does not match); exporting it again", entry)
         shutil.rmtree(entry)
@@ -209,23 +247,20 @@ def _entry(spec: BackendSpec, channel_names, crop_size: int, dtype: str) -> Path
     t = time.perf_counter()
     try:
         export_onnx(
-            spec.card.spec,
+            spec.card,
             tmp / "model.onnx",
-            n_channels=spec.n_channels,
             channels=tuple(channel_names) if channel_names else None,
             crop_size=crop_size,
-            input_size=spec.card.input_size,
             dtype=dtype,
-            checkpoint_key=spec.checkpoint_key,
-            adapt=spec.adapt,
         )
+        sha = sha256_of(str(tmp / "model.onnx"))
         (tmp / "entry.json").write_text(
             json.dumps(
                 {
                     "model": spec.card.spec,
                     "made": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     "seconds": time.perf_counter() - t,
-                    "onnx_sha256": sha256_of(str(tmp / "model.onnx")),
+                    "onnx_sha256": sha,
                 }
             )
         )
@@ -236,7 +271,7 @@ def _entry(spec: BackendSpec, channel_names, crop_size: int, dtype: str) -> Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return entry
+    return entry, _intact(entry) or sha
 
 
 def _timing(spec: BackendSpec, crops: np.ndarray) -> float:
@@ -269,10 +304,11 @@ def timing_crops(n: int, n_channels: int, crop_size: int, dtype: str) -> np.ndar
     return fit_crops(np.resize(crops, (n, *crops.shape[1:])), n_channels, crop_size, dtype)
 
 
-def _measure(entry: Path, torch_spec: BackendSpec, ort_spec: BackendSpec, batch: np.ndarray) -> dict:
+def _measure(entry: Path, torch_spec: BackendSpec, ort_spec: BackendSpec, crops: Callable[[], np.ndarray]) -> dict:
     f = _choice_file(entry, torch_spec)
     if f.is_file():
         return json.loads(f.read_text())
+    batch = crops()
     with _torch_threads_kept(), heartbeat("timing PyTorch and ONNX Runtime once on this machine"):
         ort_s = _timing(ort_spec, batch)
         torch_s = _timing(torch_spec, batch)
@@ -310,17 +346,13 @@ def choose(
     precision: str = "fp32",
 ) -> Choice:
     """The backend a run uses: ``spec`` (PyTorch) or the cached, verified ONNX export, whichever measured faster;
-    with ``precision="int8"`` the cached export's verified int8 copy. The run logs the choice (once, with its
-    device)."""
-    if precision not in ("fp32", "int8"):
-        raise ConfigError(f"--precision {precision!r}: expected fp32 or int8")
+    with ``precision="int8"`` the cached export's verified int8 copy (``precision`` as :meth:`RunConfig.validate`
+    checked it). The run logs the choice (once, with its device)."""
     reason = eligible(spec, requested_backend, enabled, precision)
     if reason is not None:
         return Choice(spec, spec.kind, reason, {})
-    from scdino.models.card import describe_model
-
     try:
-        entry = _entry(spec, channel_names, crop_size, dtype)
+        entry, onnx_sha = _entry(spec, channel_names, crop_size, dtype)
     except ScdinoError as exc:
         if precision == "int8":
             raise
@@ -339,9 +371,9 @@ def choose(
             replace(spec, card=card, kind="onnxruntime"), "onnxruntime int8 (cached export)", why, {"export": q}
         )
     onnx_path = str(entry / "model.onnx")
-    card = describe_model(onnx_path, n_channels=spec.n_channels)
+    card = describe_model(onnx_path, n_channels=spec.n_channels, verified_sha256=onnx_sha)
     ort_spec = replace(spec, card=card, kind="onnxruntime")
-    rec = _measure(entry, spec, ort_spec, timing_crops(spec.batch_size, spec.n_channels, crop_size, dtype))
+    rec = _measure(entry, spec, ort_spec, lambda: timing_crops(spec.batch_size, spec.n_channels, crop_size, dtype))
     details = {"export": onnx_path, "timing": rec}
     if rec["chosen"] == "torch":
         why = (

@@ -31,17 +31,17 @@ from scdino.engine.backends import BackendSpec, resolve, using
 from scdino.engine.backends.null_backend import ENV as NULL_ENV
 from scdino.engine.cluster import EMBED_SLOT, dask_client
 from scdino.engine.config import RunConfig, cpu_batch_size, gpu_batch_size
-from scdino.engine.export_cache import choose
+from scdino.engine.export_cache import choose, describe
 from scdino.engine.output import COMMAND, EmbeddingStore, store_status
 from scdino.errors import OutputError
-from scdino.models.card import ModelCard, describe_model
-from scdino.models.checkpoint import forget_checkpoints
+from scdino.models import forget_checkpoints
+from scdino.models.card import ModelCard
 from scdino.outputs import check_not_input, check_replaceable, discard, is_empty, output_lock, written_by
 from scdino.progress import Progress
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunConfig", "RunResult", "run", "crops_array", "embeddings_array", "backend_spec", "versions"]
+__all__ = ["RunConfig", "RunResult", "run", "backend_spec", "versions"]
 
 
 @dataclass
@@ -57,8 +57,9 @@ class RunResult:
 
 
 def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
     import dask
-    import torch
     import zarr
 
     import scdino
@@ -66,7 +67,7 @@ def versions() -> dict[str, str]:
     return {
         "scdino": scdino.__version__,
         "python": sys.version.split()[0],
-        "torch": torch.__version__,
+        "torch": md.version("torch"),  # as installed: a run on ONNX Runtime does not import torch
         "dask": dask.__version__,
         "zarr": zarr.__version__,
         "numpy": np.__version__,
@@ -127,35 +128,6 @@ def _embed_block(crops: np.ndarray, spec: BackendSpec) -> np.ndarray:
     """Dask block function: raw crops -> embeddings, with the backend of this worker."""
     with using(spec) as backend:
         return backend.infer(crops)
-
-
-def crops_array(source: CellSource, table: pd.DataFrame, chunk: int):
-    """Raw crops of ``table`` as a dask array (n, C, S, S) chunked along cells by ``chunk``, read by ``source``."""
-    import dask
-    import dask.array as da
-
-    c, s = len(source.channels), source.crop_size
-    cols = list(source.read_columns)
-    blocks = []
-    for a in range(0, len(table), chunk):
-        rows = table.iloc[a : a + chunk][cols].reset_index(drop=True)
-        d = dask.delayed(source.read, pure=True)(rows)
-        blocks.append(da.from_delayed(d, shape=(len(rows), c, s, s), dtype=source.dtype))
-    if not blocks:
-        return da.zeros((0, c, s, s), dtype=source.dtype, chunks=(chunk, -1, -1, -1))
-    return da.concatenate(blocks, axis=0)
-
-
-def embeddings_array(crops, spec: BackendSpec):
-    """Map the backend over the blocks of ``crops``: (n, embed_dim) float32, same chunks along cells."""
-    return crops.map_blocks(
-        _embed_block,
-        spec,
-        dtype=np.float32,
-        drop_axis=[2, 3],
-        chunks=(crops.chunks[0], (spec.card.embed_dim,)),
-        meta=np.empty((0, 0), np.float32),
-    )
 
 
 def _existing_output(cfg: RunConfig) -> dict | None:
@@ -304,17 +276,19 @@ def _run(cfg: RunConfig) -> RunResult:
         np.dtype(source.dtype).itemsize,
         psutil.virtual_memory().available,
     )
-    card = describe_model(  # a bad checkpoint or a channel mismatch fails here, before any work is distributed
+    card = describe(  # a bad checkpoint, a channel or crop size mismatch fails here, before any work is distributed
         cfg.model,
+        cfg.export_cache and cfg.backend == "auto",
         channels=source.channel_names,
         available=source.available_channels,
         input_size=cfg.input_size,
         checkpoint_key=cfg.checkpoint_key,
         adapt=cfg.adapt,
         seed=cfg.seed,
+        crop_size=source.crop_size,
     )
     if cfg.fast:
-        cfg, card = _fast(cfg, card, source)
+        cfg, card = _fast(cfg, card)
     spec = backend_spec(cfg, card, len(source.channels))
     path = choose(
         spec,
@@ -404,20 +378,13 @@ def fast_input_size(card: ModelCard) -> int:
     return max(2 * patch, card.input_size // 2 // patch * patch)
 
 
-def _fast(cfg: RunConfig, card: ModelCard, source: CellSource) -> tuple[RunConfig, ModelCard]:
+def _fast(cfg: RunConfig, card: ModelCard) -> tuple[RunConfig, ModelCard]:
     size = fast_input_size(card)
     log.info("fast mode: int8 at %d px (the model's input is %d px)", size, card.input_size)
-    cfg = replace(cfg, fast=False, precision="int8", input_size=size)
-    card = describe_model(
-        cfg.model,
-        channels=source.channel_names,
-        available=source.available_channels,
-        input_size=size,
-        checkpoint_key=cfg.checkpoint_key,
-        adapt=cfg.adapt,
-        seed=cfg.seed,
+    # an exported model keeps its card: the int8 path then says it quantises checkpoints only
+    return replace(cfg, fast=False, precision="int8", input_size=size), (
+        card.at_input_size(size) if card.format == "checkpoint" else card
     )
-    return cfg, card
 
 
 def _uns(cfg: RunConfig, spec: BackendSpec, source: CellSource, status: str, path: dict) -> dict:

@@ -250,8 +250,8 @@ def hub_path(name: str) -> Path:
     return dest
 
 
-def open_checkpoint(spec: str, key: str | None = "teacher") -> Checkpoint | None:
-    """The checkpoint a MODEL ``spec`` names: a packaged model, a hub name (downloaded once), a file; None for
+def checkpoint_file(spec: str) -> Path | None:
+    """The file a MODEL ``spec`` names: a packaged model, a hub name (downloaded once), a path; None for
     ``random:ARCH`` (untrained, no file). The one dispatcher of model names to files."""
     if spec.startswith(RANDOM):
         return None
@@ -264,10 +264,20 @@ def open_checkpoint(spec: str, key: str | None = "teacher") -> Checkpoint | None
                 f"this installation has no file for the packaged model {spec!r} (scdino/data/{PACKAGED_MODELS[spec]}); "
                 "pass --model with a checkpoint, a hub name or random:ARCH"
             )
-        return read_checkpoint(str(path), key)
+        return Path(path)
     if spec in HUB_URLS:
-        return read_checkpoint(hub_path(spec), key)
-    return read_checkpoint(spec, key)
+        return hub_path(spec)
+    return Path(spec)
+
+
+def open_checkpoint(spec: str, key: str | None = "teacher") -> Checkpoint | None:
+    """The checkpoint a MODEL ``spec`` names (see :func:`checkpoint_file`); None for ``random:ARCH``."""
+    path = checkpoint_file(spec)
+    if path is None:
+        return None
+    # a path is read as given (the checkpoint's source, recorded with outputs, is the user's spelling of it)
+    named = spec in PACKAGED_MODELS or spec in HUB_URLS
+    return read_checkpoint(str(path) if spec in PACKAGED_MODELS else path if named else spec, key)
 
 
 def compact_backbone(spec: str, key: str | None = "teacher", half: bool = False) -> dict[str, Any]:
