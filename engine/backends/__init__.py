@@ -16,11 +16,18 @@ import os
 import sys
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
-from scdino.engine.backends.base import DEFAULT_BATCH_SIZE, Backend, BackendSpec, check_crops
+from scdino.engine.backends.base import (
+    DEFAULT_BATCH_SIZE,
+    REGISTRY,
+    Backend,
+    BackendEntry,
+    BackendSpec,
+    check_crops,
+    register,
+)
 from scdino.errors import ConfigError
 from scdino.models.card import FORMATS, ModelCard
 
@@ -39,40 +46,6 @@ __all__ = [
     "resolve",
     "using",
 ]
-
-
-@dataclass(frozen=True)
-class BackendEntry:
-    """One backend: how to open it and what it runs."""
-
-    name: str
-    #: ``"module:Class"`` (imported on first use) or a callable; called with the :class:`BackendSpec`
-    opener: str | Callable[[BackendSpec], Backend]
-    #: the model formats it runs (see :data:`scdino.models.card.FORMATS`); ``auto`` picks the first registered,
-    #: listed backend whose first format is the model's
-    formats: tuple[str, ...]
-    devices: tuple[str, ...] = ("cpu", "cuda")
-    #: how to get a model it runs, when it is asked for one it cannot (``{model}`` is the model given)
-    hint: str = ""
-    #: why it cannot run on the CPU (backends without "cpu" in ``devices``)
-    cpu_hint: str = ""
-    #: whether ``auto`` may run this backend on CUDA here (called only where PyTorch sees a GPU)
-    cuda_works: Callable[[], bool] | None = None
-    #: listed on the command line and chosen by ``auto``; a hidden backend is chosen only by name in code
-    listed: bool = True
-
-
-#: backend name -> entry; :func:`register` adds one
-REGISTRY: dict[str, BackendEntry] = {}
-
-
-def register(entry: BackendEntry) -> BackendEntry:
-    """Add a backend (or replace the one of the same name); it is then a ``--backend`` choice if ``listed``."""
-    unknown = [f for f in entry.formats if f not in FORMATS]
-    if unknown or not entry.formats:
-        raise ConfigError(f"backend {entry.name!r}: formats {list(entry.formats)}; expected some of {list(FORMATS)}")
-    REGISTRY[entry.name] = entry
-    return entry
 
 
 def choices() -> list[str]:
@@ -165,11 +138,12 @@ def resolve(kind: str, device: str, card: ModelCard) -> tuple[str, str]:
 def open_backend(spec: BackendSpec) -> Backend:
     """A new backend for ``spec`` (see :data:`REGISTRY`)."""
     entry = REGISTRY.get(spec.kind)
-    if entry is None:
+    opener = entry.opener if entry is not None else spec.opener  # a worker process: what the spec carries
+    if not opener:
         raise ConfigError(f"unknown backend {spec.kind!r}; expected one of {', '.join(choices())}")
-    if callable(entry.opener):
-        return entry.opener(spec)
-    module, cls = entry.opener.split(":")
+    if callable(opener):
+        return opener(spec)
+    module, cls = opener.split(":")
     return getattr(importlib.import_module(module), cls)(spec)
 
 

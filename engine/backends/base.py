@@ -6,14 +6,14 @@ Every backend takes *raw* crops (batch, C, S, S) in the plate's dtype and does t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
 from scdino.engine.config import DEFAULT_BATCH_SIZE
-from scdino.errors import InputError
-from scdino.models.card import ModelCard
+from scdino.errors import ConfigError, InputError
+from scdino.models.card import FORMATS, ModelCard
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,13 @@ class BackendSpec:
     checkpoint_key: str | None = "teacher"
     adapt: str = "mean"
     seed: int = 0
+    #: how a worker opens it: the registered ``"module:Class"`` of ``kind`` (a worker process may not have run the
+    #: registration of a backend added from outside scdino; the spec carries it there)
+    opener: str = field(default="", init=False)
+
+    def __post_init__(self) -> None:
+        entry = REGISTRY.get(self.kind)
+        object.__setattr__(self, "opener", entry.opener if entry and isinstance(entry.opener, str) else "")
 
     @property
     def model(self) -> str:
@@ -71,3 +78,38 @@ def check_crops(crops: np.ndarray, n_channels: int) -> None:
         raise InputError(f"crops of shape {crops.shape}; expected (n, {n_channels}, S, S)")
     if not (np.issubdtype(crops.dtype, np.integer) or np.issubdtype(crops.dtype, np.floating)):
         raise InputError(f"crops of dtype {crops.dtype}; expected integer or float pixels")
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    """One backend: how to open it and what it runs."""
+
+    name: str
+    #: ``"module:Class"`` (imported on first use, also in worker processes that never registered it) or a callable
+    #: (in this process only); called with the :class:`BackendSpec`
+    opener: str | Callable[[BackendSpec], Backend]
+    #: the model formats it runs (see :data:`scdino.models.card.FORMATS`); ``auto`` picks the first registered,
+    #: listed backend whose first format is the model's
+    formats: tuple[str, ...]
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    #: how to get a model it runs, when it is asked for one it cannot (``{model}`` is the model given)
+    hint: str = ""
+    #: why it cannot run on the CPU (backends without "cpu" in ``devices``)
+    cpu_hint: str = ""
+    #: whether ``auto`` may run this backend on CUDA here (called only where PyTorch sees a GPU)
+    cuda_works: Callable[[], bool] | None = None
+    #: listed on the command line and chosen by ``auto``; a hidden backend is chosen only by name in code
+    listed: bool = True
+
+
+#: backend name -> entry; :func:`register` adds one
+REGISTRY: dict[str, BackendEntry] = {}
+
+
+def register(entry: BackendEntry) -> BackendEntry:
+    """Add a backend (or replace the one of the same name); it is then a ``--backend`` choice if ``listed``."""
+    unknown = [f for f in entry.formats if f not in FORMATS]
+    if unknown or not entry.formats:
+        raise ConfigError(f"backend {entry.name!r}: formats {list(entry.formats)}; expected some of {list(FORMATS)}")
+    REGISTRY[entry.name] = entry
+    return entry
