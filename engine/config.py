@@ -5,41 +5,22 @@ Light on purpose (no numpy, torch, dask or zarr), so that ``--help`` shows the d
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
+from scdino.batches import CPU_BATCH_TOKENS, DEFAULT_BATCH_SIZE, GPU_BATCH_TOKENS, cpu_batch_size, gpu_batch_size
 from scdino.bounds import check, check_segmentation
 from scdino.cells.options import CellOptions
 from scdino.errors import ConfigError
 
-#: the backends' own default batch (a BackendSpec made without one)
-DEFAULT_BATCH_SIZE = 64
-#: tokens one forward pass on a CPU holds (crops x tokens per crop): small enough that its activations stay in cache,
-#: large enough that a small model's per-call cost is spread (python benchmarks/cpu_settings.py)
-CPU_BATCH_TOKENS = 3200
-
-
-def cpu_batch_size(tokens: int) -> int:
-    """Crops per forward pass on a CPU for a model that sees ``tokens`` tokens per crop: the power of two nearest to
-    :data:`CPU_BATCH_TOKENS` / ``tokens``, from 16 to 256. Measured best on the 2-core CPU, both backends: ViT-S/16 at
-    224 px (197 tokens) 16, 13-20% faster than 64; ViT-S/16 at 112 (50) 64, ONNX Runtime within 2% of 16;
-    ViT-tiny/8 at 48 (37) 64, 11-17% faster than 16; ViT-tiny/16 at 32 (5) 256, PyTorch 2.06x batch 16."""
-    best = CPU_BATCH_TOKENS / max(1, tokens)
-    return int(min(256, max(16, 2 ** round(math.log2(best)))))
-
-
-#: tokens one forward pass on a GPU holds: ViT-S/16 at 224 px (197 tokens per crop) runs 256 crops per pass, the
-#: largest batch its TensorRT plans are built for (``scdino-export tensorrt --max-batch``); a larger model runs
-#: fewer, so that one pass's activations stay the size of ViT-S/16's at 256 on an analysis PC's smaller GPU
-GPU_BATCH_TOKENS = 256 * 197
-
-
-def gpu_batch_size(tokens: int) -> int:
-    """Crops per forward pass on a GPU for a model that sees ``tokens`` tokens per crop: the power of two nearest to
-    :data:`GPU_BATCH_TOKENS` / ``tokens``, from 32 to 256 (ViT-S/16 at 224 px: 256; ViT-B/8 at 224, 785 tokens:
-    64). ``python benchmarks/gpu_check.py`` measures ViT-S/16 at batch 64, 128 and 256 on the device."""
-    best = GPU_BATCH_TOKENS / max(1, tokens)
-    return int(min(256, max(32, 2 ** round(math.log2(best)))))
+#: the batch rules live in :mod:`scdino.batches` (export builds plans for them too); here for the engine's readers
+__all__ = [
+    "CPU_BATCH_TOKENS",
+    "DEFAULT_BATCH_SIZE",
+    "GPU_BATCH_TOKENS",
+    "RunConfig",
+    "cpu_batch_size",
+    "gpu_batch_size",
+]
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from scdino._cli import ErrorGroup, configure_logging
+from scdino.batches import DEFAULT_BATCH_SIZE, MAX_BATCH
 from scdino.cells.options import DEFAULT_CROP_SIZE
 
 
@@ -35,7 +36,7 @@ def main(verbose: int) -> None:
     """scdino export: self-contained model files for the engine's ONNX Runtime and TensorRT backends.
 
     \b
-      scdino-export onnx dino_vits16 --channels DAPI,GFP,RFP --crop-size 64 --out model.onnx
+      scdino-export onnx dino_vits16 --channels DAPI,GFP,RFP --crop-size 96 --out model.onnx
       scdino-export quantize model.onnx --out model.int8.onnx          # CPU PCs
       scdino-export tensorrt model.onnx --out model.plan --fp16        # on the GPU that will run it
       scdino-engine run plate.zarr --model model.onnx --out cells.zarr
@@ -166,8 +167,16 @@ def quantize_cmd(model, out, method, calibration, min_cosine) -> None:
 @click.option("--fp16", is_flag=True, help="Half precision (LayerNorm and preprocessing stay fp32).")
 @click.option("--int8", is_flag=True, help="int8 with Q/DQ calibrated on --calibration crops.")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False), help="Crops (.npy / .npz) for int8.")
-@click.option("--max-batch", type=int, default=256, show_default=True)
-@click.option("--opt-batch", type=int, default=64, show_default=True)
+@click.option(
+    "--max-batch",
+    type=int,
+    default=MAX_BATCH,
+    show_default=True,
+    help="Largest batch the plan takes (the engine's largest batch on a GPU).",
+)
+@click.option(
+    "--opt-batch", type=int, default=DEFAULT_BATCH_SIZE, show_default=True, help="Batch the plan is tuned for."
+)
 @click.option("--workspace-gb", type=float, default=4.0, show_default=True)
 @click.option("--timing-cache", type=click.Path(), help="Timing cache file. Default: OUT with .timing.cache.")
 def tensorrt_cmd(model, out, fp16, int8, calibration, max_batch, opt_batch, workspace_gb, timing_cache) -> None:

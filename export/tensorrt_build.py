@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from scdino._optional import require
+from scdino.batches import DEFAULT_BATCH_SIZE, MAX_BATCH
 from scdino.errors import ConfigError, ScdinoError
 from scdino.models.plan import gpu_identity
 from scdino.models.sidecar import read_sidecar, write_sidecar
@@ -93,8 +94,8 @@ def build_engine(
     fp16: bool = False,
     int8: bool = False,
     calibration: np.ndarray | None = None,
-    max_batch: int = 256,
-    opt_batch: int = 64,
+    max_batch: int = MAX_BATCH,
+    opt_batch: int = DEFAULT_BATCH_SIZE,
     workspace_gb: float = 4.0,
     timing_cache: str | None = None,
 ) -> dict:
@@ -119,45 +120,17 @@ def build_engine(
     max_batch, opt_batch = int(max_batch), int(min(opt_batch, max_batch))
     out = claim_file(out, inputs=[onnx_path])
     t0 = time.perf_counter()
+    logger = trt.Logger(trt.Logger.WARNING)
+    cache_path = Path(timing_cache) if timing_cache else out.with_suffix(".timing.cache")
     with tempfile.TemporaryDirectory() as tmp:
         src = _int8_source(onnx_path, meta, calibration, tmp) if int8 else str(onnx_path)
         widened = os.path.join(tmp, "input.onnx")
         _widen_uint16_input(src, widened)
-        logger = trt.Logger(trt.Logger.WARNING)
-        builder = trt.Builder(logger)
-        creation = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0
-        network = builder.create_network(creation)
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(widened):
-            errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise ScdinoError(f"{onnx_path}: TensorRT cannot parse the ONNX graph: {errs}")
-        config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-        if hasattr(trt, "ProfilingVerbosity"):  # per-layer precisions for the inspector
-            config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-        cache_path = Path(timing_cache) if timing_cache else out.with_suffix(".timing.cache")
-        cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-        if config.set_timing_cache(cache, ignore_mismatch=False) is False:
-            log.warning(
-                "%s: TensorRT did not take the timing cache (another GPU or version?); building without", cache_path
-            )
-        for flag in plan.flags:
-            config.set_flag(getattr(trt.BuilderFlag, flag))
-        if plan.pin_fp32:
-            pinned = pin_sensitive_layers(trt, network)
-            log.info("%d layers pinned to fp32 (preprocessing and normalisation)", pinned)
-        inp = network.get_input(0)
-        c, s = meta["in_chans"], meta["crop_size"]
-        profile = builder.create_optimization_profile()
-        profile.set_shape(inp.name, (1, c, s, s), (opt_batch, c, s, s), (max_batch, c, s, s))
-        config.add_optimization_profile(profile)
-        serialized = builder.build_serialized_network(network, config)
-        if serialized is None:
-            raise ScdinoError(f"{onnx_path}: TensorRT could not build an engine (see the TensorRT log above)")
+        shapes = (meta["in_chans"], meta["crop_size"], opt_batch, max_batch)
+        serialized = _serialize(trt, logger, widened, onnx_path, plan, shapes, workspace_gb, cache_path)
         tmp_plan = out.with_name(out.name + ".partial")
         tmp_plan.write_bytes(memoryview(serialized))
         os.replace(tmp_plan, out)
-        cache_path.write_bytes(memoryview(config.get_timing_cache().serialize()))
     asked = "int8" if int8 else "fp16" if fp16 or meta["precision"] == "fp16" else "fp32"
     layers = inspect_precisions(trt, logger, bytes(memoryview(serialized)))
     pmeta = {
@@ -181,6 +154,42 @@ def build_engine(
     }
     write_sidecar(out, pmeta)
     return pmeta
+
+
+def _serialize(trt, logger, widened: str, onnx_path, plan: BuildPlan, shapes: tuple, workspace_gb: float, cache_path):
+    """The serialized engine of the graph at ``widened``: parsed, built with ``plan``'s flags for batches 1 ..
+    max_batch of (channels, crop size) in ``shapes`` (tuned for opt_batch), the timing cache read and written back."""
+    c, s, opt_batch, max_batch = shapes
+    builder = trt.Builder(logger)
+    creation = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0
+    network = builder.create_network(creation)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(widened):
+        errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ScdinoError(f"{onnx_path}: TensorRT cannot parse the ONNX graph: {errs}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    if hasattr(trt, "ProfilingVerbosity"):  # per-layer precisions for the inspector
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    if config.set_timing_cache(cache, ignore_mismatch=False) is False:
+        log.warning(
+            "%s: TensorRT did not take the timing cache (another GPU or version?); building without", cache_path
+        )
+    for flag in plan.flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    if plan.pin_fp32:
+        pinned = pin_sensitive_layers(trt, network)
+        log.info("%d layers pinned to fp32 (preprocessing and normalisation)", pinned)
+    profile = builder.create_optimization_profile()
+    inp = network.get_input(0)
+    profile.set_shape(inp.name, (1, c, s, s), (opt_batch, c, s, s), (max_batch, c, s, s))
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ScdinoError(f"{onnx_path}: TensorRT could not build an engine (see the TensorRT log above)")
+    cache_path.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    return serialized
 
 
 def _int8_source(onnx_path, meta: dict, calibration: np.ndarray | None, tmp: str) -> str:

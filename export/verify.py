@@ -4,7 +4,6 @@ imported by the comparison that needs it, not by this module (``compare`` and ``
 from __future__ import annotations
 
 import logging
-
 from typing import TYPE_CHECKING
 
 import numpy as np

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from scdino.batches import EMBED_BATCH_SIZE
 from scdino.errors import CheckpointError, ConfigError
 from scdino.models.adapt import adapt_patch_weight, parse_mode
 from scdino.models.checkpoint import Checkpoint, open_checkpoint
@@ -171,7 +172,9 @@ def _resized(model: VisionTransformer, input_size: int) -> VisionTransformer:
     return resized.eval()
 
 
-def embed_crops(net: nn.Module, raw, prep: Preprocessing, device=None, batch_size: int = 128) -> np.ndarray:
+def embed_crops(
+    net: nn.Module, raw, prep: Preprocessing, device=None, batch_size: int = EMBED_BATCH_SIZE
+) -> np.ndarray:
     """CLS embeddings (n, D) float32 of raw crops (n, C, S, S; numpy or tensor, any dtype) through ``net`` with the
     preprocessing ``prep``, in batches, on ``device`` (default: where ``net`` is)."""
     device = device or next(net.parameters()).device
