@@ -8,7 +8,8 @@ ONNX export on a CPU), the export cache warm. Each repeat times, side by side:
 - its phases as the run records them in ``uns["scdino"]["timing"]``: model (card, export cache hit, path), cluster
   start, finding cells, making the store, embedding;
 - in this process, the same backend alone on the same cells: opening it, and inference at the run's batch size;
-- ``python -c "import scdino.engine.pipeline"``: the imports a run needs.
+- ``python -c "import scdino.engine.pipeline"``: the imports a run needs;
+- ``scdino-engine --help`` (``python -m scdino.engine --help``).
 
 Derived: fixed start-up (imports + model + cluster + opening the backend); per-block overhead = the embedding phase
 minus (opening + inference), as a share of the embedding phase (reading crops, Dask, writing blocks).
@@ -16,7 +17,11 @@ minus (opening + inference), as a share of the embedding phase (reading crops, D
 Also: making a store's ``obs`` and ``uns`` with anndata's writer through zarr's local store against
 :func:`scdino.engine.output.write_small` (the same files), for the run's 235 cells and for 100,000.
 
-    python benchmarks/overhead.py [--repeats 5] [--threads N] [--out benchmarks/results/overhead.json]
+    python benchmarks/overhead.py [--repeats 5] [--threads N] [--arch vit_small16] [--no-store-writes]
+                                  [--out benchmarks/results/overhead.json]
+
+``--arch vit_tiny16`` keeps inference short where only the fixed costs are wanted (they do not depend on the
+model's size beyond opening it).
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, help="threads of the run and of the backend alone (default: all cores)")
+    ap.add_argument("--arch", default="vit_small16", help="architecture of the random-weight checkpoint")
+    ap.add_argument("--no-store-writes", action="store_true", help="skip the obs + uns write comparison")
     ap.add_argument("--out", default="benchmarks/results/overhead.json")
     args = ap.parse_args()
     threads = args.threads or os.cpu_count() or 1
@@ -85,7 +92,7 @@ def main() -> None:
     plate = write_sample_plate(tmp / "neocortex.zarr", "neocortex")
     torch.manual_seed(0)
     ckpt = str(tmp / "vit_small16.pth")
-    torch.save(build_model(arch_config("vit_small16")).state_dict(), ckpt)
+    torch.save(build_model(arch_config(args.arch)).state_dict(), ckpt)
     out = tmp / "run.zarr"
     cmd = [sys.executable, "-m", "scdino.engine", "run", plate, *SEG, "--crop-size", "32", "--no-progress"]
     cmd += ["--threads", str(threads), "--wells", "A/1", "--model", ckpt, "--out", str(out), "--overwrite"]
@@ -105,6 +112,7 @@ def main() -> None:
         card=card, n_channels=3, kind="onnxruntime", batch_size=cpu_batch_size(card.tokens), threads=threads
     )
     imports_cmd = [sys.executable, "-c", "import scdino.engine.pipeline"]
+    help_cmd = [sys.executable, "-m", "scdino.engine", "--help"]
     runs = []
     for r in range(args.repeats):
         row = {"command": timed(cmd, env)}
@@ -119,6 +127,7 @@ def main() -> None:
         row["inference"] = time.perf_counter() - t
         backend.close()
         row["imports"] = timed(imports_cmd, env)
+        row["help"] = timed(help_cmd, env)
         runs.append(row)
         print(f"  repeat {r + 1}: command {row['command']:.1f} s, embedding {row['embed_seconds']:.1f} s, "
               f"inference alone {row['inference']:.1f} s", flush=True)  # fmt: skip
@@ -132,11 +141,16 @@ def main() -> None:
         "per_block_overhead_fraction": float(np.median(overhead)),
         "per_block_overhead_range": [float(min(overhead)), float(max(overhead))],
         "outside_run_seconds": float(np.median(outside)),
+        "help_seconds": med["help"],
     }
     big = pd.concat([table] * (-(-100_000 // len(table))), ignore_index=True).iloc[:100_000]
     big["label"] = np.arange(len(big))
     uns = dict(a.uns["scdino"])
-    writes = {"235": store_writes(table, uns, tmp, 5), "100000": store_writes(big, uns, tmp, 3)}
+    writes = (
+        {}
+        if args.no_store_writes
+        else {"235": store_writes(table, uns, tmp, 5), "100000": store_writes(big, uns, tmp, 3)}
+    )
 
     rows = [
         ("whole command", med["command"]),
@@ -149,9 +163,10 @@ def main() -> None:
         ("  embedding", med["embed_seconds"]),
         ("    the backend alone: opening it", med["backend_open"]),
         ("    the backend alone: inference", med["inference"]),
+        ("scdino-engine --help (a command of its own)", med["help"]),
     ]
     print(
-        f"\n{len(table)} cells of the neocortex sample plate (A/1), ViT-S/16 at 224 px, {path['path']}, {threads} "
+        f"\n{len(table)} cells of the neocortex sample plate (A/1), {args.arch} at 224 px, {path['path']}, {threads} "
         f"thread(s) on {os.cpu_count()} cores; medians of {args.repeats} repeats\n"
     )
     print("| part | s | share of the command |\n|---|---|---|")
@@ -170,7 +185,7 @@ def main() -> None:
         print(f"| {int(n):,} cells | {w['anndata']:.2f} | {w['write_small']:.2f} | {ratio:.1f}x |")
     res = {
         "benchmark": "overhead",
-        "model": "vit_small16 at 224 (random weights)",
+        "model": f"{args.arch} at 224 (random weights)",
         "path": path,
         "threads": threads,
         "repeats": runs,
