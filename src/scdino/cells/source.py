@@ -54,6 +54,8 @@ class CellSource(Protocol):
 
     def find_cells(self, client: Any = None, progress: Callable[[int], Any] | None = None) -> pd.DataFrame: ...
 
+    def combine(self, parts: list[pd.DataFrame]) -> pd.DataFrame: ...
+
     def read(self, rows: pd.DataFrame) -> np.ndarray: ...
 
 
@@ -142,12 +144,16 @@ class PlateSource:
                     parts[i] = df
                     if progress:
                         progress(1)
+        return self.combine(parts)
+
+    def combine(self, parts: list[pd.DataFrame | None]) -> pd.DataFrame:
+        """The cell table from the tables of :attr:`parts`, in order; an error when no part has a cell."""
         frames = [p for p in parts if p is not None and len(p)]
         table = pd.concat(frames, ignore_index=True) if frames else empty_table()
         if table.empty:
             how = f"labels {self.opts.labels!r}" if self.opts.labels else "the built-in segmentation"
             raise InputError(
-                f"{self.path}: no nuclei found in {n} fields with {how}; check --segment-channel and "
+                f"{self.path}: no nuclei found in {len(parts)} fields with {how}; check --segment-channel and "
                 "the segmentation parameters, or pass --labels with a label image of the plate"
             )
         return table
@@ -201,6 +207,9 @@ class CropStoreSource:
 
     def find_cells(self, client: Any = None, progress: Callable[[int], Any] | None = None) -> pd.DataFrame:
         return self.store.table()
+
+    def combine(self, parts: list[pd.DataFrame]) -> pd.DataFrame:
+        return parts[0]
 
     def read(self, rows: pd.DataFrame) -> np.ndarray:
         return self.store.read(rows["store_index"].to_numpy(), self.channels)
