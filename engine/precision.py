@@ -10,8 +10,12 @@ keeps exact fp32 (no check), ``--precision int8`` asks for int8 whatever the che
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -77,15 +81,49 @@ def choose_precision(
     if not len(rows):
         return _with_check(fp32, {"chosen": "fp32", "why": "no cells to check on"})
     crops = source.read(rows)
-    cos = cosines(_embed(int8.spec, crops), _embed(fp32.spec, crops))
-    record = {"crops": int(len(cos)), "min_cosine": float(cos.min()), "threshold": MIN_COSINE}
-    if cos.min() >= MIN_COSINE:
-        why = f"every one of {len(cos)} check crops of this plate has cosine >= {MIN_COSINE} to fp32"
-        log.info("precision auto: int8 (%s; min %.5f)", why, cos.min())
+    record = _check(int8, fp32, crops)
+    if record["min_cosine"] >= MIN_COSINE:
+        why = f"every one of {record['crops']} check crops of this plate has cosine >= {MIN_COSINE} to fp32"
+        log.info("precision auto: int8 (%s; min %.5f)", why, record["min_cosine"])
         return _with_check(int8, {**record, "chosen": "int8", "why": why})
-    why = f"a check crop's cosine to fp32 is {cos.min():.5f} < {MIN_COSINE}: int8 would change this plate's results"
+    why = (
+        f"a check crop's cosine to fp32 is {record['min_cosine']:.5f} < {MIN_COSINE}: int8 would change this plate's "
+        "results"
+    )
     log.warning("precision auto: fp32 (%s)", why)
     return _with_check(fp32, {**record, "chosen": "fp32", "why": why})
+
+
+def _check(int8: Choice, fp32: Choice, crops: np.ndarray) -> dict:
+    """The check's numbers for ``crops``: measured, or read back from the export cache where the same crops were
+    checked with the same two models before (the same inputs give the same cosines: a warm rerun costs no inference)."""
+    paths = [int8.details.get("export"), fp32.details.get("export") or fp32.spec.card.spec]
+    key = hashlib.sha256(
+        json.dumps([paths, [_file_id(p) for p in paths], crops.shape, str(crops.dtype)]).encode() + crops.tobytes()
+    ).hexdigest()[:24]
+    record_file = Path(paths[0]).parent / "checks" / f"{key}.json" if paths[0] else None
+    if record_file is not None and record_file.is_file():
+        try:
+            return {**json.loads(record_file.read_text()), "cached": True}
+        except (OSError, ValueError):
+            pass  # unreadable: measured again
+    cos = cosines(_embed(int8.spec, crops), _embed(fp32.spec, crops))
+    record = {"crops": int(len(cos)), "min_cosine": float(cos.min()), "threshold": MIN_COSINE}
+    if record_file is not None:
+        record_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, record_file)
+    return record
+
+
+def _file_id(path: str | None) -> list:
+    """A model file as it is now (size, modification time), so that a file replaced in place is checked again."""
+    try:
+        st = os.stat(path)
+        return [st.st_size, st.st_mtime_ns]
+    except (OSError, TypeError):
+        return []
 
 
 def _with_check(choice: Choice, check: dict) -> Choice:

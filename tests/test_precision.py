@@ -23,7 +23,11 @@ def test_cosines_by_hand():
 
 
 def test_check_rows_spread_over_the_first_fields_with_cells():
-    tables = {"f1": pd.DataFrame({"i": []}), "f2": pd.DataFrame({"i": range(6)}), "f3": pd.DataFrame({"i": range(6, 10)})}
+    tables = {
+        "f1": pd.DataFrame({"i": []}),
+        "f2": pd.DataFrame({"i": range(6)}),
+        "f3": pd.DataFrame({"i": range(6, 10)}),
+    }
     src = SimpleNamespace(parts=["f1", "f2", "f3", "f4"], read_columns=("i",), cells_of=lambda p: tables[p])
     # 8 wanted: f2's 6 cells are not enough, f2 and f3 give 10; rows round(0, 9/7, 18/7, ..., 9)
     assert list(precision.check_rows(src, n=8)["i"]) == [0, 1, 3, 4, 5, 6, 8, 9]
@@ -60,6 +64,14 @@ def test_auto_takes_int8_only_when_every_check_crop_agrees(tiny_plate, tmp_path,
     assert check["chosen"] == "int8" and ua["model"]["precision"] == "int8"
     assert check["crops"] == 10 and check["min_cosine"] >= 0.999  # the tiny plate's 10 cells
     assert _cos(auto, fp32).min() >= 0.999  # what the check promised holds for every cell
+    # the same crops with the same two models: the record is read back, no inference
+    monkeypatch.setattr(precision, "_embed", lambda *a: pytest.fail("checked again"))
+    _, uc = _run(tiny_plate, tmp_path / "auto2.zarr", ckpt)
+    assert (
+        uc["path"]["precision_check"]["cached"] and uc["path"]["precision_check"]["min_cosine"] == check["min_cosine"]
+    )
+    monkeypatch.undo()
+    monkeypatch.setenv("SCDINO_CACHE_DIR", str(Path(ckpt).parent / "cache"))
     # a plate whose crops would move: fp32, exactly as --precision fp32
     monkeypatch.setattr(precision, "MIN_COSINE", 1.01)
     again, ub = _run(tiny_plate, tmp_path / "strict.zarr", ckpt)
