@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from scdino.cells.base import field_cell_names
+from scdino.cells.source import source_kind, source_type
 from scdino.errors import InputError, OutputError
 from scdino.outputs import claim_dir, mark, written_by
 
@@ -65,12 +67,7 @@ class EmbeddingStore:
         for col in ("plate", "well", "field"):
             if col in obs:
                 obs[col] = obs[col].astype(str).astype("category")
-        if "path" in obs:  # a crop store: each cell is its source file
-            obs.index = obs["path"].astype(str).values
-        else:
-            obs.index = (
-                obs["well"].astype(str) + "/" + obs["field"].astype(str) + "/" + obs["label"].astype(str)
-            ).values
+        obs.index = cell_names(table, uns).values
         if obs.index.has_duplicates:
             dup = obs.index[obs.index.duplicated()][0]
             raise OutputError(f"{path}: cell {dup} appears twice in the cell table; this is a bug, please report it")
@@ -152,6 +149,34 @@ class EmbeddingStore:
             x[a : a + step] = self.X[a : a + step]
         with quiet_zarr():
             write_elem(self.group, "var", pd.DataFrame(index=var_names(dim)))
+
+
+def cell_names(table: pd.DataFrame, uns: dict) -> pd.Index:
+    """Each cell's name in ``obs``, by the rule of the source the run records in ``uns["source"]`` (a crop store's
+    cells are their files, a field's ``well/field/label``); a table without a recorded source is named as cells of
+    fields."""
+    kind = (uns.get("source") or {}).get("kind")
+    return source_kind(kind).obs_index(table) if kind else field_cell_names(table)
+
+
+def run_source(path: str) -> dict[str, Any]:
+    """What the run that wrote the store at ``path`` recorded of its cell source: ``kind`` and ``capabilities``
+    (:data:`scdino.cells.base.CAPABILITIES`). A store of an older run, which recorded only the source's path, is
+    described by the kind of source that path is now; ``{}`` where neither is known."""
+    from anndata.io import read_elem
+
+    g = zarr.open_group(path, mode="r", use_consolidated=False)
+    if "uns" not in g or "scdino" not in g["uns"]:
+        return {}
+    uns = g["uns"]["scdino"]
+    if "source" in uns:
+        rec = read_elem(uns["source"])
+        return {"kind": str(rec["kind"]), "capabilities": [str(c) for c in rec["capabilities"]], "path": rec["path"]}
+    if "plate" not in uns:
+        return {}
+    where = str(read_elem(uns["plate"]))
+    kind = source_type(where)
+    return {"kind": kind.kind, "capabilities": list(kind.capabilities), "path": where}
 
 
 def var_names(dim: int) -> list[str]:

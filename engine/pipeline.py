@@ -209,7 +209,7 @@ def _complete(cfg: RunConfig, status: dict | None, fp: str) -> bool:
 
 def _find_cells(cfg: RunConfig, source: CellSource, client, phases: dict[str, float]) -> pd.DataFrame:
     t = time.perf_counter()
-    with Progress(source.n_fields, "finding cells", "field", cfg.progress) as bar:
+    with Progress(len(source.parts), "finding cells", "field", cfg.progress) as bar:
         table = source.find_cells(client, progress=bar.update)
     phases["find_cells_seconds"] = time.perf_counter() - t
     return table
@@ -435,6 +435,7 @@ def _uns(cfg: RunConfig, spec: BackendSpec, source: CellSource, status: str, pat
             "path": path,
             "cells": cfg.cells.to_dict(),
             "plate": os.path.abspath(cfg.plate),
+            "source": source.describe(),
             "versions": versions(),
         }
     )
