@@ -1,7 +1,8 @@
 """Cell sources: one protocol for every place cells come from, so that no command asks which kind it was given.
 
-An OME-Zarr plate (:class:`PlateSource`: cells found by stored labels or segmentation, crops cut around them) and a crop
-store (:class:`CropStoreSource`: crops already cut) both give
+An OME-Zarr plate (:class:`PlateSource`: cells found by stored labels or segmentation, crops cut around them), a crop
+store (:class:`CropStoreSource`: crops already cut) and a CellProfiler LoadData CSV
+(:class:`~scdino.cells.loaddata.LoadDataSource`: one TIFF per channel per site) all give
 
 * the selected channels (indices, names, and every channel the source has), the crop size and the pixel dtype;
 * :attr:`~CellSource.parts` and :meth:`~CellSource.cells_of`: the units cells are found in (a plate's fields; a crop
@@ -31,6 +32,7 @@ import pandas as pd
 
 from scdino.cells.base import CellSource, describe, field_cell_names, find_parts, no_cells_message
 from scdino.cells.cropstore import CropStore, is_crop_store
+from scdino.cells.loaddata import LoadDataSource
 from scdino.cells.options import CellOptions
 from scdino.cells.plate import FieldRef, Plate, missing_labels_message, resolve_channels
 from scdino.cells.table import FieldPlan, field_cells, plan_field, read_crops
@@ -198,7 +200,7 @@ class PlateSource:
 
 #: the registered kinds of source, in the order :func:`source_type` asks them: the plate last, as it claims every
 #: folder (its reader says what is wrong with one that is no plate)
-SOURCES: list[type] = [CropStoreSource, PlateSource]
+SOURCES: list[type] = [CropStoreSource, LoadDataSource, PlateSource]
 
 
 def register(kind: type) -> type:
