@@ -355,6 +355,7 @@ def _uns(cfg: RunConfig, spec: BackendSpec, source: CellSource, status: str, pat
             "path": path,
             "cells": cfg.cells.to_dict(),
             "plate": os.path.abspath(cfg.plate),
+            "source": source.describe(),
             "versions": versions(),
         }
     )

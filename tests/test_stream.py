@@ -71,23 +71,17 @@ def test_writer_stops_at_the_first_failed_write():
     assert done == [1]
 
 
-def test_concurrent_readers_of_one_field_decode_it_once(tiny_plate):
-    source = PlateSource(tiny_plate, OPTS)
-    cache, ref = FieldCache(), source.fields[0]
-    real = source.plate.read
-    calls = []
+def test_concurrent_readers_of_one_field_decode_it_once():
+    cache, calls = FieldCache(), []
 
-    def slow_read(*a, **k):
+    def slow_load():
         calls.append(1)
         time.sleep(0.2)
-        return real(*a, **k)
+        return np.zeros((2, 8, 8), np.uint16)
 
-    source.plate.read = slow_read
-    shape = (source.plate.image(ref).array.shape[-2], source.plate.image(ref).array.shape[-1])
     got = []
     threads = [
-        threading.Thread(target=lambda: got.append(cache.get("t", source.plate, ref, (0, 1), shape, 2)))
-        for _ in range(4)
+        threading.Thread(target=lambda: got.append(cache.get(("t", "A/1", "0"), 256, slow_load))) for _ in range(4)
     ]
     for t in threads:
         t.start()
@@ -98,11 +92,10 @@ def test_concurrent_readers_of_one_field_decode_it_once(tiny_plate):
 
 
 def test_cache_keeps_fields_within_its_byte_budget():
-    plate = SimpleNamespace(path="p", read=lambda ref, ch: np.zeros((1, 100, 100), np.uint16))  # 20,000 bytes each
     cache = FieldCache(total_bytes=50_000)
-    for f in "abcd":
-        cache.get("t", plate, SimpleNamespace(well="A/1", field=f), (0,), (100, 100), 2)
-    assert [k[3] for k in cache._data] == ["c", "d"]  # two fit, the least recently used went first
+    for f in "abcd":  # 20,000 bytes each: two fit
+        cache.get(("t", f), 20_000, lambda: np.zeros((1, 100, 100), np.uint16))
+    assert [k[1] for k in cache._data] == ["c", "d"]  # the least recently used went first
 
 
 def _local_client():
