@@ -445,6 +445,7 @@ def test_dataset_scaling_rejects_an_empty_channel_range(crop_store, tmp_path, mo
         build_config(None, ["intensity_percentiles=99"], data="d", out="o")
 
 
+@pytest.mark.slow
 def test_a_few_steps_reduce_the_loss_on_real_crops(crop_store, tmp_path):
     out = tmp_path / "fit"
     # with the teacher held at its initial weights and a fast centre the targets settle within the first epoch;
