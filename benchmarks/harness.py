@@ -39,3 +39,30 @@ def write_results(path: str | os.PathLike, res: dict, indent: int = 1) -> Path:
     }
     path.write_text(json.dumps(res, indent=indent, default=str))
     return path
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """Print ``rows`` as a markdown table: ``columns`` are (header, key, format spec); a missing or None value is
+    printed as a dash."""
+    print("| " + " | ".join(h for h, _, _ in columns) + " |")
+    print("|" + "---|" * len(columns))
+    for r in rows:
+        cells = [("-" if r.get(k) is None else format(r[k], f)) for _, k, f in columns]
+        print("| " + " | ".join(cells) + " |")
+
+
+def staged_source(root: Path, into: Path) -> Path | None:
+    """Where ``import scdino.engine`` works from a plain source tree (a device machine that got the checkout, not an
+    install): ``into/scdino`` is a copy of ``src/scdino`` with the stage folders linked in as its subpackages, as
+    pyproject.toml's package-dir maps them. Put the returned folder on ``sys.path`` and ``PYTHONPATH`` (Dask's worker
+    processes import it too). None where scdino is installed already."""
+    import importlib.util
+    import shutil
+
+    if importlib.util.find_spec("scdino") is not None:
+        return None
+    pkg = into / "scdino"
+    shutil.copytree(root / "src" / "scdino", pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    for stage in ("engine", "export", "training"):
+        (pkg / stage).symlink_to(root / stage, target_is_directory=True)
+    return into

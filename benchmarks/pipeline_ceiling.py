@@ -12,48 +12,74 @@ grid with a label image (one disk per tile), ``--field`` px square fields (2048:
 
 Prints a table, writes JSON.
 
-    python benchmarks/pipeline_ceiling.py [--cells 100000] [--field 2048] [--threads 1,2] [--chunk-cells 256]
+    python benchmarks/pipeline_ceiling.py [--cells 100000] [--field 2048] [--threads 1,2,ALL] [--chunk-cells 256]
+
+Each side runs pinned to the same first T cores (``os.sched_setaffinity``), one after the other.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 from harness import write_results
+
+from scdino.engine.sample import FieldImage, write_plate
 
 GRID = 32
 CHANNELS = ["CTIP2", "BRN2", "ROR"]
 
 
+class _Field(Sequence):
+    """One well's one field, made when the plate writer asks for it (a 1M-cell plate never lies in memory)."""
+
+    def __init__(self, make: Callable[[], FieldImage]) -> None:
+        self.make = make
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, i):
+        if i not in (0, -1):
+            raise IndexError(i)
+        return self.make()
+
+
 def make_plate(path: Path, n_cells: int, side: int) -> tuple[str, int]:
     from scdino.data import packaged_crops
-    from scdino.engine.sample import FieldImage, write_plate
 
     crops = packaged_crops()[:, :, 8:40, 8:40]
     per_field = (side // GRID) ** 2
     n_fields = max(1, -(-n_cells // per_field))
     yy, xx = np.mgrid[:GRID, :GRID]
-    disk = (yy - GRID / 2 + 0.5) ** 2 + (xx - GRID / 2 + 0.5) ** 2 <= 10**2
-    rng = np.random.default_rng(0)
-    wells = {}
-    for f in range(n_fields):
-        pick = rng.integers(len(crops), size=(side // GRID, side // GRID))
+    disk = np.tile((yy - GRID / 2 + 0.5) ** 2 + (xx - GRID / 2 + 0.5) ** 2 <= 10**2, (side // GRID, side // GRID))
+    ids = np.arange(1, per_field + 1, dtype=np.uint32).reshape(side // GRID, side // GRID)
+    tile = np.kron(ids, np.ones((GRID, GRID), np.uint32))
+
+    def field(f: int) -> FieldImage:
+        pick = np.random.default_rng(f).integers(len(crops), size=(side // GRID, side // GRID))
         img = crops[pick].transpose(2, 0, 3, 1, 4).reshape(3, side, side).astype(np.uint16)
         lab = np.zeros((side, side), np.uint32)
-        ids = np.arange(1, per_field + 1, dtype=np.uint32).reshape(side // GRID, side // GRID)
-        tile = np.kron(ids, np.ones((GRID, GRID), np.uint32))
-        lab[np.tile(disk, (side // GRID, side // GRID))] = tile[np.tile(disk, (side // GRID, side // GRID))]
-        wells[f"{chr(ord('A') + f // 24)}/{f % 24 + 1}"] = [FieldImage(img, {"nuclei": lab})]
+        lab[disk] = tile[disk]
+        return FieldImage(img, {"nuclei": lab})
+
+    wells = {f"{_row(f // 24)}/{f % 24 + 1}": _Field(lambda f=f: field(f)) for f in range(n_fields)}
     write_plate(path, wells, CHANNELS, name="ceiling")
     return str(path), n_fields * per_field
+
+
+def _row(i: int) -> str:
+    """Plate row names past Z: A..Z, then AA, AB, ... (a 1M-cell plate has more wells than a 384-well plate)."""
+    return chr(ord("A") + i) if i < 26 else _row(i // 26 - 1) + chr(ord("A") + i % 26)
 
 
 def _field_paths(plate: str) -> list[str]:
@@ -90,85 +116,158 @@ def _decode_and_cut(field: str, crop: int = 32) -> int:
     return n
 
 
+def _cores(threads: int) -> set[int]:
+    """The first ``threads`` cores this process may run on: both sides of a comparison run on the same cores."""
+    return set(sorted(os.sched_getaffinity(0))[:threads])
+
+
 def raw_rate(plate: str, threads: int) -> tuple[float, int]:
     fields = _field_paths(plate)
-    t = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        n = sum(pool.map(_decode_and_cut, fields))
-    return time.perf_counter() - t, n
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, _cores(threads))
+    try:
+        t = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            n = sum(pool.map(_decode_and_cut, fields))
+        return time.perf_counter() - t, n
+    finally:
+        os.sched_setaffinity(0, before)
 
 
-def null_run(plate: str, out: Path, threads: int, chunk: int) -> dict:
+def null_run(plate: str, out: Path, threads: int, chunk: int, wells: list[str] | None = None) -> dict:
+    """The whole command with the null backend on the first ``threads`` cores; its wall time and peak memory (the
+    largest resident set of the command and its children, sampled every 0.1 s)."""
+    import psutil
+
     cmd = [
         sys.executable, "-m", "scdino.engine.cli", "run", plate, "--out", str(out), "--labels", "nuclei",
         "--crop-size", "32", "--model", "random:vit_tiny16", "--input-size", "32", "--threads", str(threads),
-        "--chunk-cells", str(chunk),
+        "--chunk-cells", str(chunk), "--no-progress",
     ]  # fmt: skip
+    if wells:
+        cmd += ["--wells", ",".join(wells)]
     env = {**os.environ, "SCDINO_NULL_BACKEND": "1", "OMP_NUM_THREADS": str(threads)}
+    cores = _cores(threads)
     t = time.perf_counter()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: os.sched_setaffinity(0, cores),
+    )  # fmt: skip
+    peak, ps = 0, psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            peak = max(peak, sum(p.memory_info().rss for p in [ps, *ps.children(recursive=True)]))
+        except psutil.Error:
+            pass
+        time.sleep(0.1)
     wall = time.perf_counter() - t
-    if p.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+    _, err = proc.communicate()
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
     import anndata as ad
 
-    uns = ad.read_zarr(str(out)).uns["scdino"]
+    a = ad.read_zarr(str(out))
+    uns = a.uns["scdino"]
     assert uns["backend"]["kind"] == "null", uns["backend"]
     timing = {
         k: float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v for k, v in uns["timing"].items()
     }
-    return {"wall_s": wall, "n_cells": int(ad.read_zarr(str(out)).n_obs), "timing": timing}
+    return {"wall_s": wall, "n_cells": int(a.n_obs), "timing": timing, "peak_rss_mb": peak / 2**20}
+
+
+def _wells(plate: str) -> list[str]:
+    import zarr
+
+    return [w["path"] for w in zarr.open_group(plate, mode="r").attrs["ome"]["plate"]["wells"]]
+
+
+def scale(plate: str, tmp: Path, sizes: list[int], per_field: int, threads: int, chunk: int) -> list[dict]:
+    """Null-backend runs on the first wells of one plate (one field each), from the smallest size to the largest."""
+    wells, rows = _wells(plate), []
+    for n in sizes:
+        use = wells[: max(1, n // per_field)]
+        r = null_run(plate, tmp / f"scale{n}.zarr", threads, chunk, use)
+        rows.append({"cells": r["n_cells"], "wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"], **r["timing"]})
+        print(f"  {r['n_cells']} cells: {r['wall_s']:.1f} s, {r['n_cells'] / r['wall_s']:.0f} cells/s, "
+              f"peak {r['peak_rss_mb']:.0f} MB", flush=True)  # fmt: skip
+        shutil.rmtree(tmp / f"scale{n}.zarr", ignore_errors=True)
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cells", type=int, default=100_000)
     ap.add_argument("--field", type=int, default=2048)
-    ap.add_argument("--threads", default=f"1,{os.cpu_count()}")
+    ap.add_argument("--threads", default=f"1,2,{len(os.sched_getaffinity(0))}", help="cores to run on, each in turn")
     ap.add_argument("--chunk-cells", type=int, default=256)
+    ap.add_argument("--sizes", help="instead: null runs of these many cells (e.g. 10000,100000,1000000) on all cores")
     ap.add_argument("--out", default="benchmarks/results/pipeline_ceiling.json")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="scdino-ceiling-"))
+    sizes = sorted(int(x) for x in args.sizes.split(",")) if args.sizes else None
     t = time.perf_counter()
-    plate, n = make_plate(tmp / "plate.zarr", args.cells, args.field)
+    per_field = (args.field // GRID) ** 2
+    plate, n = make_plate(tmp / "plate.zarr", max(sizes) if sizes else args.cells, args.field)
+    print(f"plate: {n} cells in {n // per_field} fields of {args.field} px ({time.perf_counter() - t:.0f} s)")
+    try:
+        if sizes:
+            th = len(os.sched_getaffinity(0))
+            rows = scale(plate, tmp, sizes, per_field, th, args.chunk_cells)
+            res = {"benchmark": "pipeline_scale", "field": args.field, "chunk_cells": args.chunk_cells, "threads": th}
+            _scale_table(rows)
+            write_results(args.out, {**res, "results": rows})
+        else:
+            rows = [
+                _ceiling_row(plate, tmp, n, th, args.chunk_cells)
+                for th in sorted(set(map(int, args.threads.split(","))))
+            ]
+            print(f"\n{n} cells, {args.field} px fields, blocks of {args.chunk_cells}, {os.cpu_count()} cores\n")
+            _ceiling_table(rows)
+            res = {"benchmark": "pipeline_ceiling", "cells": n, "field": args.field, "chunk_cells": args.chunk_cells}
+            write_results(args.out, {**res, "results": rows})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\nwrote {args.out}")
+
+
+def _ceiling_row(plate: str, tmp: Path, n: int, th: int, chunk: int) -> dict:
+    raw_s, raw_n = raw_rate(plate, th)
+    r = null_run(plate, tmp / f"null{th}.zarr", th, chunk)
+    assert raw_n == r["n_cells"] == n, (raw_n, r["n_cells"], n)
+    embed_s = r["timing"]["embed_seconds"]
+    row = {
+        "threads": th,
+        "raw_decode_cut_cells_per_s": n / raw_s,
+        "null_run_cells_per_s": n / r["wall_s"],
+        "null_embed_phase_cells_per_s": n / embed_s,
+        "null_run_over_raw": (n / r["wall_s"]) / (n / raw_s),
+        "embed_phase_over_raw": (n / embed_s) / (n / raw_s),
+        "peak_rss_mb": r["peak_rss_mb"],
+        "timing": r["timing"],
+    }
+    print(f"  {th} core(s): raw {n / raw_s:.0f} c/s, null run {n / r['wall_s']:.0f} c/s "
+          f"(embed phase {n / embed_s:.0f})", flush=True)  # fmt: skip
+    return row
+
+
+def _ceiling_table(rows: list[dict]) -> None:
     print(
-        f"plate: {n} cells in {n // (args.field // GRID) ** 2} fields of {args.field} px ({time.perf_counter() - t:.0f} s)"
+        "| cores | raw decode + cut, cells/s | null-backend run, cells/s | its stream phase | run / raw | phase / raw |"
     )
-    rows = []
-    for th in sorted({int(x) for x in args.threads.split(",")}):
-        raw_s, raw_n = raw_rate(plate, th)
-        r = null_run(plate, tmp / f"null{th}.zarr", th, args.chunk_cells)
-        assert raw_n == r["n_cells"] == n, (raw_n, r["n_cells"], n)
-        embed_s = r["timing"]["embed_seconds"]
-        row = {
-            "threads": th,
-            "raw_decode_cut_cells_per_s": n / raw_s,
-            "null_run_cells_per_s": n / r["wall_s"],
-            "null_embed_phase_cells_per_s": n / embed_s,
-            "null_run_over_raw": (n / r["wall_s"]) / (n / raw_s),
-            "embed_phase_over_raw": (n / embed_s) / (n / raw_s),
-            "timing": r["timing"],
-        }
-        rows.append(row)
-        print(f"  {th} thread(s): raw {row['raw_decode_cut_cells_per_s']:.0f} c/s, null run "
-              f"{row['null_run_cells_per_s']:.0f} c/s (embed phase {row['null_embed_phase_cells_per_s']:.0f})", flush=True)  # fmt: skip
-    print(f"\n{n} cells, {args.field} px fields, blocks of {args.chunk_cells}, {os.cpu_count()} cores\n")
-    print("| threads | raw decode + cut, cells/s | null-backend run, cells/s | its embedding phase | run / raw |")
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['threads']} | {r['raw_decode_cut_cells_per_s']:.0f} | {r['null_run_cells_per_s']:.0f} | "
-            f"{r['null_embed_phase_cells_per_s']:.0f} | {r['null_run_over_raw']:.2f} |"
+            f"{r['null_embed_phase_cells_per_s']:.0f} | {r['null_run_over_raw']:.2f} | {r['embed_phase_over_raw']:.2f} |"
         )
-    res = {
-        "benchmark": "pipeline_ceiling",
-        "cells": n,
-        "field": args.field,
-        "chunk_cells": args.chunk_cells,
-        "results": rows,
-    }
-    write_results(args.out, res)
-    print(f"\nwrote {args.out}")
+
+
+def _scale_table(rows: list[dict]) -> None:
+    print("\n| cells | wall s | cells/s | s per 1k cells | peak memory MB |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['cells']} | {r['wall_s']:.1f} | {r['cells'] / r['wall_s']:.0f} | "
+              f"{1000 * r['wall_s'] / r['cells']:.3f} | {r['peak_rss_mb']:.0f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

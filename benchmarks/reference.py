@@ -18,8 +18,10 @@ reported on its own):
 
 - the reference, as a command of its own (this script with ``--reference-run``): the baseline of every ratio; its
   loop alone (in this process, weights already loaded: no start-up) is shown beside it;
-- ``scdino-engine run`` with defaults (auto: the cached, verified ONNX export when it measures faster);
-- ``--no-export-cache`` (PyTorch);
+- ``scdino-engine run`` with defaults (``--precision auto``: the cached export's int8 copy where every one of 32 check
+  crops keeps cosine >= 0.999 to fp32, else the fp32 path; the check is read from ``uns``);
+- ``--precision fp32`` (the cached, verified ONNX export when it measures faster, else PyTorch);
+- ``--no-export-cache --precision fp32`` (PyTorch);
 - ``--precision int8`` (the cached export's dynamic int8 copy);
 - ``--fast`` (int8 at half the input size).
 
@@ -230,8 +232,10 @@ def main() -> None:
         {"path": "reference, its loop alone (no start-up)", "seconds": float(np.median(ref_times))},
     ]
     default_s, default_out = engine("default")
-    rows.append({"path": "scdino-engine run (defaults)", "seconds": default_s, "out": default_out})
-    torch_s, torch_out = engine("torch", "--no-export-cache")
+    rows.append({"path": "scdino-engine run (defaults: --precision auto)", "seconds": default_s, "out": default_out})
+    s, o = engine("fp32", "--precision", "fp32")
+    rows.append({"path": "--precision fp32 (cached ONNX export or PyTorch, fp32)", "seconds": s, "out": o})
+    torch_s, torch_out = engine("torch", "--no-export-cache", "--precision", "fp32")
     rows.append({"path": "--no-export-cache (PyTorch)", "seconds": torch_s, "out": torch_out})
     cached = ad.read_zarr(default_out).uns["scdino"]["path"]
     s, o = engine("int8", "--precision", "int8")
@@ -264,6 +268,7 @@ def main() -> None:
             f"{r['gflops']:.0f} ({100 * r['gflops'] / peak:.0f}%) | {'' if cos is None else f'{cos:.6f}'} |"
         )
     print(f"\ncold first run of the default path (export, verification, timing, run): {cold:.1f} s")
+    print(f"the default's precision check: {cached.get('precision_check')}")
     res = {
         "benchmark": "reference",
         "cells": n,

@@ -17,15 +17,15 @@ log = logging.getLogger(__name__)
 
 
 def _cells_and_crops(source: str, channels: Sequence[str] | None):
-    """(table, crop reader, channel names) of a crop store or plate, or of the cells of a finished ``run`` output."""
+    """(table, crop reader, channel names) of a cell source, or of the cells of a finished ``run`` output (read from
+    the source the run recorded, with the run's options)."""
     from anndata.io import read_elem
 
-    from scdino.cells.cropstore import is_crop_store
     from scdino.cells.options import CellOptions
-    from scdino.cells.source import open_source
-    from scdino.engine.output import read_embeddings
+    from scdino.cells.source import open_source, usable_options
+    from scdino.engine.output import read_embeddings, store_status
 
-    if is_crop_store(source):
+    if not store_status(source):  # not a run's output: a cell source (a crop store, a plate, a LoadData CSV)
         src = open_source(source, CellOptions(channels=tuple(channels) if channels else None))
         return src.find_cells(), src.read, list(src.channel_names)
 
@@ -33,13 +33,11 @@ def _cells_and_crops(source: str, channels: Sequence[str] | None):
     g = zarr.open_group(source, mode="r", use_consolidated=False)
     uns = read_elem(g["uns"]["scdino"]) if "uns" in g and "scdino" in g["uns"] else {}
     if "crop_size" not in uns or "plate" not in uns:
-        raise InputError(f"{source}: neither a crop store nor an embeddings store of 'scdino-engine run'")
+        raise InputError(f"{source}: neither a cell source nor an embeddings store of 'scdino-engine run'")
     used = tuple(channels) if channels else tuple(uns["channels"])
     wells = (uns.get("cells") or {}).get("wells")
-    if is_crop_store(uns["plate"]):
-        opts = CellOptions(channels=used)
-    else:
-        opts = CellOptions(channels=used, crop_size=int(uns["crop_size"]), wells=tuple(wells) if wells else None)
+    opts = CellOptions(channels=used, crop_size=int(uns["crop_size"]), wells=tuple(wells) if wells else None)
+    opts, _ = usable_options(uns["plate"], opts)  # the crop size and wells where the source has them
     src = open_source(uns["plate"], opts)
     table = obs.reset_index(drop=False).rename(columns={"index": "cell"})
     return table, src.read, list(src.channel_names)

@@ -12,7 +12,7 @@ import click
 from scdino._cli import ErrorGroup, configure_logging
 from scdino.cells.options import DEFAULT_CROP_SIZE, CellOptions, SegmentParams
 from scdino.engine import backends
-from scdino.engine.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, RunConfig
+from scdino.engine.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, PRECISIONS, RunConfig
 from scdino.engine.umap import DEFAULT_PRESET, FIT_MAX, PRESETS
 from scdino.knn import TEMPERATURE, TRAIN_FRACTION, K
 
@@ -84,7 +84,7 @@ def _split(value: str | None) -> tuple[str, ...] | None:
 
 
 @main.command("run")
-@click.argument("plate", type=click.Path(file_okay=False))
+@click.argument("plate", type=click.Path())
 @click.option("--model", default=RunConfig.model, show_default=True, help=MODEL_HELP)
 @click.option("--out", required=True, type=click.Path(), help="Output AnnData zarr store (e.g. cells.zarr).")
 @click.option(
@@ -94,7 +94,11 @@ def _split(value: str | None) -> tuple[str, ...] | None:
     help="Which network of a DINO full checkpoint to use (teacher or student).",
 )
 @click.option("--channels", help="Channels to use, in order, by name or index (e.g. DAPI,GFP or 0,2). Default: all.")
-@click.option("--labels", help="Name of a nucleus label image under labels/ of each field. Default: segment nuclei.")
+@click.option(
+    "--labels",
+    help="Nuclei: a label image under labels/ of each field of a plate, or a CellProfiler object table (CSV) for a "
+    "LoadData CSV. Default: segment nuclei.",
+)
 @click.option(
     "--segment-channel",
     help="Channel (name or index) to segment and to centre crops on; several (A,B) are combined by a "
@@ -170,11 +174,12 @@ def _split(value: str | None) -> tuple[str, ...] | None:
 )
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "int8"]),
+    type=click.Choice(list(PRECISIONS)),
     default=RunConfig.precision,
     show_default=True,
-    help="int8 (CPU): the checkpoint's cached export quantised once (dynamic uint8 weights, verified: cosine >= 0.99 "
-    "to fp32); faster, see the README for its k-NN cost.",
+    help="auto: on a CPU, a trained checkpoint runs as its cached export's int8 copy (about 2x fp32) only when, on "
+    "32 crops of this plate, every embedding has cosine >= 0.999 to fp32; else fp32 (the check is recorded in "
+    "uns['scdino']['path']). fp32: exact fp32, no check. int8: the int8 copy without the check.",
 )
 @click.option(
     "--fast",
@@ -211,7 +216,8 @@ def run_cmd(
     no_progress,
     **segment,
 ) -> None:
-    """Embed every nucleus of an OME-Zarr HCS PLATE into an AnnData store.
+    """Embed every nucleus of PLATE into an AnnData store: an OME-Zarr HCS plate, a crop store (ingest) or a
+    CellProfiler LoadData CSV (one TIFF per channel per site; --labels may name its object table).
 
     Nuclei come from --labels or from the built-in segmentation; each gets a crop centred on its
     intensity-weighted centroid; crops stream through the model in blocks of --chunk-cells on Dask.
@@ -429,7 +435,7 @@ def umap_cmd(
 
 
 @main.command("attention")
-@click.argument("source", type=click.Path(file_okay=False))
+@click.argument("source", type=click.Path())
 @click.option("--model", required=True, help="A PyTorch model (checkpoint, hub name or random:ARCH).")
 @click.option("--out", required=True, type=click.Path(), help="Folder for attention.png and attention.npz.")
 @click.option("--cells", help="Cell ids (obs names of a run output, or paths in a crop store), comma-separated.")
@@ -459,7 +465,7 @@ def attention_cmd(source, model, out, cells, per_class, label_key, channels, inp
 
 
 @main.command("evaluate")
-@click.argument("crops", type=click.Path(file_okay=False))
+@click.argument("crops", type=click.Path())
 @click.option("--models", required=True, help="Comma-separated models (checkpoints, hub names, random:ARCH).")
 @click.option("--channel-sets", help='Channel sets separated by ";" (e.g. "DAPI;TUB;TUB,DAPI,OCT4"). Default: all.')
 @click.option("--out", required=True, type=click.Path(), help="Report folder (report.md, results.json, PNGs).")

@@ -42,26 +42,25 @@ def pin_gpu_plugin(devices: list[str]):
     return PinGPU()
 
 
-#: the worker resource an embedding task holds (see scdino.engine.pipeline): one per local worker
-EMBED_SLOT = "scdino-embed"
-#: threads of a local GPU worker: one feeds the GPU, the other reads the next blocks (and finds cells)
-GPU_WORKER_THREADS = 2
-
-
 def cpu_threads_per_worker(workers: int) -> int:
-    """Threads of a local CPU worker: its share of the cores (its model uses them all; the others read and find cells
-    while no model runs, as an embedding task holds the worker's one embedding slot)."""
+    """Threads of a local CPU worker: its share of the cores (its model uses them all; the other threads read and
+    find cells while no model runs: one inference at a time per worker, see :mod:`scdino.engine.stream`)."""
     return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
+def gpu_threads_per_worker(workers: int) -> int:
+    """Threads of a local GPU worker: its share of the host's cores, at least two (one feeds the GPU while the others
+    read, cut and find cells)."""
+    return max(2, (os.cpu_count() or 1) // max(1, workers))
+
+
 def local_cuda_cluster(workers: int, devices: list[str], quiet: bool):
-    """One worker per GPU, with one embedding slot and a second thread that reads ahead: dask-cuda's
+    """One worker per GPU, with its share of the host's cores as threads: dask-cuda's
     LocalCUDACluster where it is installed, else a LocalCluster whose workers are pinned by :func:`pin_gpu_plugin`."""
     level = logging.CRITICAL if quiet else logging.WARNING
     common = dict(
         n_workers=workers,
-        threads_per_worker=GPU_WORKER_THREADS,
-        resources={EMBED_SLOT: 1},
+        threads_per_worker=gpu_threads_per_worker(workers),
         dashboard_address=":0",
         silence_logs=level,
     )
@@ -96,8 +95,7 @@ def keep_malloc_adaptive(enabled: bool = True) -> Iterator[None]:
 
 @contextmanager
 def dask_client(scheduler: str | None = None, workers: int = 1, gpus: list[str] | None = None) -> Iterator[Any]:
-    """An existing client, a cluster at ``scheduler``, or a local cluster of ``workers`` workers, each with one
-    embedding slot: processes, or with one CPU worker a thread of this process (with ``gpus``: one process per GPU,
+    """An existing client, a cluster at ``scheduler``, or a local cluster of ``workers`` workers: processes, or with one CPU worker a thread of this process (with ``gpus``: one process per GPU,
     each pinned)."""
     from distributed import Client, LocalCluster, get_client
 
@@ -132,7 +130,6 @@ def dask_client(scheduler: str | None = None, workers: int = 1, gpus: list[str] 
             cluster = LocalCluster(
                 n_workers=workers,
                 threads_per_worker=cpu_threads_per_worker(workers),
-                resources={EMBED_SLOT: 1},
                 processes=workers > 1,
                 dashboard_address=":0",
                 silence_logs=logging.CRITICAL if quiet else logging.WARNING,

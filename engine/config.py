@@ -23,6 +23,10 @@ __all__ = [
 ]
 
 
+#: the values of --precision (the first is the default)
+PRECISIONS = ("auto", "fp32", "int8")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Options of ``scdino-engine run`` (see its ``--help``)."""
@@ -46,8 +50,8 @@ class RunConfig:
     overwrite: bool = False
     #: on a CPU, run a checkpoint through its cached, verified ONNX export when that measures faster
     export_cache: bool = True
-    #: fp32, or int8 (CPU: the cached export's verified dynamic int8 copy)
-    precision: str = "fp32"
+    #: auto (int8 where verified on the run's own crops, see scdino.engine.precision), fp32, or int8
+    precision: str = "auto"
     #: fast mode: int8 at half the model's input size (rounded down to whole patches); see the README for its cost
     fast: bool = False
     progress: bool = True
@@ -66,9 +70,9 @@ class RunConfig:
             crop_um=cells.crop_um,
         )
         check_segmentation(**cells.segment.to_dict())
-        if self.precision not in ("fp32", "int8"):
-            raise ConfigError(f"--precision {self.precision!r}: expected fp32 or int8")
-        if self.fast and (self.input_size is not None or self.precision != "fp32"):
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision {self.precision!r}: expected {', '.join(PRECISIONS)}")
+        if self.fast and (self.input_size is not None or self.precision != "auto"):
             raise ConfigError("--fast sets the input size and the precision itself; drop --input-size / --precision")
         if self.cells.crop_size is not None and self.cells.crop_um is not None:
             raise ConfigError("pass either --crop-size (pixels) or --crop-um (micrometres), not both")

@@ -179,8 +179,11 @@ def compute_grid(
     from scdino.models.card import describe_model
 
     source = open_source(crops)
-    if source.n_fields:
-        raise InputError(f"{crops}: evaluate needs a labelled crop store; make one with 'scdino-engine ingest'")
+    if "classes" not in source.capabilities:
+        raise InputError(
+            f"{crops}: evaluate needs cells with a class label ({source.kind} has none); make a labelled crop store "
+            "with 'scdino-engine ingest'"
+        )
     table = source.find_cells()
     labels = labels_of(table, settings.label_key, crops)
     if labels.isna().any():

@@ -155,7 +155,7 @@ def eligible(spec: BackendSpec, requested_backend: str, enabled: bool, precision
     """None when the cached ONNX path may be used; else the reason the run stays on PyTorch (an error where
     ``precision`` int8 was asked for: only the cached export gives it)."""
     if precision == "int8":
-        why = _int8_blocker(spec, requested_backend)
+        why = int8_blocker(spec, requested_backend)
         if why:
             raise ConfigError(f"--precision int8 {why}")
         return None
@@ -183,7 +183,7 @@ def _have_ort() -> bool:
     return True
 
 
-def _int8_blocker(spec: BackendSpec, requested_backend: str) -> str | None:
+def int8_blocker(spec: BackendSpec, requested_backend: str) -> str | None:
     if requested_backend != "auto" or spec.kind != "torch":  # (--backend onnxruntime refuses a checkpoint earlier)
         return (
             "quantises a checkpoint's cached export for ONNX Runtime; for an exported model use scdino-export quantize"

@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from scdino.cells.base import field_cell_names
+from scdino.cells.source import source_kind, source_type
 from scdino.errors import InputError, OutputError
 from scdino.outputs import claim_dir, mark, written_by
 
@@ -40,6 +42,20 @@ def store_status(path: str) -> dict[str, Any] | None:
     return dict(g.attrs.get("scdino", {}))
 
 
+def cell_obs(path: str, table: pd.DataFrame, uns: dict) -> pd.DataFrame:
+    """``obs`` of a store: the cell table with categorical plate/well/field and one name per cell as its index (by
+    the rule of the source ``uns`` records: :func:`cell_names`)."""
+    obs = table.copy()
+    for col in ("plate", "well", "field"):
+        if col in obs:
+            obs[col] = obs[col].astype(str).astype("category")
+    obs.index = cell_names(table, uns).values
+    if obs.index.has_duplicates:
+        dup = obs.index[obs.index.duplicated()][0]
+        raise OutputError(f"{path}: cell {dup} appears twice in the cell table; this is a bug, please report it")
+    return obs
+
+
 class EmbeddingStore:
     def __init__(self, path: str) -> None:
         self.path = path
@@ -54,31 +70,26 @@ class EmbeddingStore:
     def n_blocks(self) -> int:
         return -(-self.n // self.chunk) if self.n else 0
 
+    @property
+    def has_table(self) -> bool:
+        """Whether the cell table is written (a run that streams cells writes it once every cell is found)."""
+        return bool(dict(self.group.attrs["scdino"]).get("table", True))
+
     @classmethod
     def create(
-        cls, path: str, table: pd.DataFrame, embed_dim: int, chunk: int, uns: dict, fingerprint: str
+        cls, path: str, table: pd.DataFrame | None, embed_dim: int, chunk: int, uns: dict, fingerprint: str
     ) -> "EmbeddingStore":
+        """A new store for ``table``; with ``table=None`` an empty one that :meth:`grow` extends as cells are found and
+        :meth:`write_table` completes (until then ``has_table`` is false: a resumed run finds the cells again)."""
         import anndata as ad
 
         claim_dir(path, COMMAND, overwrite=True)  # only a store scdino wrote is ever replaced
-        obs = table.copy()
-        for col in ("plate", "well", "field"):
-            if col in obs:
-                obs[col] = obs[col].astype(str).astype("category")
-        if "path" in obs:  # a crop store: each cell is its source file
-            obs.index = obs["path"].astype(str).values
-        else:
-            obs.index = (
-                obs["well"].astype(str) + "/" + obs["field"].astype(str) + "/" + obs["label"].astype(str)
-            ).values
-        if obs.index.has_duplicates:
-            dup = obs.index[obs.index.duplicated()][0]
-            raise OutputError(f"{path}: cell {dup} appears twice in the cell table; this is a bug, please report it")
+        obs = cell_obs(path, table, uns) if table is not None else pd.DataFrame(index=pd.Index([], dtype=str))
         write_small(path, ad.AnnData(obs=obs, uns={"scdino": uns}))
         mark(path, COMMAND)
         g = zarr.open_group(path, mode="r+", use_consolidated=False)
         g.attrs["scdino"] = {"status": "creating"}
-        n = len(table)
+        n = len(obs)
         x = g["obsm"].create_array(
             KEY, shape=(n, embed_dim), chunks=(chunk, embed_dim), dtype="float32", fill_value=np.nan
         )
@@ -86,9 +97,30 @@ class EmbeddingStore:
         nb = -(-n // chunk)
         p = g["uns"].create_array("scdino_progress", shape=(nb,), chunks=(1,), dtype="uint8", fill_value=0)
         p.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-        g.attrs["scdino"] = {"status": "running", "fingerprint": fingerprint, "chunk": chunk, "n_cells": n}
+        meta = {"status": "running", "fingerprint": fingerprint, "chunk": chunk, "n_cells": n}
+        g.attrs["scdino"] = meta if table is not None else {**meta, "table": False}
         consolidate(path)  # anndata.read_zarr reads consolidated metadata
         return cls(path)
+
+    def grow(self, n: int) -> None:
+        """Room for ``n`` cells (never fewer than it has): the embeddings and the block flags are resized."""
+        if n <= self.n:
+            return
+        self.X.resize((n, self.X.shape[1]))
+        self.progress.resize((-(-n // self.chunk),))
+        self.n = n
+        self.group.attrs["scdino"] = {**dict(self.group.attrs["scdino"]), "n_cells": n}
+
+    def write_table(self, table: pd.DataFrame) -> None:
+        """The finished cell table as ``obs`` (one row per cell of the store, in order)."""
+        from anndata.io import write_elem
+
+        if len(table) != self.n:
+            raise OutputError(f"{self.path}: a cell table of {len(table)} rows for a store of {self.n} cells")
+        with quiet_zarr():
+            write_elem(self.group, "obs", cell_obs(self.path, table, {"source": run_source(self.path)}))
+        self.group.attrs["scdino"] = {**dict(self.group.attrs["scdino"]), "table": True}
+        consolidate(self.path)
 
     @classmethod
     def resume(cls, path: str, fingerprint: str) -> "EmbeddingStore":
@@ -125,6 +157,8 @@ class EmbeddingStore:
         written when the store was made; rewriting all of it costs a zarr array per entry, about 0.5 s)."""
         from anndata.io import write_elem
 
+        if not self.has_table:
+            raise OutputError(f"{self.path}: its cell table is not written; cannot mark complete")
         if not self.done().all():
             raise OutputError(f"{self.path}: {int((~self.done()).sum())} blocks missing; cannot mark complete")
         self._write_x()
@@ -152,6 +186,34 @@ class EmbeddingStore:
             x[a : a + step] = self.X[a : a + step]
         with quiet_zarr():
             write_elem(self.group, "var", pd.DataFrame(index=var_names(dim)))
+
+
+def cell_names(table: pd.DataFrame, uns: dict) -> pd.Index:
+    """Each cell's name in ``obs``, by the rule of the source the run records in ``uns["source"]`` (a crop store's
+    cells are their files, a field's ``well/field/label``); a table without a recorded source is named as cells of
+    fields."""
+    kind = (uns.get("source") or {}).get("kind")
+    return source_kind(kind).obs_index(table) if kind else field_cell_names(table)
+
+
+def run_source(path: str) -> dict[str, Any]:
+    """What the run that wrote the store at ``path`` recorded of its cell source: ``kind`` and ``capabilities``
+    (:data:`scdino.cells.base.CAPABILITIES`). A store of an older run, which recorded only the source's path, is
+    described by the kind of source that path is now; ``{}`` where neither is known."""
+    from anndata.io import read_elem
+
+    g = zarr.open_group(path, mode="r", use_consolidated=False)
+    if "uns" not in g or "scdino" not in g["uns"]:
+        return {}
+    uns = g["uns"]["scdino"]
+    if "source" in uns:
+        rec = read_elem(uns["source"])
+        return {"kind": str(rec["kind"]), "capabilities": [str(c) for c in rec["capabilities"]], "path": rec["path"]}
+    if "plate" not in uns:
+        return {}
+    where = str(read_elem(uns["plate"]))
+    kind = source_type(where)
+    return {"kind": kind.kind, "capabilities": list(kind.capabilities), "path": where}
 
 
 def var_names(dim: int) -> list[str]:

@@ -1,15 +1,15 @@
-"""``scdino-engine run``: cell source -> cell table -> raw crops (dask, chunked along cells) -> embeddings store.
+"""``scdino-engine run``: cell source -> cells found per part -> blocks of raw crops -> embeddings store.
 
 :func:`run` reads as its steps: open the cell source and the model card (both fail early, before any cluster starts),
-decide whether the output is new, resumed or already complete, find the cells (one Dask task per field of a plate),
-then embed the blocks (the backend opened once per worker) and write each finished block into the output store; a
-rerun skips blocks already written.
+choose the path (backend, cached export, the verified precision: :mod:`scdino.engine.precision`), decide whether the
+output is new, resumed or already complete, then stream (:mod:`scdino.engine.stream`): the cells of each part (a
+plate's field) are found as a Dask task, each block is embedded as soon as its cells are known (the backend opened
+once per worker) and written into the output store by one writer thread; a rerun skips blocks already written.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -27,17 +27,18 @@ import psutil
 from scdino.bounds import check_block_memory
 from scdino.cells.source import CellSource, open_source
 from scdino.cells.table import FIELDS
-from scdino.engine.backends import BackendSpec, resolve, using
+from scdino.engine.backends import BackendSpec, resolve
 from scdino.engine.backends.null_backend import ENV as NULL_ENV
-from scdino.engine.cluster import EMBED_SLOT, dask_client
+from scdino.engine.cluster import dask_client
 from scdino.engine.config import RunConfig, cpu_batch_size, gpu_batch_size
 from scdino.engine.export_cache import choose, describe
 from scdino.engine.output import COMMAND, EmbeddingStore, store_status
+from scdino.engine.precision import choose_precision
+from scdino.engine.stream import embed_block, run_stream, stream_plan
 from scdino.errors import OutputError
 from scdino.models import forget_checkpoints
 from scdino.models.card import ModelCard
 from scdino.outputs import check_not_input, check_replaceable, discard, is_empty, output_lock, written_by
-from scdino.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +125,8 @@ def fingerprint(cfg: RunConfig, source: CellSource, spec: BackendSpec) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _embed_block(crops: np.ndarray, spec: BackendSpec) -> np.ndarray:
-    """Dask block function: raw crops -> embeddings, with the backend of this worker."""
-    with using(spec) as backend:
-        return backend.infer(crops)
+#: the block function the stream runs (a name here, so that tests can watch it)
+_embed_block = embed_block
 
 
 def _existing_output(cfg: RunConfig) -> dict | None:
@@ -179,80 +178,27 @@ def _complete(cfg: RunConfig, status: dict | None, fp: str) -> bool:
     )
 
 
-def _find_cells(cfg: RunConfig, source: CellSource, client, phases: dict[str, float]) -> pd.DataFrame:
-    t = time.perf_counter()
-    with Progress(source.n_fields, "finding cells", "field", cfg.progress) as bar:
-        table = source.find_cells(client, progress=bar.update)
-    phases["find_cells_seconds"] = time.perf_counter() - t
-    return table
-
-
-def _warn_intensity_range(cfg: RunConfig, source: CellSource, table: pd.DataFrame, card: ModelCard) -> None:
-    """A model with a fixed intensity range warns, per channel, when the plate does not fit it."""
+def _warn_intensity_range(cfg: RunConfig, source: CellSource, rows: pd.DataFrame, card: ModelCard) -> None:
+    """A model with a fixed intensity range warns, per channel, when the plate does not fit it (``rows``: the first
+    cells found)."""
     prep = card.preprocessing
-    if prep.scale_lo is None or not len(table):
+    if prep.scale_lo is None or not len(rows):
         return
     from scdino.preprocess import intensity_range_warnings
 
-    sample = source.read(table.iloc[: min(len(table), 256)][list(source.read_columns)])
+    sample = source.read(rows)
     where = f"{cfg.plate} (first {len(sample)} cells)"
     for w in intensity_range_warnings(sample, prep.scale_lo, prep.scale_hi, source.channel_names, where):
         log.warning(w)
 
 
-#: blocks in flight per worker: the one being embedded and the next ones being read (a bounded prefetch)
-BLOCKS_AHEAD = 2
-
-
-def _workers(client) -> dict:
+def _cluster_threads(client) -> tuple[int, int]:
+    """(workers, threads in all) of ``client``'s cluster."""
     try:
-        return client.scheduler_info(n_workers=-1).get("workers", {})
+        workers = client.scheduler_info(n_workers=-1).get("workers", {})
     except TypeError:  # distributed before n_workers= (it listed every worker then)
-        return client.scheduler_info().get("workers", {})
-
-
-def embed_slots(client) -> int:
-    """Workers of ``client`` with an embedding slot (:data:`~scdino.engine.cluster.EMBED_SLOT`), or 0 when not every
-    worker has one (a cluster started elsewhere without it: its tasks then run unrestricted, one per thread)."""
-    workers = _workers(client)
-    return len(workers) if workers and all(EMBED_SLOT in w.get("resources", {}) for w in workers.values()) else 0
-
-
-def _embed_stream(cfg: RunConfig, client, source: CellSource, table, spec: BackendSpec, todo: list[int], store) -> int:
-    """Embed the blocks ``todo`` and write each into ``store`` as it arrives; returns the number of blocks run.
-
-    Each block is two tasks: reading its crops, then embedding them (holding the worker's embedding slot where the
-    workers have one, so that a worker's other threads read the next blocks while its one model infers). At most
-    :data:`BLOCKS_AHEAD` blocks per worker are in flight, so crops are read ahead of the model but never pile up,
-    whatever the plate's size."""
-    from distributed import as_completed
-
-    slots = embed_slots(client)
-    restrict = {"resources": {EMBED_SLOT: 1}} if slots else {}
-    window = BLOCKS_AHEAD * max(1, slots or len(_workers(client)))
-    cols = list(source.read_columns)
-    pending = iter(todo)
-    index: dict[str, int] = {}
-    stream = as_completed(with_results=True)
-
-    def submit(i: int) -> None:
-        a, b = store.block_range(i)
-        crops = client.submit(source.read, table.iloc[a:b][cols].reset_index(drop=True), pure=False)
-        emb = client.submit(_embed_block, crops, spec, pure=False, **restrict)
-        index[emb.key] = i
-        stream.add(emb)
-
-    for i in itertools.islice(pending, window):
-        submit(i)
-    already = int(len(table) - sum(np.diff(store.block_range(i))[0] for i in todo))
-    with Progress(len(table), "embedding", "cell", cfg.progress, initial=already) as bar:
-        for fut, result in stream:
-            store.write_block(index.pop(fut.key), result)
-            bar.update(len(result))
-            fut.release()
-            for i in itertools.islice(pending, 1):
-                submit(i)
-    return len(todo)
+        workers = client.scheduler_info().get("workers", {})
+    return max(1, len(workers)), max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
 
 
 def run(cfg: RunConfig) -> RunResult:
@@ -290,15 +236,11 @@ def _run(cfg: RunConfig) -> RunResult:
     if cfg.fast:
         cfg, card = _fast(cfg, card)
     spec = backend_spec(cfg, card, len(source.channels))
-    path = choose(
-        spec,
-        cfg.backend,
-        cfg.export_cache,
-        source.channel_names,
-        source.crop_size,
-        np.dtype(source.dtype).name,
-        cfg.precision,
-    )
+    fp32_asked = "fp32" if cfg.precision == "auto" else cfg.precision
+    dtype = np.dtype(source.dtype).name
+    path = choose(spec, cfg.backend, cfg.export_cache, source.channel_names, source.crop_size, dtype, fp32_asked)
+    if cfg.precision == "auto":  # int8 only where verified on this plate's own crops
+        path = choose_precision(spec, path, cfg.backend, cfg.export_cache, source, dtype)
     spec = path.spec
     log.info("path: %s on %s (%s)", path.path, spec.device, path.why)
     if os.environ.get(NULL_ENV) == "1":  # benchmarks/pipeline_ceiling.py: the pipeline with a model that takes no time
@@ -321,35 +263,7 @@ def _run(cfg: RunConfig) -> RunResult:
     t = time.perf_counter()
     with dask_client(cfg.scheduler, local_workers(cfg, spec.device), gpus) as client:
         phases["cluster_seconds"] = time.perf_counter() - t
-        if resumed:
-            store = EmbeddingStore.resume(cfg.out, fp)
-            table = store.table()
-            todo = [i for i, d in enumerate(store.done()) if not d]
-            log.info("resuming %s: %d of %d blocks done", cfg.out, store.n_blocks - len(todo), store.n_blocks)
-        else:
-            table = _find_cells(cfg, source, client, phases)
-        _warn_intensity_range(cfg, source, table, card)
-        t = time.perf_counter()
-        created = False
-        try:
-            if not resumed:
-                uns = _uns(cfg, spec, source, "running", path.to_dict())
-                created = True
-                store = EmbeddingStore.create(cfg.out, table, card.embed_dim, cfg.chunk_cells, uns, fp)
-                todo = list(range(store.n_blocks))
-                phases["store_seconds"] = time.perf_counter() - t
-            t = time.perf_counter()
-            blocks_run = _embed_stream(cfg, client, source, table, spec, todo, store)
-        except Exception:
-            # a store this run made and filled nothing into is not left half-written (an interruption keeps it:
-            # the rerun starts from its cell table)
-            if created and not _any_block_done(cfg.out):
-                discard(cfg.out, COMMAND)
-            raise
-        finally:
-            FIELDS.clear()  # an in-process worker's decoded fields and the checkpoint are not kept past the run
-            forget_checkpoints()
-        phases["embed_seconds"] = time.perf_counter() - t
+        store, table, blocks_run = _stream(cfg, client, source, spec, path, fp, resumed, phases)
     seconds = time.perf_counter() - t0
     timing = {"seconds": seconds, **phases, "blocks_run": blocks_run, "resumed": resumed}
     # a resumed run may run on another device or batch size (neither changes the cells' embeddings): the metadata
@@ -357,6 +271,41 @@ def _run(cfg: RunConfig) -> RunResult:
     done = {"status": "complete", "backend": spec.to_dict(), "path": path.to_dict(), "versions": versions()}
     store.finish(_plain({**done, "timing": timing}))
     return RunResult(cfg.out, len(table), seconds, blocks_run, resumed, phases, card.untrained, backend)
+
+
+def _stream(cfg: RunConfig, client, source: CellSource, spec: BackendSpec, path, fp: str, resumed: bool, phases: dict):
+    """Find the cells and embed them into the output store (made once the first cells are known, or resumed)."""
+    card, created = spec.card, []
+
+    def make_store() -> EmbeddingStore:  # no cell, no store: an output that --overwrite would replace stays whole
+        uns = _uns(cfg, spec, source, "running", path.to_dict())
+        created.append(True)
+        return EmbeddingStore.create(cfg.out, None, card.embed_dim, cfg.chunk_cells, uns, fp)
+
+    t = time.perf_counter()
+    try:
+        store, table = make_store, None
+        if resumed:
+            store = EmbeddingStore.resume(cfg.out, fp)
+            table = store.table() if store.has_table else None
+            log.info("resuming %s: %d blocks done", cfg.out, int(store.done().sum()))
+        plan = stream_plan(spec, source, cfg.chunk_cells, *_cluster_threads(client))
+        log.debug("stream: %s", plan)
+        store, table, blocks_run, stream_phases = run_stream(
+            client, source, spec, store, table, plan, cfg.progress, _embed_block,
+            first_rows=lambda rows: _warn_intensity_range(cfg, source, rows, card),
+        )  # fmt: skip
+    except Exception:
+        # a store this run made and filled nothing into is not left half-written (an interruption keeps it: the
+        # rerun starts from what it holds)
+        if created and not _any_block_done(cfg.out):
+            discard(cfg.out, COMMAND)
+        raise
+    finally:
+        FIELDS.clear()  # an in-process worker's decoded fields and the checkpoint are not kept past the run
+        forget_checkpoints()
+    phases.update(stream_phases, embed_seconds=time.perf_counter() - t)
+    return store, table, blocks_run
 
 
 def _any_block_done(out: str) -> bool:
@@ -402,6 +351,7 @@ def _uns(cfg: RunConfig, spec: BackendSpec, source: CellSource, status: str, pat
             "path": path,
             "cells": cfg.cells.to_dict(),
             "plate": os.path.abspath(cfg.plate),
+            "source": source.describe(),
             "versions": versions(),
         }
     )

@@ -29,6 +29,7 @@ import pandas as pd
 
 from scdino.bounds import check
 from scdino.cells.plate import canonical_well
+from scdino.engine.output import run_source
 from scdino.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
@@ -122,15 +123,21 @@ def embedding_blocks(path: str, rows: np.ndarray | None = None, block: int = BLO
 # ------------------------------------------------------------------------------------------------ aggregation
 
 
-def group_keys(obs: pd.DataFrame, by: str) -> list[str]:
+def group_keys(obs: pd.DataFrame, by: str, source: dict | None = None) -> list[str]:
+    """The columns cells are grouped by; ``source``: what the run recorded of its cell source (its capabilities)."""
     if by not in ("well", "field"):
         raise ConfigError(f"--by {by!r}: expected well or field")
+    if source and "wells" not in source.get("capabilities", ()):
+        raise InputError(
+            f"the cells come from a {source.get('kind')} ({source.get('path')}), which has no wells: profiles need "
+            "cells of plate wells (a run on an OME-Zarr plate or a LoadData CSV)"
+        )
     keys = ["plate", "well"] + (["field"] if by == "field" else [])
     missing = [k for k in keys if k not in obs]
     if missing:
         raise InputError(
-            f"the cell table has no {', '.join(missing)} column: profiles need cells of a plate (a run on an OME-Zarr "
-            "plate), not of a crop store"
+            f"the cell table has no {', '.join(missing)} column: profiles need cells of plate wells (a run on an "
+            "OME-Zarr plate or a LoadData CSV), not of a crop store"
         )
     return keys
 
@@ -140,7 +147,7 @@ def aggregate(path: str, by: str = "well", agg: str = "median", block: int = BLO
     if agg not in AGGREGATES:
         raise ConfigError(f"--agg {agg!r}: expected {' or '.join(AGGREGATES)}")
     obs = cell_metadata(path, ["plate", "well", "field", "border"])
-    keys = group_keys(obs, by)
+    keys = group_keys(obs, by, run_source(path))
     codes = obs.groupby(keys, sort=False, observed=True).ngroup().to_numpy()
     meta = obs[keys].iloc[np.unique(codes, return_index=True)[1]].astype(str).reset_index(drop=True)
     meta["well"] = meta["well"].map(well_id)  # B/03 and B/3 are one well B03, whichever form the plate uses
@@ -336,12 +343,14 @@ def export_cells(cells: str, out: str, block: int = BLOCK) -> int:
     claim_file(out, inputs=[cells], ours=_ours)
     shape = _store(cells)["obsm"][KEY].shape
     names = feature_names(int(shape[1]))
+    source = run_source(cells)
     tmp = f"{out}.partial"
     writer = None
     a = 0
     with Progress(int(shape[0]), "export-cells", "cell") as bar:
         for obs, x in zip(metadata_blocks(cells, block), embedding_blocks(cells, block=block)):
-            if "well" in obs:  # the plate's path form (A/1) as profiles write it (A01)
+            # a store that recorded no source (older test stores) says by its table whether its cells have wells
+            if ("wells" in source["capabilities"]) if source else ("well" in obs):  # A/1 written as A01
                 w = obs["well"].astype(str)
                 obs["well"] = pd.Categorical(w.map({v: well_id(v) for v in w.unique()}))
             meta = obs.rename(columns={c: f"{META}{c[:1].upper()}{c[1:]}" for c in obs.columns})

@@ -1,7 +1,11 @@
 """An independent implementation of SPEC sections 2-3 and of the cell crops, for oracle tests.
 
-It shares no code with scdino: plain zarr + JSON for the plate, numpy for centroids, crops and min-max scaling,
-scikit-image for the bilinear resize, and a functional float64 ViT forward with explicit softmax attention.
+It shares no code with scdino: plain zarr + JSON for the plate, scikit-image's ``regionprops`` for the nuclei and their
+intensity-weighted centroids, numpy for crops and min-max scaling, scikit-image for the bilinear resize, ``torch.load``
+for a checkpoint's teacher backbone, and a functional float64 ViT forward with explicit softmax attention.
+
+The crop rule (docs/engine.md, "Cells"): an S x S window whose top-left corner is the rounded intensity-weighted
+centroid (on the segmentation channel) minus S // 2, raw pixels, zero outside the field.
 """
 
 from __future__ import annotations
@@ -31,22 +35,49 @@ def read_level0(path: str) -> np.ndarray:
     return zarr.open_array(os.path.join(path, meta["multiscales"][0]["datasets"][0]["path"]), mode="r")[...]
 
 
-def plate_cells(plate: str, labels: str, seg_channel: int, crop: int):
-    """Yield (well, field, label, crop (C, crop, crop)) for every labelled nucleus, mass-centred, zero-padded."""
+def fields(plate: str):
+    """(well path, field path, field folder) of every field, in the plate's order."""
     for w in ome(plate)["plate"]["wells"]:
         for im in ome(os.path.join(plate, w["path"]))["well"]["images"]:
-            fpath = os.path.join(plate, w["path"], im["path"])
-            img = read_level0(fpath)
-            lab = read_level0(os.path.join(fpath, "labels", labels))
-            for lid in np.unique(lab):
-                if lid == 0:
-                    continue
-                ys, xs = np.nonzero(lab == lid)
-                wgt = img[seg_channel][ys, xs].astype(np.float64)
-                cy, cx = (ys * wgt).sum() / wgt.sum(), (xs * wgt).sum() / wgt.sum()
-                y0, x0 = int(np.round(cy)) - crop // 2, int(np.round(cx)) - crop // 2
-                pad = np.pad(img, ((0, 0), (crop, crop), (crop, crop)))
-                yield w["path"], im["path"], int(lid), pad[:, y0 + crop : y0 + 2 * crop, x0 + crop : x0 + 2 * crop]
+            yield w["path"], im["path"], os.path.join(plate, w["path"], im["path"])
+
+
+def channel_names(field: str) -> list[str]:
+    return [c["label"] for c in ome(field)["omero"]["channels"]]
+
+
+def nuclei(labels: np.ndarray, seg: np.ndarray) -> list[tuple[int, float, float]]:
+    """(label, weighted centroid y, x) of every labelled object, by scikit-image's regionprops, in label order."""
+    from skimage.measure import regionprops
+
+    return [(r.label, *map(float, r.centroid_weighted)) for r in regionprops(labels, intensity_image=seg)]
+
+
+def cut(img: np.ndarray, cy: float, cx: float, crop: int) -> np.ndarray:
+    """The (C, crop, crop) window on the rounded centre, zero outside the image."""
+    y0, x0 = int(np.round(cy)) - crop // 2, int(np.round(cx)) - crop // 2
+    out = np.zeros((img.shape[0], crop, crop), img.dtype)
+    ys, xs = slice(max(y0, 0), min(y0 + crop, img.shape[1])), slice(max(x0, 0), min(x0 + crop, img.shape[2]))
+    out[:, ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0] = img[:, ys, xs]
+    return out
+
+
+def plate_cells(plate: str, labels: str, seg_channel: int | str, crop: int, channels=None):
+    """Yield (well, field, label, crop (C, crop, crop)) for every labelled nucleus, mass-centred on ``seg_channel``
+    (index or name), zero-padded; ``channels`` (names) selects and orders the crop's channels (all by default)."""
+    for well, field, path in fields(plate):
+        img = read_level0(path)
+        names = channel_names(path)
+        seg = img[names.index(seg_channel) if isinstance(seg_channel, str) else seg_channel].astype(np.float64)
+        keep = [names.index(c) for c in channels] if channels else list(range(len(names)))
+        for lid, cy, cx in nuclei(read_level0(os.path.join(path, "labels", labels)), seg):
+            yield well, field, int(lid), cut(img[keep], cy, cx, crop)
+
+
+def teacher_backbone(path, key: str = "teacher") -> dict:
+    """The ViT state dict of a DINO full checkpoint: ``key``'s ``backbone.*`` entries, prefix removed."""
+    ck = torch.load(path, map_location="cpu", weights_only=False)[key]
+    return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in ck.items() if "backbone." in k}
 
 
 def preprocess(crop: np.ndarray, size: int) -> np.ndarray:

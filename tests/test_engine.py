@@ -9,36 +9,57 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import zarr
 
+import reference
+from conftest import dino_full_checkpoint
 from scdino.cells.options import CellOptions
 from scdino.cells.plate import Plate
-from scdino.cells.table import field_cells, read_crops
 from scdino.engine import output as output_mod
 from scdino.engine.pipeline import RunConfig, run
 from scdino.errors import OutputError
-from scdino.models import load_model
-from scdino.preprocess import apply
+
+VIT_TEST_HEADS = 2  # vit_test: embed 32, depth 2, 2 heads (the tiny test variant's definition)
+# The Dask engine runs float32 PyTorch; the oracle is float64 throughout. For this two-block ViT at 32 px the float32
+# rounding of the resize, LayerNorms, softmax and residual sums moves a CLS value by about 1e-6 (values are O(1)), so
+# 1e-4 / 1e-5 keeps a margin of 10x; a crop cut one pixel off the rule moves values by 1e-2 or more (checked below).
+RTOL, ATOL = 1e-4, 1e-5
 
 
-def plain_loop(plate_path: str, model: str, opts: CellOptions, input_size: int):
-    """The engine without Dask: every field, every cell, one at a time."""
-    plate = Plate(plate_path)
-    lm = None
-    rows, embs = [], []
-    for ref in plate.fields():
-        df = field_cells(plate, ref, opts)
-        names = plate.channel_names(ref)
-        chans = [names.index(c) for c in opts.channels] if opts.channels else list(range(len(names)))
-        if lm is None:
-            lm = load_model(model, len(chans), input_size)
-        crops = read_crops(plate, df, chans, opts.crop_size)
-        with torch.inference_mode():
-            for c in crops:
-                embs.append(lm.model(apply(torch.from_numpy(c[None].astype(np.int32)), lm.prep))[0].numpy())
-        rows.append(df)
-    return pd.concat(rows, ignore_index=True), np.stack(embs)
+@pytest.fixture(scope="module")
+def test8_checkpoint(tmp_path_factory) -> str:
+    """A DINO full checkpoint of the RGB ViT-test/8, as main_dino.py saves it (the engine adapts it to the plate)."""
+    path = tmp_path_factory.mktemp("ckpt") / "vit_test8.pth"
+    dino_full_checkpoint(path, arch="vit_test8", in_chans=3)
+    return str(path)
+
+
+def plain_loop(plate_path: str, checkpoint: str, channels, crop: int, input_size: int, shift: int = 0):
+    """The engine written out from its definitions, without scdino (tests/reference.py): every field, every labelled
+    nucleus (scikit-image regionprops), its mass-centred crop on the first selected channel, the min-max + bilinear
+    preprocessing and the float64 CLS forward of the checkpoint's teacher, mean-adapted to the plate's channels.
+    Returns {(well, field, label): embedding}; ``shift`` moves every crop's centre by that many pixels (a wrong rule)."""
+    sd = reference.teacher_backbone(checkpoint)
+    out = {}
+    for well, field, path in reference.fields(plate_path):
+        names = reference.channel_names(path)
+        chans = list(channels) if channels else names
+        img = reference.read_level0(path)
+        lab = reference.read_level0(os.path.join(path, "labels", "nuclei"))
+        weights = {**sd, "patch_embed.proj.weight": reference.adapt_mean(sd["patch_embed.proj.weight"], len(chans))}
+        sel = img[[names.index(c) for c in chans]]
+        for lid, cy, cx in reference.nuclei(lab, sel[0].astype(np.float64)):
+            x = reference.preprocess(reference.cut(sel, cy + shift, cx, crop), input_size)
+            out[(well, field, int(lid))] = reference.vit_cls(weights, x, heads=VIT_TEST_HEADS, size=input_size)
+    return out
+
+
+def rows_of(a: ad.AnnData) -> list[tuple[str, str, int]]:
+    return [(w, f, int(lab)) for w, f, lab in zip(a.obs["well"], a.obs["field"], a.obs["label"])]
+
+
+#: the checkpoint through PyTorch, not its cached ONNX export: the test is of the pipeline, not of the export cache
+TORCH = dict(backend="torch", export_cache=False)
 
 
 def cfg(plate, out, **kw) -> RunConfig:
@@ -54,16 +75,21 @@ def cfg(plate, out, **kw) -> RunConfig:
     )
 
 
-def test_dask_engine_equals_plain_loop(tiny_plate, tmp_path, client):
+def test_dask_engine_equals_plain_loop(tiny_plate, test8_checkpoint, tmp_path, client):
     opts = CellOptions(labels="nuclei", crop_size=24, channels=("GFP", "DAPI"))
-    res = run(cfg(tiny_plate, tmp_path / "o.zarr", cells=opts, chunk_cells=3, batch_size=2))
+    res = run(
+        cfg(tiny_plate, tmp_path / "o.zarr", cells=opts, model=test8_checkpoint, chunk_cells=3, batch_size=2, **TORCH)
+    )
     a = ad.read_zarr(tmp_path / "o.zarr")
-    table, emb = plain_loop(tiny_plate, "random:vit_test8", opts, 32)
-    assert res.n_cells == len(table) == a.n_obs == 10
-    assert list(a.obs["well"]) == list(table["well"]) and list(a.obs["label"]) == list(table["label"])
-    np.testing.assert_allclose(a.obsm["X_scdino"], emb, rtol=1e-4, atol=1e-5)
+    want = plain_loop(tiny_plate, test8_checkpoint, ("GFP", "DAPI"), 24, 32)
+    assert res.n_cells == a.n_obs == len(want) == 10  # the tiny plate: 4 + 3 + 3 disks
+    assert sorted(rows_of(a)) == sorted(want) and len(set(rows_of(a))) == a.n_obs  # each nucleus once
+    got = a.obsm["X_scdino"]
+    np.testing.assert_allclose(got, np.stack([want[r] for r in rows_of(a)]), rtol=RTOL, atol=ATOL)
+    off = plain_loop(tiny_plate, test8_checkpoint, ("GFP", "DAPI"), 24, 32, shift=1)  # the tolerance tells crops apart
+    assert np.abs(got - np.stack([off[r] for r in rows_of(a)])).max() > 100 * ATOL
     u = a.uns["scdino"]
-    assert u["status"] == "complete" and u["untrained"] and list(u["channels"]) == ["GFP", "DAPI"]
+    assert u["status"] == "complete" and not u["untrained"] and list(u["channels"]) == ["GFP", "DAPI"]
     assert u["preprocessing"]["input_size"] == 32 and u["backend"]["kind"] == "torch"
     assert set(a.obs.columns) >= {"plate", "well", "field", "label", "centroid_y", "centroid_x", "bbox_y0", "border"}
     assert a.obsm["X_scdino"].dtype == np.float32
@@ -102,7 +128,7 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(scratch_plate, tmp_p
 
 
 @pytest.mark.slow
-def test_distributed_scheduler_with_two_workers(tiny_plate, tmp_path):
+def test_distributed_scheduler_with_two_workers(tiny_plate, test8_checkpoint, tmp_path):
     sched_file = tmp_path / "scheduler.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [
@@ -154,14 +180,15 @@ def test_distributed_scheduler_with_two_workers(tiny_plate, tmp_path):
         address = json.loads(sched_file.read_text())["address"]
         with Client(address) as c:
             c.wait_for_workers(2, timeout=60)
-        res = run(cfg(tiny_plate, tmp_path / "d.zarr", scheduler=address, chunk_cells=2))
+        out = tmp_path / "d.zarr"
+        res = run(cfg(tiny_plate, out, scheduler=address, model=test8_checkpoint, chunk_cells=2, **TORCH))
         with Client(address) as c:
             workers = c.run(lambda: __import__("os").getpid())
         assert len(workers) == 2
-        table, emb = plain_loop(tiny_plate, "random:vit_test8", CellOptions(labels="nuclei", crop_size=24), 32)
-        a = ad.read_zarr(tmp_path / "d.zarr")
-        assert res.n_cells == len(table)
-        np.testing.assert_allclose(a.obsm["X_scdino"], emb, rtol=1e-4, atol=1e-5)
+        want = plain_loop(tiny_plate, test8_checkpoint, None, 24, 32)
+        a = ad.read_zarr(out)
+        assert res.n_cells == a.n_obs == len(want) == 10 and sorted(rows_of(a)) == sorted(want)
+        np.testing.assert_allclose(a.obsm["X_scdino"], np.stack([want[r] for r in rows_of(a)]), rtol=RTOL, atol=ATOL)
     finally:
         for p in procs[::-1]:
             p.terminate()

@@ -138,6 +138,7 @@ def test_int8_quality_bounds(tmp_path):
     assert read_sidecar(tmp_path / "m.int8.onnx")["precision"] == "int8"
 
 
+@pytest.mark.slow
 def test_int8_takes_the_most_accurate_form_when_none_keeps_the_bar(tmp_path, monkeypatch):
     from scdino.export import quantize as qmod
 
@@ -165,6 +166,7 @@ def test_int8_takes_the_most_accurate_form_when_none_keeps_the_bar(tmp_path, mon
     assert float(cos.min()) == pytest.approx(tried[q["weights"]], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_int8_forms_follow_the_cpu_and_a_vnni_form_warns_elsewhere(tmp_path, monkeypatch, caplog):
     from scdino.export import quantize as qmod
 
@@ -174,8 +176,13 @@ def test_int8_forms_follow_the_cpu_and_a_vnni_form_warns_elsewhere(tmp_path, mon
     src = tmp_path / "m.onnx"
     export_onnx("random:vit_tiny16", src, n_channels=3, crop_size=48, input_size=64)
     monkeypatch.setattr(qmod, "has_vnni", lambda: True)
+    # the CPU running the test may lack VNNI: there 8-bit weights saturate (min cosine 0.9963 measured on such a CPU,
+    # under the 0.999 bar) and the next form would be taken; the bar is lowered so that the test checks which form the
+    # VNNI rule tries first and keeps, on any CPU
+    monkeypatch.setattr(qmod, "FAST_FORM_MIN_COSINE", 0.99)
     q = quantize(src, tmp_path / "v.onnx")["quantization"]
     assert q["weights"] == "int8 per channel, 8 bit" and q["needs_vnni"]
+    assert list(q["forms_tried"]) == ["int8 per channel, 8 bit"]  # kept: no other form tried
     monkeypatch.setattr(scdino.cpu, "has_vnni", lambda: False)
     assert ortb.warn_int8_form(tmp_path / "v.onnx")
     assert "made on a CPU with VNNI" in caplog.text and "scdino-export quantize" in caplog.text

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -42,6 +43,7 @@ def ckpt(tmp_path_factory) -> str:
 
 
 def _run(plate, out, model, **kw):
+    kw.setdefault("precision", "fp32" if not kw.get("fast") else "auto")  # the fp32 cached path (auto: test_precision)
     return run(RunConfig(plate=plate, out=str(out), model=model, cells=OPTS, input_size=32, progress=False, **kw))
 
 
@@ -197,24 +199,22 @@ def test_gpu_batch_size_follows_the_tokens_of_a_pass_and_never_exceeds_a_block(m
 
 
 def test_one_embedding_at_a_time_per_worker_while_other_threads_read_ahead(tiny_plate, tmp_path, monkeypatch):
-    """A worker with several threads and one embedding slot (as a local cluster is started) runs one embedding at a
-    time, reads the next blocks on its other threads, and never more than BLOCKS_AHEAD blocks ahead."""
+    """A worker with several threads runs one inference at a time and reads the next blocks on its other threads."""
     from distributed import Client, LocalCluster
 
-    from scdino.engine import pipeline
-    from scdino.engine.cluster import EMBED_SLOT
+    from scdino.engine.backends.torch_backend import TorchBackend
 
     log = tmp_path / "log.txt"
-    real_embed, real_read = pipeline._embed_block, PlateSource.read
+    real_infer, real_read = TorchBackend.infer, PlateSource.read
 
     def note(event: str) -> None:
         with open(log, "a") as f:
             f.write(f"{event} {time.perf_counter()}\n")
 
-    def embed(crops, spec):
+    def infer(self, crops):
         note("embed-start")
         time.sleep(0.05)
-        out = real_embed(crops, spec)
+        out = real_infer(self, crops)
         note("embed-end")
         return out
 
@@ -222,46 +222,44 @@ def test_one_embedding_at_a_time_per_worker_while_other_threads_read_ahead(tiny_
         note("read")
         return real_read(self, rows)
 
-    monkeypatch.setattr(pipeline, "_embed_block", embed)
+    monkeypatch.setattr(TorchBackend, "infer", infer)
     monkeypatch.setattr(PlateSource, "read", read)
     cfg = RunConfig(tiny_plate, str(tmp_path / "o.zarr"), "random:vit_test8", OPTS, input_size=32, chunk_cells=2)
     with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=3, processes=False, resources={EMBED_SLOT: 1}, dashboard_address=":0"
-        ) as cluster,
+        LocalCluster(n_workers=1, threads_per_worker=3, processes=False, dashboard_address=":0") as cluster,
         Client(cluster) as client,
         client.as_current(),
     ):
-        assert pipeline.embed_slots(client) == 1
         res = run(replace(cfg, progress=False))
     events = sorted((float(t), e) for e, t in (line.split() for line in log.read_text().splitlines()))
-    running = ahead = most_ahead = most_running = read_while_embedding = 0
+    running = most_running = read_while_embedding = 0
     for _, e in events:
         if e == "embed-start":
-            running, ahead = running + 1, ahead - 1
+            running += 1
             most_running = max(most_running, running)
         elif e == "embed-end":
             running -= 1
         elif e == "read":
-            ahead += 1
-            most_ahead = max(most_ahead, ahead)
             read_while_embedding += running
-    n_blocks = -(-res.n_cells // 2)
-    assert sum(e == "embed-end" for _, e in events) == n_blocks > pipeline.BLOCKS_AHEAD + 2
-    assert most_running == 1, events  # one model at a time
+    assert res.n_cells == 10 and sum(e == "embed-end" for _, e in events) == 5  # 10 cells in blocks of 2
+    assert most_running == 1, events  # one model at a time, although three threads take tasks
     assert read_while_embedding >= 1, events  # the next block is read while one embeds
-    assert most_ahead <= pipeline.BLOCKS_AHEAD, events  # and never more than the window ahead
 
 
-def test_a_local_cluster_gives_each_worker_one_embedding_slot(monkeypatch):
+def test_local_workers_get_their_share_of_the_cores(monkeypatch):
     import distributed
 
-    from scdino.engine import cluster, pipeline
+    from scdino.engine import cluster
+
+    monkeypatch.setattr(cluster.os, "cpu_count", lambda: 16)
+    # a GPU worker: its share of the host's cores, at least two; a CPU worker: its share, at least one
+    assert [cluster.gpu_threads_per_worker(w) for w in (1, 2, 4, 8, 16)] == [16, 8, 4, 2, 2]
+    assert [cluster.cpu_threads_per_worker(w) for w in (1, 3, 32)] == [16, 5, 1]
+    monkeypatch.undo()
 
     def no_client():
         raise ValueError("no client")
 
     monkeypatch.setattr(distributed, "get_client", no_client)  # start a cluster of our own, as a command does
     with cluster.dask_client(workers=1) as client:
-        assert pipeline.embed_slots(client) == 1
-        assert list(client.nthreads().values()) == [cluster.cpu_threads_per_worker(1)]
+        assert list(client.nthreads().values()) == [os.cpu_count()]

@@ -70,15 +70,17 @@ def test_tensorrt_plan_matches_onnxruntime(scratch_plate, tmp_path, precision):
     assert _cos(ref, got).min() >= (0.999 if precision != "int8" else 0.99)
 
 
-def _gpu_check():
-    import importlib.util
+def device_check(*args: str) -> dict[str, dict]:
+    """benchmarks/gpu_check.py run as a script (tests never import benchmarks): its JSON lines by check name."""
+    import json
+    import subprocess
+    import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_check", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    p = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=900)
+    lines = [json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith("{")]
+    return {r["check"]: r for r in lines} | {"exit": {"code": p.returncode, "stderr": p.stderr[-2000:]}}
 
 
 NEEDS_CUDA = ["device_preprocessing", "torch_backend", "knn", "training_fp16", "nccl"]
@@ -88,6 +90,5 @@ NEEDS_CUDA = ["device_preprocessing", "torch_backend", "knn", "training_fp16", "
 def test_device_check(name):
     """The device check's sections (benchmarks/gpu_check.py): those that need only CUDA must pass; the optional ones
     pass or say which package is missing."""
-    gc = _gpu_check()
-    r = gc.run_check(getattr(gc, f"check_{name}"), quick=True)
-    assert r["status"] == "ok" or (r["status"] == "skipped" and name not in NEEDS_CUDA), r
+    r = device_check("--quick", "--only", name).get(name)
+    assert r is not None and r["status"] == "ok" or (r["status"] == "skipped" and name not in NEEDS_CUDA), r

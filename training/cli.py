@@ -16,7 +16,10 @@ def _d(name: str, value=None) -> str:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.option("--data", help="Training cells: an OME-Zarr plate (cells found as in scdino-engine run) or a crop store.")
+@click.option(
+    "--data",
+    help="Training cells: an OME-Zarr plate or a LoadData CSV (cells found as in scdino-engine run) or a crop store.",
+)
 @click.option("--out", help="Run folder: config.json, log.jsonl, checkpoint.pth, checkpointNNNN.pth.")
 @click.option("--arch", help="vit_tiny, vit_small or vit_base." + _d("arch"))
 @click.option("--patch", type=int, help="Patch size." + _d("patch"))

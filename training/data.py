@@ -24,16 +24,12 @@ log = logging.getLogger(__name__)
 
 def load_crops(path: str, opts: CellOptions = CellOptions()) -> tuple[torch.Tensor, list[str], pd.DataFrame]:
     """(crops (n, C, S, S) as int32/float32 tensor, channel names, cell table) of the cell source at ``path``."""
-    from dataclasses import replace
+    from scdino.cells.source import open_source, read_all, usable_options
 
-    from scdino.cells.cropstore import is_crop_store
-    from scdino.cells.source import open_source, read_all
-
-    if is_crop_store(path) and (opts.plate_options() or opts.crop_size is not None):
-        # a config written for a plate (or by an older scdino, which recorded crop_size 64) still trains here
-        ignored = opts.plate_options() + (["crop_size"] if opts.crop_size is not None else [])
-        log.warning("%s is a crop store (cells already cut): %s do not apply and are ignored", path, ", ".join(ignored))
-        opts = replace(opts, crop_size=None, crop_um=None, wells=None, labels=None, segment_channel=None)
+    # a config written for another kind of source (or by an older scdino, which recorded crop_size 64) still trains
+    opts, ignored = usable_options(path, opts)
+    if ignored:
+        log.warning("%s: %s do not apply and are ignored (options of another kind of source)", path, ", ".join(ignored))
     source = open_source(path, opts)
     table = source.find_cells()
     crops = read_all(source, table)

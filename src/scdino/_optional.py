@@ -11,7 +11,7 @@ from scdino.errors import ScdinoError
 
 #: module name -> (pip extra, what it is needed for)
 EXTRAS: dict[str, tuple[str, str]] = {
-    "tifffile": ("samples", "reading the sample images"),
+    "tifffile": ("tiff", "reading TIFF images (LoadData CSV sources, crop folders, sample images)"),
     "ome_zarr": ("samples", "writing OME-Zarr sample plates"),
     "ndev_sampledata": ("samples", "the sample plates"),
     "onnx": ("onnx", "reading ONNX models"),

@@ -93,6 +93,13 @@ class Progress:
         eta = duration(left) if left == left else "unknown"
         return f"{self.desc}: {self.done}/{self.total} {self.unit}s ({pct:.0f}%), {rate:.1f} {self.unit}s/s, {eta} left"
 
+    def set_total(self, total: int) -> None:
+        """A new total (work that is found while it is done: cells as fields are searched)."""
+        self.total = int(total)
+        if self.bar is not None:
+            self.bar.total = self.total
+            self.bar.refresh()
+
     def update(self, n: int = 1) -> None:
         self.done += int(n)
         if not self.enabled:

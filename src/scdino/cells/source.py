@@ -1,7 +1,8 @@
 """Cell sources: one protocol for every place cells come from, so that no command asks which kind it was given.
 
-An OME-Zarr plate (:class:`PlateSource`: cells found by stored labels or segmentation, crops cut around them) and a crop
-store (:class:`CropStoreSource`: crops already cut) both give
+An OME-Zarr plate (:class:`PlateSource`: cells found by stored labels or segmentation, crops cut around them), a crop
+store (:class:`CropStoreSource`: crops already cut) and a CellProfiler LoadData CSV
+(:class:`~scdino.cells.loaddata.LoadDataSource`: one TIFF per channel per site) all give
 
 * the selected channels (indices, names, and every channel the source has), the crop size and the pixel dtype;
 * :attr:`~CellSource.parts` and :meth:`~CellSource.cells_of`: the units cells are found in (a plate's fields; a crop
@@ -10,7 +11,12 @@ store (:class:`CropStoreSource`: crops already cut) both give
 * :meth:`~CellSource.find_cells`: the whole cell table, the parts' tables in order (searched in parallel, on a Dask
   client when one is given, else on a local thread pool);
 * :meth:`~CellSource.read`: raw crops (n, C, S, S) for any rows of that table (picklable, so Dask tasks can call it);
-* :meth:`~CellSource.identity`: what a resumed run must find unchanged.
+* :meth:`~CellSource.identity`: what a resumed run must find unchanged;
+* :attr:`~CellSource.kind` and :attr:`~CellSource.capabilities` (:data:`CAPABILITIES`), recorded by a run
+  (:meth:`~CellSource.describe`) so that later commands read what its cells have instead of guessing from columns;
+* :meth:`~CellSource.obs_index`: the name of each cell in an embeddings store.
+
+Sources are registered (:func:`register`); :func:`open_source` asks each, in order, whether it claims a path.
 """
 
 from __future__ import annotations
@@ -18,54 +24,96 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Protocol
+from dataclasses import replace
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 
+from scdino.cells.base import CellSource, describe, field_cell_names, find_parts, no_cells_message
 from scdino.cells.cropstore import CropStore, is_crop_store
+from scdino.cells.loaddata import LoadDataSource
 from scdino.cells.options import CellOptions
 from scdino.cells.plate import FieldRef, Plate, missing_labels_message, resolve_channels
-from scdino.cells.table import FieldPlan, empty_table, field_cells, plan_field, read_crops
+from scdino.cells.table import FieldPlan, field_cells, plan_field, read_crops
 from scdino.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
 
-class CellSource(Protocol):
-    path: str
-    #: indices of the selected channels in the source, in model input order
-    channels: tuple[int, ...]
-    channel_names: tuple[str, ...]
-    #: every channel the source has
-    available_channels: tuple[str, ...]
-    crop_size: int
-    dtype: np.dtype
-    #: the table columns :meth:`read` needs
-    read_columns: tuple[str, ...]
+class CropStoreSource:
+    """Cells of a crop store: the table is the store's rows, crops are read as stored."""
 
-    #: the units cells are found in, in table order (picklable)
-    parts: list[Any]
+    kind = "crop_store"
+    accepts = "a crop store (a folder made by 'scdino-engine ingest')"
+    ignores = ("crop_size", "crop_um", "wells", "labels", "segment_channel")
+    capabilities: tuple[str, ...] = ()
+    read_columns = ("store_index",)
 
-    def identity(self) -> dict[str, Any]: ...
+    def __init__(self, path: str, opts: CellOptions = CellOptions()) -> None:
+        self.path = path
+        self.opts = opts
+        self.store = store = CropStore(path)
+        if opts.crop_size not in (None, store.crop_size) or opts.crop_um is not None:
+            raise ConfigError(f"{path}: a crop store holds {store.crop_size} px crops; drop --crop-size/--crop-um")
+        ignored = opts.plate_options()
+        if ignored:
+            raise ConfigError(f"{path}: a crop store holds cut cells; {', '.join(ignored)} do not apply to it")
+        idx = resolve_channels(store.channels, opts.channels, path)
+        self.channels = tuple(idx)
+        self.channel_names = tuple(store.channels[c] for c in idx)
+        self.available_channels = tuple(store.channels)
+        self.crop_size = store.crop_size
+        self.dtype = np.dtype(store.meta["dtype"]).newbyteorder("=")
+        self.capabilities = ("classes",) if store.meta.get("classes") else ()
 
-    def cells_of(self, part: Any) -> pd.DataFrame: ...
+    @classmethod
+    def claims(cls, path: str) -> bool:
+        return is_crop_store(path)
 
-    def find_cells(self, client: Any = None, progress: Callable[[int], Any] | None = None) -> pd.DataFrame: ...
+    @staticmethod
+    def obs_index(table: pd.DataFrame) -> pd.Index:
+        """A crop store's cell is its source file."""
+        return pd.Index(table["path"].astype(str))
 
-    def read(self, rows: pd.DataFrame) -> np.ndarray: ...
+    def describe(self) -> dict[str, Any]:
+        return describe(self)
 
+    def identity(self) -> dict[str, Any]:
+        return {
+            "plate": os.path.abspath(self.path),
+            "n_fields": 0,
+            "cells": self.opts.to_dict(),
+            "channels": list(self.channel_names),
+            "crop": self.crop_size,
+            "source": dict(self.store.meta),
+        }
 
-def open_source(path: str | os.PathLike, opts: CellOptions = CellOptions()) -> CellSource:
-    """The cell source at ``path``: a crop store (``scdino-engine ingest``) or an OME-Zarr HCS plate."""
-    path = str(path)
-    return CropStoreSource(path, opts) if is_crop_store(path) else PlateSource(path, opts)
+    parts = [None]  # one part: the store's table
+
+    def cells_of(self, part: Any = None) -> pd.DataFrame:
+        return self.store.table()
+
+    def find_cells(self, client: Any = None, progress: Callable[[int], Any] | None = None) -> pd.DataFrame:
+        table = self.store.table()
+        if progress:
+            progress(1)
+        return table
+
+    def combine(self, parts: list[pd.DataFrame]) -> pd.DataFrame:
+        return parts[0]
+
+    def read(self, rows: pd.DataFrame) -> np.ndarray:
+        return self.store.read(rows["store_index"].to_numpy(), self.channels)
 
 
 class PlateSource:
     """Cells of an OME-Zarr HCS plate, found per field with ``opts`` (picklable: it holds paths and options)."""
 
+    kind = "plate"
+    accepts = "an OME-Zarr HCS plate (a folder with plate metadata)"
+    ignores: tuple[str, ...] = ()
+    capabilities = ("wells", "label_images")
     read_columns = ("well", "field", "crop_y0", "crop_x0")
 
     def __init__(self, path: str, opts: CellOptions = CellOptions()) -> None:
@@ -125,32 +173,27 @@ class PlateSource:
 
     def find_cells(self, client: Any = None, progress: Callable[[int], Any] | None = None) -> pd.DataFrame:
         """The cell table of every field, in plate order; on ``client`` (a Dask client) if given."""
-        n = len(self.fields)
-        parts: list[pd.DataFrame | None] = [None] * n
-        if client is not None:
-            from distributed import as_completed
+        return self.combine(find_parts(self, client, progress))
 
-            futs = client.map(self.cells_of, self.fields, pure=False)
-            index = {f.key: i for i, f in enumerate(futs)}
-            for fut, df in as_completed(futs, with_results=True):
-                parts[index[fut.key]] = df
-                if progress:
-                    progress(1)
-        else:
-            with ThreadPoolExecutor(max_workers=max(1, min(n, os.cpu_count() or 1))) as pool:
-                for i, df in enumerate(pool.map(self.cells_of, self.fields)):
-                    parts[i] = df
-                    if progress:
-                        progress(1)
+    def combine(self, parts: list[pd.DataFrame | None]) -> pd.DataFrame:
+        """The cell table from the tables of :attr:`parts`, in order; an error when no part has a cell."""
         frames = [p for p in parts if p is not None and len(p)]
-        table = pd.concat(frames, ignore_index=True) if frames else empty_table()
-        if table.empty:
-            how = f"labels {self.opts.labels!r}" if self.opts.labels else "the built-in segmentation"
-            raise InputError(
-                f"{self.path}: no nuclei found in {n} fields with {how}; check --segment-channel and "
-                "the segmentation parameters, or pass --labels with a label image of the plate"
-            )
-        return table
+        if not frames:
+            fix = "or pass --labels with a label image of the plate"
+            raise InputError(no_cells_message(self.path, len(self.fields), self.opts.labels, fix))
+        return pd.concat(frames, ignore_index=True)
+
+    @classmethod
+    def claims(cls, path: str) -> bool:
+        """Any path that is not a file (a folder, or a store URL): the plate reader says what is wrong with it."""
+        return not os.path.isfile(path)
+
+    @staticmethod
+    def obs_index(table: pd.DataFrame) -> pd.Index:
+        return field_cell_names(table)
+
+    def describe(self) -> dict[str, Any]:
+        return describe(self)
 
     @property
     def n_fields(self) -> int:
@@ -162,48 +205,49 @@ class PlateSource:
         )
 
 
-class CropStoreSource:
-    """Cells of a crop store: the table is the store's rows, crops are read as stored."""
+#: the registered kinds of source, in the order :func:`source_type` asks them: the plate last, as it claims every
+#: folder (its reader says what is wrong with one that is no plate)
+SOURCES: list[type] = [CropStoreSource, LoadDataSource, PlateSource]
 
-    read_columns = ("store_index",)
-    n_fields = 0
 
-    def __init__(self, path: str, opts: CellOptions = CellOptions()) -> None:
-        self.path = path
-        self.opts = opts
-        self.store = store = CropStore(path)
-        if opts.crop_size not in (None, store.crop_size) or opts.crop_um is not None:
-            raise ConfigError(f"{path}: a crop store holds {store.crop_size} px crops; drop --crop-size/--crop-um")
-        ignored = opts.plate_options()
-        if ignored:
-            raise ConfigError(f"{path}: a crop store holds cut cells; {', '.join(ignored)} do not apply to it")
-        idx = resolve_channels(store.channels, opts.channels, path)
-        self.channels = tuple(idx)
-        self.channel_names = tuple(store.channels[c] for c in idx)
-        self.available_channels = tuple(store.channels)
-        self.crop_size = store.crop_size
-        self.dtype = np.dtype(store.meta["dtype"]).newbyteorder("=")
+def register(kind: type) -> type:
+    """Add a kind of source to the registry, asked before the plate (usable as a class decorator). A kind is a class
+    with the attributes and methods of :class:`CellSource`, made as ``kind(path, opts)``."""
+    if any(k.kind == kind.kind for k in SOURCES):
+        raise ConfigError(f"a cell source of kind {kind.kind!r} is registered already")
+    SOURCES.insert(len(SOURCES) - 1, kind)
+    return kind
 
-    def identity(self) -> dict[str, Any]:
-        return {
-            "plate": os.path.abspath(self.path),
-            "n_fields": 0,
-            "cells": self.opts.to_dict(),
-            "channels": list(self.channel_names),
-            "crop": self.crop_size,
-            "source": dict(self.store.meta),
-        }
 
-    parts = [None]  # one part: the store's table
+def source_type(path: str | os.PathLike) -> type:
+    """The registered kind of source that claims ``path``; a clear error listing what is accepted when none does."""
+    path = str(path)
+    for kind in SOURCES:
+        if kind.claims(path):
+            return kind
+    accepted = "; ".join(k.accepts for k in SOURCES)
+    raise InputError(f"{path}: not a cell source scdino reads; expected {accepted}")
 
-    def cells_of(self, part: Any = None) -> pd.DataFrame:
-        return self.store.table()
 
-    def find_cells(self, client: Any = None, progress: Callable[[int], Any] | None = None) -> pd.DataFrame:
-        return self.store.table()
+def source_kind(name: str) -> type:
+    """The registered kind of source named ``name`` (as a run's ``uns`` records it)."""
+    for kind in SOURCES:
+        if kind.kind == name:
+            return kind
+    raise InputError(f"cell source kind {name!r} is not known here; kinds are {', '.join(k.kind for k in SOURCES)}")
 
-    def read(self, rows: pd.DataFrame) -> np.ndarray:
-        return self.store.read(rows["store_index"].to_numpy(), self.channels)
+
+def open_source(path: str | os.PathLike, opts: CellOptions = CellOptions()) -> CellSource:
+    """The cell source at ``path``, of the first registered kind that claims it (:data:`SOURCES`)."""
+    return source_type(path)(str(path), opts)
+
+
+def usable_options(path: str | os.PathLike, opts: CellOptions) -> tuple[CellOptions, list[str]]:
+    """``opts`` without the options that do not apply to the source at ``path`` (a configuration written for another
+    kind of source), and the names of those dropped."""
+    kind = source_type(path)
+    dropped = [name for name in kind.ignores if getattr(opts, name) is not None]
+    return replace(opts, **{name: None for name in dropped}), dropped
 
 
 def read_all(source: CellSource, table: pd.DataFrame, block: int = 4096) -> np.ndarray:

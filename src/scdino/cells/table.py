@@ -14,7 +14,7 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -59,29 +59,39 @@ class FieldPlan:
 def plan_field(plate: Plate, ref: FieldRef, opts: CellOptions) -> FieldPlan:
     where = f"{plate.path}/{ref.path}"
     names = plate.channel_names(ref)
-    chans = resolve_channels(names, opts.channels, where)
-    if opts.segment_channel is not None:
-        wanted = [c for c in str(opts.segment_channel).split(",") if c.strip()]
-        seg = resolve_channels(names, wanted, where, option="--segment-channel")
-    else:
-        seg = [chans[0]]
+    chans, seg = select_channels(names, opts, where)
     image = plate.image(ref)
+    h, w = (image.array.shape[image.axes.index(a)] if a in image.axes else 1 for a in ("y", "x"))
+    crop = crop_pixels(opts, (h, w), image.pixel_size, where)
+    return FieldPlan(ref, tuple(chans), tuple(names[c] for c in chans), tuple(seg), crop)
+
+
+def select_channels(names: Sequence[str], opts: CellOptions, where: str) -> tuple[list[int], list[int]]:
+    """(model input channels, segmentation channels) as indices into ``names``, from ``opts``."""
+    chans = resolve_channels(names, opts.channels, where)
+    if opts.segment_channel is None:
+        return chans, [chans[0]]
+    wanted = [c for c in str(opts.segment_channel).split(",") if c.strip()]
+    return chans, resolve_channels(names, wanted, where, option="--segment-channel")
+
+
+def crop_pixels(opts: CellOptions, shape: tuple[int, int], pixel_size: tuple[float, float] | None, where: str) -> int:
+    """The crop side in pixels for a field of ``shape`` (y, x) with ``pixel_size`` (um, or None when unknown)."""
     if opts.crop_um is not None:
-        px = image.pixel_size
-        if px is None:
-            raise ConfigError(f"{where}: the pixel size is not in the plate metadata; use --crop-size in pixels")
-        crop = int(round(opts.crop_um / px[0]))
+        if pixel_size is None:
+            raise ConfigError(f"{where}: the pixel size is not in the image metadata; use --crop-size in pixels")
+        crop = int(round(opts.crop_um / pixel_size[0]))
     else:
         crop = opts.crop_size or DEFAULT_CROP_SIZE
     if crop < 4:
         raise ConfigError(f"{where}: crop of {crop} px is too small; expected at least 4 px")
-    h, w = (image.array.shape[image.axes.index(a)] if a in image.axes else 1 for a in ("y", "x"))
+    h, w = shape
     if crop > max(h, w):
         fix = "a --crop-um that gives" if opts.crop_um is not None else "--crop-size"
         raise ConfigError(
             f"{where}: crop of {crop} px is larger than the field ({h} x {w} px); pass {fix} at most {max(h, w)} px"
         )
-    return FieldPlan(ref, tuple(chans), tuple(names[c] for c in chans), tuple(seg), crop)
+    return crop
 
 
 def segmentation_image(pixels: np.ndarray) -> np.ndarray:
@@ -106,25 +116,32 @@ def object_measures(labels: np.ndarray, img: np.ndarray) -> dict[str, np.ndarray
     width = labels.shape[1]
     flat = labels.ravel()
     where = np.flatnonzero(flat > 0)  # 0 is background; negative values (an "ignore" mark) are no objects either
-    ids, lab = np.unique(flat[where], return_inverse=True)  # objects numbered 0..n-1 in label order
-    n = len(ids)
-    y, x = (where // width).astype(np.float64), (where % width).astype(np.float64)
-    w = np.asarray(img, np.float64).ravel()[where]
+    values = flat[where]
+    top = int(values.max()) if values.size else 0
+    if top <= flat.size:  # label values as bin numbers: no sort (np.unique took half the time of a 2048 px field)
+        lab, slots = values.astype(np.intp), top + 1
+        ids = np.flatnonzero(np.bincount(lab, minlength=slots))
+        pick: Any = ids
+    else:  # very large label values: objects numbered 0..n-1 in label order
+        ids, lab = np.unique(values, return_inverse=True)
+        slots, pick = len(ids), slice(None)
+    ys, xs = np.divmod(where, width)
+    y, x = ys.astype(np.float64), xs.astype(np.float64)
+    w = np.asarray(img).ravel()[where].astype(np.float64)
 
     def per_object(weights=None) -> np.ndarray:
-        return np.bincount(lab, weights=weights, minlength=n)
+        return np.bincount(lab, weights=weights, minlength=slots)[pick]
 
     area = per_object()
     total = per_object(w)
     with np.errstate(invalid="ignore", divide="ignore"):  # an object without signal has no weighted centroid: NaN
         wy, wx = per_object(w * y) / total, per_object(w * x) / total
     wy[total == 0] = wx[total == 0] = np.nan
-    box = np.empty((n, 4), np.int64)
-    ys, xs = where // width, where % width
+    box = np.empty((len(ids), 4), np.int64)
     for k, (arr, fn) in enumerate(((ys, np.minimum), (xs, np.minimum), (ys, np.maximum), (xs, np.maximum))):
-        col = np.full(n, np.iinfo(np.int64).max if fn is np.minimum else -1, np.int64)
+        col = np.full(slots, np.iinfo(np.int64).max if fn is np.minimum else -1, np.int64)
         fn.at(col, lab, arr)
-        box[:, k] = col + (k >= 2)  # regionprops' bbox ends are exclusive
+        box[:, k] = col[pick] + (k >= 2)  # regionprops' bbox ends are exclusive
     return {
         "label": ids.astype(np.int64),
         "centroid-0": per_object(y) / area,
@@ -137,18 +154,37 @@ def object_measures(labels: np.ndarray, img: np.ndarray) -> dict[str, np.ndarray
 
 
 def field_cells(plate: Plate, ref: FieldRef, opts: CellOptions) -> pd.DataFrame:
-    """The cell table of one field (may be empty)."""
+    """The cell table of one field of a plate (may be empty)."""
     plan = plan_field(plate, ref, opts)
     where = f"{plate.path}/{ref.path}"
-    img = segmentation_image(plate.read(ref, list(plan.seg_channels)))
+    img = plate.read(ref, list(plan.seg_channels))
+    labels = plate.labels(ref, opts.labels) if opts.labels else None
+    keys = {"plate": plate.name, "well": ref.well, "field": ref.field}
+    label_where = f"{where}/labels/{opts.labels}"
+    return image_cells(img, labels, plan.crop, opts, keys, where, label_where)
+
+
+def image_cells(
+    pixels: np.ndarray,
+    labels: np.ndarray | None,
+    crop: int,
+    opts: CellOptions,
+    keys: dict[str, str],
+    where: str,
+    label_where: str = "labels",
+) -> pd.DataFrame:
+    """The cell table of one field held in memory, whatever it was read from: ``pixels`` (C, Y, X) are its
+    segmentation channels, ``labels`` its nucleus label image (None: the built-in segmentation finds them); ``keys``
+    the plate, well and field columns. A window of ``crop`` px is centred on each nucleus' intensity-weighted centroid
+    (its geometric centre where it has no signal)."""
+    img = segmentation_image(pixels)
     if img.size == 0:
         raise InputError(f"{where}: the field is empty (shape {img.shape}); expected an image with pixels")
-    if opts.labels:
-        labels = plate.labels(ref, opts.labels)
+    if labels is not None:
         if labels.shape != img.shape:
-            raise InputError(f"{where}/labels/{opts.labels}: shape {labels.shape}, the image is {img.shape}")
+            raise InputError(f"{label_where}: shape {labels.shape}, the image is {img.shape}")
         if not np.issubdtype(labels.dtype, np.integer):
-            raise InputError(f"{where}/labels/{opts.labels}: dtype {labels.dtype}, expected integer labels")
+            raise InputError(f"{label_where}: dtype {labels.dtype}, expected integer labels")
     else:
         labels = segment_nuclei(img, opts.segment)
     if labels.max() == 0:
@@ -159,33 +195,47 @@ def field_cells(plate: Plate, ref: FieldRef, opts: CellOptions) -> pd.DataFrame:
     # a nucleus with zero signal has no weighted centroid: use its geometric centre
     bad = ~np.isfinite(cy) | ~np.isfinite(cx)
     cy, cx = np.where(bad, props["centroid-0"], cy), np.where(bad, props["centroid-1"], cx)
-    s = plan.crop
-    y0 = np.round(cy).astype(np.int64) - s // 2
-    x0 = np.round(cx).astype(np.int64) - s // 2
-    h, w = img.shape
-    border = (y0 < 0) | (x0 < 0) | (y0 + s > h) | (x0 + s > w)
+    shapes = {
+        **{c: props[f"bbox-{k}"] for k, c in enumerate(("bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1"))},
+        "area": props["area"].astype(np.int64),
+    }
+    return centred_cells(keys, props["label"], cy, cx, shapes, crop, img.shape, opts.border)
+
+
+def centred_cells(
+    keys: dict[str, str],
+    label: np.ndarray,
+    cy: np.ndarray,
+    cx: np.ndarray,
+    shapes: dict[str, np.ndarray],
+    crop: int,
+    shape: tuple[int, int],
+    border: str,
+) -> pd.DataFrame:
+    """The cell table of one field from its cells' centres (y, x in pixels): the crop window of each (``crop`` px,
+    its corner at the rounded centre less half the crop), whether it leaves the field of ``shape``, the cells in
+    position order (window rows top to bottom, then left to right). ``shapes``: further columns (bounding box, area)
+    where the cells' source has them. ``border``: ``pad`` keeps cells whose window leaves the field, ``skip`` drops
+    them."""
+    if border not in ("pad", "skip"):
+        raise ConfigError(f"unknown border mode {border!r}; expected pad or skip")
+    y0 = np.round(cy).astype(np.int64) - crop // 2
+    x0 = np.round(cx).astype(np.int64) - crop // 2
+    h, w = shape
     df = pd.DataFrame(
         {
-            "plate": plate.name,
-            "well": ref.well,
-            "field": ref.field,
-            "label": props["label"].astype(np.int64),
-            "centroid_y": cy.astype(np.float64),
-            "centroid_x": cx.astype(np.float64),
-            "bbox_y0": props["bbox-0"],
-            "bbox_x0": props["bbox-1"],
-            "bbox_y1": props["bbox-2"],
-            "bbox_x1": props["bbox-3"],
-            "area": props["area"].astype(np.int64),
+            **keys,
+            "label": np.asarray(label).astype(np.int64),
+            "centroid_y": np.asarray(cy, np.float64),
+            "centroid_x": np.asarray(cx, np.float64),
+            **shapes,
             "crop_y0": y0,
             "crop_x0": x0,
-            "border": border,
+            "border": (y0 < 0) | (x0 < 0) | (y0 + crop > h) | (x0 + crop > w),
         }
     )
-    if opts.border == "skip":
+    if border == "skip":
         df = df[~df["border"]]
-    elif opts.border != "pad":
-        raise ConfigError(f"unknown border mode {opts.border!r}; expected pad or skip")
     return df.sort_values(["crop_y0", "crop_x0", "label"], kind="stable").reset_index(drop=True)
 
 
@@ -218,34 +268,46 @@ def empty_table() -> pd.DataFrame:
 
 class FieldCache:
     """The most recently decoded fields of this process (whole fields, selected channels), so that the blocks of one
-    field decode it once. Fields larger than :attr:`max_bytes` are not kept (their blocks read regions). ``decodes``
-    counts the reads from the store (benchmarks and tests check that each field is decoded once)."""
+    field decode it once, however many threads read them: a thread asking for a field another thread is decoding
+    waits for that decode. At most :attr:`total_bytes` are kept (least recently used go first), so that every thread
+    of a worker reading its own field keeps it; a field larger than :attr:`max_bytes` is not kept (its blocks read
+    regions). ``decodes`` counts the reads from the store (benchmarks and tests check that each field is decoded
+    once)."""
 
-    def __init__(self, fields: int = 2, max_bytes: int = 256 << 20) -> None:
-        self.fields, self.max_bytes = fields, max_bytes
+    def __init__(self, total_bytes: int = 1 << 30, max_bytes: int = 256 << 20) -> None:
+        self.total_bytes, self.max_bytes = total_bytes, max_bytes
         self._data: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._loading: dict[tuple, threading.Event] = {}
         self._lock = threading.Lock()
         self.decodes = 0
 
-    def get(
-        self, token: str, plate: Plate, ref: FieldRef, channels: Sequence[int], shape: tuple[int, int], itemsize: int
-    ):
-        """The whole field (C, Y, X), or None when it is too large to keep. ``token`` names the reader (a cell
-        source, made anew by every command), so a plate rewritten between two runs is never served from memory."""
-        if len(channels) * shape[0] * shape[1] * itemsize > self.max_bytes:
+    def get(self, key: tuple, nbytes: int, load: Callable[[], np.ndarray]) -> np.ndarray | None:
+        """The whole field (C, Y, X) named ``key`` (``load()`` reads it on a miss), or None when its ``nbytes`` are too
+        many to keep. ``key`` starts with a token naming the reader (a cell source, made anew by every command), so a
+        plate rewritten between two runs is never served from memory."""
+        if nbytes > self.max_bytes:
             return None
-        key = (token, plate.path, ref.well, ref.field, tuple(channels))
-        with self._lock:
-            if key in self._data:
-                self._data.move_to_end(key)
-                return self._data[key]
-        data = plate.read(ref, channels)
-        with self._lock:
-            self.decodes += 1
-            self._data[key] = data
-            while len(self._data) > self.fields:
-                self._data.popitem(last=False)
-        return data
+        while True:
+            with self._lock:
+                if key in self._data:
+                    self._data.move_to_end(key)
+                    return self._data[key]
+                loading = self._loading.get(key)
+                if loading is None:
+                    self._loading[key] = threading.Event()
+                    break
+            loading.wait()  # another thread decodes it; then it is in the cache (or that decode failed: try again)
+        try:
+            data = load()
+            with self._lock:
+                self.decodes += 1
+                self._data[key] = data
+                while len(self._data) > 1 and sum(d.nbytes for d in self._data.values()) > self.total_bytes:
+                    self._data.popitem(last=False)
+            return data
+        finally:
+            with self._lock:
+                self._loading.pop(key).set()
 
     def clear(self) -> None:
         with self._lock:
@@ -277,7 +339,9 @@ def read_crops(
         h, w = ms.array.shape[ms.axes.index("y")], ms.array.shape[ms.axes.index("x")]
         whole = None
         if cache_token is not None:
-            whole = FIELDS.get(cache_token, plate, ref, channels, (h, w), ms.array.dtype.itemsize)
+            key = (cache_token, plate.path, ref.well, ref.field, tuple(channels))
+            nbytes = len(channels) * h * w * ms.array.dtype.itemsize
+            whole = FIELDS.get(key, nbytes, lambda: plate.read(ref, channels))
         if whole is not None:
             ry0, rx0, region = 0, 0, whole
         else:
@@ -286,13 +350,28 @@ def read_crops(
             region = plate.read(ref, channels, slice(ry0, ry1), slice(rx0, rx1))
         if out is None:
             out = np.zeros((n, len(channels), crop, crop), region.dtype)
-        for i in idx:
-            y0, x0 = int(y0s[i]), int(x0s[i])
-            sy0, sx0 = max(y0, 0), max(x0, 0)
-            sy1, sx1 = min(y0 + crop, h), min(x0 + crop, w)
-            if sy1 <= sy0 or sx1 <= sx0:
-                continue
-            out[i, :, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = region[
-                :, sy0 - ry0 : sy1 - ry0, sx0 - rx0 : sx1 - rx0
-            ]
+        cut_crops(region, (ry0, rx0), (h, w), y0s[idx], x0s[idx], out, idx)
     return out
+
+
+def cut_crops(
+    region: np.ndarray,
+    origin: tuple[int, int],
+    shape: tuple[int, int],
+    y0s: np.ndarray,
+    x0s: np.ndarray,
+    out: np.ndarray,
+    idx: Sequence[int],
+) -> None:
+    """Cut the windows at corners (``y0s``, ``x0s``) of a field of ``shape`` (y, x) into ``out[idx]`` (n, C, S, S,
+    zero where a window leaves the field), from ``region`` (C, y, x): the part of the field whose corner is at
+    ``origin``, which holds every window's pixels inside the field."""
+    crop = out.shape[-1]
+    (ry0, rx0), (h, w) = origin, shape
+    for i, y0, x0 in zip(idx, y0s, x0s):
+        y0, x0 = int(y0), int(x0)
+        sy0, sx0 = max(y0, 0), max(x0, 0)
+        sy1, sx1 = min(y0 + crop, h), min(x0 + crop, w)
+        if sy1 <= sy0 or sx1 <= sx0:
+            continue
+        out[i, :, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = region[:, sy0 - ry0 : sy1 - ry0, sx0 - rx0 : sx1 - rx0]

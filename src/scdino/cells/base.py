@@ -1,0 +1,107 @@
+"""What every cell source is (:class:`CellSource`) and the parts of sources that more than one kind shares.
+
+Only :mod:`scdino.cells` knows kinds of sources: :mod:`scdino.cells.source` registers them and opens the right one.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, ClassVar, Protocol
+
+import numpy as np
+import pandas as pd
+
+#: what a source's cells may have, as commands ask: ``wells`` (cells of plate wells and fields: per-well profiles and
+#: figures), ``label_images`` (``--labels`` names a label image stored with each field), ``object_tables``
+#: (``--labels`` names a CellProfiler object table of cell centres), ``classes`` (a class label per cell: evaluate)
+CAPABILITIES = ("wells", "label_images", "object_tables", "classes")
+
+
+class CellSource(Protocol):
+    #: the registry's name of this kind of source (recorded in a run's ``uns``)
+    kind: ClassVar[str]
+    #: what a reader is told this kind of source is, when a path is claimed by none
+    accepts: ClassVar[str]
+    #: the :class:`CellOptions` fields that do not apply to this kind of source
+    ignores: ClassVar[tuple[str, ...]]
+    #: what its cells have (names from :data:`CAPABILITIES`)
+    capabilities: tuple[str, ...]
+    path: str
+    #: indices of the selected channels in the source, in model input order
+    channels: tuple[int, ...]
+    channel_names: tuple[str, ...]
+    #: every channel the source has
+    available_channels: tuple[str, ...]
+    crop_size: int
+    dtype: np.dtype
+    #: the table columns :meth:`read` needs
+    read_columns: tuple[str, ...]
+
+    #: the units cells are found in, in table order (picklable)
+    parts: list[Any]
+
+    def identity(self) -> dict[str, Any]: ...
+
+    def cells_of(self, part: Any) -> pd.DataFrame: ...
+
+    def find_cells(self, client: Any = None, progress: Callable[[int], Any] | None = None) -> pd.DataFrame: ...
+
+    def combine(self, parts: list[pd.DataFrame | None]) -> pd.DataFrame:
+        """The cell table from the tables of :attr:`parts` (in order; None or empty for a part without cells); an
+        error naming the source when no part has a cell."""
+        ...
+
+    def read(self, rows: pd.DataFrame) -> np.ndarray: ...
+
+    @classmethod
+    def claims(cls, path: str) -> bool: ...
+
+    @staticmethod
+    def obs_index(table: pd.DataFrame) -> pd.Index: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+def describe(source: CellSource) -> dict[str, Any]:
+    """What a run records of its source in ``uns``: kind, capabilities and path."""
+    return {"kind": source.kind, "capabilities": list(source.capabilities), "path": os.path.abspath(source.path)}
+
+
+def field_cell_names(table: pd.DataFrame) -> pd.Index:
+    """The name of each cell found in fields: ``well/field/label``."""
+    return pd.Index(table["well"].astype(str) + "/" + table["field"].astype(str) + "/" + table["label"].astype(str))
+
+
+def find_parts(
+    source: CellSource, client: Any = None, progress: Callable[[int], Any] | None = None
+) -> list[pd.DataFrame]:
+    """The cell tables of every part of ``source``, in order: on ``client`` (a Dask client) if given, else on a
+    local thread pool."""
+    n = len(source.parts)
+    parts: list[pd.DataFrame | None] = [None] * n
+    if client is not None:
+        from distributed import as_completed
+
+        futs = client.map(source.cells_of, source.parts, pure=False)
+        index = {f.key: i for i, f in enumerate(futs)}
+        for fut, df in as_completed(futs, with_results=True):
+            parts[index[fut.key]] = df
+            if progress:
+                progress(1)
+    else:
+        with ThreadPoolExecutor(max_workers=max(1, min(n, os.cpu_count() or 1))) as pool:
+            for i, df in enumerate(pool.map(source.cells_of, source.parts)):
+                parts[i] = df
+                if progress:
+                    progress(1)
+    return [p for p in parts if p is not None and len(p)]
+
+
+def no_cells_message(path: str, n: int, labels: str | None, fix: str) -> str:
+    """What to say when no field of a source holds a cell."""
+    how = f"labels {labels!r}" if labels else "the built-in segmentation"
+    return (
+        f"{path}: no nuclei found in {n} fields with {how}; check --segment-channel and the segmentation parameters, "
+        f"{fix}"
+    )
