@@ -252,9 +252,7 @@ class _Stream:
             self.store.write_table(self.table)
 
     def _write_blocks(self, i: int, emb: np.ndarray) -> None:
-        chunk = self.plan.chunk
-        for k in range(i, i + -(-len(emb) // chunk)):
-            self.store.write_block(k, emb[(k - i) * chunk : (k - i + 1) * chunk])
+        self.store.write_blocks(i, emb)
         self.bar.update(len(emb))
 
     def _submit(self) -> None:

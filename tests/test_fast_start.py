@@ -78,7 +78,14 @@ def test_a_warm_run_on_the_cached_export_does_not_import_torch(tiny_plate, tmp_p
     )
     assert out.strip().endswith("torch imported: False")
     cold, warm = ad.read_zarr(tmp_path / "cold.zarr"), ad.read_zarr(tmp_path / "warm.zarr")
-    assert warm.uns["scdino"]["path"]["path"] == "onnxruntime (cached export)"
+    # the default (--precision auto) takes the same verified path both times; the warm run reads its check back
+    assert warm.uns["scdino"]["path"]["path"] == cold.uns["scdino"]["path"]["path"]
+    assert (
+        warm.uns["scdino"]["path"]["path"].startswith("onnxruntime")
+        and "cached export" in warm.uns["scdino"]["path"]["path"]
+    )
+    check = warm.uns["scdino"]["path"]["precision_check"]
+    assert check["cached"] and check["crops"] == min(32, warm.n_obs)  # 32 crops, or every cell of a smaller plate
     np.testing.assert_array_equal(warm.obsm["X_scdino"], cold.obsm["X_scdino"])
     plain = lambda d: json.dumps(d, sort_keys=True, default=lambda a: a.tolist())  # noqa: E731 (arrays as lists)
     assert plain(warm.uns["scdino"]["model"]) == plain(cold.uns["scdino"]["model"])  # the kept card: the file's
