@@ -12,6 +12,8 @@ from typing import Any, Callable, ClassVar, Protocol
 import numpy as np
 import pandas as pd
 
+from scdino.errors import InputError
+
 #: what a source's cells may have, as commands ask: ``wells`` (cells of plate wells and fields: per-well profiles and
 #: figures), ``label_images`` (``--labels`` names a label image stored with each field), ``object_tables``
 #: (``--labels`` names a CellProfiler object table of cell centres), ``classes`` (a class label per cell: evaluate)
@@ -105,3 +107,22 @@ def no_cells_message(path: str, n: int, labels: str | None, fix: str) -> str:
         f"{path}: no nuclei found in {n} fields with {how}; check --segment-channel and the segmentation parameters, "
         f"{fix}"
     )
+
+
+class FoundByParts:
+    """The cell table of a source whose cells are found part by part (a plate's fields, a CSV's image sets): the
+    parts' tables in order, and :meth:`no_cells` said when none has a cell."""
+
+    def no_cells(self) -> str:  # what to say when no part has a cell
+        raise NotImplementedError
+
+    def find_cells(self, client: Any = None, progress: Callable[[int], Any] | None = None) -> pd.DataFrame:
+        """The cell table of every part, in order; on ``client`` (a Dask client) if given."""
+        return self.combine(find_parts(self, client, progress))
+
+    def combine(self, parts: list[pd.DataFrame | None]) -> pd.DataFrame:
+        """The cell table from the tables of the source's parts, in order; an error when no part has a cell."""
+        frames = [p for p in parts if p is not None and len(p)]
+        if not frames:
+            raise InputError(self.no_cells())
+        return pd.concat(frames, ignore_index=True)

@@ -20,13 +20,13 @@ import uuid
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from scdino._optional import require
-from scdino.cells.base import describe, field_cell_names, find_parts, no_cells_message
+from scdino.cells.base import FoundByParts, describe, field_cell_names, no_cells_message
 from scdino.cells.options import CellOptions
 from scdino.cells.plate import canonical_well
 from scdino.cells.table import FIELDS, centred_cells, crop_pixels, cut_crops, empty_table, image_cells, select_channels
@@ -221,7 +221,7 @@ def tiff_shape(path: str) -> tuple[tuple[int, int], np.dtype]:
     return (plane[0], plane[1]), dtype
 
 
-class LoadDataSource:
+class LoadDataSource(FoundByParts):
     """Cells of the image sets of a LoadData CSV, found per site with ``opts`` (picklable: paths and options)."""
 
     kind = "loaddata"
@@ -330,17 +330,10 @@ class LoadDataSource:
         cy, cx = cells["centroid_y"].to_numpy(), cells["centroid_x"].to_numpy()
         return centred_cells(keys, cells["label"].to_numpy(), cy, cx, shapes, crop, shape, self.opts.border)
 
-    def find_cells(self, client: Any = None, progress: Callable[[int], Any] | None = None) -> pd.DataFrame:
-        """The cell table of every image set, in CSV order; on ``client`` (a Dask client) if given."""
-        return self.combine(find_parts(self, client, progress))
-
-    def combine(self, parts: list[pd.DataFrame | None]) -> pd.DataFrame:
-        """The cell table from the tables of :attr:`parts`, in order; an error when no part has a cell."""
-        frames = [p for p in parts if p is not None and len(p)]
-        if not frames:
-            fix = "or pass --labels with a CellProfiler object table"
-            raise InputError(no_cells_message(self.path, len(self.sites), self.objects, fix))
-        return pd.concat(frames, ignore_index=True)
+    def no_cells(self) -> str:
+        return no_cells_message(
+            self.path, len(self.sites), self.objects, "or pass --labels with a CellProfiler object table"
+        )
 
     @cached_property
     def _by_key(self) -> dict[tuple[str, str, str], Site]:

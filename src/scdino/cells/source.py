@@ -30,7 +30,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from scdino.cells.base import CellSource, describe, field_cell_names, find_parts, no_cells_message
+from scdino.cells.base import CellSource, FoundByParts, describe, field_cell_names, no_cells_message
 from scdino.cells.cropstore import CropStore, is_crop_store
 from scdino.cells.loaddata import LoadDataSource
 from scdino.cells.options import CellOptions
@@ -107,7 +107,7 @@ class CropStoreSource:
         return self.store.read(rows["store_index"].to_numpy(), self.channels)
 
 
-class PlateSource:
+class PlateSource(FoundByParts):
     """Cells of an OME-Zarr HCS plate, found per field with ``opts`` (picklable: it holds paths and options)."""
 
     kind = "plate"
@@ -171,17 +171,10 @@ class PlateSource:
             "crop": self.crop_size,
         }
 
-    def find_cells(self, client: Any = None, progress: Callable[[int], Any] | None = None) -> pd.DataFrame:
-        """The cell table of every field, in plate order; on ``client`` (a Dask client) if given."""
-        return self.combine(find_parts(self, client, progress))
-
-    def combine(self, parts: list[pd.DataFrame | None]) -> pd.DataFrame:
-        """The cell table from the tables of :attr:`parts`, in order; an error when no part has a cell."""
-        frames = [p for p in parts if p is not None and len(p)]
-        if not frames:
-            fix = "or pass --labels with a label image of the plate"
-            raise InputError(no_cells_message(self.path, len(self.fields), self.opts.labels, fix))
-        return pd.concat(frames, ignore_index=True)
+    def no_cells(self) -> str:
+        return no_cells_message(
+            self.path, len(self.fields), self.opts.labels, "or pass --labels with a label image of the plate"
+        )
 
     @classmethod
     def claims(cls, path: str) -> bool:
