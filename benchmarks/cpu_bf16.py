@@ -35,6 +35,7 @@ def main() -> None:
     from scdino.cpu import has_native_bf16
     from scdino.data import packaged_crops
     from scdino.engine.config import cpu_batch_size
+    from scdino.engine.precision import cosines
     from scdino.export.onnx_export import export_onnx
     from scdino.export.quantize import _embed, _session, quantize
     from scdino.export.verify import fit_crops
@@ -50,6 +51,7 @@ def main() -> None:
     raw = packaged_crops()
     channels = ("CTIP2", "BRN2", "ROR")
     cases = [("random ViT-S/16 at 224", str(vits), 224), ("default (ViT-tiny/8 at 48)", "default", None)]
+    bf16_name = "torch bf16 autocast" + ("" if has_native_bf16() else " (emulated: no native bf16)")
     rows = []
     for name, model, size in cases:
         onnx = tmp / f"{len(rows)}.onnx"
@@ -75,7 +77,7 @@ def main() -> None:
         }
         paths = {
             "torch fp32": lambda c: torch_embed(c, False),
-            "torch bf16 autocast": lambda c: torch_embed(c, True),
+            bf16_name: lambda c: torch_embed(c, True),
             **{k: (lambda c, s=s: _embed(s, c, batch)) for k, s in sessions.items()},
         }
         emb = {k: fn(crops[:batch]) for k, fn in paths.items()}  # warm-up
@@ -85,11 +87,9 @@ def main() -> None:
                 t = time.perf_counter()
                 emb[k] = fn(crops)
                 times[k].append(time.perf_counter() - t)
-        ref = emb["torch fp32"].astype(np.float64)
         base = len(crops) / statistics.median(times["torch fp32"])
         for k in paths:
-            e = emb[k].astype(np.float64)
-            cos = (e * ref).sum(1) / np.linalg.norm(e, axis=1) / np.linalg.norm(ref, axis=1)
+            cos = cosines(emb[k], emb["torch fp32"])
             cps = len(crops) / statistics.median(times[k])
             rows.append({
                 "model": name, "path": k, "crops": len(crops), "batch": batch, "cells_per_s": round(cps, 1),
@@ -97,7 +97,7 @@ def main() -> None:
             })  # fmt: skip
     print_table(rows, [("model", "model", "s"), ("path", "path", "s"), ("cells/s", "cells_per_s", ".1f"),
                        ("x torch fp32", "vs_torch_fp32", ".2f"), ("min cosine to fp32", "min_cosine", ".6f")])  # fmt: skip
-    res = {"benchmark": "cpu_bf16", "native_bf16": has_native_bf16(), "threads": args.threads,
+    res = {"benchmark": "cpu_bf16", "native_bf16": bf16_name.endswith("autocast"), "threads": args.threads,
            "repeats": args.repeats, "rows": rows, "machine": machine()}  # fmt: skip
     print(f"wrote {write_results(args.out, res)}")
 

@@ -111,7 +111,7 @@ def no_cells_message(path: str, n: int, labels: str | None, fix: str) -> str:
 
 class FoundByParts:
     """The cell table of a source whose cells are found part by part (a plate's fields, a CSV's image sets): the
-    parts' tables in order, and :meth:`no_cells` said when none has a cell."""
+    parts' tables in order; a source says in :meth:`no_cells` what to tell the user when no part has a cell."""
 
     def no_cells(self) -> str:  # what to say when no part has a cell
         raise NotImplementedError
