@@ -29,11 +29,15 @@ class BackendSpec:
     checkpoint_key: str | None = "teacher"
     adapt: str = "mean"
     seed: int = 0
+    #: PyTorch on CUDA: the autocast dtype, ``float16`` (the default) or ``bfloat16``
+    autocast: str = "float16"
     #: how a worker opens it: the registered ``"module:Class"`` of ``kind`` (a worker process may not have run the
     #: registration of a backend added from outside scdino; the spec carries it there)
     opener: str = field(default="", init=False)
 
     def __post_init__(self) -> None:
+        if self.autocast not in ("float16", "bfloat16"):
+            raise ConfigError(f"autocast {self.autocast!r}: expected float16 or bfloat16")
         entry = REGISTRY.get(self.kind)
         object.__setattr__(self, "opener", entry.opener if entry and isinstance(entry.opener, str) else "")
 
@@ -43,8 +47,11 @@ class BackendSpec:
 
     @property
     def precision(self) -> str:
-        """The precision the backend computes in (PyTorch on CUDA runs fp16 autocast)."""
-        return "fp16-autocast" if self.kind == "torch" and self.device == "cuda" else self.card.precision
+        """The precision the backend computes in (PyTorch on CUDA runs fp16 autocast, or bf16 with
+        ``autocast="bfloat16"``)."""
+        if self.kind == "torch" and self.device == "cuda":
+            return "bf16-autocast" if self.autocast == "bfloat16" else "fp16-autocast"
+        return self.card.precision
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -58,6 +65,8 @@ class BackendSpec:
             "batch_size": self.batch_size,
             "threads": self.threads,
             "seed": self.seed,
+            # recorded where it is not the default, so that stores made before it existed resume
+            **({"autocast": self.autocast} if self.autocast != "float16" else {}),
         }
 
 

@@ -59,7 +59,7 @@ class TorchBackend:
         x_all = staged.to(self.device, non_blocking=True)
         bs = self.spec.batch_size
         outs = []
-        with torch.autocast("cuda", dtype=torch.float16):
+        with torch.autocast("cuda", dtype=getattr(torch, self.spec.autocast)):
             for i in range(0, len(crops), bs):
                 outs.append(self.model(apply(x_all[i : i + bs], self.prep)).float())
         if not outs:
