@@ -162,6 +162,13 @@ def _split(value: str | None) -> tuple[str, ...] | None:
     help="Torch threads per worker. Default: cores / workers on the local cluster; with --scheduler pass it "
     "(dask worker processes otherwise give torch one thread).",
 )
+@click.option(
+    "--feeders",
+    type=int,
+    help="Processes per worker that find cells, decode fields and cut crops, so that the model's process does not "
+    "(they hand crops over in shared memory). Default: one per core of a worker on Linux; 0: the worker's own "
+    "threads do it (the only way on macOS and Windows).",
+)
 @click.option("--scheduler", help="Address of a running Dask scheduler (tcp://host:8786) instead of a local cluster.")
 @segment_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing output instead of resuming it.")
@@ -208,6 +215,7 @@ def run_cmd(
     chunk_cells,
     workers,
     threads,
+    feeders,
     scheduler,
     overwrite,
     no_export_cache,
@@ -248,6 +256,7 @@ def run_cmd(
         batch_size=batch_size,
         workers=workers,
         threads=threads,
+        feeders=feeders,
         scheduler=scheduler,
         chunk_cells=chunk_cells,
         overwrite=overwrite,

@@ -42,16 +42,25 @@ def pin_gpu_plugin(devices: list[str]):
     return PinGPU()
 
 
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity where the system tells, e.g. under taskset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no sched_getaffinity (macOS, Windows)
+        return max(1, os.cpu_count() or 1)
+
+
 def cpu_threads_per_worker(workers: int) -> int:
-    """Threads of a local CPU worker: its share of the cores (its model uses them all; the other threads read and
-    find cells while no model runs: one inference at a time per worker, see :mod:`scdino.engine.stream`)."""
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
+    """Threads of a local CPU worker: twice its share of the cores. Its model uses the share (one inference at a time
+    per worker, see :mod:`scdino.engine.stream`); the other threads mostly wait: on the feeder processes that find
+    cells and cut crops (:mod:`scdino.engine.feed`), one thread each, and on the model."""
+    return max(2, 2 * (cores() // max(1, workers)))
 
 
 def gpu_threads_per_worker(workers: int) -> int:
     """Threads of a local GPU worker: its share of the host's cores, at least two (one feeds the GPU while the others
-    read, cut and find cells)."""
-    return max(2, (os.cpu_count() or 1) // max(1, workers))
+    wait on the feeder processes that find cells and cut crops)."""
+    return max(2, cores() // max(1, workers))
 
 
 def local_cuda_cluster(workers: int, devices: list[str], quiet: bool):

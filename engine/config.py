@@ -45,6 +45,8 @@ class RunConfig:
     #: worker processes of a local cluster; None: 1 on the CPU, one per visible GPU on CUDA
     workers: int | None = None
     threads: int | None = None
+    #: feeder processes per worker that find cells and cut crops (scdino.engine.feed); None: one per core, 0: none
+    feeders: int | None = None
     scheduler: str | None = None
     chunk_cells: int = 256
     overwrite: bool = False
@@ -65,6 +67,7 @@ class RunConfig:
             chunk_cells=self.chunk_cells,
             workers=self.workers,
             threads=self.threads,
+            feeders=self.feeders,
             input_size=self.input_size,
             crop_size=cells.crop_size,
             crop_um=cells.crop_um,

@@ -27,9 +27,10 @@ import psutil
 from scdino.bounds import check_block_memory
 from scdino.cells.source import CellSource, open_source
 from scdino.cells.table import FIELDS
+from scdino.engine import feed
 from scdino.engine.backends import BackendSpec, resolve
 from scdino.engine.backends.null_backend import ENV as NULL_ENV
-from scdino.engine.cluster import dask_client
+from scdino.engine.cluster import cores, dask_client
 from scdino.engine.config import RunConfig, cpu_batch_size, gpu_batch_size
 from scdino.engine.export_cache import choose, describe
 from scdino.engine.output import COMMAND, EmbeddingStore, store_status
@@ -260,6 +261,9 @@ def _run(cfg: RunConfig) -> RunResult:
         from scdino.engine.cluster import visible_gpus
 
         gpus = visible_gpus()
+    if not cfg.scheduler and not gpus and local_workers(cfg, spec.device) == 1:
+        # the local CPU worker is a thread of this process: its feeders are forked now, before the cluster's threads
+        feed.feeders(feeders_per_worker(cfg, 1, 1))
     t = time.perf_counter()
     with dask_client(cfg.scheduler, local_workers(cfg, spec.device), gpus) as client:
         phases["cluster_seconds"] = time.perf_counter() - t
@@ -289,7 +293,8 @@ def _stream(cfg: RunConfig, client, source: CellSource, spec: BackendSpec, path,
             store = EmbeddingStore.resume(cfg.out, fp)
             table = store.table() if store.has_table else None
             log.info("resuming %s: %d blocks done", cfg.out, int(store.done().sum()))
-        plan = stream_plan(spec, source, cfg.chunk_cells, *_cluster_threads(client))
+        workers, threads = _cluster_threads(client)
+        plan = stream_plan(spec, source, cfg.chunk_cells, workers, threads, feeders_per_worker(cfg, workers, threads))
         log.debug("stream: %s", plan)
         store, table, blocks_run, stream_phases = run_stream(
             client, source, spec, store, table, plan, cfg.progress, _embed_block,
@@ -304,8 +309,18 @@ def _stream(cfg: RunConfig, client, source: CellSource, spec: BackendSpec, path,
     finally:
         FIELDS.clear()  # an in-process worker's decoded fields and the checkpoint are not kept past the run
         forget_checkpoints()
+        feed.stop_feeders()  # this process's (an in-process worker's); worker processes end theirs when they end
     phases.update(stream_phases, embed_seconds=time.perf_counter() - t)
     return store, table, blocks_run
+
+
+def feeders_per_worker(cfg: RunConfig, workers: int, threads: int) -> int:
+    """Feeder processes per worker: ``--feeders``, else one per core of a worker where they can run (a local
+    cluster's workers share this machine's cores; a remote worker's threads stand for its cores)."""
+    if cfg.feeders is not None:
+        return cfg.feeders
+    per_worker = cores() // max(1, workers) if not cfg.scheduler else threads // max(1, workers)
+    return feed.default_feeders(per_worker)
 
 
 def _any_block_done(out: str) -> bool:

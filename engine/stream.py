@@ -1,16 +1,18 @@
 """The embedding stream of ``scdino-engine run``: cells are found part by part (a plate's fields) as Dask tasks, and
 each block of cells is submitted the moment its rows are known, so that finding cells and embedding them overlap.
 
-* **Tasks.** Finding a part's cells is one task (:meth:`CellSource.cells_of`); reading and embedding a run of store
-  blocks is one task (:func:`read_and_embed`), which reads its crops on any thread of a worker and holds the worker's
-  model for inference only (one inference at a time per process: the model uses the worker's cores), so a worker's
-  other threads read, cut and find cells meanwhile. Embedding tasks go before finding tasks (a higher priority):
-  whatever cells are known are embedded first, and idle threads find more.
+* **Tasks.** Finding a part's cells is one task (:func:`scdino.engine.feed.find_part`): a source that cuts crops as it
+  finds cells (``cells_and_crops``) does both from one decode of the part, in a feeder process of the worker
+  (:mod:`scdino.engine.feed`: outside the worker's interpreter lock), and the worker keeps the crops until its blocks
+  are embedded. Embedding a run of store blocks is one task (:func:`read_and_embed`): it takes the crops the worker
+  holds (or reads them, in a feeder), and holds the worker's model for inference only (one inference at a time per
+  process). Embedding tasks go before finding tasks (a higher priority) and run on the worker that holds their crops.
 * **Sizes.** A task embeds ``group`` store blocks: one on a CPU, where a block is many seconds of model time, and
   enough on a GPU (or with the null backend) for about four batches, so that the per-task cost of Dask is a small
-  part of a task. At most ``window`` tasks are in flight: twice the cluster's threads, fewer where their raw crops
-  would not fit a memory budget per worker (:data:`MEMORY_PER_WORKER`; a model input is made one batch at a time,
-  by the one task per worker that holds the model).
+  part of a task. At most ``window`` embedding tasks are in flight: twice the cluster's threads, fewer where their
+  raw crops would not fit a memory budget per worker (:data:`MEMORY_PER_WORKER`). Parts are searched at most
+  ``parts`` at a time, and none is started while the crops found and not yet embedded exceed ``held`` cells, so a
+  plate of any size holds a bounded number of crops.
 * **Writes** go through one writer thread, in the order they were asked for (grow the store, write blocks, write the
   table), so that the client submits the next task at once; the first failed write stops the writes after it.
 * **Resume.** Blocks already done are never submitted again; a store whose cell table was not yet written (the run
@@ -23,14 +25,16 @@ import bisect
 import logging
 import threading
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
 from scdino.cells.source import CellSource
+from scdino.engine import feed
 from scdino.engine.backends import BackendSpec, using
 from scdino.engine.output import EmbeddingStore
 from scdino.errors import OutputError
@@ -60,32 +64,53 @@ def embed_block(crops: np.ndarray, spec: BackendSpec) -> np.ndarray:
         return backend.infer(crops)
 
 
-def read_and_embed(source: CellSource, rows: pd.DataFrame, spec: BackendSpec, embed: Callable = embed_block):
-    """Dask task: the embeddings of ``rows`` (their crops read by ``source``)."""
-    return embed(source.read(rows), spec)
+def read_and_embed(
+    source: CellSource, rows: pd.DataFrame, spec: BackendSpec, embed: Callable = embed_block, key: str = "",
+    pieces: Sequence[feed.Piece] = (), feeders: int = 0,
+) -> np.ndarray:  # fmt: skip
+    """Dask task: the embeddings of ``rows``, their crops taken from this worker (the ``pieces`` of the parts it
+    found) or read."""
+    crops = feed.gather(source, rows, key, pieces, feeders, getattr(source, "read_unit", ()))
+    try:
+        return embed(crops, spec)
+    finally:
+        feed.release(key, pieces)
 
 
 @dataclass(frozen=True)
 class StreamPlan:
     """How a run is cut into tasks: store blocks of ``chunk`` cells, ``group`` blocks per task, at most ``window``
-    tasks in flight."""
+    embedding tasks and ``parts`` finding tasks in flight, no new part while more than ``held`` cells found wait for
+    the model; ``feeders`` processes per worker find cells and cut crops (0: the worker's threads do)."""
 
     chunk: int
     group: int
     window: int
+    parts: int = 2
+    held: int = 1 << 30
+    feeders: int = 0
 
 
-def stream_plan(spec: BackendSpec, source: CellSource, chunk: int, workers: int, threads: int) -> StreamPlan:
-    """The :class:`StreamPlan` for ``spec`` on a cluster of ``workers`` workers with ``threads`` threads in all."""
+def stream_plan(
+    spec: BackendSpec, source: CellSource, chunk: int, workers: int, threads: int, feeders: int | None = None
+) -> StreamPlan:
+    """The :class:`StreamPlan` for ``spec`` on a cluster of ``workers`` workers with ``threads`` threads in all;
+    ``feeders`` per worker (None: one per core of a worker, where feeder processes can run)."""
     if spec.device == "cpu" and spec.kind != "null":
         group = 1
     else:
         lo, hi = GPU_TASK_CELLS
         group = max(1, min(hi, max(lo, 4 * spec.batch_size)) // chunk)
     # a task in flight holds its raw crops; a model input is made one batch at a time, by one task per worker
-    per_task = group * chunk * len(source.channels) * source.crop_size**2 * np.dtype(source.dtype).itemsize
+    cell = len(source.channels) * source.crop_size**2 * np.dtype(source.dtype).itemsize
+    per_task = group * chunk * cell
     fits = max(1, workers * MEMORY_PER_WORKER // per_task)
-    return StreamPlan(chunk, group, int(max(1, min(fits, 2 * threads))))
+    if feeders is None:
+        feeders = feed.default_feeders(max(1, threads // max(1, workers)))
+    # found crops wait in the workers: the same budget, and never less than two tasks' worth
+    held = max(2 * group * chunk, workers * MEMORY_PER_WORKER // cell)
+    parts = max(2, 2 * feeders * workers, threads)
+    return StreamPlan(chunk, group, int(max(1, min(fits, 2 * threads))), parts, held, feeders)
 
 
 class Writer:
@@ -139,6 +164,18 @@ class Rows:
             self.known += len(self.parts[len(self.ends)])
             self.ends.append(self.known)
 
+    def pieces(self, a: int, b: int) -> list[feed.Piece]:
+        """Rows ``a:b`` of the table (within the known prefix) as pieces of parts: (part, rows in the part, rows in
+        ``a:b``)."""
+        out, i, lo = [], bisect.bisect_right(self.ends, a), a
+        while a < b:
+            start = self.ends[i - 1] if i else 0
+            stop = min(b, self.ends[i])
+            if stop > a:
+                out.append(feed.Piece(i, a - start, stop - start, a - lo, stop - lo))
+            a, i = max(a, stop), i + 1
+        return out
+
     def rows(self, a: int, b: int, columns: list[str]) -> pd.DataFrame:
         """Rows ``a:b`` of the table (within the known prefix), ``columns`` only."""
         out, i = [], bisect.bisect_right(self.ends, a)
@@ -176,6 +213,7 @@ class _Stream:
         self.client, self.source, self.spec, self.store, self.plan = client, source, spec, store, plan
         self.embed, self.progress = embed, progress
         self.cols = list(source.read_columns)
+        self.key = uuid.uuid4().hex  # names this run's crops held by the workers
         self.make_store = None if isinstance(store, EmbeddingStore) else store
         self.store = store if self.make_store is None else None
         self.done = self.store.done() if self.store is not None else np.zeros(0, bool)
@@ -193,33 +231,54 @@ class _Stream:
         self.bar: Progress | None = None
         self.counted = 0
         self.first_rows: Callable | None = None
+        self.holder: dict[int, str | None] = {}  # part -> the worker holding its crops (None: not held)
+        self.next_part = 0
+        self.parts_in_flight = 0
+        self.waiting = 0  # cells found and not yet embedded (or found done)
 
     def run(self, table: pd.DataFrame | None) -> tuple[pd.DataFrame, int, dict[str, float]]:
-        parts = [None] if table is not None else list(self.source.parts)
-        self.rows = Rows(len(parts))
-        self.fields = Progress(len(parts), "finding cells", "field", self.progress and table is None)
+        self.parts = [None] if table is not None else list(self.source.parts)
+        self.rows = Rows(len(self.parts))
+        self.fields = Progress(len(self.parts), "finding cells", "field", self.progress and table is None)
         if table is not None:
+            self.next_part = 1
             self._found(0, table)
         else:
-            for i, part in enumerate(parts):  # all queued at once: embedding tasks go first (priority 1)
-                fut = self.client.submit(self.source.cells_of, part, pure=False, priority=0)
-                self.futures[fut.key] = (fut, "part", i)
-                self.events.add(fut)
+            self._submit_parts()
         for fut, result in self.events:
             _, what, where = self.futures.pop(fut.key)
             fut.release()
             if what == "part":
-                self._found(where, result)
-            else:
+                found, self.holder[where] = result
+                self.parts_in_flight -= 1
+                self._found(where, found)
+            elif what == "blocks":
                 self._embedded(where, result)
+            self._submit_parts()
             self.writer.check()
         self.writer.close()
         self.bar.close()
         return self.store, self.table, self.blocks_run, {**self.phases, "find_cells_seconds": self.found_s}
 
+    def _submit_parts(self) -> None:
+        """Start finding the next parts, in order, while few enough are searched and their crops would fit."""
+        plan = self.plan
+        while self.next_part < len(self.parts) and self.parts_in_flight < plan.parts:
+            if self.waiting >= plan.held and (self.parts_in_flight or self.in_flight):
+                return  # the model catches up first (it frees crops; nothing waits on a part not yet started)
+            i = self.next_part
+            fut = self.client.submit(
+                feed.find_part, self.source, self.parts[i], self.key, i, plan.feeders, pure=False, priority=0
+            )
+            self.futures[fut.key] = (fut, "part", i)
+            self.events.add(fut)
+            self.next_part += 1
+            self.parts_in_flight += 1
+
     def _found(self, i: int, part: pd.DataFrame) -> None:
         had = self.rows.known
         self.rows.add(i, part)
+        self.waiting += len(part)
         self.fields.update(1)
         if self.rows.complete:
             self.fields.close()
@@ -255,6 +314,26 @@ class _Stream:
         self.store.write_blocks(i, emb)
         self.bar.update(len(emb))
 
+    def _placement(self, pieces: list[feed.Piece]) -> dict[str, Any]:
+        """Where a task on ``pieces`` should run: the worker that holds most of their crops (any worker where that
+        one is gone; anywhere when no worker holds them)."""
+        held = [(p.b - p.a, self.holder.get(p.part)) for p in pieces if self.holder.get(p.part)]
+        if not held:
+            return {}
+        return {"workers": [max(held, key=lambda h: h[0])[1]], "allow_other_workers": True}
+
+    def _skip(self, i: int, known: int) -> None:
+        """Block ``i`` is done already (a resumed run finding its cells again): its crops are let go."""
+        chunk = self.plan.chunk
+        a, b = i * chunk, min(known, (i + 1) * chunk)
+        pieces = self.rows.pieces(a, b)
+        self.waiting -= b - a
+        where = self._placement(pieces)
+        if where:  # kept in futures until it ran: a future let go of may be cancelled before it runs
+            fut = self.client.submit(feed.release, self.key, pieces, pure=False, priority=2, **where)
+            self.futures[fut.key] = (fut, "release", None)
+            self.events.add(fut)
+
     def _submit(self) -> None:
         """Submit the blocks whose rows are all known, up to the window."""
         chunk, known = self.plan.chunk, self.rows.known
@@ -271,22 +350,29 @@ class _Stream:
             if i < len(self.done) and self.done[i]:
                 if i >= self.counted:  # found done only now (a resumed run finding its cells again)
                     self.writer(self.bar.update, min(known, (i + 1) * chunk) - i * chunk)
+                self._skip(i, known)
                 self.next_block += 1
                 continue
             j = i + 1
             while j < min(last, i + self.plan.group) and not (j < len(self.done) and self.done[j]):
                 j += 1
-            rows = self.rows.rows(i * chunk, min(j * chunk, known), self.cols)
-            fut = self.client.submit(read_and_embed, self.source, rows, self.spec, self.embed, pure=False, priority=1)
-            self.futures[fut.key] = (fut, "blocks", (i, j))
+            a, b = i * chunk, min(j * chunk, known)
+            rows = self.rows.rows(a, b, self.cols)
+            pieces = self.rows.pieces(a, b)
+            fut = self.client.submit(
+                read_and_embed, self.source, rows, self.spec, self.embed, self.key, pieces, self.plan.feeders,
+                pure=False, priority=1, **self._placement(pieces),
+            )  # fmt: skip
+            self.futures[fut.key] = (fut, "blocks", (i, j, b - a))
             self.events.add(fut)
             self.in_flight += 1
             self.next_block = j
 
-    def _embedded(self, blocks: tuple[int, int], emb: np.ndarray) -> None:
-        i, j = blocks
+    def _embedded(self, blocks: tuple[int, int, int], emb: np.ndarray) -> None:
+        i, j, n = blocks
         self.writer(self._write_blocks, i, emb)
         self.in_flight -= 1
+        self.waiting -= n
         self.blocks_run += j - i
         self._submit()
 
@@ -294,6 +380,10 @@ class _Stream:
         for fut, _, _ in self.futures.values():  # what is still queued after a failure or an interruption
             fut.cancel()
         self.writer.pool.shutdown(wait=True)
+        try:  # crops a worker still holds for this run (after a failure: the blocks that never ran)
+            self.client.run(feed.forget, self.key)
+        except Exception as exc:  # the cluster went away with the failure: nothing is held then
+            log.debug("could not free the run's crops on the workers: %s", exc)
         for bar in (self.fields, self.bar):
             if bar is not None:
                 bar.close()

@@ -16,7 +16,7 @@ from scdino.cells.table import FieldCache
 from scdino.engine import output as output_mod
 from scdino.engine import pipeline
 from scdino.engine.pipeline import RunConfig, run
-from scdino.engine.stream import MEMORY_PER_WORKER, Rows, StreamPlan, Writer, stream_plan
+from scdino.engine.stream import MEMORY_PER_WORKER, Rows, Writer, stream_plan
 
 OPTS = CellOptions(labels="nuclei", crop_size=24)
 
@@ -42,7 +42,13 @@ def _spec(device: str, kind: str, batch: int, input_size: int = 224):
 def test_stream_plan_sizes_tasks_by_device_and_memory():
     src = SimpleNamespace(crop_size=32, channels=(0, 1, 2), dtype=np.uint16)
     # a CPU model: one block per task, two tasks per thread
-    assert stream_plan(_spec("cpu", "torch", 64), src, 256, 1, 2) == StreamPlan(256, 1, 4)
+    plan = stream_plan(_spec("cpu", "torch", 64), src, 256, 1, 2, feeders=2)
+    assert (plan.chunk, plan.group, plan.window) == (256, 1, 4)
+    # found crops wait within the worker's budget: 1536 MiB of 3 x 32 x 32 uint16 crops (6 KiB each) are 262,144
+    # cells; parts are searched two per feeder (2 feeders: 4 at a time)
+    assert (plan.held, plan.parts, plan.feeders) == (262_144, 4, 2)
+    assert stream_plan(_spec("cpu", "torch", 64), src, 256, 1, 2, feeders=0).parts == 2  # at least two
+    assert stream_plan(_spec("cpu", "torch", 64), src, 256, 2, 16, feeders=3).parts == 16  # the threads, here
     # a GPU (or the null backend): about four batches per task, from 1024 to 4096 cells
     assert stream_plan(_spec("cuda", "torch", 256), src, 256, 1, 16).group == 4  # 1024 cells
     assert stream_plan(_spec("cuda", "torch", 32), src, 256, 1, 16).group == 4  # at least 1024
@@ -101,20 +107,21 @@ def test_cache_keeps_fields_within_its_byte_budget():
 def _local_client():
     from distributed import Client, LocalCluster
 
-    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0")
+    # two threads, as a local CPU worker has at least: one may wait on a feeder while the other embeds
+    cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0")
     return cluster, Client(cluster)
 
 
 def test_embedding_starts_before_the_last_field_is_searched(tiny_plate, tmp_path, monkeypatch):
     log = tmp_path / "log.txt"  # tasks are pickled on their way to the worker: a file, not a list, sees them all
-    real_cells, real_embed = PlateSource.cells_of, pipeline._embed_block
+    real_cells, real_embed = PlateSource.cells_and_crops, pipeline._embed_block
 
-    def note(event: str) -> None:
+    def note(event: str) -> None:  # feeder processes write here too: a file, in append mode
         with open(log, "a") as f:
             f.write(f"{event} {time.perf_counter()}\n")
 
-    def cells_of(self, part):
-        out = real_cells(self, part)
+    def cells_and_crops(self, part, alloc=np.empty):
+        out = real_cells(self, part, alloc)
         if part != self.fields[0]:
             time.sleep(1.0)  # the other fields take a while: the first field's blocks need not wait for them
         note("found")
@@ -124,7 +131,7 @@ def test_embedding_starts_before_the_last_field_is_searched(tiny_plate, tmp_path
         note("embed")
         return real_embed(crops, spec)
 
-    monkeypatch.setattr(PlateSource, "cells_of", cells_of)
+    monkeypatch.setattr(PlateSource, "cells_and_crops", cells_and_crops)
     monkeypatch.setattr(pipeline, "_embed_block", embed)
     cfg = RunConfig(tiny_plate, str(tmp_path / "o.zarr"), "random:vit_test8", OPTS, input_size=32, chunk_cells=2)
     cluster, client = _local_client()
@@ -148,7 +155,15 @@ def test_a_run_stopped_while_cells_are_found_resumes_to_the_same_embeddings(tiny
     def stop(self, table):
         raise KeyboardInterrupt  # Ctrl-C as the last field's cells arrive
 
+    real_cells = PlateSource.cells_and_crops
+
+    def last_field_slow(self, part, alloc=np.empty):
+        if part == self.fields[-1]:
+            time.sleep(1.0)  # the first fields' blocks are written meanwhile
+        return real_cells(self, part, alloc)
+
     monkeypatch.setattr(output_mod.EmbeddingStore, "write_table", stop)
+    monkeypatch.setattr(PlateSource, "cells_and_crops", last_field_slow)
     cluster, client = _local_client()
     with cluster, client, client.as_current():
         with pytest.raises(KeyboardInterrupt):

@@ -68,6 +68,7 @@ BOUNDS: dict[str, Bound] = {
     "--chunk-cells": Bound("cells per block", low=1, integer=True),
     "--workers": Bound("worker processes", low=1, integer=True),
     "--threads": Bound("torch threads per worker", low=1, integer=True),
+    "--feeders": Bound("feeder processes per worker; 0: none", low=0, high=256, integer=True),
     # knn, evaluate: the k-NN protocol
     "--k": Bound("neighbours that vote", low=1, integer=True),
     "--temperature": Bound("vote temperature of exp(similarity / T)", low=0, low_open=True),

@@ -39,6 +39,9 @@ class CellSource(Protocol):
     dtype: np.dtype
     #: the table columns :meth:`read` needs
     read_columns: tuple[str, ...]
+    #: the columns that name what one read decodes whole (a plate's field), so that a pipeline sends the reads of one
+    #: such unit to one process, which keeps it decoded; () where reads decode nothing whole
+    read_unit: tuple[str, ...]
 
     #: the units cells are found in, in table order (picklable)
     parts: list[Any]
@@ -48,6 +51,9 @@ class CellSource(Protocol):
     def cells_of(self, part: Any) -> pd.DataFrame: ...
 
     def find_cells(self, client: Any = None, progress: Callable[[int], Any] | None = None) -> pd.DataFrame: ...
+
+    # optional: def cells_and_crops(self, part, alloc=np.empty) -> tuple[pd.DataFrame, np.ndarray]: the cells of a part
+    # and their crops in table order, from one decode of the part (sources found part by part have it: FoundByParts)
 
     def combine(self, parts: list[pd.DataFrame | None]) -> pd.DataFrame:
         """The cell table from the tables of :attr:`parts` (in order; None or empty for a part without cells); an
@@ -119,6 +125,13 @@ class FoundByParts:
     def find_cells(self, client: Any = None, progress: Callable[[int], Any] | None = None) -> pd.DataFrame:
         """The cell table of every part, in order; on ``client`` (a Dask client) if given."""
         return self.combine(find_parts(self, client, progress))
+
+    def cells_and_crops(self, part: Any, alloc: Callable = np.empty) -> tuple[pd.DataFrame, np.ndarray]:
+        """The cells of ``part`` and their raw crops (n, C, S, S) in table order. Here: found, then read; a source
+        that can cut as it finds (one decode of the part) does better. ``alloc(shape, dtype)`` makes the crops array
+        where a source cuts into one."""
+        table = self.cells_of(part)
+        return table, self.read(table)
 
     def combine(self, parts: list[pd.DataFrame | None]) -> pd.DataFrame:
         """The cell table from the tables of the source's parts, in order; an error when no part has a cell."""

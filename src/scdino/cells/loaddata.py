@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -229,6 +229,7 @@ class LoadDataSource(FoundByParts):
     ignores: tuple[str, ...] = ()
     capabilities = ("wells", "object_tables")
     read_columns = ("plate", "well", "field", "crop_y0", "crop_x0")
+    read_unit = ("plate", "well", "field")
 
     def __init__(self, path: str, opts: CellOptions = CellOptions()) -> None:
         self.path, self.opts = path, opts
@@ -307,12 +308,14 @@ class LoadDataSource(FoundByParts):
                 )
         return np.stack(planes).astype(self.dtype, copy=False)
 
-    def cells_of(self, site: Site) -> pd.DataFrame:
+    def cells_of(self, site: Site, seg_pixels: np.ndarray | None = None) -> pd.DataFrame:
+        """The cells of one image set (``seg_pixels``: its segmentation channels, where they are read already)."""
         keys = {"plate": site.plate, "well": site.well, "field": site.site}
         where = f"{self.path}, image set {site.number} (well {site.well}, site {site.site})"
         if not self.objects:
             crop = crop_pixels(self.opts, tiff_shape(site.files[0])[0], None, where)
-            return image_cells(self.field(site, self.seg_channels), None, crop, self.opts, keys, where)
+            seg = seg_pixels if seg_pixels is not None else self.field(site, self.seg_channels)
+            return image_cells(seg, None, crop, self.opts, keys, where)
         shape = tiff_shape(site.files[0])[0]
         crop = crop_pixels(self.opts, shape, None, where)
         cells = object_table(self.objects, os.path.abspath(self.path), _stamp(self.objects, self.path)).get(site.number)
@@ -329,6 +332,19 @@ class LoadDataSource(FoundByParts):
         shapes = {c: cells[c].to_numpy() for c in ("bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1", "area") if c in cells}
         cy, cx = cells["centroid_y"].to_numpy(), cells["centroid_x"].to_numpy()
         return centred_cells(keys, cells["label"].to_numpy(), cy, cx, shapes, crop, shape, self.opts.border)
+
+    def cells_and_crops(self, site: Site, alloc: Callable = np.empty) -> tuple[pd.DataFrame, np.ndarray]:
+        """The cells of one image set and their crops, each of its TIFF files read once."""
+        wanted = sorted(set(self.channels) | (set() if self.objects else set(self.seg_channels)))
+        pixels = self.field(site, tuple(wanted))
+        at = {c: k for k, c in enumerate(wanted)}
+        table = self.cells_of(site, None if self.objects else pixels[[at[c] for c in self.seg_channels]])
+        model = pixels if wanted == list(self.channels) else pixels[[at[c] for c in self.channels]]
+        crops = alloc((len(table), len(self.channels), self.crop_size, self.crop_size), self.dtype)
+        if len(table):
+            y0s, x0s = table["crop_y0"].to_numpy(), table["crop_x0"].to_numpy()
+            cut_crops(model, (0, 0), model.shape[1:], y0s, x0s, crops, np.arange(len(table)))
+        return table, crops
 
     def no_cells(self) -> str:
         return no_cells_message(

@@ -35,7 +35,7 @@ from scdino.cells.cropstore import CropStore, is_crop_store
 from scdino.cells.loaddata import LoadDataSource
 from scdino.cells.options import CellOptions
 from scdino.cells.plate import FieldRef, Plate, missing_labels_message, resolve_channels
-from scdino.cells.table import FieldPlan, field_cells, plan_field, read_crops
+from scdino.cells.table import FieldPlan, field_cells, field_cells_and_crops, plan_field, read_crops
 from scdino.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class CropStoreSource:
     ignores = ("crop_size", "crop_um", "wells", "labels", "segment_channel")
     capabilities: tuple[str, ...] = ()
     read_columns = ("store_index",)
+    read_unit: tuple[str, ...] = ()
 
     def __init__(self, path: str, opts: CellOptions = CellOptions()) -> None:
         self.path = path
@@ -115,6 +116,7 @@ class PlateSource(FoundByParts):
     ignores: tuple[str, ...] = ()
     capabilities = ("wells", "label_images")
     read_columns = ("well", "field", "crop_y0", "crop_x0")
+    read_unit = ("well", "field")
 
     def __init__(self, path: str, opts: CellOptions = CellOptions()) -> None:
         self.path = path
@@ -160,6 +162,10 @@ class PlateSource(FoundByParts):
 
     def cells_of(self, part: FieldRef) -> pd.DataFrame:
         return field_cells(self.plate, part, self.opts)
+
+    def cells_and_crops(self, part: FieldRef, alloc: Callable = np.empty) -> tuple[pd.DataFrame, np.ndarray]:
+        """The cells of a field and their crops, from one decode of the field."""
+        return field_cells_and_crops(self.plate, part, self.opts, self.dtype, alloc)
 
     def identity(self) -> dict[str, Any]:
         return {

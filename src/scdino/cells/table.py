@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
+from numpy.lib.stride_tricks import sliding_window_view
 
 from scdino.cells.options import DEFAULT_CROP_SIZE, CellOptions
 from scdino.cells.plate import FieldRef, Plate, resolve_channels
@@ -162,6 +163,33 @@ def field_cells(plate: Plate, ref: FieldRef, opts: CellOptions) -> pd.DataFrame:
     keys = {"plate": plate.name, "well": ref.well, "field": ref.field}
     label_where = f"{where}/labels/{opts.labels}"
     return image_cells(img, labels, plan.crop, opts, keys, where, label_where)
+
+
+def field_cells_and_crops(
+    plate: Plate, ref: FieldRef, opts: CellOptions, dtype: np.dtype, alloc: Callable = np.empty
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """The cell table of one field and the raw crops of its cells (n, C, S, S) in table order, from one decode of the
+    field: the model's and the segmentation's channels are read together, once. ``alloc(shape, dtype)`` makes the
+    crops array (a feeder process allocates it in memory it hands to its parent without a copy)."""
+    plan = plan_field(plate, ref, opts)
+    where = f"{plate.path}/{ref.path}"
+    wanted = sorted(set(plan.channels) | set(plan.seg_channels))
+    pixels = plate.read(ref, wanted)
+    at = {c: k for k, c in enumerate(wanted)}
+    labels = plate.labels(ref, opts.labels) if opts.labels else None
+    keys = {"plate": plate.name, "well": ref.well, "field": ref.field}
+    seg = (
+        pixels[[at[c] for c in plan.seg_channels]]
+        if len(plan.seg_channels) > 1
+        else pixels[at[plan.seg_channels[0]]][None]
+    )
+    table = image_cells(seg, labels, plan.crop, opts, keys, where, f"{where}/labels/{opts.labels}")
+    model = pixels if wanted == list(plan.channels) else pixels[[at[c] for c in plan.channels]]
+    crops = alloc((len(table), len(plan.channels), plan.crop, plan.crop), np.dtype(dtype))
+    if len(table):
+        rows = np.arange(len(table))
+        cut_crops(model, (0, 0), model.shape[1:], table["crop_y0"].to_numpy(), table["crop_x0"].to_numpy(), crops, rows)
+    return table, crops
 
 
 def image_cells(
@@ -365,11 +393,32 @@ def cut_crops(
 ) -> None:
     """Cut the windows at corners (``y0s``, ``x0s``) of a field of ``shape`` (y, x) into ``out[idx]`` (n, C, S, S,
     zero where a window leaves the field), from ``region`` (C, y, x): the part of the field whose corner is at
-    ``origin``, which holds every window's pixels inside the field."""
+    ``origin``, which holds every window's pixels inside the field. ``out`` may hold anything before: every pixel of
+    ``out[idx]`` is written.
+
+    The windows that lie inside the field are gathered at once, channel by channel, from a strided view of every
+    window of the region (no Python loop per cell; 1.5x the per-cell loop on a 2048 px field of 4,096 cells); the few
+    that leave the field are cut one by one and padded with zeros."""
     crop = out.shape[-1]
     (ry0, rx0), (h, w) = origin, shape
-    for i, y0, x0 in zip(idx, y0s, x0s):
+    y0s, x0s = np.asarray(y0s, np.int64), np.asarray(x0s, np.int64)
+    idx = np.asarray(idx, np.intp)
+    inside = (y0s >= 0) & (x0s >= 0) & (y0s + crop <= h) & (x0s + crop <= w)
+    if inside.all():
+        ys, xs, rows = y0s - ry0, x0s - rx0, idx
+    else:
+        ys, xs, rows = y0s[inside] - ry0, x0s[inside] - rx0, idx[inside]
+    if len(rows):
+        windows = sliding_window_view(region, (crop, crop), axis=(1, 2))  # (C, y, x, S, S), no copy
+        whole = len(rows) == len(out) and bool(np.all(rows == np.arange(len(out))))
+        for c in range(region.shape[0]):
+            if whole:  # every row of out, in order: written in place
+                out[:, c] = windows[c, ys, xs]
+            else:
+                out[rows, c] = windows[c, ys, xs]
+    for i, y0, x0 in zip(idx[~inside], y0s[~inside], x0s[~inside]):
         y0, x0 = int(y0), int(x0)
+        out[i] = 0
         sy0, sx0 = max(y0, 0), max(x0, 0)
         sy1, sx1 = min(y0 + crop, h), min(x0 + crop, w)
         if sy1 <= sy0 or sx1 <= sx0:
