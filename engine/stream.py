@@ -59,9 +59,16 @@ def _infer_lock(spec: BackendSpec) -> threading.Lock:
 
 
 def embed_block(crops: np.ndarray, spec: BackendSpec) -> np.ndarray:
-    """Raw crops -> embeddings with this process's backend for ``spec``, one inference at a time per process."""
-    with using(spec) as backend, _infer_lock(spec):
-        return backend.infer(crops)
+    """Raw crops -> embeddings with this process's backend for ``spec``, one inference at a time per process. A
+    backend that can ``launch`` a block without waiting for it (a GPU's) holds the model only while it launches, so
+    the next block is launched while the device still runs this one."""
+    with using(spec) as backend:
+        launch = getattr(backend, "launch", None)
+        with _infer_lock(spec):
+            wait = launch(crops) if launch is not None else None
+            if wait is None:
+                return backend.infer(crops)
+        return wait()
 
 
 def read_and_embed(
