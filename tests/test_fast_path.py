@@ -198,14 +198,15 @@ def test_gpu_batch_size_follows_the_tokens_of_a_pass_and_never_exceeds_a_block(m
     assert pipeline.backend_spec(cfg, card, 3).batch_size == 64  # the CPU rule for the same model
 
 
-def test_one_embedding_at_a_time_per_worker_while_other_threads_read_ahead(tiny_plate, tmp_path, monkeypatch):
-    """A worker with several threads runs one inference at a time and reads the next blocks on its other threads."""
+def test_one_embedding_at_a_time_per_worker_while_other_threads_find_and_cut(tiny_plate, tmp_path, monkeypatch):
+    """A worker with several threads runs one inference at a time; meanwhile its other threads have the next fields'
+    cells found and cut (in feeder processes: the log is a file, which they append to as well)."""
     from distributed import Client, LocalCluster
 
     from scdino.engine.backends.torch_backend import TorchBackend
 
     log = tmp_path / "log.txt"
-    real_infer, real_read = TorchBackend.infer, PlateSource.read
+    real_infer, real_find = TorchBackend.infer, PlateSource.cells_and_crops
 
     def note(event: str) -> None:
         with open(log, "a") as f:
@@ -218,12 +219,16 @@ def test_one_embedding_at_a_time_per_worker_while_other_threads_read_ahead(tiny_
         note("embed-end")
         return out
 
-    def read(self, rows):
-        note("read")
-        return real_read(self, rows)
+    def find(self, part, alloc=np.empty):
+        note("find-start")
+        if part != self.fields[0]:
+            time.sleep(0.3)  # the first field's blocks embed meanwhile
+        out = real_find(self, part, alloc)
+        note("find-end")
+        return out
 
     monkeypatch.setattr(TorchBackend, "infer", infer)
-    monkeypatch.setattr(PlateSource, "read", read)
+    monkeypatch.setattr(PlateSource, "cells_and_crops", find)
     cfg = RunConfig(tiny_plate, str(tmp_path / "o.zarr"), "random:vit_test8", OPTS, input_size=32, chunk_cells=2)
     with (
         LocalCluster(n_workers=1, threads_per_worker=3, processes=False, dashboard_address=":0") as cluster,
@@ -232,18 +237,22 @@ def test_one_embedding_at_a_time_per_worker_while_other_threads_read_ahead(tiny_
     ):
         res = run(replace(cfg, progress=False))
     events = sorted((float(t), e) for e, t in (line.split() for line in log.read_text().splitlines()))
-    running = most_running = read_while_embedding = 0
+    running = most_running = finding = found_while_embedding = 0
     for _, e in events:
         if e == "embed-start":
             running += 1
             most_running = max(most_running, running)
+            found_while_embedding += finding > 0
         elif e == "embed-end":
             running -= 1
-        elif e == "read":
-            read_while_embedding += running
+        elif e == "find-start":
+            finding += 1
+            found_while_embedding += running > 0
+        elif e == "find-end":
+            finding -= 1
     assert res.n_cells == 10 and sum(e == "embed-end" for _, e in events) == 5  # 10 cells in blocks of 2
     assert most_running == 1, events  # one model at a time, although three threads take tasks
-    assert read_while_embedding >= 1, events  # the next block is read while one embeds
+    assert found_while_embedding >= 1, events  # the next fields are searched while a block embeds
 
 
 def test_local_workers_get_their_share_of_the_cores(monkeypatch):
@@ -251,10 +260,11 @@ def test_local_workers_get_their_share_of_the_cores(monkeypatch):
 
     from scdino.engine import cluster
 
-    monkeypatch.setattr(cluster.os, "cpu_count", lambda: 16)
-    # a GPU worker: its share of the host's cores, at least two; a CPU worker: its share, at least one
+    monkeypatch.setattr(cluster, "cores", lambda: 16)
+    # a GPU worker: its share of the host's cores, at least two; a CPU worker: twice its share (threads that wait on
+    # the feeder processes and the model), at least two
     assert [cluster.gpu_threads_per_worker(w) for w in (1, 2, 4, 8, 16)] == [16, 8, 4, 2, 2]
-    assert [cluster.cpu_threads_per_worker(w) for w in (1, 3, 32)] == [16, 5, 1]
+    assert [cluster.cpu_threads_per_worker(w) for w in (1, 3, 32)] == [32, 10, 2]
     monkeypatch.undo()
 
     def no_client():
@@ -262,4 +272,4 @@ def test_local_workers_get_their_share_of_the_cores(monkeypatch):
 
     monkeypatch.setattr(distributed, "get_client", no_client)  # start a cluster of our own, as a command does
     with cluster.dask_client(workers=1) as client:
-        assert list(client.nthreads().values()) == [os.cpu_count()]
+        assert list(client.nthreads().values()) == [max(2, 2 * len(os.sched_getaffinity(0)))]
