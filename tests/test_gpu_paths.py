@@ -211,22 +211,6 @@ def test_pinning_follows_output_types_before_the_patch_embedding_and_only_norms_
     assert all(la.pinned_outputs == [(0, "f32")] for la in layers if la.precision == "f32")
 
 
-def test_the_sidecar_precision_is_what_the_inspector_reports():
-    from scdino.export.tensorrt_build import count_layer_precisions, dominant_precision
-
-    layers = [
-        {"Name": "conv", "Outputs": [{"Format/Datatype": "Half format, channel-last"}]},
-        {"Name": "ln", "Outputs": [{"Format/Datatype": "Row major linear FP32 format (kFLOAT)"}]},
-        {"Name": "mm", "Outputs": [{"Format/Datatype": "Half format"}]},
-    ]
-    counts = count_layer_precisions(layers)
-    assert (counts["fp16"], counts["fp32"], counts["int8"]) == (2, 1, 0)
-    assert dominant_precision(count_layer_precisions(layers)) == "fp16"
-    assert dominant_precision({"fp32": 9, "fp16": 1, "int8": 0, "other": 0}) == "fp32"  # asked fp16, ran fp32
-    assert dominant_precision({"fp32": 9, "fp16": 5, "int8": 3, "other": 0}) == "int8"
-    assert dominant_precision(None) is None
-
-
 # ------------------------------------------------------------------------------------------ device choices
 
 
@@ -364,10 +348,3 @@ def test_the_device_check_runs_its_cpu_sections_here(tmp_path):
         }
     # the JSON file holds the same checks as the lines printed, in the script's order
     assert [r["check"] for r in json.loads((tmp_path / "g.json").read_text())["results"]] == list(by)[1:]
-
-
-def test_uint8_layers_are_not_counted_as_int8():
-    from scdino.export.tensorrt_build import count_layer_precisions
-
-    layers = [{"Outputs": [{"Format/Datatype": "Row major linear UInt8 format"}]}]
-    assert count_layer_precisions(layers)["int8"] == 0
