@@ -6,13 +6,16 @@ import json
 import sys
 
 import fake_tensorrt
+import numpy as np
 import pytest
-from fake_tensorrt import write_plan
+from fake_tensorrt import FakeContext, HostMemory, expected, write_plan
 
 from scdino.batches import plan_batches
-from scdino.errors import ConfigError
+from scdino.engine.backends.base import BackendSpec
+from scdino.errors import CheckpointError, ConfigError
 from scdino.export.tensorrt_plan import plan_io, precision_of, read_precision
-from scdino.models.card import ModelCard
+from scdino.models.card import ModelCard, PlanInfo
+from scdino.models.sidecar import sidecar_path
 from scdino.preprocess import Preprocessing
 
 ENGINE_IO = {"crops": "int", "cls": "fp32"}  # get_tensor_dtype of the samples' plan: INT32 in, FLOAT out
@@ -156,8 +159,10 @@ def vit8_onnx(tmp_path_factory):
 
 
 @pytest.mark.parametrize("version", ["10.9.0", "11.1.0"])
-def test_a_built_plan_records_its_profile_tensors_and_precision(vit8_onnx, tmp_path, monkeypatch, version):
+def test_a_built_plan_records_its_profile_tensors_and_precision_and_runs(vit8_onnx, tmp_path, monkeypatch, version):
+    from scdino.engine.backends.tensorrt_backend import TensorRTBackend
     from scdino.export import tensorrt_build
+    from scdino.models import describe_model
 
     trt = fake_tensorrt.make(version)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
@@ -182,6 +187,23 @@ def test_a_built_plan_records_its_profile_tensors_and_precision(vit8_onnx, tmp_p
     report = t["precision_report"]
     assert set(report["keys_read"]) == ({"Datatype"} if version.startswith("11") else {"Format/Datatype"})
     assert report["io_agree"] is True and report["rule"]
+    # the engine runs it: batches of the plan's opt size, never above its max
+    card = describe_model(str(plan), n_channels=2, crop_size=16)
+    spec = BackendSpec(card=card, n_channels=2, kind="tensorrt", device="cuda", batch_size=64)
+    backend = TensorRTBackend(spec, memory=HostMemory())
+    assert backend.batch == 128 and backend.info["profile"] == {"min": 1, "opt": 128, "max": 256}
+    monkeypatch.setattr(FakeContext, "shapes", [])
+    crops = np.random.default_rng(0).integers(0, 60000, size=(300, 2, 16, 16)).astype(np.uint16)
+    np.testing.assert_allclose(backend.infer(crops), expected(crops, 32), rtol=1e-6)
+    assert [s[0] for s in FakeContext.shapes] == [128, 128, 44]
+    backend.close()
+    # a sidecar that names the input otherwise than the plan does: refused, naming both
+    side = json.loads(sidecar_path(plan).read_text())
+    side["graph"]["inputs"][0]["name"] = "images"
+    sidecar_path(plan).write_text(json.dumps(side))
+    card = describe_model(str(plan), n_channels=2, crop_size=16)
+    with pytest.raises(CheckpointError, match="input name 'crops' \\(sidecar: 'images'\\)"):
+        TensorRTBackend(BackendSpec(card=card, n_channels=2, kind="tensorrt", device="cuda"), memory=HostMemory())
 
 
 def test_the_command_builds_for_the_engines_batch_and_says_how(vit8_onnx, tmp_path, monkeypatch):
@@ -207,3 +229,66 @@ def test_an_inspector_that_says_nothing_leaves_the_precision_asked(vit8_onnx, tm
     assert meta["precision"] == "fp32" and meta["tensorrt"]["precision_from"] == "asked"
     assert meta["tensorrt"]["precision_report"]["schema"] == "no tensor types"
     assert trt.BUILDS[0]["profile"][1][0] == 32 and meta["tensorrt"]["profile"]["opt_from"] == "--opt-batch"
+
+
+# ------------------------------------------------------------------------------------------ the backend's checks
+
+
+def plan_card(tmp_path, **plan) -> BackendSpec:
+    write_plan(tmp_path / "m.plan", **plan)
+    card = ModelCard(
+        spec=str(tmp_path / "m.plan"),
+        format="plan",
+        arch="vit_test16",
+        embed_dim=6,
+        input_size=32,
+        preprocessing=Preprocessing(32),
+        untrained=True,
+        in_chans=2,
+        channels=None,
+        checkpoint_sha256=None,
+        precision="fp16",
+        dtype="uint16",
+        crop_size=8,
+        plan=PlanInfo("10.9.0", "fake", "9.0", 256, "int32"),
+        details={"source_onnx": "m.onnx"},
+    )
+    return BackendSpec(card=card, n_channels=2, kind="tensorrt", device="cuda", batch_size=64)
+
+
+@pytest.mark.parametrize(
+    "plan, says",
+    [
+        ({"names": ("images", "cls")}, "input name 'images' \\(sidecar: 'crops'\\)"),
+        ({"names": ("crops", "embedding")}, "output name 'embedding' \\(sidecar: 'cls'\\)"),
+        ({"channels": 3}, "channels 3 \\(sidecar: 2\\)"),
+        ({"crop": 16}, "crop size \\(px\\) 16 \\(sidecar: 8\\)"),
+        ({"width": 12}, "output width 12 \\(sidecar: 6\\)"),
+    ],
+)
+def test_a_plan_that_differs_from_its_sidecar_is_refused(tmp_path, monkeypatch, plan, says):
+    from scdino.engine.backends.tensorrt_backend import TensorRTBackend
+
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt.make())
+    with pytest.raises(CheckpointError, match=f"disagree: {says}.*scdino-export tensorrt m.onnx --out"):
+        TensorRTBackend(plan_card(tmp_path, **{"width": 6, **plan}), memory=HostMemory())
+
+
+def test_the_backend_uses_the_plans_names_types_and_batch(tmp_path, monkeypatch):
+    """Names other than crops/cls where the sidecar says so; buffers of the plan's types (a float32 input where its
+    sidecar says int32; an fp16 output, returned as float32); batches of the plan's opt size (4), not the run's 64,
+    which is above the plan's max (8)."""
+    from scdino.engine.backends.tensorrt_backend import TensorRTBackend
+
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt.make("11.1.0"))
+    spec = plan_card(tmp_path, width=6, names=("x", "y"), dtypes=("FLOAT", "HALF"), batches=(1, 4, 8))
+    plan = PlanInfo("11.1.0", "fake", "9.0", 8, "int32", input_name="x", output_name="y")
+    spec = BackendSpec(card=ModelCard(**{**spec.card.__dict__, "plan": plan}), n_channels=2, kind="tensorrt",
+                       device="cuda", batch_size=64)  # fmt: skip
+    backend = TensorRTBackend(spec, memory=HostMemory())
+    monkeypatch.setattr(FakeContext, "shapes", [])
+    crops = np.arange(9 * 2 * 8 * 8, dtype=np.uint16).reshape(9, 2, 8, 8) % 50
+    got = backend.infer(crops)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected(crops, 6))
+    assert [s[0] for s in FakeContext.shapes] == [4, 4, 1]
