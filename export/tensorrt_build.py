@@ -38,7 +38,7 @@ import numpy as np
 from scdino._optional import require
 from scdino.batches import MAX_BATCH, plan_batches
 from scdino.errors import ConfigError, ScdinoError
-from scdino.export.tensorrt_plan import RULE, check_plan_io, inspect_engine, plan_io
+from scdino.export.tensorrt_plan import RULE, PlanIO, PrecisionReport, check_plan_io, inspect_engine, plan_io
 from scdino.models.card import describe_model
 from scdino.models.plan import gpu_identity
 from scdino.models.sidecar import read_sidecar, write_sidecar
@@ -140,12 +140,7 @@ def build_engine(
         tmp_plan.write_bytes(memoryview(serialized))
         os.replace(tmp_plan, out)
     asked = "int8" if int8 else "fp16" if fp16 or meta["precision"] == "fp16" else "fp32"
-    engine = trt.Runtime(logger).deserialize_cuda_engine(bytes(memoryview(serialized)))
-    if engine is None:
-        raise ScdinoError(f"{out}: TensorRT cannot load the plan it has just built (see the TensorRT log above)")
-    io = plan_io(trt, engine, str(out))
-    check_plan_io(io, expected_io(meta), str(out), str(onnx_path))
-    report = inspect_engine(trt, engine)
+    io, report = _read_back(trt, logger, serialized, out, meta, onnx_path)
     pmeta = {
         **meta,
         "precision": (report and report.precision) or asked,
@@ -176,6 +171,20 @@ def build_engine(
     }
     write_sidecar(out, pmeta)
     return pmeta
+
+
+def _read_back(trt, logger, serialized, out: Path, meta: dict, onnx_path) -> tuple[PlanIO, PrecisionReport | None]:
+    """The built plan as it declares itself: its tensors and profile (checked against the export's sidecar) and the
+    precision its layers report."""
+    runtime = trt.Runtime(logger)  # must outlive the engine
+    engine = runtime.deserialize_cuda_engine(bytes(memoryview(serialized)))
+    if engine is None:
+        raise ScdinoError(f"{out}: TensorRT cannot load the plan it has just built (see the TensorRT log above)")
+    io = plan_io(trt, engine, str(out))
+    check_plan_io(io, expected_io(meta), str(out), str(onnx_path))
+    report = inspect_engine(trt, engine)
+    del engine  # before its runtime
+    return io, report
 
 
 def expected_io(meta: dict) -> dict:
