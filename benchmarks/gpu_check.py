@@ -377,6 +377,10 @@ def _check_tensorrt(precision: str, quick: bool) -> dict:
         "asked": precision,
         "inspected_precision": meta["precision"],
         "layers": meta["tensorrt"]["layer_precisions"],
+        # how the inspector was read on this TensorRT (keys, schema, votes, I/O check) and the profile built
+        "precision_from": meta["tensorrt"]["precision_from"],
+        "precision_report": meta["tensorrt"]["precision_report"],
+        "profile": meta["tensorrt"]["profile"],
         "min_cosine_to_fp32": cmin,
         "cells_per_s": round(rate, 1),
         "ok": cmin >= floor,

@@ -49,7 +49,7 @@ def fit_umap(x: np.ndarray, params: dict, device: str = "auto", fit_max: int = F
     """2-D embedding of ``x``; returns (coordinates, info)."""
     use_gpu = device == "cuda" or (device == "auto" and _cuml_usable())
     if device == "cuda" and not _cuml_usable():
-        raise ConfigError(f"--device cuda for UMAP needs cuML and a GPU: {pip_extra('gpu')}, plus cuml-cu12")
+        raise ConfigError(f"--device cuda for UMAP needs cuML and a GPU: {pip_extra('gpu')}, plus cuml-cu13 (CUDA 13)")
     n = len(x)
     rng = np.random.default_rng(seed)
     fit_idx = np.sort(rng.choice(n, fit_max, replace=False)) if n > fit_max else np.arange(n)

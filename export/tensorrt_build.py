@@ -1,6 +1,8 @@
 """TensorRT engines (``.plan``) built on the GPU that will run them, with NVIDIA's Python builder API.
 
-* an optimisation profile for the batch axis (1 .. ``max_batch``, tuned for ``opt_batch``), crop size fixed;
+* an optimisation profile for the batch axis (1 .. ``max_batch``, tuned for ``opt_batch``: by default the batch the
+  engine sends this model on a GPU, :func:`scdino.batches.plan_batches`), crop size fixed; the profile the built plan
+  reports is recorded in the sidecar;
 * a timing cache beside the plan (``.timing.cache``) so that rebuilding on the same GPU is fast;
 * ``fp16`` from an ``--precision fp16`` export: a *strongly typed* network (TensorRT >= 10), so the graph's own types
   are obeyed (its preprocessing and LayerNorm are fp32 by construction); weak typing would take the graph's casts as
@@ -13,10 +15,11 @@
   (:func:`scdino.export.quantize.quantize`, static; without ``--calibration`` the packaged neocortex crops are used,
   with a loud warning and a note in the sidecar), then built with INT8 *and* FP16 allowed (TensorRT 10), so layers
   without Q/DQ run in fp16 rather than fp32, pinned as for fp16;
-* the precision recorded in the sidecar is the one TensorRT's engine inspector reports for the built plan's layers,
-  not the one asked for;
+* the precision recorded in the sidecar is the one TensorRT's engine inspector reports for the built plan's layers
+  that compute, read the same way on TensorRT 10 and 11 (:func:`scdino.export.tensorrt_plan.read_precision`, whose
+  rule is in its docstring), not the one asked for; the sidecar says what was read from where;
 * TensorRT has no uint16 tensors: a uint16 graph input becomes int32 (crops are widened on the host, still far
-  smaller than the float model input);
+  smaller than the float model input); the sidecar records the input and output as the built plan declares them;
 * the sidecar records the GPU name, compute capability and TensorRT version;
   :func:`scdino.models.plan.check_plan` refuses a plan built elsewhere, with the command to rebuild it here.
 """
@@ -25,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -34,8 +36,10 @@ from pathlib import Path
 import numpy as np
 
 from scdino._optional import require
-from scdino.batches import DEFAULT_BATCH_SIZE, MAX_BATCH
+from scdino.batches import MAX_BATCH, plan_batches
 from scdino.errors import ConfigError, ScdinoError
+from scdino.export.tensorrt_plan import RULE, PlanIO, PrecisionReport, check_plan_io, inspect_engine, plan_io
+from scdino.models.card import describe_model
 from scdino.models.plan import gpu_identity
 from scdino.models.sidecar import read_sidecar, write_sidecar
 from scdino.outputs import claim_file
@@ -95,11 +99,14 @@ def build_engine(
     int8: bool = False,
     calibration: np.ndarray | None = None,
     max_batch: int = MAX_BATCH,
-    opt_batch: int = DEFAULT_BATCH_SIZE,
+    opt_batch: int | None = None,
     workspace_gb: float = 4.0,
     timing_cache: str | None = None,
 ) -> dict:
-    """Build a TensorRT plan from an exported ONNX model. Returns the plan's sidecar."""
+    """Build a TensorRT plan from an exported ONNX model. Returns the plan's sidecar.
+
+    ``opt_batch`` None tunes the plan for the batch ``scdino-engine run`` sends this model on a GPU
+    (:func:`scdino.batches.plan_batches`); the engine's TensorRT backend sends batches of the plan's opt size."""
     trt = require("tensorrt")
     meta = read_sidecar(onnx_path)
     gpu = gpu_identity()
@@ -112,12 +119,13 @@ def build_engine(
         plan = build_plan(trt, meta["precision"], fp16, int8)
     except ConfigError as exc:
         raise ConfigError(f"{onnx_path}: {exc}") from exc
+    card = describe_model(str(onnx_path))
+    batches = plan_batches(card.tokens, opt_batch, max_batch)
     if int8 and calibration is None:
         log.warning(
             "int8 without --calibration: the activation ranges come from 48 packaged neocortex nucleus crops, not "
             "from your plate; accuracy on other images may suffer. Pass --calibration crops.npy cut from your plate"
         )
-    max_batch, opt_batch = int(max_batch), int(min(opt_batch, max_batch))
     out = claim_file(out, inputs=[onnx_path])
     t0 = time.perf_counter()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -126,25 +134,34 @@ def build_engine(
         src = _int8_source(onnx_path, meta, calibration, tmp) if int8 else str(onnx_path)
         widened = os.path.join(tmp, "input.onnx")
         _widen_uint16_input(src, widened)
-        shapes = (meta["in_chans"], meta["crop_size"], opt_batch, max_batch)
+        shapes = (meta["in_chans"], meta["crop_size"], batches)
         serialized = _serialize(trt, logger, widened, onnx_path, plan, shapes, workspace_gb, cache_path)
         tmp_plan = out.with_name(out.name + ".partial")
         tmp_plan.write_bytes(memoryview(serialized))
         os.replace(tmp_plan, out)
     asked = "int8" if int8 else "fp16" if fp16 or meta["precision"] == "fp16" else "fp32"
-    layers = inspect_precisions(trt, logger, bytes(memoryview(serialized)))
+    io, report = _read_back(trt, logger, serialized, out, meta, onnx_path)
     pmeta = {
         **meta,
-        "precision": dominant_precision(layers) or asked,
+        "precision": (report and report.precision) or asked,
         "source_onnx": str(onnx_path),
-        "input_dtype": "int32" if meta["dtype"] == "uint16" else meta["dtype"],
+        "input_dtype": io.input_dtype,
         "tensorrt": {
             "version": trt.__version__,
             **gpu,
-            "max_batch": max_batch,
-            "opt_batch": opt_batch,
+            "max_batch": io.batches[2],
+            "opt_batch": io.batches[1],
+            "profile": {
+                "min": io.batches[0],
+                "opt": io.batches[1],
+                "max": io.batches[2],
+                "opt_from": "--opt-batch" if opt_batch is not None else f"gpu_batch_size({card.tokens} tokens)",
+            },
+            "io": io.to_dict(),
             "asked": asked,
-            "layer_precisions": layers,
+            "precision_from": "engine inspector" if report and report.precision else "asked",
+            "layer_precisions": report.layers if report else None,
+            "precision_report": {**report.to_dict(), "rule": RULE} if report else None,
             "strongly_typed": plan.strongly_typed,
             "flags": list(plan.flags),
             "calibration": ("given crops" if calibration is not None else "packaged neocortex crops") if int8 else None,
@@ -156,10 +173,39 @@ def build_engine(
     return pmeta
 
 
+def _read_back(trt, logger, serialized, out: Path, meta: dict, onnx_path) -> tuple[PlanIO, PrecisionReport | None]:
+    """The built plan as it declares itself: its tensors and profile (checked against the export's sidecar) and the
+    precision its layers report."""
+    runtime = trt.Runtime(logger)  # must outlive the engine
+    engine = runtime.deserialize_cuda_engine(bytes(memoryview(serialized)))
+    if engine is None:
+        raise ScdinoError(f"{out}: TensorRT cannot load the plan it has just built (see the TensorRT log above)")
+    io = plan_io(trt, engine, str(out))
+    check_plan_io(io, expected_io(meta), str(out), str(onnx_path))
+    report = inspect_engine(trt, engine)
+    del engine  # before its runtime
+    return io, report
+
+
+def expected_io(meta: dict) -> dict:
+    """What a plan built from the export of sidecar ``meta`` must declare (see
+    :func:`scdino.export.tensorrt_plan.check_plan_io`): its graph's input and output names, channels, crop size and
+    embedding width."""
+    graph = meta.get("graph") or {}
+    ins, outs = graph.get("inputs") or [{}], graph.get("outputs") or [{}]
+    return {
+        "input": ins[0].get("name", "crops"),
+        "output": outs[0].get("name", "cls"),
+        "channels": int(meta["in_chans"]),
+        "crop_size": int(meta["crop_size"]),
+        "width": int(meta["embed_dim"]),
+    }
+
+
 def _serialize(trt, logger, widened: str, onnx_path, plan: BuildPlan, shapes: tuple, workspace_gb: float, cache_path):
-    """The serialized engine of the graph at ``widened``: parsed, built with ``plan``'s flags for batches 1 ..
-    max_batch of (channels, crop size) in ``shapes`` (tuned for opt_batch), the timing cache read and written back."""
-    c, s, opt_batch, max_batch = shapes
+    """The serialized engine of the graph at ``widened``: parsed, built with ``plan``'s flags for (channels, crop
+    size, (min, opt, max) batch) in ``shapes``, the timing cache read and written back."""
+    c, s, (min_batch, opt_batch, max_batch) = shapes
     builder = trt.Builder(logger)
     creation = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0
     network = builder.create_network(creation)
@@ -183,7 +229,7 @@ def _serialize(trt, logger, widened: str, onnx_path, plan: BuildPlan, shapes: tu
         log.info("%d layers pinned to fp32 (preprocessing and normalisation)", pinned)
     profile = builder.create_optimization_profile()
     inp = network.get_input(0)
-    profile.set_shape(inp.name, (1, c, s, s), (opt_batch, c, s, s), (max_batch, c, s, s))
+    profile.set_shape(inp.name, (min_batch, c, s, s), (opt_batch, c, s, s), (max_batch, c, s, s))
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -226,49 +272,3 @@ def pin_sensitive_layers(trt, network) -> int:
             layer.set_output_type(j, trt.float32)
         pinned += 1
     return pinned
-
-
-def inspect_precisions(trt, logger, plan: bytes) -> dict[str, int] | None:
-    """How many of the built engine's layers compute in each precision, as TensorRT's engine inspector reports it
-    (None where this TensorRT has no inspector)."""
-    import json
-
-    try:
-        runtime = trt.Runtime(logger)
-        engine = runtime.deserialize_cuda_engine(plan)
-        info = json.loads(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
-    except Exception as exc:  # an older TensorRT, or no detailed profiling
-        log.warning("TensorRT's engine inspector gave nothing (%s); the sidecar records the precision asked for", exc)
-        return None
-    return count_layer_precisions(info.get("Layers", []))
-
-
-def count_layer_precisions(layers: list) -> dict[str, int]:
-    """Layer counts by output precision from the inspector's JSON layers (``Outputs[].Format/Datatype``)."""
-    counts = {"fp32": 0, "fp16": 0, "int8": 0, "other": 0}
-    for layer in layers:
-        if not isinstance(layer, dict):
-            continue
-        fmt = " ".join(str(o.get("Format/Datatype", "")) for o in layer.get("Outputs", []) if isinstance(o, dict))
-        words = set(re.findall(r"[A-Z0-9]+", fmt.upper()))  # whole words: UINT8 is not INT8
-        key = (
-            "int8"
-            if "INT8" in words
-            else "fp16"
-            if words & {"FP16", "HALF"}
-            else "fp32"
-            if words & {"FP32", "FLOAT", "KFLOAT"}
-            else "other"
-        )
-        counts[key] += 1
-    return counts
-
-
-def dominant_precision(counts: dict[str, int] | None) -> str | None:
-    """The lowest precision that most compute layers run in: int8 if any layer is int8, else fp16 if at least as many
-    layers are fp16 as fp32, else fp32 (None when unknown)."""
-    if not counts or not (counts["fp32"] + counts["fp16"] + counts["int8"]):
-        return None
-    if counts["int8"]:
-        return "int8"
-    return "fp16" if counts["fp16"] >= counts["fp32"] else "fp32"

@@ -198,3 +198,12 @@ def test_attention_figure_shows_each_channel_on_one_scale_for_all_cells(tmp_path
         crops, att / att.sum(axis=(2, 3), keepdims=True), list("abcd"), ["DNA", "BF"], str(tmp_path / "a.png")
     )
     assert is_scdino_png(tmp_path / "a.png") and os.path.getsize(tmp_path / "a.png") > 5000
+
+
+def test_umap_on_cuda_without_cuml_names_the_cuda_13_package(monkeypatch):
+    from scdino.engine import umap
+    from scdino.errors import ConfigError
+
+    monkeypatch.setattr(umap, "_cuml_usable", lambda: False)
+    with pytest.raises(ConfigError, match="needs cuML and a GPU: .*cuml-cu13 \\(CUDA 13\\)"):
+        umap.fit_umap(np.zeros((4, 2), np.float32), PRESETS[next(iter(PRESETS))], device="cuda")

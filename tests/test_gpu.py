@@ -51,6 +51,25 @@ def test_onnxruntime_cuda_matches_cpu(scratch_plate, tmp_path):
     assert _cos(cpu, gpu).min() >= 0.999
 
 
+def test_onnxruntime_cuda_io_binding_matches_the_cpu_path(tmp_path):
+    """The CUDA path (raw crops bound on the device, one copy back per block) against the CPU path on the same crops,
+    in blocks that are not whole batches."""
+    from scdino.engine.backends.base import BackendSpec
+    from scdino.engine.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from scdino.models import describe_model
+
+    m = tmp_path / "m.onnx"
+    export_onnx("random:vit_small16", m, channels=("H3342", "oblique"), crop_size=32, input_size=112)
+    card = describe_model(str(m), n_channels=2)
+    rng = np.random.default_rng(0)
+    blocks = [rng.integers(0, 4000, size=(n, 2, 32, 32)).astype(np.uint16) for n in (37, 5)]
+    cpu = OnnxRuntimeBackend(BackendSpec(card=card, n_channels=2, kind="onnxruntime", device="cpu", batch_size=16))
+    gpu = OnnxRuntimeBackend(BackendSpec(card=card, n_channels=2, kind="onnxruntime", device="cuda", batch_size=16))
+    assert gpu.info["io_binding"] and "CUDAExecutionProvider" in gpu.info["providers"]
+    for crops in blocks:
+        assert _cos(cpu.infer(crops), gpu.infer(crops)).min() >= 0.999
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_tensorrt_plan_matches_onnxruntime(scratch_plate, tmp_path, precision):
     import tensorrt as trt  # scdino[trt]; requested explicitly with -m gpu, so a missing install fails

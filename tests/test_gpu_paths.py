@@ -4,12 +4,13 @@ layers for the build's precision choices, and the device/backends choices of tra
 
 import sys
 import threading
-import time
 import types
 
+import fake_tensorrt
 import numpy as np
 import pytest
 import torch
+from fake_tensorrt import FakeContext, HostMemory, expected, write_plan
 
 from scdino.engine import backends
 from scdino.engine.backends.base import BackendSpec
@@ -19,106 +20,11 @@ from scdino.preprocess import Preprocessing
 
 # --------------------------------------------------------------------------------------------- a stand-in TensorRT
 
-_TENSORS: dict[int, torch.Tensor] = {}
 
-
-class HostMemory:
-    """The backend's device operations on host tensors: streams and events that are no-ops."""
-
-    class _Stream:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            return False
-
-    class _Event:
-        def record(self, stream):
-            pass
-
-        def synchronize(self):
-            pass
-
-    def stream(self):
-        return self._Stream()
-
-    def event(self):
-        return self._Event()
-
-    def use(self, stream):
-        return stream
-
-    def _keep(self, t):
-        _TENSORS[t.data_ptr()] = t
-        return t
-
-    def pinned(self, shape, dtype):
-        return self._keep(torch.zeros(shape, dtype=dtype))
-
-    def device(self, shape, dtype):
-        return self._keep(torch.zeros(shape, dtype=dtype))
-
-    def handle(self, stream):
-        return 0
-
-
-class FakeContext:
-    """Runs "the model" (each crop's per-channel pixel sums, tiled to the embedding) after a delay, reading its input
-    when it runs, as a GPU would: a caller that overwrote the buffer meanwhile gets the other caller's rows."""
-
-    skip_rows = 0
-    fail_on_call = 0  # the n-th execution (1-based) fails; 0: never
-    calls = 0
-
-    def __init__(self, dim):
-        self.dim, self.shape, self.addr = dim, None, {}
-
-    def set_input_shape(self, name, shape):
-        self.shape = shape
-        return True
-
-    def set_tensor_address(self, name, ptr):
-        self.addr[name] = _TENSORS[ptr]
-
-    def execute_async_v3(self, stream):
-        FakeContext.calls += 1
-        if FakeContext.calls == FakeContext.fail_on_call:
-            return False
-        time.sleep(0.002)
-        n = self.shape[0]
-        x = self.addr["crops"][:n].double().sum(dim=(2, 3))
-        y = x.repeat(1, self.dim // x.shape[1]).float()
-        self.addr["cls"][: n - FakeContext.skip_rows] = y[: n - FakeContext.skip_rows]
-        return True
-
-
-def fake_tensorrt(dim):
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = "10.9.0"
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, level):
-            pass
-
-    class Engine:
-        def create_execution_context(self):
-            return FakeContext(dim)
-
-    class Runtime:
-        def __init__(self, logger):
-            pass
-
-        def deserialize_cuda_engine(self, data):
-            return Engine()
-
-    trt.Logger, trt.Runtime = Logger, Runtime
-    return trt
-
-
-def plan_spec(tmp_path, batch=4, dim=6):
-    (tmp_path / "m.plan").write_bytes(b"plan")
+def plan_spec(tmp_path, batch=4, dim=6, **plan):
+    """A stand-in plan (tests/fake_tensorrt.py) of 2 channels, 8 px crops, ``dim`` wide, tuned for ``batch``, and the
+    backend spec of its card."""
+    write_plan(tmp_path / "m.plan", width=dim, batches=(1, batch, 256), **plan)
     card = ModelCard(
         spec=str(tmp_path / "m.plan"),
         format="plan",
@@ -138,15 +44,10 @@ def plan_spec(tmp_path, batch=4, dim=6):
     return BackendSpec(card=card, n_channels=2, kind="tensorrt", device="cuda", batch_size=batch)
 
 
-def expected(crops, dim):
-    x = crops.astype(np.float64).sum(axis=(2, 3))
-    return np.tile(x, (1, dim // x.shape[1])).astype(np.float32)
-
-
 def test_tensorrt_backend_serves_one_thread_at_a_time(tmp_path, monkeypatch):
     from scdino.engine.backends.tensorrt_backend import TensorRTBackend
 
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(6))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt.make())
     backend = TensorRTBackend(plan_spec(tmp_path), memory=HostMemory())
     rng = np.random.default_rng(0)
     blocks = [rng.integers(0, 60000, size=(37, 2, 8, 8)).astype(np.uint16) for _ in range(2)]
@@ -173,7 +74,7 @@ def test_tensorrt_backend_serves_one_thread_at_a_time(tmp_path, monkeypatch):
 def test_tensorrt_rows_not_written_are_an_error_not_garbage(tmp_path, monkeypatch):
     from scdino.engine.backends.tensorrt_backend import TensorRTBackend
 
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(6))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt.make())
     backend = TensorRTBackend(plan_spec(tmp_path), memory=HostMemory())
     crops = np.ones((9, 2, 8, 8), np.uint16)
     np.testing.assert_allclose(backend.infer(crops), expected(crops, 6))
@@ -186,7 +87,7 @@ def test_tensorrt_rows_not_written_are_an_error_not_garbage(tmp_path, monkeypatc
 def test_a_failed_batch_leaves_no_batch_in_flight(tmp_path, monkeypatch):
     from scdino.engine.backends.tensorrt_backend import TensorRTBackend
 
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(6))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt.make())
     backend = TensorRTBackend(plan_spec(tmp_path), memory=HostMemory())
     monkeypatch.setattr(FakeContext, "calls", 0)
     monkeypatch.setattr(FakeContext, "fail_on_call", 2)  # the second batch fails while the first is in flight
@@ -308,22 +209,6 @@ def test_pinning_follows_output_types_before_the_patch_embedding_and_only_norms_
     pinned = [la.name for la in layers if la.precision == "f32"]
     assert pinned == ["cast crops", "Where(span > 0, 1/span, 0)", "resize", "layernorm"]
     assert all(la.pinned_outputs == [(0, "f32")] for la in layers if la.precision == "f32")
-
-
-def test_the_sidecar_precision_is_what_the_inspector_reports():
-    from scdino.export.tensorrt_build import count_layer_precisions, dominant_precision
-
-    layers = [
-        {"Name": "conv", "Outputs": [{"Format/Datatype": "Half format, channel-last"}]},
-        {"Name": "ln", "Outputs": [{"Format/Datatype": "Row major linear FP32 format (kFLOAT)"}]},
-        {"Name": "mm", "Outputs": [{"Format/Datatype": "Half format"}]},
-    ]
-    counts = count_layer_precisions(layers)
-    assert (counts["fp16"], counts["fp32"], counts["int8"]) == (2, 1, 0)
-    assert dominant_precision(count_layer_precisions(layers)) == "fp16"
-    assert dominant_precision({"fp32": 9, "fp16": 1, "int8": 0, "other": 0}) == "fp32"  # asked fp16, ran fp32
-    assert dominant_precision({"fp32": 9, "fp16": 5, "int8": 3, "other": 0}) == "int8"
-    assert dominant_precision(None) is None
 
 
 # ------------------------------------------------------------------------------------------ device choices
@@ -463,10 +348,3 @@ def test_the_device_check_runs_its_cpu_sections_here(tmp_path):
         }
     # the JSON file holds the same checks as the lines printed, in the script's order
     assert [r["check"] for r in json.loads((tmp_path / "g.json").read_text())["results"]] == list(by)[1:]
-
-
-def test_uint8_layers_are_not_counted_as_int8():
-    from scdino.export.tensorrt_build import count_layer_precisions
-
-    layers = [{"Outputs": [{"Format/Datatype": "Row major linear UInt8 format"}]}]
-    assert count_layer_precisions(layers)["int8"] == 0

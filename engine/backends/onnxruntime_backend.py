@@ -1,8 +1,13 @@
 """ONNX Runtime backend for models exported by ``scdino-export onnx`` (preprocessing is inside the graph).
 
-CPU: intra-op threads = the worker's share of the cores, one inter-op thread, full graph optimisation.
-CUDA / TensorRT execution providers when ``onnxruntime-gpu`` is installed and ``--device cuda``; a session that
-silently fell back to the CPU is an error, not a slow surprise.
+CPU: intra-op threads = the worker's share of the cores, one inter-op thread, full graph optimisation; each batch is
+one ``session.run`` on numpy arrays.
+
+CUDA (``onnxruntime-gpu`` and ``--device cuda``): the feeding of the other GPU backends. A block's raw crops (the
+plate's dtype, as the exported graph takes them) are copied to the GPU once, each batch's input is bound to its rows
+there and its output to its rows of one device buffer for the block (IO binding), and the block's embeddings are
+copied back once, so that ONNX Runtime neither allocates nor copies per ``run``. A session that silently fell back to
+the CPU is an error, not a slow surprise.
 """
 
 from __future__ import annotations
@@ -50,6 +55,16 @@ def import_ort():
 
 _CUDA_WORKS: bool | None = None
 
+#: the CUDA device a session and its bound buffers use: each worker sees its own GPU as device 0
+#: (scdino.engine.cluster pins one GPU per worker)
+DEVICE_ID = 0
+
+#: what the CUDA provider needs, for the messages when it does not load
+CUDA_LIBRARIES = (
+    "CUDA 13 and cuDNN 9 (pip install 'nvidia-cuda-runtime>=13' 'nvidia-cublas>=13' nvidia-cufft nvidia-curand "
+    "nvidia-cudnn-cu13, then onnxruntime.preload_dlls() finds them; or a CUDA 13 image)"
+)
+
 #: run in a child process: a one-node model made with onnx's helpers in a CUDA session; prints the providers it got
 _PROBE = """
 import json, onnxruntime as ort
@@ -95,8 +110,9 @@ def cuda_works() -> bool:
     _CUDA_WORKS = "CUDAExecutionProvider" in got
     if not _CUDA_WORKS:
         log.warning(
-            "ONNX Runtime lists the CUDA provider but a session falls back to the CPU: the CUDA libraries it needs "
-            "(CUDA 12, cuDNN 9) are not found. --device auto uses the CPU; install them to use the GPU"
+            "ONNX Runtime lists the CUDA provider but a session falls back to the CPU: the CUDA libraries it needs, "
+            "%s, are not found. --device auto uses the CPU; install them to use the GPU",
+            CUDA_LIBRARIES,
         )
     return _CUDA_WORKS
 
@@ -111,8 +127,7 @@ def providers_for(device: str) -> list[str]:
                 f"Run: pip uninstall -y onnxruntime, then {pip_extra('gpu')}"
             )
         # not the TensorRT provider: without an engine cache it rebuilds per batch shape; use scdino-export tensorrt.
-        # device 0: each worker sees its own GPU as device 0 (scdino.engine.cluster pins one GPU per worker)
-        return [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+        return [("CUDAExecutionProvider", {"device_id": DEVICE_ID}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
@@ -159,13 +174,15 @@ class OnnxRuntimeBackend:
         got = self.session.get_providers()
         if spec.device == "cuda" and "CUDAExecutionProvider" not in got and "TensorrtExecutionProvider" not in got:
             raise ConfigError(
-                f"ONNX Runtime fell back to the CPU ({', '.join(got)}): the CUDA libraries it needs (CUDA 12, cuDNN 9) "
-                "were not found. Install them or run with --device cpu"
+                f"{spec.model}: ONNX Runtime fell back to the CPU ({', '.join(got)}): the CUDA libraries it needs, "
+                f"{CUDA_LIBRARIES}, were not found. Install them or run with --device cpu"
             )
         if card.precision == "int8" and spec.device == "cpu":
             warn_int8_form(spec.model)
         self.dtype = np.dtype(card.dtype)
         self.embed_dim = card.embed_dim
+        #: CUDA: OrtValue, to put a block's crops and embeddings on the device
+        self.ortvalue = ort.OrtValue if spec.device == "cuda" else None
         self.info = {
             "backend": "onnxruntime",
             "device": spec.device,
@@ -173,6 +190,7 @@ class OnnxRuntimeBackend:
             "onnxruntime": ort.__version__,
             "precision": card.precision,
             "threads": spec.threads,
+            **({"io_binding": True} if spec.device == "cuda" else {}),
         }
 
     def _cast(self, crops: np.ndarray) -> np.ndarray:
@@ -188,11 +206,31 @@ class OnnxRuntimeBackend:
     def infer(self, crops: np.ndarray) -> np.ndarray:
         check_crops(crops, self.spec.n_channels)
         x = self._cast(np.ascontiguousarray(crops))
+        if self.ortvalue is not None:
+            return self._infer_bound(x)
         bs = self.spec.batch_size
         out = np.empty((len(x), self.embed_dim), np.float32)
         for i in range(0, len(x), bs):
             out[i : i + bs] = self.session.run(["cls"], {"crops": x[i : i + bs]})[0]
         return out
+
+    def _infer_bound(self, x: np.ndarray) -> np.ndarray:
+        """CUDA: the block's crops copied to the device once, each batch bound to its rows of them and of one device
+        output, the embeddings copied back once. A binding and buffers per call: threads sharing the backend (a
+        worker's) never share them."""
+        n, bs, dim = len(x), self.spec.batch_size, self.embed_dim
+        crops = self.ortvalue.ortvalue_from_numpy(x, "cuda", DEVICE_ID)
+        out = self.ortvalue.ortvalue_from_shape_and_type([n, dim], np.float32, "cuda", DEVICE_ID)
+        crop_bytes, row_bytes = x[0].nbytes, dim * np.dtype(np.float32).itemsize
+        binding = self.session.io_binding()
+        for i in range(0, n, bs):
+            m = min(bs, n - i)
+            binding.bind_input(
+                "crops", "cuda", DEVICE_ID, x.dtype.type, [m, *x.shape[1:]], crops.data_ptr() + i * crop_bytes
+            )
+            binding.bind_output("cls", "cuda", DEVICE_ID, np.float32, [m, dim], out.data_ptr() + i * row_bytes)
+            self.session.run_with_iobinding(binding)
+        return out.numpy()
 
     def close(self) -> None:
         del self.session

@@ -58,6 +58,10 @@ class PlanInfo:
     compute_capability: str
     max_batch: int
     input_dtype: str
+    #: the names of the graph's input and output the plan was built from (the sidecar's ``graph``); the TensorRT
+    #: backend refuses a plan whose own tensors are named otherwise
+    input_name: str = "crops"
+    output_name: str = "cls"
 
 
 @dataclass(frozen=True)
@@ -230,6 +234,16 @@ def check_onnx_file(path: str) -> None:
         ) from exc
 
 
+def _graph_names(meta: dict) -> dict[str, str]:
+    """The input and output names an export's sidecar records (``graph``), where it records them."""
+    graph = meta.get("graph") or {}
+    ins, outs = graph.get("inputs") or [], graph.get("outputs") or []
+    return {
+        **({"input_name": str(ins[0]["name"])} if ins and ins[0].get("name") else {}),
+        **({"output_name": str(outs[0]["name"])} if outs and outs[0].get("name") else {}),
+    }
+
+
 def _exported_card(
     spec: str,
     fmt: str,
@@ -259,6 +273,7 @@ def _exported_card(
             compute_capability=str(trt.get("compute_capability")),
             max_batch=int(trt["max_batch"]),
             input_dtype=str(meta["input_dtype"]),
+            **_graph_names(meta),
         )
     return ModelCard(
         spec=spec,
