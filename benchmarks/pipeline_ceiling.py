@@ -134,9 +134,29 @@ def raw_rate(plate: str, threads: int) -> tuple[float, int]:
         os.sched_setaffinity(0, before)
 
 
-def null_run(plate: str, out: Path, threads: int, chunk: int, wells: list[str] | None = None) -> dict:
+def tree_memory(proc) -> tuple[int, int]:
+    """(proportional set size, resident set size) summed over ``proc`` and its children, in bytes. PSS counts a page
+    shared by n processes as 1/n in each (feeder processes are forked: they share the pages of the worker they came
+    from, which RSS would count once per process); RSS where PSS cannot be read."""
+    import psutil
+
+    pss = rss = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            info = p.memory_full_info()
+            pss += getattr(info, "pss", info.rss)
+            rss += info.rss
+        except psutil.Error:
+            pass
+    return pss, rss
+
+
+def null_run(
+    plate: str, out: Path, threads: int, chunk: int, wells: list[str] | None = None, extra: Sequence[str] = ()
+) -> dict:
     """The whole command with the null backend on the first ``threads`` cores; its wall time and peak memory (the
-    largest resident set of the command and its children, sampled every 0.1 s)."""
+    largest proportional set size of the command and its children, sampled every 0.1 s; the largest resident set
+    beside it)."""
     import psutil
 
     cmd = [
@@ -146,6 +166,7 @@ def null_run(plate: str, out: Path, threads: int, chunk: int, wells: list[str] |
     ]  # fmt: skip
     if wells:
         cmd += ["--wells", ",".join(wells)]
+    cmd += list(extra)
     env = {**os.environ, "SCDINO_NULL_BACKEND": "1", "OMP_NUM_THREADS": str(threads)}
     cores = _cores(threads)
     t = time.perf_counter()
@@ -153,10 +174,12 @@ def null_run(plate: str, out: Path, threads: int, chunk: int, wells: list[str] |
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: os.sched_setaffinity(0, cores),
     )  # fmt: skip
-    peak, ps = 0, psutil.Process(proc.pid)
+    peak = peak_rss = 0
+    ps = psutil.Process(proc.pid)
     while proc.poll() is None:
         try:
-            peak = max(peak, sum(p.memory_info().rss for p in [ps, *ps.children(recursive=True)]))
+            pss, rss = tree_memory(ps)
+            peak, peak_rss = max(peak, pss), max(peak_rss, rss)
         except psutil.Error:
             pass
         time.sleep(0.1)
@@ -172,7 +195,13 @@ def null_run(plate: str, out: Path, threads: int, chunk: int, wells: list[str] |
     timing = {
         k: float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v for k, v in uns["timing"].items()
     }
-    return {"wall_s": wall, "n_cells": int(a.n_obs), "timing": timing, "peak_rss_mb": peak / 2**20}
+    return {
+        "wall_s": wall,
+        "n_cells": int(a.n_obs),
+        "timing": timing,
+        "peak_pss_mb": peak / 2**20,
+        "peak_rss_mb": peak_rss / 2**20,
+    }
 
 
 def _wells(plate: str) -> list[str]:
@@ -187,9 +216,10 @@ def scale(plate: str, tmp: Path, sizes: list[int], per_field: int, threads: int,
     for n in sizes:
         use = wells[: max(1, n // per_field)]
         r = null_run(plate, tmp / f"scale{n}.zarr", threads, chunk, use)
-        rows.append({"cells": r["n_cells"], "wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"], **r["timing"]})
+        rows.append({"cells": r["n_cells"], "wall_s": r["wall_s"], "peak_pss_mb": r["peak_pss_mb"],
+                     "peak_rss_mb": r["peak_rss_mb"], **r["timing"]})  # fmt: skip
         print(f"  {r['n_cells']} cells: {r['wall_s']:.1f} s, {r['n_cells'] / r['wall_s']:.0f} cells/s, "
-              f"peak {r['peak_rss_mb']:.0f} MB", flush=True)  # fmt: skip
+              f"peak {r['peak_pss_mb']:.0f} MB (PSS; RSS summed {r['peak_rss_mb']:.0f})", flush=True)  # fmt: skip
         shutil.rmtree(tmp / f"scale{n}.zarr", ignore_errors=True)
     return rows
 
@@ -200,6 +230,7 @@ def main() -> None:
     ap.add_argument("--field", type=int, default=2048)
     ap.add_argument("--threads", default=f"1,2,{len(os.sched_getaffinity(0))}", help="cores to run on, each in turn")
     ap.add_argument("--chunk-cells", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=1, help="raw and null runs alternated this many times (medians)")
     ap.add_argument("--sizes", help="instead: null runs of these many cells (e.g. 10000,100000,1000000) on all cores")
     ap.add_argument("--out", default="benchmarks/results/pipeline_ceiling.json")
     args = ap.parse_args()
@@ -218,7 +249,7 @@ def main() -> None:
             write_results(args.out, {**res, "results": rows})
         else:
             rows = [
-                _ceiling_row(plate, tmp, n, th, args.chunk_cells)
+                _ceiling_row(plate, tmp, n, th, args.chunk_cells, args.repeats)
                 for th in sorted(set(map(int, args.threads.split(","))))
             ]
             print(f"\n{n} cells, {args.field} px fields, blocks of {args.chunk_cells}, {os.cpu_count()} cores\n")
@@ -230,44 +261,61 @@ def main() -> None:
     print(f"\nwrote {args.out}")
 
 
-def _ceiling_row(plate: str, tmp: Path, n: int, th: int, chunk: int) -> dict:
-    raw_s, raw_n = raw_rate(plate, th)
-    r = null_run(plate, tmp / f"null{th}.zarr", th, chunk)
-    assert raw_n == r["n_cells"] == n, (raw_n, r["n_cells"], n)
-    embed_s = r["timing"]["embed_seconds"]
-    row = {
-        "threads": th,
-        "raw_decode_cut_cells_per_s": n / raw_s,
-        "null_run_cells_per_s": n / r["wall_s"],
-        "null_embed_phase_cells_per_s": n / embed_s,
-        "null_run_over_raw": (n / r["wall_s"]) / (n / raw_s),
-        "embed_phase_over_raw": (n / embed_s) / (n / raw_s),
-        "peak_rss_mb": r["peak_rss_mb"],
-        "timing": r["timing"],
-    }
-    print(f"  {th} core(s): raw {n / raw_s:.0f} c/s, null run {n / r['wall_s']:.0f} c/s "
-          f"(embed phase {n / embed_s:.0f})", flush=True)  # fmt: skip
+def _ceiling_row(plate: str, tmp: Path, n: int, th: int, chunk: int, repeats: int) -> dict:
+    """Raw decode-and-cut, the null run with its default feeders and with ``--feeders 0``, alternated ``repeats``
+    times on the first ``th`` cores; medians."""
+    runs: dict[str, list] = {"raw": [], "feeders": [], "no_feeders": []}
+    for _ in range(repeats):
+        raw_s, raw_n = raw_rate(plate, th)
+        runs["raw"].append(raw_s)
+        for name, extra in (("feeders", ()), ("no_feeders", ("--feeders", "0"))):
+            r = null_run(plate, tmp / f"null{th}.zarr", th, chunk, extra=extra)
+            assert raw_n == r["n_cells"] == n, (raw_n, r["n_cells"], n)
+            runs[name].append(r)
+            shutil.rmtree(tmp / f"null{th}.zarr", ignore_errors=True)
+    raw_s = float(np.median(runs["raw"]))
+    row = {"threads": th, "raw_decode_cut_cells_per_s": n / raw_s, "raw_s": runs["raw"]}
+    for name in ("feeders", "no_feeders"):
+        wall = float(np.median([r["wall_s"] for r in runs[name]]))
+        embed = float(np.median([r["timing"]["embed_seconds"] for r in runs[name]]))
+        row[name] = {
+            "null_run_cells_per_s": n / wall,
+            "null_embed_phase_cells_per_s": n / embed,
+            "null_run_over_raw": raw_s / wall,
+            "embed_phase_over_raw": raw_s / embed,
+            "peak_pss_mb": float(np.median([r["peak_pss_mb"] for r in runs[name]])),
+            "peak_rss_mb": float(np.median([r["peak_rss_mb"] for r in runs[name]])),
+            "runs": runs[name],
+        }
+    f, z = row["feeders"], row["no_feeders"]
+    print(f"  {th} core(s): raw {n / raw_s:.0f} c/s; null run {f['null_run_cells_per_s']:.0f} c/s (embed phase "
+          f"{f['null_embed_phase_cells_per_s']:.0f}); --feeders 0: {z['null_run_cells_per_s']:.0f} "
+          f"({z['null_embed_phase_cells_per_s']:.0f})", flush=True)  # fmt: skip
     return row
 
 
 def _ceiling_table(rows: list[dict]) -> None:
     print(
-        "| cores | raw decode + cut, cells/s | null-backend run, cells/s | its stream phase | run / raw | phase / raw |"
+        "| cores | raw decode + cut, cells/s | null-backend run, cells/s | its stream phase | run / raw | phase / raw "
+        "| peak memory (PSS) MB | --feeders 0: run, cells/s | its stream phase | run / raw | phase / raw |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        f, z = r["feeders"], r["no_feeders"]
         print(
-            f"| {r['threads']} | {r['raw_decode_cut_cells_per_s']:.0f} | {r['null_run_cells_per_s']:.0f} | "
-            f"{r['null_embed_phase_cells_per_s']:.0f} | {r['null_run_over_raw']:.2f} | {r['embed_phase_over_raw']:.2f} |"
+            f"| {r['threads']} | {r['raw_decode_cut_cells_per_s']:.0f} | {f['null_run_cells_per_s']:.0f} | "
+            f"{f['null_embed_phase_cells_per_s']:.0f} | {f['null_run_over_raw']:.2f} | {f['embed_phase_over_raw']:.2f} "
+            f"| {f['peak_pss_mb']:.0f} | {z['null_run_cells_per_s']:.0f} | {z['null_embed_phase_cells_per_s']:.0f} | "
+            f"{z['null_run_over_raw']:.2f} | {z['embed_phase_over_raw']:.2f} |"
         )
 
 
 def _scale_table(rows: list[dict]) -> None:
-    print("\n| cells | wall s | cells/s | s per 1k cells | peak memory MB |")
-    print("|---|---|---|---|---|")
+    print("\n| cells | wall s | cells/s | s per 1k cells | peak memory (PSS) MB | peak RSS summed MB |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['cells']} | {r['wall_s']:.1f} | {r['cells'] / r['wall_s']:.0f} | "
-              f"{1000 * r['wall_s'] / r['cells']:.3f} | {r['peak_rss_mb']:.0f} |")  # fmt: skip
+              f"{1000 * r['wall_s'] / r['cells']:.3f} | {r['peak_pss_mb']:.0f} | {r['peak_rss_mb']:.0f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

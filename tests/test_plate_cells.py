@@ -149,6 +149,12 @@ def test_object_measures_equal_regionprops():
     for key in ref:
         np.testing.assert_allclose(ours[key], ref[key], rtol=0, atol=1e-9, err_msg=key, equal_nan=True)
     assert np.isnan(ours["centroid_weighted-0"][list(ours["label"]).index(12)])
+    # geometric=False: the plain centroids only where some object has no signal (here label 12), the same values
+    lean = object_measures(labels, img, geometric=False)
+    assert all(np.array_equal(lean[k], ours[k], equal_nan=True) for k in ours)
+    lit = img.copy()
+    lit[labels == 12] = 1.0
+    assert "centroid-0" not in object_measures(labels, lit, geometric=False)
     empty = object_measures(np.zeros((5, 5), np.int32), np.ones((5, 5)))
     assert all(len(v) == 0 for v in empty.values())
     for dtype in (np.uint16, np.uint32, np.int32):  # other label dtypes give the same objects
