@@ -157,3 +157,39 @@ def test_an_exported_card_does_not_load_into_torch(tmp_path):
         card.load()
     with pytest.raises(ConfigError, match="input size it was exported for"):
         card.at_input_size(16)
+
+
+@pytest.mark.parametrize(
+    "spec,kw",
+    [
+        ("random:vit_tiny16", {"n_channels": 3, "input_size": 32}),
+        ("random:vit_small16", {"channels": ["DAPI", "GFP"]}),
+        ("random:vit_test8", {"n_channels": 2, "input_size": 32, "seed": 3}),
+    ],
+)
+def test_a_random_models_card_is_the_card_of_the_model_built(spec, kw):
+    """A random model is described from its architecture (no torch, no weights drawn): the same card building it
+    gives, and .load() builds the same network."""
+    from scdino.models.loader import load_model
+
+    card = describe_model(spec, **kw)
+    n = len(kw["channels"]) if "channels" in kw else kw["n_channels"]
+    lm = load_model(
+        spec, n, kw.get("input_size"), "teacher", "mean", kw.get("seed", 0), channel_names=kw.get("channels")
+    )
+    assert card.details == lm.info and card.preprocessing == lm.prep
+    assert (card.in_chans, card.embed_dim, card.input_size) == (
+        lm.model.cfg.in_chans,
+        lm.model.embed_dim,
+        lm.prep.input_size,
+    )
+    assert card.channels is None and card.untrained and card.checkpoint_sha256 is None
+    built = card.load().model.state_dict()
+    assert all(np.array_equal(built[k].numpy(), v.numpy()) for k, v in lm.model.state_dict().items())
+    with pytest.raises(ConfigError, match="patch size"):
+        describe_model("random:vit_tiny16", n_channels=3, input_size=30)
+    with pytest.raises(ConfigError, match="how many"):
+        describe_model("random:vit_tiny16")
+    code = "import sys; from scdino.models.card import describe_model; describe_model(%r, n_channels=3); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code % spec], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

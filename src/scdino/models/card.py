@@ -198,6 +198,8 @@ def describe_model(
     fmt = model_format(spec)
     if fmt != "checkpoint":
         return _exported_card(spec, fmt, channels, n, available, crop_size, verified_sha256)
+    if str(spec).startswith("random:"):
+        return _random_card(spec, channels, n, available, input_size, checkpoint_key, adapt, seed)
     from scdino.models.loader import load_model  # torch: a checkpoint's card is made by building its model
 
     lm = load_model(spec, n, input_size, checkpoint_key, adapt, seed, channel_names=channels, available=available)
@@ -213,6 +215,51 @@ def describe_model(
         in_chans=lm.model.cfg.in_chans,
         channels=tuple(lm.channels) if lm.channels else None,
         checkpoint_sha256=info.get("checkpoint_sha256"),
+        checkpoint_key=checkpoint_key,
+        adapt=adapt,
+        seed=seed,
+        details=info,
+    )
+
+
+def _random_card(
+    spec: str,
+    channels: Sequence[str] | None,
+    n: int | None,
+    available: Sequence[str] | None,
+    input_size: int | None,
+    checkpoint_key: str | None,
+    adapt: str,
+    seed: int,
+) -> ModelCard:
+    """The card of an untrained ``random:ARCH`` model from its architecture alone: no torch, no weights drawn (the
+    same card :func:`~scdino.models.loader.load_model` describes; ``.load()`` builds the model)."""
+    from scdino.models.arch import arch_config, arch_name
+
+    if n is None:
+        raise ConfigError(
+            f"{spec}: adapts to any number of channels; say how many with --channels NAMES or --n-channels N"
+        )
+    if n < 1:
+        raise ConfigError(f"need at least one channel, got {n}")
+    check_channels(spec, None, None, n, channels, available)
+    size = 224 if input_size is None else input_size
+    cfg = arch_config(spec.split(":", 1)[1], in_chans=n, img_size=size)
+    if size % cfg.patch_size:
+        raise ConfigError(f"--input-size {size} is not a multiple of the patch size {cfg.patch_size}")
+    info = {"model": spec, "untrained": True, "seed": seed, "checkpoint_sha256": None, "layout": None}
+    info.update(arch=arch_name(cfg), config=cfg.to_dict(), embed_dim=cfg.embed_dim, input_size=size)
+    return ModelCard(
+        spec=spec,
+        format="checkpoint",
+        arch=info["arch"],
+        embed_dim=cfg.embed_dim,
+        input_size=size,
+        preprocessing=Preprocessing(size),
+        untrained=True,
+        in_chans=n,
+        channels=None,
+        checkpoint_sha256=None,
         checkpoint_key=checkpoint_key,
         adapt=adapt,
         seed=seed,
