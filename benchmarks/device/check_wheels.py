@@ -97,8 +97,11 @@ def requirements(wheel: Path) -> list[Requirement]:
     return [Requirement(r) for r in msg.get_all("Requires-Dist") or []]
 
 
-def project_requirements(root: Path) -> list[Requirement]:
-    return [Requirement(r) for r in tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]]
+def project_requirements(root: Path) -> tuple[list[Requirement], list[Requirement]]:
+    """scdino's own requirements: (to run, to build)."""
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    run = [Requirement(r) for r in project["project"]["dependencies"]]
+    return run, [Requirement(r) for r in project["build-system"]["requires"]]
 
 
 def applies(req: Requirement, extras: set[str]) -> bool:
@@ -138,21 +141,39 @@ def check(folder: Path, root: Path = ROOT) -> tuple[list[str], list[str]]:
     problems += [f"{n}=={v}: no wheel in {folder}" for n, v in pins.items() if n not in found]
     notes = [f"{n}: carried, though the image has it too" for n in pins if n in image]
 
-    # every requirement, from scdino's own down, with the extras asked for
-    wanted: list[tuple[str, Requirement, set[str]]] = [("scdino", r, {""}) for r in project_requirements(root)]
-    wanted += [(n, r, {""}) for n, w in found.items() for r in requirements(w)]
+    run, build = project_requirements(root)
+    # every requirement, from scdino's own down, with the extras asked for, met by the wheels or the image
+    roots = [("scdino", r) for r in run] + [("wheels.txt", Requirement(n)) for n in found]
+    p, notes_run = closure(roots, found, pins, image, skipped)
+    # building scdino: pip's build isolation sees the wheels alone, not the image
+    p_build, _ = closure([("scdino's build", r) for r in build], found, pins, {}, {})
+    return problems + p + [f"{x} (building runs isolated from the image)" for x in p_build], notes + notes_run
+
+
+def closure(
+    roots: list[tuple[str, Requirement]],
+    found: dict[str, Path],
+    pins: dict[str, str],
+    image: dict[str, str | None],
+    skipped: dict[str, str],
+) -> tuple[list[str], list[str]]:
+    """(problems, notes) of ``roots`` and, through the wheels in ``found``, of everything they require."""
+    problems: list[str] = []
+    notes: list[str] = []
+    wanted: list[tuple[str, Requirement, set[str]]] = [(who, r, {""}) for who, r in roots]
     seen: set[tuple[str, str]] = set()
     while wanted:
         who, req, extras = wanted.pop()
         if not applies(req, extras):
             continue
         name = canonicalize_name(req.name)
-        for extra in req.extras:  # a requirement's extras add the requirements of that extra
+        for extra in [*req.extras, ""]:  # a requirement's extras add the requirements of that extra
             if name not in found:
-                notes.append(f"{who} requires {req}: what the extras of an image package need is not checked")
+                if extra:
+                    notes.append(f"{who} requires {req}: what the extras of an image package need is not checked")
             elif (name, extra) not in seen:
                 seen.add((name, extra))
-                wanted += [(f"{name}[{extra}]", r, {extra}) for r in requirements(found[name])]
+                wanted += [(f"{name}[{extra}]" if extra else name, r, {extra}) for r in requirements(found[name])]
         if name in pins:
             if not req.specifier.contains(pins[name], prereleases=True):
                 problems.append(f"{who} requires {req}; wheels.txt has {name}=={pins[name]}")
@@ -163,7 +184,8 @@ def check(folder: Path, root: Path = ROOT) -> tuple[list[str], list[str]]:
         elif name in skipped:
             notes.append(f"{who} requires {req}: not carried ({skipped[name]})")
         else:
-            problems.append(f"{who} requires {req}: neither in wheels.txt nor in the image (image.txt)")
+            where = "nor in the image (image.txt)" if image else "(nothing else is there)"
+            problems.append(f"{who} requires {req}: neither in wheels.txt {where}")
     return problems, notes
 
 

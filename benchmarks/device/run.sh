@@ -90,8 +90,10 @@ install() {
     timeout 180 "$py" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-cache-dir \
         --find-links .whl --target "$site" .
     rc=$?
-    if ((rc)); then
-        record install failed $((SECONDS - t0)) "pip install of scdino exited $rc (the steps use the source tree)"
+    if ((rc)); then # the steps go on with scdino from this tree: src/scdino with the stage folders as subpackages
+        record install failed $((SECONDS - t0)) "pip install of scdino exited $rc; the steps use the source tree"
+        cp -r src/scdino "$site/scdino"
+        for w in engine export training; do ln -s "$PWD/$w" "$site/scdino/$w"; done
     else
         [[ ${#wheels[@]} -eq 0 ]] || record install ok $((SECONDS - t0)) ""
     fi
