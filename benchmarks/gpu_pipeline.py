@@ -249,7 +249,7 @@ def measure(args, tmp: Path, env: dict, no_model: str | None) -> dict:
                 out = tmp / f"{'null' if null else 'model'}{k}_w{w or 0}.zarr"
                 r = engine_run(plate, out, args, wells[:k], null, env, w)
                 rows.append({"mode": mode, **r})
-                on = f", {w} workers" if w else ""
+                on = f", {w} worker{'s' if w > 1 else ''}" if w else ""
                 print(f"{mode}: {r['n_cells']} cells in {r['wall_s']:.1f} s ({r['backend']}{on})", flush=True)
                 shutil.rmtree(out, ignore_errors=True)
             for key, name in (("wall_s", "steady_run_cells_per_s"), ("embed_s", "steady_embed_cells_per_s")):
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         return print_wheels()
     problem = unimportable(NEEDED)
     if problem:
-        return skipped(args, f"{problem[0]} (the wheels a device machine needs: benchmarks/device/wheels.txt)")
+        return skipped(args, f"{problem[0]}; the wheels a device machine needs: benchmarks/device/wheels.txt")
     tmp = Path(tempfile.mkdtemp(prefix="scdino-gpu-pipeline-"))
     try:
         env, no_model = prepare(args, tmp)

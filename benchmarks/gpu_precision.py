@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     problem = unimportable(NEEDED)
     if problem:  # one line; the JSON without the machine (harness.machine imports scdino, which may be what is missing)
         status = "skipped" if problem[1] else "failed"
-        why = f"{problem[0]} (the wheels a device machine needs: benchmarks/device/wheels.txt)"
+        why = f"{problem[0]}; the wheels a device machine needs: benchmarks/device/wheels.txt"
         print(f"gpu_precision: {status} ({why})")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"benchmark": "gpu_precision", "status": status, "why": why}, indent=1))

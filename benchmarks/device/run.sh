@@ -25,19 +25,27 @@
 #    per step (STEP.json) and summary.json (each step's status, seconds and reason): 7 files, within the 8 that come
 #    back from a device call; prints the summary. Exits 1 where a step failed or timed out, else 0 (skips included).
 #
-# PYTHON names the interpreter (default python3: the image's, the one that holds PyTorch).
+# --no-install runs the steps in the Python as it is (one that has scdino and its packages already), --only STEP,...
+# runs only the steps named. PYTHON names the interpreter (default python3: the image's, the one that holds PyTorch).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 2
 
-dry=0
-case "${1:-}" in
---cpu-dry-run) dry=1 ;;
-"") ;;
-*)
-    echo "usage: bash benchmarks/device/run.sh [--cpu-dry-run]" >&2
-    exit 2
-    ;;
-esac
+dry=0 no_install=0 only=""
+while (($#)); do
+    case $1 in
+    --cpu-dry-run) dry=1 ;;
+    --no-install) no_install=1 ;;
+    --only)
+        only=,$2,
+        shift
+        ;;
+    *)
+        echo "usage: bash benchmarks/device/run.sh [--cpu-dry-run] [--no-install] [--only STEP,...]" >&2
+        exit 2
+        ;;
+    esac
+    shift
+done
 py=${PYTHON:-python3}
 if ((dry)); then
     OUT=${OUT:-benchmarks/results/device_cpu_dry_run}
@@ -60,7 +68,8 @@ record() { # record NAME STATUS SECONDS WHY
 }
 
 install() {
-    local t0=$SECONDS rc wheels=() w
+    local t0=$SECONDS rc why wheels=() w pip=("$py" -m pip install -q --disable-pip-version-check --no-index --no-deps
+        --no-cache-dir --target "$site")
     shopt -s nullglob
     for w in .whl/*.whl; do
         case ${w##*/} in
@@ -74,34 +83,33 @@ install() {
     export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
     export PATH=$site/bin:$PATH
     if ((${#wheels[@]} == 0)); then
-        record install skipped 0 "no wheels in .whl/ (bash benchmarks/device/fetch_wheels.sh, and carry .whl)"
-        echo "== install: skipped (no wheels in .whl/)"
+        why="no wheels in .whl/ (bash benchmarks/device/fetch_wheels.sh here, and carry .whl)"
     else
         echo "== install: ${#wheels[@]} wheels and scdino into $site"
-        timeout 120 "$py" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
-            --no-cache-dir --target "$site" "${wheels[@]}"
+        # one pip call (a second one into the same --target leaves out what the first made there, bin/ say); scdino
+        # is built from this tree, with setuptools>=77 and wheel from .whl/ where the image's setuptools is older
+        timeout 240 "${pip[@]}" --find-links .whl "${wheels[@]}" .
         rc=$?
-        if ((rc)); then
-            record install failed $((SECONDS - t0)) "pip install of the wheels exited $rc"
+        if ((rc == 0)); then
+            record install ok $((SECONDS - t0)) ""
             return
         fi
+        why="pip install exited $rc; the wheels alone, and scdino from the source tree"
+        rm -rf "$site"
+        mkdir -p "$site"
+        timeout 120 "${pip[@]}" "${wheels[@]}"
     fi
-    # scdino itself: built from this tree (setuptools>=77 and wheel from .whl/ where the image's are older)
-    timeout 180 "$py" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-cache-dir \
-        --find-links .whl --target "$site" .
-    rc=$?
-    if ((rc)); then # the steps go on with scdino from this tree: src/scdino with the stage folders as subpackages
-        record install failed $((SECONDS - t0)) "pip install of scdino exited $rc; the steps use the source tree"
-        cp -r src/scdino "$site/scdino"
-        for w in engine export training; do ln -s "$PWD/$w" "$site/scdino/$w"; done
-    else
-        [[ ${#wheels[@]} -eq 0 ]] || record install ok $((SECONDS - t0)) ""
-    fi
+    # the steps go on with scdino from this tree: src/scdino with the stage folders as its subpackages
+    cp -r src/scdino "$site/scdino"
+    for w in engine export training; do ln -s "$PWD/$w" "$site/scdino/$w"; done
+    record install failed $((SECONDS - t0)) "$why"
+    echo "== install: failed ($why)"
 }
 
 step() { # step NAME SECONDS "MODULES" COMMAND...: COMMAND under its own timeout, once every one of MODULES imports
     local name=$1 limit=$(($2 * scale)) needs=$3 left why rc status t0=$SECONDS
     shift 3
+    [[ -z $only || $only == *",$name,"* ]] || return 0
     left=$((budget - (SECONDS - t_start) - 5))
     ((limit > left)) && limit=$left
     if ((limit < 20)); then
@@ -111,7 +119,7 @@ step() { # step NAME SECONDS "MODULES" COMMAND...: COMMAND under its own timeout
         return
     fi
     # shellcheck disable=SC2086
-    why=$(timeout 120 "$py" benchmarks/device/needs.py $needs 2>&1)
+    why=$(timeout "$limit" "$py" benchmarks/device/needs.py $needs 2>&1)
     rc=$?
     if ((rc)); then
         why=$(tail -n 1 <<<"$why")
@@ -157,7 +165,7 @@ main() {
     echo "== run.sh$( ((dry)) && echo ' --cpu-dry-run') on $(hostname), $(date -u +%FT%TZ): $("$py" -V 2>&1)," \
         "$cores cores, budget $budget s, files in $OUT"
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-    install
+    ((no_install)) || install
     local dr=() engine="numpy torch zarr dask.array distributed anndata skimage psutil scdino.engine.pipeline"
     ((dry)) && dr=(--cpu-dry-run)
     export PYTHONUNBUFFERED=1
