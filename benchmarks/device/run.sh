@@ -88,7 +88,7 @@ install() {
         echo "== install: ${#wheels[@]} wheels and scdino into $site"
         # one pip call (a second one into the same --target leaves out what the first made there, bin/ say); scdino
         # is built from this tree, with setuptools>=77 and wheel from .whl/ where the image's setuptools is older
-        timeout 240 "${pip[@]}" --find-links .whl "${wheels[@]}" .
+        timeout 150 "${pip[@]}" --find-links .whl "${wheels[@]}" .
         rc=$?
         if ((rc == 0)); then
             record install ok $((SECONDS - t0)) ""
@@ -97,7 +97,7 @@ install() {
         why="pip install exited $rc; the wheels alone, and scdino from the source tree"
         rm -rf "$site"
         mkdir -p "$site"
-        timeout 120 "${pip[@]}" "${wheels[@]}"
+        timeout 60 "${pip[@]}" "${wheels[@]}"
     fi
     # the steps go on with scdino from this tree: src/scdino with the stage folders as its subpackages
     cp -r src/scdino "$site/scdino"
