@@ -40,7 +40,7 @@ if [[ ! -f $venv/.complete ]]; then
     "$py312" -m venv "$venv"
     # pip is in the image at an unread version: the current release stands in for it
     # shellcheck disable=SC2086
-    "$venv/bin/python" -m pip install -q --upgrade $sim_reqs
+    "$venv/bin/python" -m pip install -qq --upgrade $sim_reqs
     touch "$venv/.complete"
 else
     echo "== the stand-in for the device image: $venv (made before)"
