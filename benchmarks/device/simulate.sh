@@ -8,12 +8,14 @@
 #    else the current release, with their requirements, and nothing else: every distribution in it must be named in
 #    image.txt, or the script stops. Torch 2.11.0 for Python 3.12 from the package index is the CUDA build with its
 #    nvidia-* packages, as on the image; it imports and runs on a CPU. Made once per package list, in
-#    $SCDINO_DEVICE_SIM (default ~/.cache/scdino-device-sim); later runs reuse it.
+#    $SCDINO_DEVICE_SIM (default ~/.cache/scdino-device-sim; about 5.4 GB); later runs reuse it, and one made for an
+#    older list is removed when a new one is made.
 # 2. A clean clone of this checkout's committed HEAD in a temporary folder, the wheels of wheels.txt copied into its
 #    .whl/ (fetched into this checkout's .whl/ first where missing: fetch_wheels.sh), held to wheels.txt.
 # 3. In the clone, with no pip configuration (no index, no extra wheel folders: only .whl/), no PYTHONPATH and the
 #    stand-in's python3 first on PATH: bash benchmarks/device/run.sh --cpu-dry-run. Its files land in
-#    $SCDINO_DEVICE_SIM/out (or $OUT where set). The script's status is run.sh's: 0 when no step failed.
+#    $SCDINO_DEVICE_SIM/out (or $OUT where set); what it installs goes into the temporary folder, removed at the end.
+#    The script's status is run.sh's: 0 when no step failed or timed out.
 #
 # PY312 names the Python 3.12 to build the venv with (default: python3.12 on PATH, else one of pyenv's 3.12).
 set -euo pipefail
@@ -36,7 +38,7 @@ key=$( { "$py312" -V; echo "$sim_reqs"; } | sha256sum | cut -c1-12)
 venv=$cache/venv-$key
 if [[ ! -f $venv/.complete ]]; then
     echo "== building the stand-in for the device image in $venv (once per package list; minutes)"
-    rm -rf "$venv"
+    find "$cache" -maxdepth 1 -name 'venv-*' -exec rm -rf {} +
     "$py312" -m venv "$venv"
     # pip is in the image at an unread version: the current release stands in for it
     # shellcheck disable=SC2086
@@ -84,7 +86,7 @@ set +e
 (
     cd "$work/repo"
     env -i HOME="$HOME" PATH="$venv/bin:/usr/local/bin:/usr/bin:/bin" LANG=C.UTF-8 TMPDIR="${TMPDIR:-/tmp}" \
-        PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1 OUT="$out" \
+        PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1 OUT="$out" SCDINO_SITE="$work/site" \
         bash benchmarks/device/run.sh --cpu-dry-run
 )
 rc=$?
