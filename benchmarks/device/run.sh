@@ -129,6 +129,7 @@ step() { # step NAME SECONDS "MODULES" COMMAND...: COMMAND under its own timeout
         return
     fi
     limit=$((limit - (SECONDS - t0)))
+    ((limit < 5)) && limit=5 # timeout 0 would mean none
     echo "== $name (at most $limit s): $*"
     timeout --kill-after=10 "$limit" "$@"
     rc=$?
