@@ -12,20 +12,25 @@ One run of this script, on a fresh GPU machine, within a few minutes:
    two sizes (start-up cancels out), and the GPU's utilisation over the embedding phase (the span between the
    engine's first and last ``embedding:`` progress lines); prints a table and writes JSON.
 
-A device machine reaches no package index: it runs with what a wheel folder carries (``--print-wheels`` lists the
-packages, docs/numbers.md says how to prepare the folder), and scdino itself is used from this checkout when it is
-not installed. What is missing is skipped with the reason (no CUDA: the model runs are skipped, the null-backend runs
-still measure the host; no ``nvidia-smi``: no utilisation).
+``--workers 1,4`` runs each mode once per worker count (``scdino-engine run --workers``; default: the engine's own,
+one worker per GPU), ``--modes model`` leaves out the null backend: ``--modes model --workers 1,4`` compares one worker
+with four sharing one GPU, on the same plate.
+
+A device machine reaches no package index: it runs with the wheels of ``benchmarks/device/wheels.txt``
+(``--print-wheels`` prints that list; ``benchmarks/device/run.sh`` installs them and runs this script), and scdino
+itself is used from this checkout when it is not installed. What is missing is skipped with the reason in one line (a
+package that does not import: the whole script, before any plate is made; no CUDA: the model runs, while the
+null-backend runs still measure the host; no ``nvidia-smi``: the utilisation).
 
     python benchmarks/gpu_pipeline.py [--cells 16384,49152] [--model random:vit_small16] [--input-size 224]
+    python benchmarks/gpu_pipeline.py --modes model --workers 1,4    # one worker against four on one GPU
     python benchmarks/gpu_pipeline.py --cpu-dry-run      # a tiny plate on the CPU, ViT-test: the script's own check
-    python benchmarks/gpu_pipeline.py --print-wheels     # NAME==VERSION of what a device machine lacks, for pip download
+    python benchmarks/gpu_pipeline.py --print-wheels     # benchmarks/device/wheels.txt: what a device machine lacks
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -36,28 +41,29 @@ import threading
 import time
 from pathlib import Path
 
-from harness import machine, print_table, staged_source, write_results
+from harness import machine, print_table, staged_source, unimportable, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
-#: modules ``scdino-engine run`` imports besides torch and the standard library
+#: modules this script and ``scdino-engine run`` import besides the standard library: each is imported before any
+#: work, so that a package missing underneath one of them (ome-zarr's pydantic, say) is named in one line
 NEEDED = (
+    "torch",
     "numpy",
+    "pandas",
     "zarr",
     "numcodecs",
-    "dask",
+    "dask.array",
     "distributed",
     "anndata",
-    "pandas",
     "skimage",
     "scipy",
     "click",
     "psutil",
+    "ome_zarr.writer",
+    "ome_zarr.format",
 )
-#: distributions the engine needs that the device image lacks (its package list: the device tool's KINDS.md)
-WHEELS = (
-    "anndata", "array-api-compat", "dask", "distributed", "donfig", "google-crc32c", "legacy-api-wrap", "locket",
-    "natsort", "numcodecs", "partd", "scverse-misc", "session-info2", "tblib", "tornado", "zarr", "zict",
-)  # fmt: skip
+#: the one list of the wheels a device machine needs beyond its image
+WHEELS_TXT = ROOT / "benchmarks" / "device" / "wheels.txt"
 SAMPLE_MS = 200
 
 
@@ -103,8 +109,9 @@ class GpuSampler:
         }
 
 
-def engine_run(plate: str, out: Path, args, wells: list[str], null: bool, env: dict) -> dict:
-    """One ``scdino-engine run`` in a new process; its stderr lines stamped to find the embedding phase."""
+def engine_run(plate: str, out: Path, args, wells: list[str], null: bool, env: dict, workers: int | None) -> dict:
+    """One ``scdino-engine run`` in a new process (``workers``: its ``--workers``, None: the engine's default); its
+    stderr lines stamped to find the embedding phase."""
     cmd = [
         sys.executable, "-m", "scdino.engine.cli", "run", plate, "--out", str(out), "--labels", "nuclei",
         "--crop-size", str(args.crop_size), "--model", args.model, "--input-size", str(args.input_size),
@@ -112,6 +119,8 @@ def engine_run(plate: str, out: Path, args, wells: list[str], null: bool, env: d
     ]  # fmt: skip
     if args.chunk_cells:
         cmd += ["--chunk-cells", str(args.chunk_cells)]
+    if workers:
+        cmd += ["--workers", str(workers)]
     env = {**env, "SCDINO_PROGRESS_SECONDS": "1", **({"SCDINO_NULL_BACKEND": "1"} if null else {})}
     lines: list[tuple[float, str]] = []
     with GpuSampler() as gpu:
@@ -133,6 +142,7 @@ def engine_run(plate: str, out: Path, args, wells: list[str], null: bool, env: d
     e0, e1 = (embed[0], embed[-1]) if len(embed) >= 2 else (t1 - timing.get("embed_seconds", 0.0), t1)
     return {
         "backend": f"{uns['backend']['kind']} on {uns['backend']['device']}",
+        "workers": workers,
         "n_cells": int(a.n_obs),
         "wall_s": t1 - t0,
         "embed_s": timing.get("embed_seconds"),
@@ -151,10 +161,14 @@ def settings(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--crop-size", type=int, default=32)
     ap.add_argument("--chunk-cells", type=int, help="Cells per block (default: the engine's).")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--modes", default="null,model", help="null (the null backend), model, or both.")
+    ap.add_argument("--workers", default="", help="Comma-separated --workers of the runs (default: the engine's).")
     ap.add_argument("--out", default="benchmarks/results/gpu_pipeline.json")
     ap.add_argument("--cpu-dry-run", action="store_true", help="Tiny plate, CPU, ViT-test/16 at 32 px: < 60 s here.")
-    ap.add_argument("--print-wheels", action="store_true", help="Print NAME==VERSION of the wheels a device lacks.")
+    ap.add_argument("--print-wheels", action="store_true", help="Print benchmarks/device/wheels.txt's NAME==VERSION.")
     args = ap.parse_args(argv)
+    if not set(args.modes.split(",")) <= {"null", "model"}:
+        ap.error(f"--modes {args.modes}: expected null, model or null,model")
     if args.cpu_dry_run:
         args.cells, args.field, args.model, args.input_size, args.device = (
             "256,768",
@@ -169,13 +183,10 @@ def settings(argv: list[str] | None) -> argparse.Namespace:
 
 
 def print_wheels() -> int:
-    from importlib.metadata import PackageNotFoundError, version
-
-    for name in WHEELS:
-        try:
-            print(f"{name}=={version(name)}")
-        except PackageNotFoundError:
-            print(f"# {name}: not installed here; add it by hand", file=sys.stderr)
+    """The NAME==VERSION lines of benchmarks/device/wheels.txt (its comments left out)."""
+    for line in WHEELS_TXT.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            print(line.strip())
     return 0
 
 
@@ -204,8 +215,11 @@ def prepare(args, tmp: Path) -> tuple[dict, str | None]:
 
 
 def steady(rows: list[dict], key: str) -> float | None:
-    """Cells/s from the difference of the two sizes: (n2 - n1) / (t2 - t1); start-up and finishing cancel out."""
-    a, b = rows
+    """Cells/s from the difference of the two sizes: (n2 - n1) / (t2 - t1); start-up and finishing cancel out. None
+    with one size."""
+    if len(rows) < 2:
+        return None
+    a, b = rows[0], rows[-1]
     dt = (b.get(key) or 0.0) - (a.get(key) or 0.0)
     return (b["n_cells"] - a["n_cells"]) / dt if dt > 0 else None
 
@@ -221,37 +235,31 @@ def measure(args, tmp: Path, env: dict, no_model: str | None) -> dict:
     print(f"plate: {n} cells in {len(wells)} fields of {args.field} px ({time.perf_counter() - t:.0f} s)", flush=True)
     raw_s, raw_n = raw_rate(plate, os.cpu_count())
     res = {"raw_decode_cut_cells_per_s": raw_n / raw_s, "runs": [], "skipped": {}}
-    for null in (True, False):
+    workers = [int(w) for w in args.workers.split(",") if w] or [None]
+    for null in [m == "null" for m in ("null", "model") if m in args.modes.split(",")]:
         mode = "null backend" if null else args.model
         if not null and no_model:
             res["skipped"][mode] = no_model
             print(f"{mode}: skipped ({no_model})", flush=True)
             continue
-        rows = []
-        for size in sizes:
-            k = -(-size // per_field)
-            r = engine_run(plate, tmp / f"{'null' if null else 'model'}{k}.zarr", args, wells[:k], null, env)
-            rows.append({"mode": mode, **r})
-            print(f"{mode}: {r['n_cells']} cells in {r['wall_s']:.1f} s ({r['backend']})", flush=True)
-        for key, name in (("wall_s", "steady_run_cells_per_s"), ("embed_s", "steady_embed_cells_per_s")):
-            rows[-1][name] = steady(rows, key)
-        res["runs"] += rows
+        for w in workers:
+            rows = []
+            for size in sizes:
+                k = -(-size // per_field)
+                out = tmp / f"{'null' if null else 'model'}{k}_w{w or 0}.zarr"
+                r = engine_run(plate, out, args, wells[:k], null, env, w)
+                rows.append({"mode": mode, **r})
+                on = f", {w} worker{'s' if w > 1 else ''}" if w else ""
+                print(f"{mode}: {r['n_cells']} cells in {r['wall_s']:.1f} s ({r['backend']}{on})", flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+            for key, name in (("wall_s", "steady_run_cells_per_s"), ("embed_s", "steady_embed_cells_per_s")):
+                rows[-1][name] = steady(rows, key)
+            res["runs"] += rows
     return res
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = settings(argv)
-    if args.print_wheels:
-        return print_wheels()
-    missing = [m for m in NEEDED if importlib.util.find_spec(m) is None]
-    if importlib.util.find_spec("torch") is None or missing:
-        return skipped(args, f"not installed: {', '.join(missing or ['torch'])} (a wheel folder: docs/numbers.md)")
-    tmp = Path(tempfile.mkdtemp(prefix="scdino-gpu-pipeline-"))
-    try:
-        env, no_model = prepare(args, tmp)
-        res = measure(args, tmp, env, no_model)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def report(args, res: dict) -> Path:
+    """Print the table and write the JSON (``write_results`` imports ``scdino.cpu``: scdino must still import)."""
     for r in res["runs"]:
         r["cells_per_s"] = r["n_cells"] / r["wall_s"]
         r["embed_cells_per_s"] = r["n_cells"] / r["embed_s"] if r.get("embed_s") else None
@@ -259,8 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     print_table(
         res["runs"],
         [
-            ("run", "mode", "s"), ("backend", "backend", "s"), ("cells", "n_cells", "d"), ("s", "wall_s", ".1f"),
-            ("cells/s", "cells_per_s", ".0f"), ("embedding phase, cells/s", "embed_cells_per_s", ".0f"),
+            ("run", "mode", "s"), ("backend", "backend", "s"), ("workers", "workers", "d"), ("cells", "n_cells", "d"),
+            ("s", "wall_s", ".1f"), ("cells/s", "cells_per_s", ".0f"),
+            ("embedding phase, cells/s", "embed_cells_per_s", ".0f"),
             ("steady cells/s (difference)", "steady_run_cells_per_s", ".0f"),
             ("steady embedding cells/s", "steady_embed_cells_per_s", ".0f"),
             ("GPU util % (embedding)", "gpu_util_mean", ".0f"), ("GPU mem MiB", "gpu_mem_peak_mib", ".0f"),
@@ -270,12 +279,37 @@ def main(argv: list[str] | None = None) -> int:
         if "gpu_util_why" in r:
             print(f"GPU utilisation of '{r['mode']}' at {r['n_cells']} cells: skipped ({r['gpu_util_why']})")
             break
-    settings_ = {k: getattr(args, k) for k in ("cells", "field", "model", "input_size", "crop_size", "chunk_cells")}
+    keys = ("cells", "field", "model", "input_size", "crop_size", "chunk_cells", "modes", "workers")
     import torch
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    res = {"benchmark": "gpu_pipeline", "settings": {**settings_, "device": args.device}, **res}
-    path = write_results(args.out, {**res, "machine": machine(gpu=gpu, cuda=torch.version.cuda)})
+    res = {
+        "benchmark": "gpu_pipeline",
+        "settings": {**{k: getattr(args, k) for k in keys}, "device": args.device},
+        **res,
+    }
+    return write_results(args.out, {**res, "machine": machine(gpu=gpu, cuda=torch.version.cuda)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = settings(argv)
+    if args.print_wheels:
+        return print_wheels()
+    problem = unimportable(NEEDED)
+    if problem:
+        return skipped(args, f"{problem[0]}; the wheels a device machine needs: benchmarks/device/wheels.txt")
+    tmp = Path(tempfile.mkdtemp(prefix="scdino-gpu-pipeline-"))
+    try:
+        env, no_model = prepare(args, tmp)
+        from scdino._optional import MissingDependencyError
+
+        try:
+            res = measure(args, tmp, env, no_model)
+        except MissingDependencyError as exc:  # the plate writer's optional packages
+            return skipped(args, str(exc))
+        path = report(args, res)  # before the staged copy of scdino goes
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"\nwrote {path}")
     return 0
 

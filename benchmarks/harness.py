@@ -8,6 +8,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -66,3 +67,22 @@ def staged_source(root: Path, into: Path) -> Path | None:
     for stage in ("engine", "export", "training"):
         (pkg / stage).symlink_to(root / stage, target_is_directory=True)
     return into
+
+
+def unimportable(modules: Iterable[str]) -> tuple[str, bool] | None:
+    """Why the first of ``modules`` that cannot be imported here cannot, in one line, and whether that is a missing
+    package (a module not found: the module itself, or one it imports, which names the requirement an installed
+    package lacks) rather than a broken one; None where all of them import."""
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            gone = (exc.name or module).split(".")[0]
+            via = "" if gone == module.split(".")[0] else f" (needed by {module})"
+            return f"{gone} is not installed{via}", True
+        except Exception as exc:  # an installed package that fails to import: a version that does not fit
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            return f"{module} cannot be imported: {type(exc).__name__}: {first}", False
+    return None
