@@ -48,7 +48,7 @@ else
     echo "== the stand-in for the device image: $venv (made before)"
 fi
 # nothing else: every distribution in the venv is one the image has
-"$venv/bin/python" - "$here/image.txt" <<'EOF'
+"$venv/bin/python" -I - "$here/image.txt" <<'EOF'  # -I: not the folder it runs from (a checkout may hold scdino.egg-info)
 import re
 import sys
 from importlib.metadata import distributions
