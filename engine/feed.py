@@ -33,6 +33,8 @@ import sys
 import threading
 import traceback
 import warnings
+import weakref
+from collections import deque
 from dataclasses import dataclass
 from multiprocessing import reduction
 from multiprocessing.connection import Connection, Pipe
@@ -59,33 +61,67 @@ def supported() -> bool:
 
 # ---------------------------------------------------------------------------------------------------------- child side
 
-#: in a feeder process: the shared arrays made for the job it runs (data address -> (memfd, bytes)), else None
-_MADE: dict[int, tuple[int, int]] | None = None
+
+class _Buffer:
+    """Shared memory of a feeder (a memfd, mapped in the feeder and, once sent, in its parent), reused from job to
+    job: pages touched once stay mapped on both sides, so a field's crops cost no page faults after the first few."""
+
+    def __init__(self, bid: int, size: int) -> None:
+        self.id, self.size = bid, size
+        self.fd = os.memfd_create("scdino-crops", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, size)
+            self.mm = mmap.mmap(self.fd, size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.busy = False  # holds crops its parent has not let go of
+        self.sent = False  # its parent has it mapped
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+#: in a feeder process: its buffers by id, the arrays made in them for the job it runs (by data address), and the
+#: buffers it closed since its last answer (its parent unmaps them)
+_BUFFERS: dict[int, _Buffer] = {}
+_MADE: dict[int, _Buffer] | None = None
+_CLOSED: list[int] = []
+_IDS = iter(range(1, 1 << 62))
 
 
 def shared_empty(shape: Sequence[int], dtype: Any) -> np.ndarray:
-    """An uninitialised array that a feeder process hands to its parent without a copy (``np.empty`` elsewhere, and
-    for arrays too small to be worth it)."""
+    """An uninitialised array that a feeder process hands to its parent without a copy, in one of its buffers (a free
+    one that fits, else a new one; free ones that do not fit are closed then, so a feeder keeps about as many buffers
+    as its parent holds); ``np.empty`` outside a feeder, and for arrays too small to be worth it."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if _MADE is None or nbytes < SHARE_MIN:
         return np.empty(shape, dtype)
-    fd = os.memfd_create("scdino-crops", os.MFD_CLOEXEC)
-    try:
-        os.ftruncate(fd, nbytes)
-        arr = np.frombuffer(mmap.mmap(fd, nbytes), dtype).reshape(shape)
-    except BaseException:
-        os.close(fd)
-        raise
-    _MADE[arr.ctypes.data] = (fd, nbytes)
+    fits = [b for b in _BUFFERS.values() if not b.busy and nbytes <= b.size <= 2 * nbytes]
+    if fits:
+        buf = min(fits, key=lambda b: b.size)
+    else:
+        for b in [b for b in _BUFFERS.values() if not b.busy]:
+            _BUFFERS.pop(b.id).close()
+            _CLOSED.append(b.id)
+        buf = _Buffer(next(_IDS), -(-nbytes // (1 << 20)) << 20)  # whole MiB
+        _BUFFERS[buf.id] = buf
+    buf.busy = True
+    arr = np.frombuffer(buf.mm, dtype, count=int(np.prod(shape, dtype=np.int64))).reshape(shape)
+    _MADE[arr.ctypes.data] = buf
     return arr
 
 
-def _memfd_of(arr: np.ndarray) -> int:
-    """A memfd holding ``arr``'s bytes: the one it was made in (:func:`shared_empty`), else a new one with a copy."""
-    made = _MADE.get(arr.ctypes.data) if _MADE is not None else None
-    if made is not None and made[1] == arr.nbytes and arr.flags.c_contiguous:
-        return os.dup(made[0])
+def _free(ids: Sequence[int]) -> None:
+    """In a feeder: its parent let go of these buffers' crops; they may be written again."""
+    for i in ids:
+        if i in _BUFFERS:
+            _BUFFERS[i].busy = False
+
+
+def _one_off(arr: np.ndarray) -> int:
+    """A new memfd holding a copy of ``arr``'s bytes (an array not made by :func:`shared_empty`)."""
     fd = os.memfd_create("scdino-array", os.MFD_CLOEXEC)
     os.ftruncate(fd, arr.nbytes)
     with mmap.mmap(fd, arr.nbytes) as mm:
@@ -94,49 +130,74 @@ def _memfd_of(arr: np.ndarray) -> int:
 
 
 class _Pickler(pickle.Pickler):
-    """Pickles a result with its large arrays replaced by references to memfds (collected in ``fds``)."""
+    """Pickles a result with its large arrays replaced by references: to a feeder buffer (its memfd added to ``fds``
+    the first time its parent gets it), or to a one-off memfd with a copy."""
 
     def __init__(self, file, fds: list[int]) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.fds = fds
+        self.used: set[int] = set()  # the buffers the result refers to
 
     def persistent_id(self, obj):
-        if type(obj) is np.ndarray and obj.nbytes >= SHARE_MIN and not obj.dtype.hasobject:
-            if len(self.fds) >= MAX_SHARED:
-                return None
-            self.fds.append(_memfd_of(obj))
-            return ("memfd", len(self.fds) - 1, obj.shape, obj.dtype.str)
-        return None
+        if type(obj) is not np.ndarray or obj.nbytes < SHARE_MIN or obj.dtype.hasobject or len(self.fds) >= MAX_SHARED:
+            return None
+        buf = _MADE.get(obj.ctypes.data) if _MADE is not None else None
+        if buf is not None and obj.flags.c_contiguous:
+            self.used.add(buf.id)
+            fdi = -1
+            if not buf.sent:
+                self.fds.append(os.dup(buf.fd))
+                fdi, buf.sent = len(self.fds) - 1, True
+            return ("buffer", buf.id, buf.size, fdi, obj.shape, obj.dtype.str)
+        self.fds.append(_one_off(obj))
+        return ("memfd", len(self.fds) - 1, obj.shape, obj.dtype.str)
 
 
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, file, fds: list[int]) -> None:
+    """Loads a result, mapping its arrays: a feeder buffer through the parent's mapping of it (``maps``, made the
+    first time), a one-off memfd anew. Once nothing reads a buffer's array any more (it is garbage), its id goes to
+    ``let_go``, so that the feeder may write it again."""
+
+    def __init__(self, file, fds: list[int], maps: dict[int, mmap.mmap], let_go: Callable[[int], None]) -> None:
         super().__init__(file)
-        self.fds = fds
+        self.fds, self.maps, self.let_go = fds, maps, let_go
 
     def persistent_load(self, pid):
-        _, i, shape, dtype = pid
-        dtype = np.dtype(dtype)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        return np.frombuffer(mmap.mmap(self.fds[i], nbytes), dtype).reshape(shape)
+        count = int(np.prod(pid[-2], dtype=np.int64))
+        if pid[0] == "buffer":
+            _, bid, size, fdi, shape, dtype = pid
+            if fdi >= 0:
+                self.maps[bid] = mmap.mmap(self.fds[fdi], size)
+            root = np.frombuffer(self.maps[bid], np.dtype(dtype), count=count)
+            # every view of the result has ``root`` as its base: when it goes, nothing reads the buffer any more
+            weakref.finalize(root, self.let_go, bid)
+        else:
+            _, i, shape, dtype = pid
+            root = np.frombuffer(mmap.mmap(self.fds[i], count * np.dtype(dtype).itemsize), np.dtype(dtype), count=count)
+        return root.reshape(shape)
 
 
-def _send(conn: Connection, kind: str, value: Any) -> None:
-    """One message: a header (kind, number of descriptors), the pickle, then the descriptors."""
+def _send(conn: Connection, kind: str, value: Any) -> set[int]:
+    """One message: a header (kind, number of descriptors), the pickle of (value, buffers closed since the last
+    answer), then the descriptors. The buffers the value refers to."""
     fds: list[int] = []
     buf = io.BytesIO()
     try:
-        _Pickler(buf, fds).dump(value)
+        pickler = _Pickler(buf, fds)
+        pickler.dump((value, list(_CLOSED)))
         conn.send_bytes(struct.pack("!8sI", kind.encode(), len(fds)) + buf.getvalue())
         if fds:
             with socket.socket(fileno=os.dup(conn.fileno())) as sock:
                 reduction.sendfds(sock, fds)
+        _CLOSED.clear()
+        return pickler.used
     finally:
         for fd in fds:
             os.close(fd)
 
 
-def _recv(conn: Connection) -> tuple[str, Any]:
+def _recv(conn: Connection, maps: dict[int, mmap.mmap], let_go: Callable[[int], None]) -> tuple[str, Any]:
+    """(kind, value) of a feeder's answer; the buffers it closed are unmapped here (their arrays keep their pages)."""
     msg = conn.recv_bytes()
     kind, n = struct.unpack("!8sI", msg[:12])
     fds: list[int] = []
@@ -144,7 +205,10 @@ def _recv(conn: Connection) -> tuple[str, Any]:
         with socket.socket(fileno=os.dup(conn.fileno())) as sock:
             fds = list(reduction.recvfds(sock, n))
     try:
-        return kind.rstrip(b"\0").decode(), _Unpickler(io.BytesIO(msg[12:]), fds).load()
+        value, closed = _Unpickler(io.BytesIO(msg[12:]), fds, maps, let_go).load()
+        for bid in closed:
+            maps.pop(bid, None)
+        return kind.rstrip(b"\0").decode(), value
     finally:
         for fd in fds:
             os.close(fd)
@@ -172,25 +236,28 @@ def _serve(conn: Connection, share: int) -> None:
     FIELDS.total_bytes = max(FIELDS.max_bytes, FIELDS.total_bytes // max(1, share))
     while True:
         try:
-            fn, args = pickle.loads(conn.recv_bytes())
+            fn, args, free = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             return
+        _free(free)
         _MADE = {}
         try:
             args = [_kept(a) for a in args]
             kind, value = "ok", fn(*args)
         except BaseException as exc:  # the job's error goes to the parent, which raises it
             kind, value = "err", _portable(exc)
+        used: set[int] = set()
         try:
             try:
-                _send(conn, kind, value)
+                used = _send(conn, kind, value)
             except (pickle.PicklingError, TypeError, AttributeError) as exc:  # a result that does not pickle
                 _send(conn, "err", ScdinoError(f"{getattr(fn, '__name__', fn)}: its result does not pickle ({exc})"))
         except (BrokenPipeError, ConnectionResetError, OSError):
             return
         finally:
-            for fd, _ in _MADE.values():
-                os.close(fd)
+            for buf in _MADE.values():
+                if buf.id not in used:  # made for an array that never reached the parent (an error, a copy)
+                    buf.busy = False
             _MADE = {}
             del value
 
@@ -225,6 +292,8 @@ class _Child:
     def __init__(self, pid: int, conn: Connection) -> None:
         self.pid, self.conn = pid, conn
         self.kept: Hashable = None  # the key of the Kept object this feeder holds (one at a time)
+        self.maps: dict[int, mmap.mmap] = {}  # its buffers, as this process maps them
+        self.free: deque[int] = deque()  # its buffers this process let go of (from any thread), told with the next job
 
 
 class Feeders:
@@ -242,6 +311,7 @@ class Feeders:
         self._cv = threading.Condition()
         self._idle: list[bool] = []
         self.closed = False
+        self.cpu_seconds = 0.0  # the feeders' CPU time, known once they ended (close)
         for _ in range(n):
             self.children.append(self._fork())
             self._idle.append(True)
@@ -269,7 +339,8 @@ class Feeders:
 
     def call(self, fn: Callable, *args: Any, affinity: int | None = None) -> Any:
         """``fn(*args)`` in a feeder process (``fn`` importable by name; a :class:`Kept` argument is sent once per
-        feeder). Its errors are raised here as they were raised there."""
+        feeder). Its errors are raised here as they were raised there. Arrays of the result that lie in the feeder's
+        buffers are handed back to it once they are garbage here (the feeder makes new buffers meanwhile)."""
         k = self._take(affinity)
         child = self.children[k]
         try:
@@ -277,9 +348,12 @@ class Feeders:
             if len(kept) > 1:
                 raise ValueError("a feeder job takes at most one Kept argument")
             job = [Kept(a.key) if isinstance(a, Kept) and a.key == child.kept else a for a in args]
+            free = []
+            while child.free:
+                free.append(child.free.popleft())
             try:
-                child.conn.send_bytes(pickle.dumps((fn, job), protocol=pickle.HIGHEST_PROTOCOL))
-                kind, value = _recv(child.conn)
+                child.conn.send_bytes(pickle.dumps((fn, job, free), protocol=pickle.HIGHEST_PROTOCOL))
+                kind, value = _recv(child.conn, child.maps, child.free.append)
             except (EOFError, OSError) as exc:
                 raise self._died(k, fn) from exc
             if kept:
@@ -340,7 +414,8 @@ class Feeders:
             c.conn.close()
         for c in self.children:
             try:
-                os.waitpid(c.pid, 0)
+                _, _, usage = os.wait4(c.pid, 0)
+                self.cpu_seconds += usage.ru_utime + usage.ru_stime
             except ChildProcessError:
                 pass
         if self in Feeders._open:
@@ -365,13 +440,15 @@ def feeders(n: int) -> Feeders | None:
         return _POOL
 
 
-def stop_feeders() -> None:
-    """End this process's feeders (a run's end; also at exit)."""
+def stop_feeders() -> float:
+    """End this process's feeders (a run's end; also at exit); the CPU seconds they spent."""
     global _POOL
     with _POOL_LOCK:
-        if _POOL is not None:
-            _POOL.close()
-            _POOL = None
+        if _POOL is None:
+            return 0.0
+        _POOL.close()
+        spent, _POOL = _POOL.cpu_seconds, None
+        return spent
 
 
 atexit.register(stop_feeders)
@@ -391,6 +468,9 @@ class _Held:
     def __init__(self, crops: np.ndarray) -> None:
         self.crops = crops
         self.left = len(crops)
+
+    def free(self) -> None:
+        self.crops = None  # a feeder's buffer goes back to it once the last view of it is gone
 
 
 #: (run key, part index) -> that part's crops, in the process that found it
@@ -496,7 +576,7 @@ def release(key: str, pieces: Sequence[Piece]) -> None:
                 continue
             held.left -= p.b - p.a
             if held.left <= 0:
-                del HELD[(key, p.part)]
+                HELD.pop((key, p.part)).free()
 
 
 def forget(key: str) -> int:
@@ -504,5 +584,5 @@ def forget(key: str) -> int:
     with _HELD_LOCK:
         gone = [k for k in HELD if k[0] == key]
         for k in gone:
-            del HELD[k]
+            HELD.pop(k).free()
     return len(gone)

@@ -309,8 +309,10 @@ def _stream(cfg: RunConfig, client, source: CellSource, spec: BackendSpec, path,
     finally:
         FIELDS.clear()  # an in-process worker's decoded fields and the checkpoint are not kept past the run
         forget_checkpoints()
-        feed.stop_feeders()  # this process's (an in-process worker's); worker processes end theirs when they end
+        # this process's feeders (an in-process worker's); worker processes end theirs when they end
+        phases["feeders_cpu_seconds"] = feed.stop_feeders()
     phases.update(stream_phases, embed_seconds=time.perf_counter() - t)
+    phases["process_cpu_seconds"] = time.process_time()  # this process's, from its start
     return store, table, blocks_run
 
 

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 #: memory a worker may spend on the crops and model inputs of its tasks in flight
 MEMORY_PER_WORKER = 1536 << 20
 #: cells per task on a GPU (or with the null backend): about four batches, within these bounds
-GPU_TASK_CELLS = (1024, 4096)
+GPU_TASK_CELLS = (2048, 8192)
 #: cells given to ``first_rows``
 FIRST_ROWS = 256
 

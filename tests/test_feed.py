@@ -176,3 +176,36 @@ def test_cut_crops_matches_cutting_each_window_from_a_zero_padded_field():
         out2 = np.full((n, c, crop, crop), 9, np.uint16)
         cut_crops(region, (ry0, rx0), (h, w), y0s, x0s, out2, np.arange(n))
         np.testing.assert_array_equal(out2, _old_cut(field, y0s, x0s, crop), err_msg=f"region, trial {trial}")
+
+
+def _filled(n: int, value: int) -> np.ndarray:
+    arr = feed.shared_empty((n, 3, 32, 32), np.uint16)
+    arr[...] = value
+    return arr
+
+
+def test_a_feeder_reuses_a_buffer_only_once_its_parent_let_go_of_it():
+    import gc
+
+    pool = feed.Feeders(1)
+    try:
+        child = pool.children[0]
+        kept = pool.call(_filled, 400, 1)  # held by this process: its buffer stays the parent's
+        again = pool.call(_filled, 400, 2)  # so the feeder writes a second one
+        assert len(child.maps) == 2 and (kept == 1).all() and (again == 2).all()
+        view = kept[10:20]
+        del kept, again
+        gc.collect()
+        third = pool.call(_filled, 400, 3)  # the second buffer is free again (nothing reads it): reused
+        assert len(child.maps) == 2 and (third == 3).all()
+        assert (view == 1).all()  # the first is still read through a view: never written
+        del view, third
+        gc.collect()
+        for v in (4, 5, 6):  # both free: no new buffer, whatever the order
+            assert (pool.call(_filled, 400, v) == v).all()
+        assert len(child.maps) == 2
+        # a larger array does not fit: the free buffers are closed, the feeder says so, this process unmaps them
+        big = pool.call(_filled, 1200, 7)
+        assert (big == 7).all() and len(child.maps) == 1
+    finally:
+        pool.close()
