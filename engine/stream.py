@@ -160,6 +160,7 @@ class Rows:
         self.parts: list[pd.DataFrame | None] = [None] * n_parts
         self.ends: list[int] = []  # cumulative row counts of the known prefix of parts
         self.known = 0
+        self.table: pd.DataFrame | None = None  # all parts' rows, once every part is known (settle)
 
     @property
     def complete(self) -> bool:
@@ -183,8 +184,16 @@ class Rows:
             a, i = max(a, stop), i + 1
         return out
 
+    def settle(self, table: pd.DataFrame) -> None:
+        """Every part is known and ``table`` is their rows in order: rows are read from it from now on, and the parts'
+        own tables go (a large plate's cell table is not held twice)."""
+        self.table = table
+        self.parts = [None] * len(self.parts)
+
     def rows(self, a: int, b: int, columns: list[str]) -> pd.DataFrame:
         """Rows ``a:b`` of the table (within the known prefix), ``columns`` only."""
+        if self.table is not None:
+            return self.table.iloc[a:b][columns].reset_index(drop=True)
         out, i = [], bisect.bisect_right(self.ends, a)
         while a < b:
             start = self.ends[i - 1] if i else 0
@@ -291,6 +300,7 @@ class _Stream:
             self.fields.close()
             self.found_s = time.perf_counter() - self.t0
             self.table = self.source.combine(self.rows.parts)  # an error when no part has a cell
+            self.rows.settle(self.table)
         elif not self.rows.known:
             return
         if self.store is None and not self.making:

@@ -33,6 +33,13 @@ def test_rows_are_known_up_to_the_first_missing_part():
     got = rows.rows(1, 4, ["v"])
     assert list(got["v"]) == [2, 5, 6] and list(got.columns) == ["v"] and list(got.index) == [0, 1, 2]
     assert list(rows.rows(2, 5, ["w"])["w"]) == [50, 60, 70]
+    # rows 1:4 lie in part 0 (its row 1) and part 2 (its rows 0 and 1; part 1 is empty)
+    assert [(p.part, p.a, p.b, p.lo, p.hi) for p in rows.pieces(1, 4)] == [(0, 1, 2, 0, 1), (2, 0, 2, 1, 3)]
+    # settled: rows come from the whole table, the parts' own tables are let go; pieces still name the parts
+    rows.settle(pd.concat([p for p in rows.parts if p is not None and len(p)], ignore_index=True))
+    assert rows.parts == [None, None, None]
+    pd.testing.assert_frame_equal(rows.rows(1, 4, ["v"]), got)
+    assert [(p.part, p.a, p.b) for p in rows.pieces(1, 4)] == [(0, 1, 2), (2, 0, 2)]
 
 
 def _spec(device: str, kind: str, batch: int, input_size: int = 224):
@@ -49,16 +56,16 @@ def test_stream_plan_sizes_tasks_by_device_and_memory():
     assert (plan.held, plan.parts, plan.feeders) == (262_144, 4, 2)
     assert stream_plan(_spec("cpu", "torch", 64), src, 256, 1, 2, feeders=0).parts == 2  # at least two
     assert stream_plan(_spec("cpu", "torch", 64), src, 256, 2, 16, feeders=3).parts == 16  # the threads, here
-    # a GPU (or the null backend): about four batches per task, from 1024 to 4096 cells
-    assert stream_plan(_spec("cuda", "torch", 256), src, 256, 1, 16).group == 4  # 1024 cells
-    assert stream_plan(_spec("cuda", "torch", 32), src, 256, 1, 16).group == 4  # at least 1024
-    assert stream_plan(_spec("cuda", "torch", 2048), src, 256, 1, 16).group == 16  # at most 4096
-    assert stream_plan(_spec("cpu", "null", 64), src, 256, 1, 2).group == 4
+    # a GPU (or the null backend): about four batches per task, from 2048 to 8192 cells
+    assert stream_plan(_spec("cuda", "torch", 256), src, 256, 1, 16).group == 8  # 2048 cells: 4 x 256 is fewer
+    assert stream_plan(_spec("cuda", "torch", 32), src, 256, 1, 16).group == 8  # at least 2048
+    assert stream_plan(_spec("cuda", "torch", 4096), src, 256, 1, 16).group == 32  # at most 8192
+    assert stream_plan(_spec("cpu", "null", 64), src, 256, 1, 2).group == 8
     # the window: twice the threads, unless the tasks' crops would not fit the memory budget: 256 px crops of 5
-    # uint16 channels are 640 KiB a cell, a task of 1024 cells 640 MiB; two workers' 2 x 1536 MiB hold four
+    # uint16 channels are 640 KiB a cell, a task of 2048 cells 1280 MiB; two workers' 2 x 1536 MiB hold two
     big = SimpleNamespace(crop_size=256, channels=(0, 1, 2, 3, 4), dtype=np.uint16)
     assert MEMORY_PER_WORKER == 1536 << 20
-    assert stream_plan(_spec("cuda", "torch", 256), big, 256, 2, 32).window == 4
+    assert stream_plan(_spec("cuda", "torch", 256), big, 256, 2, 32).window == 2
     assert stream_plan(_spec("cuda", "torch", 256), src, 256, 2, 32).window == 64
 
 
