@@ -233,12 +233,23 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="raw and null runs alternated this many times (medians)")
     ap.add_argument("--sizes", help="instead: null runs of these many cells (e.g. 10000,100000,1000000) on all cores")
     ap.add_argument("--out", default="benchmarks/results/pipeline_ceiling.json")
+    ap.add_argument(
+        "--plate", help="a plate this script made before (make_plate), kept between runs: it is not made or removed"
+    )
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="scdino-ceiling-"))
     sizes = sorted(int(x) for x in args.sizes.split(",")) if args.sizes else None
     t = time.perf_counter()
     per_field = (args.field // GRID) ** 2
-    plate, n = make_plate(tmp / "plate.zarr", max(sizes) if sizes else args.cells, args.field)
+    if args.plate:
+        plate = args.plate
+        n = len(_field_paths(plate)) * per_field
+        if not sizes:
+            n = min(n, -(-args.cells // per_field) * per_field)
+            if n < len(_field_paths(plate)) * per_field:
+                raise SystemExit(f"{plate}: holds more than --cells {args.cells}; the ceiling runs a whole plate")
+    else:
+        plate, n = make_plate(tmp / "plate.zarr", max(sizes) if sizes else args.cells, args.field)
     print(f"plate: {n} cells in {n // per_field} fields of {args.field} px ({time.perf_counter() - t:.0f} s)")
     try:
         if sizes:

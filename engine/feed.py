@@ -501,21 +501,23 @@ def worker_address() -> str | None:
 
 
 def find_part(source, part: Any, key: str, i: int, n_feeders: int) -> tuple[pd.DataFrame, str | None]:
-    """Dask task: the cell table of part ``i`` of ``source`` and the address of the worker that holds its crops.
+    """Dask task: the cell table of part ``i`` of ``source`` and the address of the worker that holds its crops (``""``
+    outside a Dask worker; None where none holds them: no cell, or a source that does not cut as it finds).
     Sources that cut crops as they find cells (``cells_and_crops``) do both from one decode, in a feeder process
     where there are feeders; the crops stay in this process (:data:`HELD`) until :func:`gather` takes them."""
     pool = feeders(n_feeders)
-    if hasattr(source, "cells_and_crops"):
-        if pool is not None:
-            table, crops = pool.call(_cells_and_crops, Kept(key, source), part)
-        else:
-            table, crops = source.cells_and_crops(part)
-        if len(table):
-            with _HELD_LOCK:
-                HELD[(key, i)] = _Held(crops)
-    else:
+    if not hasattr(source, "cells_and_crops"):
         table = pool.call(_cells_of, Kept(key, source), part) if pool is not None else source.cells_of(part)
-    return table, worker_address()
+        return table, None
+    if pool is not None:
+        table, crops = pool.call(_cells_and_crops, Kept(key, source), part)
+    else:
+        table, crops = source.cells_and_crops(part)
+    if not len(table):
+        return table, None
+    with _HELD_LOCK:
+        HELD[(key, i)] = _Held(crops)
+    return table, worker_address() or ""
 
 
 @dataclass(frozen=True)
@@ -535,18 +537,28 @@ def _take(key: str, piece: Piece) -> np.ndarray | None:
         return None if held is None else held.crops[piece.a : piece.b]
 
 
-def gather(source, rows: pd.DataFrame, key: str, pieces: Sequence[Piece], n_feeders: int, unit: Sequence[str] = ()):
-    """The raw crops of ``rows`` (the pieces of one or more parts): the crops held by this process where it found
-    them, else read (in a feeder, the reads of one field on one feeder: ``unit`` names the columns of that field)."""
+def gather(
+    source, rows: pd.DataFrame | None, key: str, pieces: Sequence[Piece], n_feeders: int, unit: Sequence[str] = ()
+) -> np.ndarray:
+    """The raw crops of the ``pieces`` (of one or more parts): the crops held by this process where it found them,
+    else read from ``rows`` (in a feeder; the reads of one field on one feeder: ``unit`` names the columns of that
+    field). ``rows`` None: every piece is held here (the stream says so); an error names the part that is not."""
     got = [_take(key, p) for p in pieces]
     if len(got) == 1 and got[0] is not None:
         return got[0]  # a view: no copy
+    missing = [p.part for p, crops in zip(pieces, got) if crops is None]
+    if missing and rows is None:
+        raise ScdinoError(
+            f"the crops of part {missing[0]} are not held by this worker (it was restarted, or the task moved); run "
+            "the command again: it resumes"
+        )
     out = None
+    n = pieces[-1].hi if pieces else 0
     for p, crops in zip(pieces, got):
         if crops is None:
             crops = _read_rows(source, rows.iloc[p.lo : p.hi], key, n_feeders, unit)
         if out is None:
-            out = np.empty((len(rows), *crops.shape[1:]), crops.dtype)
+            out = np.empty((n, *crops.shape[1:]), crops.dtype)
         out[p.lo : p.hi] = crops
     if out is None:
         return _read_rows(source, rows, key, n_feeders, unit)

@@ -104,8 +104,14 @@ class EmbeddingStore:
 
     def grow(self, n: int) -> None:
         """Room for ``n`` cells (never fewer than it has): the embeddings and the block flags are resized."""
-        if n <= self.n:
-            return
+        if n > self.n:
+            self.resize(n)
+
+    def resize(self, n: int) -> None:
+        """Room for exactly ``n`` cells: the embeddings and the block flags are resized (room a stream grew ahead of
+        the cells it found goes; no block is written there)."""
+        if n < self.n and self.done()[-(-n // self.chunk) :].any():
+            raise OutputError(f"{self.path}: blocks past cell {n} are written; the store is not this run's")
         self.X.resize((n, self.X.shape[1]))
         self.progress.resize((-(-n // self.chunk),))
         self.n = n

@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -72,11 +72,11 @@ def embed_block(crops: np.ndarray, spec: BackendSpec) -> np.ndarray:
 
 
 def read_and_embed(
-    source: CellSource, rows: pd.DataFrame, spec: BackendSpec, embed: Callable = embed_block, key: str = "",
+    source: CellSource, rows: pd.DataFrame | None, spec: BackendSpec, embed: Callable = embed_block, key: str = "",
     pieces: Sequence[feed.Piece] = (), feeders: int = 0,
 ) -> np.ndarray:  # fmt: skip
     """Dask task: the embeddings of ``rows``, their crops taken from this worker (the ``pieces`` of the parts it
-    found) or read."""
+    found) or read (``rows`` None: every piece is held by this worker)."""
     crops = feed.gather(source, rows, key, pieces, feeders, getattr(source, "read_unit", ()))
     try:
         return embed(crops, spec)
@@ -114,10 +114,12 @@ def stream_plan(
     fits = max(1, workers * MEMORY_PER_WORKER // per_task)
     if feeders is None:
         feeders = feed.default_feeders(max(1, threads // max(1, workers)))
-    # found crops wait in the workers: the same budget, and never less than two tasks' worth
-    held = max(2 * group * chunk, workers * MEMORY_PER_WORKER // cell)
+    window = int(max(1, min(fits, 2 * threads)))
+    # found crops wait in the workers: enough to fill the window twice over (the model never waits on finding), never
+    # more than the memory budget, and never less than two tasks' worth
+    held = max(2 * group * chunk, min(2 * window * group * chunk, workers * MEMORY_PER_WORKER // cell))
     parts = max(2, 2 * feeders * workers, threads)
-    return StreamPlan(chunk, group, int(max(1, min(fits, 2 * threads))), parts, held, feeders)
+    return StreamPlan(chunk, group, window, parts, held, feeders)
 
 
 class Writer:
@@ -146,6 +148,14 @@ class Writer:
         self.futures = [f for f in self.futures if not f.done()]
         if self.failed is not None:
             raise self.failed
+
+    def wait_below(self, n: int) -> None:
+        """Wait until fewer than ``n`` writes are queued (the caller's work outruns the store: results would pile up
+        in memory)."""
+        self.check()
+        while len(self.futures) >= n:
+            wait(self.futures, return_when=FIRST_COMPLETED)
+            self.check()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -227,6 +237,10 @@ class _Stream:
         from distributed import as_completed
 
         self.client, self.source, self.spec, self.store, self.plan = client, source, spec, store, plan
+        # the source and the spec go to each worker once, not with every task (a plate's source pickles its fields:
+        # 4 ms a task for 245 fields, most of the client's time per task)
+        self.source_f = client.scatter(source, broadcast=True, hash=False)
+        self.spec_f = client.scatter(spec, broadcast=True, hash=False)
         self.embed, self.progress = embed, progress
         self.cols = list(source.read_columns)
         self.key = uuid.uuid4().hex  # names this run's crops held by the workers
@@ -284,7 +298,7 @@ class _Stream:
                 return  # the model catches up first (it frees crops; nothing waits on a part not yet started)
             i = self.next_part
             fut = self.client.submit(
-                feed.find_part, self.source, self.parts[i], self.key, i, plan.feeders, pure=False, priority=0
+                feed.find_part, self.source_f, self.parts[i], self.key, i, plan.feeders, pure=False, priority=0
             )
             self.futures[fut.key] = (fut, "part", i)
             self.events.add(fut)
@@ -310,8 +324,8 @@ class _Stream:
             if self.store is not None and self.store.has_table and self.store.n != len(self.table):
                 raise OutputError(f"{self.store.path}: holds {self.store.n} cells, the source has {len(self.table)}")
             self.writer(self._finish_table)
-        elif self.rows.known > self.capacity:
-            self.capacity = self.rows.known
+        elif self.rows.known > self.capacity:  # room for twice as many: a few resizes for a plate of any size
+            self.capacity = max(self.rows.known, 2 * self.capacity)
             self.writer(lambda n=self.capacity: self.store.grow(n))
         self._submit()
         if self.first_rows is not None and had == 0:
@@ -323,7 +337,7 @@ class _Stream:
         self.phases["store_seconds"] = time.perf_counter() - t
 
     def _finish_table(self) -> None:
-        self.store.grow(len(self.table))
+        self.store.resize(len(self.table))  # the room grown ahead of the cells found goes
         if not self.store.has_table:
             self.store.write_table(self.table)
 
@@ -374,10 +388,14 @@ class _Stream:
             while j < min(last, i + self.plan.group) and not (j < len(self.done) and self.done[j]):
                 j += 1
             a, b = i * chunk, min(j * chunk, known)
-            rows = self.rows.rows(a, b, self.cols)
             pieces = self.rows.pieces(a, b)
+            # rows only where some crops may not be held where the task runs: a run resumed from a store with its cell
+            # table, or a cluster of several workers (a block's parts may have been found by two, and a task may move)
+            held = {self.holder.get(p.part) for p in pieces}
+            single = len({h for h in self.holder.values() if h is not None}) <= 1
+            rows = None if single and None not in held else self.rows.rows(a, b, self.cols)
             fut = self.client.submit(
-                read_and_embed, self.source, rows, self.spec, self.embed, self.key, pieces, self.plan.feeders,
+                read_and_embed, self.source_f, rows, self.spec_f, self.embed, self.key, pieces, self.plan.feeders,
                 pure=False, priority=1, **self._placement(pieces),
             )  # fmt: skip
             self.futures[fut.key] = (fut, "blocks", (i, j, b - a))
@@ -388,6 +406,9 @@ class _Stream:
     def _embedded(self, blocks: tuple[int, int, int], emb: np.ndarray) -> None:
         i, j, n = blocks
         self.writer(self._write_blocks, i, emb)
+        # embeddings wait in the writer's queue at most a window's worth: past that the store sets the pace (a 1M-cell
+        # plate's finished blocks would otherwise pile up in memory while the store catches up)
+        self.writer.wait_below(self.plan.window + 1)
         self.in_flight -= 1
         self.waiting -= n
         self.blocks_run += j - i
@@ -396,6 +417,8 @@ class _Stream:
     def close(self) -> None:
         for fut, _, _ in self.futures.values():  # what is still queued after a failure or an interruption
             fut.cancel()
+        for fut in (self.source_f, self.spec_f):
+            fut.release()
         self.writer.pool.shutdown(wait=True)
         try:  # crops a worker still holds for this run (after a failure: the blocks that never ran)
             self.client.run(feed.forget, self.key)
