@@ -159,6 +159,7 @@ def dask_client(scheduler: str | None = None, workers: int = 1, gpus: list[str] 
                 silence_logs=logging.CRITICAL if quiet else logging.WARNING,
             )
     client = Client(cluster)
+    client.scdino_own_cluster = True  # no worker joins it: a worker's crops stay where its tasks run (stream)
     if plugin is not None:
         client.register_plugin(plugin)
     try:

@@ -294,7 +294,9 @@ def _stream(cfg: RunConfig, client, source: CellSource, spec: BackendSpec, path,
             table = store.table() if store.has_table else None
             log.info("resuming %s: %d blocks done", cfg.out, int(store.done().sum()))
         workers, threads = _cluster_threads(client)
-        plan = stream_plan(spec, source, cfg.chunk_cells, workers, threads, feeders_per_worker(cfg, workers, threads))
+        feeders = feeders_per_worker(cfg, workers, threads)
+        own = getattr(client, "scdino_own_cluster", False)
+        plan = stream_plan(spec, source, cfg.chunk_cells, workers, threads, feeders, fixed=own)
         log.debug("stream: %s", plan)
         store, table, blocks_run, stream_phases = run_stream(
             client, source, spec, store, table, plan, cfg.progress, _embed_block,

@@ -96,13 +96,18 @@ class StreamPlan:
     parts: int = 2
     held: int = 1 << 30
     feeders: int = 0
+    #: tasks carry their rows even where a worker holds their crops: a cluster of several workers, or one that others
+    #: may join (Dask moves tasks between workers; one that moved reads its crops)
+    rows_always: bool = True
 
 
 def stream_plan(
-    spec: BackendSpec, source: CellSource, chunk: int, workers: int, threads: int, feeders: int | None = None
-) -> StreamPlan:
+    spec: BackendSpec, source: CellSource, chunk: int, workers: int, threads: int, feeders: int | None = None,
+    fixed: bool = False,
+) -> StreamPlan:  # fmt: skip
     """The :class:`StreamPlan` for ``spec`` on a cluster of ``workers`` workers with ``threads`` threads in all;
-    ``feeders`` per worker (None: one per core of a worker, where feeder processes can run)."""
+    ``feeders`` per worker (None: one per core of a worker, where feeder processes can run); ``fixed``: a cluster no
+    worker joins (this command's own)."""
     if spec.device == "cpu" and spec.kind != "null":
         group = 1
     else:
@@ -119,7 +124,7 @@ def stream_plan(
     # more than the memory budget, and never less than two tasks' worth
     held = max(2 * group * chunk, min(2 * window * group * chunk, workers * MEMORY_PER_WORKER // cell))
     parts = max(2, 2 * feeders * workers, threads)
-    return StreamPlan(chunk, group, window, parts, held, feeders)
+    return StreamPlan(chunk, group, window, parts, held, feeders, rows_always=not (fixed and workers == 1))
 
 
 class Writer:
@@ -390,10 +395,9 @@ class _Stream:
             a, b = i * chunk, min(j * chunk, known)
             pieces = self.rows.pieces(a, b)
             # rows only where some crops may not be held where the task runs: a run resumed from a store with its cell
-            # table, or a cluster of several workers (a block's parts may have been found by two, and a task may move)
-            held = {self.holder.get(p.part) for p in pieces}
-            single = len({h for h in self.holder.values() if h is not None}) <= 1
-            rows = None if single and None not in held else self.rows.rows(a, b, self.cols)
+            # table, or a cluster of several workers (a block's parts may have been found by two; a task may move)
+            held = all(self.holder.get(p.part) is not None for p in pieces)
+            rows = None if held and not self.plan.rows_always else self.rows.rows(a, b, self.cols)
             fut = self.client.submit(
                 read_and_embed, self.source_f, rows, self.spec_f, self.embed, self.key, pieces, self.plan.feeders,
                 pure=False, priority=1, **self._placement(pieces),

@@ -57,6 +57,9 @@ def test_stream_plan_sizes_tasks_by_device_and_memory():
     big_window = stream_plan(_spec("cuda", "torch", 256), src, 256, 8, 512, feeders=2)  # 1024 tasks of 2048 cells
     assert big_window.held == 8 * 262_144  # the budget of 8 workers
     assert stream_plan(_spec("cpu", "torch", 64), src, 256, 1, 2, feeders=0).parts == 2  # at least two
+    # tasks carry their rows unless the cluster is this command's own, of one worker (nowhere for a task to move)
+    assert plan.rows_always and not stream_plan(_spec("cpu", "torch", 64), src, 256, 1, 2, fixed=True).rows_always
+    assert stream_plan(_spec("cpu", "torch", 64), src, 256, 2, 4, fixed=True).rows_always
     assert stream_plan(_spec("cpu", "torch", 64), src, 256, 2, 16, feeders=3).parts == 16  # the threads, here
     # a GPU (or the null backend): about four batches per task, from 2048 to 8192 cells
     assert stream_plan(_spec("cuda", "torch", 256), src, 256, 1, 16).group == 8  # 2048 cells: 4 x 256 is fewer
