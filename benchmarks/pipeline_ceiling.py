@@ -210,17 +210,24 @@ def _wells(plate: str) -> list[str]:
     return [w["path"] for w in zarr.open_group(plate, mode="r").attrs["ome"]["plate"]["wells"]]
 
 
-def scale(plate: str, tmp: Path, sizes: list[int], per_field: int, threads: int, chunk: int) -> list[dict]:
-    """Null-backend runs on the first wells of one plate (one field each), from the smallest size to the largest."""
-    wells, rows = _wells(plate), []
+def scale(plate: str, tmp: Path, sizes: list[int], per_field: int, threads: int, chunk: int, repeats: int = 1):
+    """Null-backend runs on the first wells of one plate (one field each), the sizes in turn, ``repeats`` rounds;
+    medians of wall time and peak memory per size."""
+    wells, runs = _wells(plate), {n: [] for n in sizes}
+    for _ in range(repeats):
+        for n in sizes:
+            use = wells[: max(1, n // per_field)]
+            r = null_run(plate, tmp / f"scale{n}.zarr", threads, chunk, use)
+            runs[n].append(r)
+            print(f"  {r['n_cells']} cells: {r['wall_s']:.1f} s, {r['n_cells'] / r['wall_s']:.0f} cells/s, "
+                  f"peak {r['peak_pss_mb']:.0f} MB (PSS; RSS summed {r['peak_rss_mb']:.0f})", flush=True)  # fmt: skip
+            shutil.rmtree(tmp / f"scale{n}.zarr", ignore_errors=True)
+    rows = []
     for n in sizes:
-        use = wells[: max(1, n // per_field)]
-        r = null_run(plate, tmp / f"scale{n}.zarr", threads, chunk, use)
-        rows.append({"cells": r["n_cells"], "wall_s": r["wall_s"], "peak_pss_mb": r["peak_pss_mb"],
-                     "peak_rss_mb": r["peak_rss_mb"], **r["timing"]})  # fmt: skip
-        print(f"  {r['n_cells']} cells: {r['wall_s']:.1f} s, {r['n_cells'] / r['wall_s']:.0f} cells/s, "
-              f"peak {r['peak_pss_mb']:.0f} MB (PSS; RSS summed {r['peak_rss_mb']:.0f})", flush=True)  # fmt: skip
-        shutil.rmtree(tmp / f"scale{n}.zarr", ignore_errors=True)
+        rs = runs[n]
+        med = {k: float(np.median([r[k] for r in rs])) for k in ("wall_s", "peak_pss_mb", "peak_rss_mb")}
+        timing = {k: float(np.median([r["timing"][k] for r in rs])) for k in rs[0]["timing"] if k != "resumed"}
+        rows.append({"cells": rs[0]["n_cells"], **med, **timing, "runs": rs})
     return rows
 
 
@@ -254,7 +261,7 @@ def main() -> None:
     try:
         if sizes:
             th = len(os.sched_getaffinity(0))
-            rows = scale(plate, tmp, sizes, per_field, th, args.chunk_cells)
+            rows = scale(plate, tmp, sizes, per_field, th, args.chunk_cells, args.repeats)
             res = {"benchmark": "pipeline_scale", "field": args.field, "chunk_cells": args.chunk_cells, "threads": th}
             _scale_table(rows)
             write_results(args.out, {**res, "results": rows})

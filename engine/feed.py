@@ -440,15 +440,28 @@ def feeders(n: int) -> Feeders | None:
         return _POOL
 
 
-def stop_feeders() -> float:
-    """End this process's feeders (a run's end; also at exit); the CPU seconds they spent."""
-    global _POOL
+#: CPU seconds of this process's feeders that ended (see :func:`spent`)
+_SPENT = 0.0
+
+
+def stop_feeders() -> None:
+    """End this process's feeders (once a run found every cell, or at its end; also at exit)."""
+    global _POOL, _SPENT
     with _POOL_LOCK:
-        if _POOL is None:
-            return 0.0
-        _POOL.close()
-        spent, _POOL = _POOL.cpu_seconds, None
-        return spent
+        if _POOL is not None:
+            _POOL.close()
+            _SPENT += _POOL.cpu_seconds
+            _POOL = None
+
+
+def spent(reset: bool = False) -> float:
+    """The CPU seconds this process's feeders spent, those that ended since the last reset."""
+    global _SPENT
+    with _POOL_LOCK:
+        value = _SPENT
+        if reset:
+            _SPENT = 0.0
+        return value
 
 
 atexit.register(stop_feeders)

@@ -261,6 +261,7 @@ def _run(cfg: RunConfig) -> RunResult:
         from scdino.engine.cluster import visible_gpus
 
         gpus = visible_gpus()
+    feed.spent(reset=True)
     if not cfg.scheduler and not gpus and local_workers(cfg, spec.device) == 1:
         # the local CPU worker is a thread of this process: its feeders are forked now, before the cluster's threads
         feed.feeders(feeders_per_worker(cfg, 1, 1))
@@ -312,7 +313,8 @@ def _stream(cfg: RunConfig, client, source: CellSource, spec: BackendSpec, path,
         FIELDS.clear()  # an in-process worker's decoded fields and the checkpoint are not kept past the run
         forget_checkpoints()
         # this process's feeders (an in-process worker's); worker processes end theirs when they end
-        phases["feeders_cpu_seconds"] = feed.stop_feeders()
+        feed.stop_feeders()
+        phases["feeders_cpu_seconds"] = feed.spent(reset=True)
     phases.update(stream_phases, embed_seconds=time.perf_counter() - t)
     phases["process_cpu_seconds"] = time.process_time()  # this process's, from its start
     return store, table, blocks_run

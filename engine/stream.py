@@ -120,9 +120,9 @@ def stream_plan(
     if feeders is None:
         feeders = feed.default_feeders(max(1, threads // max(1, workers)))
     window = int(max(1, min(fits, 2 * threads)))
-    # found crops wait in the workers: enough to fill the window twice over (the model never waits on finding), never
-    # more than the memory budget, and never less than two tasks' worth
-    held = max(2 * group * chunk, min(2 * window * group * chunk, workers * MEMORY_PER_WORKER // cell))
+    # found crops wait in the workers: enough to fill the window (the model never waits on finding), never more than
+    # the memory budget, and never less than two tasks' worth
+    held = max(2 * group * chunk, min(window * group * chunk, workers * MEMORY_PER_WORKER // cell))
     parts = max(2, 2 * feeders * workers, threads)
     return StreamPlan(chunk, group, window, parts, held, feeders, rows_always=not (fixed and workers == 1))
 
@@ -320,6 +320,10 @@ class _Stream:
             self.found_s = time.perf_counter() - self.t0
             self.table = self.source.combine(self.rows.parts)  # an error when no part has a cell
             self.rows.settle(self.table)
+            if self.plan.feeders and not self.plan.rows_always:
+                # every field is found and its crops are in this worker: the feeders' memory goes now, not after the
+                # cell table and the store are written (a worker that needs one again starts it again)
+                self.client.run(feed.stop_feeders)
         elif not self.rows.known:
             return
         if self.store is None and not self.making:

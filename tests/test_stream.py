@@ -51,9 +51,9 @@ def test_stream_plan_sizes_tasks_by_device_and_memory():
     # a CPU model: one block per task, two tasks per thread
     plan = stream_plan(_spec("cpu", "torch", 64), src, 256, 1, 2, feeders=2)
     assert (plan.chunk, plan.group, plan.window) == (256, 1, 4)
-    # found crops wait: enough to fill the window twice (2 x 4 tasks of 256 cells), within the worker's budget (1536
-    # MiB of 3 x 32 x 32 uint16 crops, 6 KiB each: 262,144 cells); parts are searched two per feeder (2: 4 at a time)
-    assert (plan.held, plan.parts, plan.feeders) == (2048, 4, 2)
+    # found crops wait: enough to fill the window (4 tasks of 256 cells; at least two tasks), within the worker's
+    # budget (1536 MiB of 3 x 32 x 32 uint16 crops, 6 KiB each: 262,144 cells); parts are searched two per feeder
+    assert (plan.held, plan.parts, plan.feeders) == (1024, 4, 2)
     big_window = stream_plan(_spec("cuda", "torch", 256), src, 256, 8, 512, feeders=2)  # 1024 tasks of 2048 cells
     assert big_window.held == 8 * 262_144  # the budget of 8 workers
     assert stream_plan(_spec("cpu", "torch", 64), src, 256, 1, 2, feeders=0).parts == 2  # at least two
