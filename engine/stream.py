@@ -318,12 +318,12 @@ class _Stream:
         if self.rows.complete:
             self.fields.close()
             self.found_s = time.perf_counter() - self.t0
+            if self.plan.feeders and not self.plan.rows_always:
+                # every field is found and its crops are in this worker: the feeders' memory goes now, before the
+                # cell table is put together and written (a worker that needs one again starts it again)
+                self.client.run(feed.stop_feeders)
             self.table = self.source.combine(self.rows.parts)  # an error when no part has a cell
             self.rows.settle(self.table)
-            if self.plan.feeders and not self.plan.rows_always:
-                # every field is found and its crops are in this worker: the feeders' memory goes now, not after the
-                # cell table and the store are written (a worker that needs one again starts it again)
-                self.client.run(feed.stop_feeders)
         elif not self.rows.known:
             return
         if self.store is None and not self.making:
