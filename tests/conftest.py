@@ -13,6 +13,8 @@ import torch
 
 from scdino.engine.sample import FieldImage, write_plate, write_sample_plate
 from scdino.models import arch_config, build_model
+from scdino.models.card import ModelCard
+from scdino.preprocess import Preprocessing
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 # the session's own cache of ONNX exports (runs on a CPU use it): shared by every test, never the user's
@@ -129,3 +131,13 @@ def sklearn_knn_top1(x: np.ndarray, y: np.ndarray, k: int, temperature: float = 
     clf = KNeighborsClassifier(k, metric="cosine", weights=lambda d: np.exp((1 - d) / temperature), algorithm="brute")
     clf.fit(x[tr], y[tr])
     return float((clf.predict(x[te]) == y[te]).mean())
+
+
+def stand_in_card(**fields) -> ModelCard:
+    """The card of a stand-in exported model (2 channels of uint16 crops, 8 px, a ViT-test/16 at 32 px, untrained), with
+    ``fields`` in place of those given: for backend tests that never open a real model file."""
+    base = dict(
+        spec="m.onnx", format="onnx", arch="vit_test16", embed_dim=6, input_size=32, preprocessing=Preprocessing(32),
+        untrained=True, in_chans=2, channels=None, checkpoint_sha256=None, dtype="uint16", crop_size=8,
+    )  # fmt: skip
+    return ModelCard(**{**base, **fields})

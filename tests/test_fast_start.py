@@ -190,6 +190,9 @@ def test_a_random_models_card_is_the_card_of_the_model_built(spec, kw):
         describe_model("random:vit_tiny16", n_channels=3, input_size=30)
     with pytest.raises(ConfigError, match="how many"):
         describe_model("random:vit_tiny16")
-    code = "import sys; from scdino.models.card import describe_model; describe_model(%r, n_channels=3); print('torch' in sys.modules)"
+    code = (
+        "import sys; from scdino.models.card import describe_model; describe_model(%r, n_channels=3); "
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code % spec], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -12,6 +12,7 @@ import pytest
 import torch
 from fake_tensorrt import FakeContext, HostMemory, expected, write_plan
 
+from conftest import stand_in_card
 from scdino.engine import backends
 from scdino.engine.backends.base import BackendSpec
 from scdino.errors import ScdinoError
@@ -25,20 +26,11 @@ def plan_spec(tmp_path, batch=4, dim=6, **plan):
     """A stand-in plan (tests/fake_tensorrt.py) of 2 channels, 8 px crops, ``dim`` wide, tuned for ``batch``, and the
     backend spec of its card."""
     write_plan(tmp_path / "m.plan", width=dim, batches=(1, batch, 256), **plan)
-    card = ModelCard(
+    card = stand_in_card(
         spec=str(tmp_path / "m.plan"),
         format="plan",
-        arch="vit_test16",
         embed_dim=dim,
-        input_size=32,
-        preprocessing=Preprocessing(32),
-        untrained=True,
-        in_chans=2,
-        channels=None,
-        checkpoint_sha256=None,
         precision="fp16",
-        dtype="uint16",
-        crop_size=8,
         plan=PlanInfo("10.9.0", "fake", "9.0", 256, "int32"),
     )
     return BackendSpec(card=card, n_channels=2, kind="tensorrt", device="cuda", batch_size=batch)

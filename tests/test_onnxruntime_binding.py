@@ -8,10 +8,9 @@ path: tests/test_gpu.py.)"""
 import numpy as np
 import pytest
 
+from conftest import stand_in_card
 from scdino.engine.backends import onnxruntime_backend as ortb
 from scdino.engine.backends.base import BackendSpec
-from scdino.models.card import ModelCard
-from scdino.preprocess import Preprocessing
 
 DIM = 6
 
@@ -134,20 +133,7 @@ def stub_ort(calls: list, graph_dtype=np.uint16):
 
 
 def spec(device: str, batch: int = 4) -> BackendSpec:
-    card = ModelCard(
-        spec="m.onnx",
-        format="onnx",
-        arch="vit_test16",
-        embed_dim=DIM,
-        input_size=32,
-        preprocessing=Preprocessing(32),
-        untrained=True,
-        in_chans=2,
-        channels=None,
-        checkpoint_sha256=None,
-        dtype="uint16",
-        crop_size=8,
-    )
+    card = stand_in_card(spec="m.onnx", format="onnx", embed_dim=DIM)
     return BackendSpec(card=card, n_channels=2, kind="onnxruntime", device=device, batch_size=batch)
 
 

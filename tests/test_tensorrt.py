@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from fake_tensorrt import FakeContext, HostMemory, expected, write_plan
 
+from conftest import stand_in_card
 from scdino.batches import plan_batches
 from scdino.engine.backends.base import BackendSpec
 from scdino.errors import CheckpointError, ConfigError
@@ -236,20 +237,11 @@ def test_an_inspector_that_says_nothing_leaves_the_precision_asked(vit8_onnx, tm
 
 def plan_card(tmp_path, **plan) -> BackendSpec:
     write_plan(tmp_path / "m.plan", **plan)
-    card = ModelCard(
+    card = stand_in_card(
         spec=str(tmp_path / "m.plan"),
         format="plan",
-        arch="vit_test16",
         embed_dim=6,
-        input_size=32,
-        preprocessing=Preprocessing(32),
-        untrained=True,
-        in_chans=2,
-        channels=None,
-        checkpoint_sha256=None,
         precision="fp16",
-        dtype="uint16",
-        crop_size=8,
         plan=PlanInfo("10.9.0", "fake", "9.0", 256, "int32"),
         details={"source_onnx": "m.onnx"},
     )
