@@ -11,8 +11,9 @@ each block of cells is submitted the moment its rows are known, so that finding 
   enough on a GPU (or with the null backend) for about four batches, so that the per-task cost of Dask is a small
   part of a task. At most ``window`` embedding tasks are in flight: twice the cluster's threads, fewer where their
   raw crops would not fit a memory budget per worker (:data:`MEMORY_PER_WORKER`). Parts are searched at most
-  ``parts`` at a time, and none is started while the crops found and not yet embedded exceed ``held`` cells, so a
-  plate of any size holds a bounded number of crops.
+  ``parts`` at a time, and none is started while the crops found and not yet embedded exceed ``held`` cells (one
+  window of tasks); finished embeddings wait for the writer at most a window deep. A plate of any size holds a
+  bounded number of crops and embeddings.
 * **Writes** go through one writer thread, in the order they were asked for (grow the store, write blocks, write the
   table), so that the client submits the next task at once; the first failed write stops the writes after it.
 * **Resume.** Blocks already done are never submitted again; a store whose cell table was not yet written (the run
