@@ -369,9 +369,9 @@ class _Stream:
         a, b = i * chunk, min(known, (i + 1) * chunk)
         pieces = self.rows.pieces(a, b)
         self.waiting -= b - a
-        where = self._placement(pieces)
-        if where:  # kept in futures until it ran: a future let go of may be cancelled before it runs
-            fut = self.client.submit(feed.release, self.key, pieces, pure=False, priority=2, **where)
+        if any(self.holder.get(p.part) is not None for p in pieces):  # a worker holds their crops (maybe ours: "")
+            # kept in futures until it ran: a future let go of may be cancelled before it runs
+            fut = self.client.submit(feed.release, self.key, pieces, pure=False, priority=2, **self._placement(pieces))
             self.futures[fut.key] = (fut, "release", None)
             self.events.add(fut)
 
@@ -430,7 +430,8 @@ class _Stream:
             fut.release()
         self.writer.pool.shutdown(wait=True)
         try:  # crops a worker still holds for this run (after a failure: the blocks that never ran)
-            self.client.run(feed.forget, self.key)
+            left = sum(self.client.run(feed.forget, self.key).values())
+            log.debug("parts whose crops were still held at the end: %d", left)
         except Exception as exc:  # the cluster went away with the failure: nothing is held then
             log.debug("could not free the run's crops on the workers: %s", exc)
         for bar in (self.fields, self.bar):

@@ -1,5 +1,6 @@
 """The embedding stream: cells found part by part, blocks submitted as soon as their rows are known, one writer."""
 
+import logging
 import threading
 import time
 from dataclasses import replace
@@ -156,7 +157,7 @@ def test_embedding_starts_before_the_last_field_is_searched(tiny_plate, tmp_path
     assert min(embeds) < max(found)  # the first field's blocks ran while the others were still to be searched
 
 
-def test_a_run_stopped_while_cells_are_found_resumes_to_the_same_embeddings(tiny_plate, tmp_path, monkeypatch):
+def test_a_run_stopped_while_cells_are_found_resumes_to_the_same_embeddings(tiny_plate, tmp_path, monkeypatch, caplog):
     """Stopped before the cell table is written (some blocks already are), the rerun finds the cells again, skips
     the blocks done, and ends with the embeddings of an uninterrupted run, bit for bit."""
     ref, out = tmp_path / "ref.zarr", tmp_path / "o.zarr"
@@ -185,8 +186,11 @@ def test_a_run_stopped_while_cells_are_found_resumes_to_the_same_embeddings(tiny
     done = int(output_mod.EmbeddingStore(str(out)).done().sum())
     assert 0 < done < full.blocks_run
     monkeypatch.setattr(output_mod.EmbeddingStore, "write_table", real)
-    again = run(replace(cfg, out=str(out)))
+    with caplog.at_level(logging.DEBUG, logger="scdino.engine.stream"):
+        again = run(replace(cfg, out=str(out)))
     assert again.resumed and again.blocks_run == full.blocks_run - done
+    # the crops of the blocks found done again were let go as they were skipped, not held to the end
+    assert "parts whose crops were still held at the end: 0" in caplog.messages
     a, b = ad.read_zarr(ref), ad.read_zarr(out)
     assert list(a.obs_names) == list(b.obs_names)
     pd.testing.assert_frame_equal(a.obs, b.obs)
