@@ -34,6 +34,7 @@ import threading
 import traceback
 import warnings
 import weakref
+import zlib
 from collections import deque
 from dataclasses import dataclass
 from multiprocessing import reduction
@@ -399,8 +400,8 @@ class Feeders:
         self.close()
         return FeederDied(
             f"feeder process {child.pid} ended ({how}) while running {getattr(fn, '__name__', fn)}; signal 9 is "
-            "usually the system running out of memory: run again (the run resumes) with fewer --feeders or a smaller "
-            "--chunk-cells"
+            "usually the system running out of memory (each feeder holds a decoded field and its crops): run again "
+            "(the run resumes) with fewer --feeders, or --feeders 0"
         )
 
     def close(self) -> None:
@@ -587,8 +588,6 @@ def _read_rows(source, rows: pd.DataFrame, key: str, n_feeders: int, unit: Seque
 
 
 def _stable_hash(values: tuple) -> int:
-    import zlib
-
     return zlib.crc32("\0".join(values).encode())
 
 

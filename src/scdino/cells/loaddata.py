@@ -29,7 +29,17 @@ from scdino._optional import require
 from scdino.cells.base import FoundByParts, describe, field_cell_names, no_cells_message
 from scdino.cells.options import CellOptions
 from scdino.cells.plate import canonical_well
-from scdino.cells.table import FIELDS, centred_cells, crop_pixels, cut_crops, empty_table, image_cells, select_channels
+from scdino.cells.table import (
+    FIELDS,
+    OneRead,
+    centred_cells,
+    crop_pixels,
+    cut_crops,
+    empty_table,
+    image_cells,
+    select_channels,
+    table_crops,
+)
 from scdino.errors import ConfigError, InputError
 
 KEYS = ("Metadata_Plate", "Metadata_Well", "Metadata_Site")
@@ -335,16 +345,10 @@ class LoadDataSource(FoundByParts):
 
     def cells_and_crops(self, site: Site, alloc: Callable = np.empty) -> tuple[pd.DataFrame, np.ndarray]:
         """The cells of one image set and their crops, each of its TIFF files read once."""
-        wanted = sorted(set(self.channels) | (set() if self.objects else set(self.seg_channels)))
-        pixels = self.field(site, tuple(wanted))
-        at = {c: k for k, c in enumerate(wanted)}
-        table = self.cells_of(site, None if self.objects else pixels[[at[c] for c in self.seg_channels]])
-        model = pixels if wanted == list(self.channels) else pixels[[at[c] for c in self.channels]]
-        crops = alloc((len(table), len(self.channels), self.crop_size, self.crop_size), self.dtype)
-        if len(table):
-            y0s, x0s = table["crop_y0"].to_numpy(), table["crop_x0"].to_numpy()
-            cut_crops(model, (0, 0), model.shape[1:], y0s, x0s, crops, np.arange(len(table)))
-        return table, crops
+        read = OneRead(self.channels, () if self.objects else self.seg_channels)
+        pixels = self.field(site, tuple(read.wanted))
+        table = self.cells_of(site, None if self.objects else read.pick(pixels, self.seg_channels))
+        return table, table_crops(read.pick(pixels, self.channels), table, self.crop_size, self.dtype, alloc)
 
     def no_cells(self) -> str:
         return no_cells_message(

@@ -176,23 +176,43 @@ def field_cells_and_crops(
     crops array (a feeder process allocates it in memory it hands to its parent without a copy)."""
     plan = plan_field(plate, ref, opts)
     where = f"{plate.path}/{ref.path}"
-    wanted = sorted(set(plan.channels) | set(plan.seg_channels))
-    pixels = plate.read(ref, wanted)
-    at = {c: k for k, c in enumerate(wanted)}
+    read = OneRead(plan.channels, plan.seg_channels)
+    pixels = plate.read(ref, read.wanted)
     labels = plate.labels(ref, opts.labels) if opts.labels else None
     keys = {"plate": plate.name, "well": ref.well, "field": ref.field}
-    seg = (
-        pixels[[at[c] for c in plan.seg_channels]]
-        if len(plan.seg_channels) > 1
-        else pixels[at[plan.seg_channels[0]]][None]
-    )
+    seg = read.pick(pixels, plan.seg_channels)
     table = image_cells(seg, labels, plan.crop, opts, keys, where, f"{where}/labels/{opts.labels}")
-    model = pixels if wanted == list(plan.channels) else pixels[[at[c] for c in plan.channels]]
-    crops = alloc((len(table), len(plan.channels), plan.crop, plan.crop), np.dtype(dtype))
+    return table, table_crops(read.pick(pixels, plan.channels), table, plan.crop, dtype, alloc)
+
+
+class OneRead:
+    """The channels of a field read once for both the model (``channels``) and the segmentation (``seg``): which to
+    read, in ascending order (neighbours read as one slice), and each set's planes from what was read."""
+
+    def __init__(self, channels: Sequence[int], seg: Sequence[int] = ()) -> None:
+        self.wanted = sorted(set(channels) | set(seg))
+        self.at = {c: k for k, c in enumerate(self.wanted)}
+
+    def pick(self, pixels: np.ndarray, channels: Sequence[int]) -> np.ndarray:
+        """The planes of ``channels`` (C, Y, X), in their order: ``pixels`` itself or a view where they are all of it
+        or one plane, else a copy."""
+        if list(channels) == self.wanted:
+            return pixels
+        if len(channels) == 1:
+            return pixels[self.at[channels[0]]][None]
+        return pixels[[self.at[c] for c in channels]]
+
+
+def table_crops(
+    pixels: np.ndarray, table: pd.DataFrame, crop: int, dtype: np.dtype, alloc: Callable = np.empty
+) -> np.ndarray:
+    """The crops (n, C, crop, crop) of ``table``'s cells cut from a whole field's ``pixels`` (C, Y, X), in a new array
+    ``alloc(shape, dtype)`` makes."""
+    crops = alloc((len(table), pixels.shape[0], crop, crop), np.dtype(dtype))
     if len(table):
-        rows = np.arange(len(table))
-        cut_crops(model, (0, 0), model.shape[1:], table["crop_y0"].to_numpy(), table["crop_x0"].to_numpy(), crops, rows)
-    return table, crops
+        y0s, x0s = table["crop_y0"].to_numpy(), table["crop_x0"].to_numpy()
+        cut_crops(pixels, (0, 0), pixels.shape[1:], y0s, x0s, crops, np.arange(len(table)))
+    return crops
 
 
 def image_cells(
