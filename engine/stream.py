@@ -11,7 +11,7 @@ each block of cells is submitted the moment its rows are known, so that finding 
   enough on a GPU (or with the null backend) for about four batches, so that the per-task cost of Dask is a small
   part of a task. At most ``window`` embedding tasks are in flight: twice the cluster's threads, fewer where their
   raw crops would not fit a memory budget per worker (:data:`MEMORY_PER_WORKER`). Parts are searched at most
-  ``parts`` at a time, and none is started while the crops found and not yet embedded exceed ``held`` cells (one
+  ``parts`` at a time (a thread per worker is always left for embedding), and none is started while the crops found and not yet embedded exceed ``held`` cells (one
   window of tasks); finished embeddings wait for the writer at most a window deep. A plate of any size holds a
   bounded number of crops and embeddings.
 * **Writes** go through one writer thread, in the order they were asked for (grow the store, write blocks, write the
@@ -124,7 +124,9 @@ def stream_plan(
     # found crops wait in the workers: enough to fill the window (the model never waits on finding), never more than
     # the memory budget, and never less than two tasks' worth
     held = max(2 * group * chunk, min(window * group * chunk, workers * MEMORY_PER_WORKER // cell))
-    parts = max(2, 2 * feeders * workers, threads)
+    # two parts per feeder, but never every thread: a worker keeps at least one thread free for embedding (a thread
+    # that waits on a feeder cannot run the first field's blocks while the others are searched)
+    parts = max(1, min(2 * max(1, feeders) * workers, threads - workers))
     return StreamPlan(chunk, group, window, parts, held, feeders, rows_always=not (fixed and workers == 1))
 
 
