@@ -20,7 +20,8 @@ from scdino.cells.options import DEFAULT_CROP_SIZE
 from scdino.errors import ConfigError
 from scdino.export.verify import verify
 from scdino.models.card import ModelCard, describe_model
-from scdino.models.sidecar import write_sidecar
+from scdino.models.checkpoint import sha256_of
+from scdino.models.sidecar import with_file_hash, write_sidecar
 from scdino.outputs import claim_file
 from scdino.preprocess import Preprocessing
 from scdino.progress import heartbeat
@@ -107,6 +108,7 @@ def export_onnx(
         meta["export_seconds"] = round(time.perf_counter() - t0, 2)
         with heartbeat(f"verifying {out.name} against PyTorch"):
             meta["verification"] = verify(str(tmp), lm, meta, verify_with, tolerance)
+        meta = with_file_hash(meta, "onnx", sha256_of(tmp))  # the sidecar proves which graph it describes
         # the sidecar first: a model file is never left without the sidecar that says scdino wrote it
         write_sidecar(out, meta)
         os.replace(tmp, out)

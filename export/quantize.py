@@ -24,7 +24,8 @@ from scdino.errors import ConfigError
 from scdino.export.verify import VerificationError, compare, fit_crops
 from scdino.knn import K, dominant_channel_labels, knn_predict
 from scdino.models.card import check_onnx_file
-from scdino.models.sidecar import read_sidecar, write_sidecar
+from scdino.models.checkpoint import sha256_of
+from scdino.models.sidecar import check_identity, read_sidecar, with_file_hash, write_sidecar
 from scdino.outputs import claim_file, partial_file
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,9 @@ def quantize(
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     meta = read_sidecar(model)
-    check_onnx_file(str(model))  # a truncated or damaged file: one line before any work
+    proto = check_onnx_file(str(model))  # a truncated or damaged file: one line before any work
+    check_identity(model, meta, "onnx", sha256_of(model), proto)  # and the graph its sidecar describes
+    del proto
     if meta.get("precision") != "fp32":
         raise ConfigError(f"{model}: quantise an fp32 export, not {meta.get('precision')}")
     if target not in ("cpu", "tensorrt") or (target == "tensorrt" and method != "static"):
@@ -131,6 +134,7 @@ def quantize(
         report = _report(method, target, weights, tried, crops, ref, q, diff, meta["in_chans"])
         report["seconds"] = round(time.perf_counter() - t0, 2)
         qmeta = {**meta, "precision": "int8", "quantization": report, "source_onnx": str(model)}
+        qmeta = with_file_hash(qmeta, "onnx", sha256_of(dest))
         # copied beside OUT, then moved into place after its sidecar: a full disk leaves no partial file
         with partial_file(out, out.with_name(out.stem + ".partial.onnx")) as part:
             shutil.copyfile(dest, part)

@@ -26,6 +26,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -41,7 +42,7 @@ from scdino.errors import ConfigError, ScdinoError
 from scdino.export.tensorrt_plan import RULE, PlanIO, PrecisionReport, check_plan_io, inspect_engine, plan_io
 from scdino.models.card import describe_model
 from scdino.models.plan import gpu_identity
-from scdino.models.sidecar import read_sidecar, write_sidecar
+from scdino.models.sidecar import read_sidecar, with_file_hash, write_sidecar
 from scdino.outputs import claim_file
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,7 @@ def build_engine(
             "timing_cache": str(cache_path),
         },
     }
+    pmeta = with_file_hash(pmeta, "plan", hashlib.sha256(memoryview(serialized)).hexdigest())
     write_sidecar(out, pmeta)
     return pmeta
 

@@ -2,7 +2,9 @@
 the inspector JSON in the shapes each version documents (tests/data/tensorrt1*_inspector.json): the plan's precision,
 its tensors and profile, the profile's default opt batch, the build's sidecar and the backend's checks."""
 
+import hashlib
 import json
+import shutil
 import sys
 
 import fake_tensorrt
@@ -183,6 +185,10 @@ def test_a_built_plan_records_its_profile_tensors_and_precision_and_runs(vit8_on
         "float32",
     )
     assert meta["input_dtype"] == "int32"
+    # the sidecar proves which plan it is, and which graph the plan was built from (hashed here, independently)
+    assert meta["plan_sha256"] == hashlib.sha256(plan.read_bytes()).hexdigest()
+    assert meta["source_graph_sha256"] == hashlib.sha256(vit8_onnx.read_bytes()).hexdigest()
+    assert "graph_sha256" not in meta
     # the precision as the plan's layers report it (the sample is an fp16 plan; fp32 was asked), and where from
     assert meta["precision"] == "fp16" and t["asked"] == "fp32" and t["precision_from"] == "engine inspector"
     report = t["precision_report"]
@@ -205,6 +211,28 @@ def test_a_built_plan_records_its_profile_tensors_and_precision_and_runs(vit8_on
     card = describe_model(str(plan), n_channels=2, crop_size=16)
     with pytest.raises(CheckpointError, match="input name 'crops' \\(sidecar: 'images'\\)"):
         TensorRTBackend(BackendSpec(card=card, n_channels=2, kind="tensorrt", device="cuda"), memory=HostMemory())
+
+
+def test_a_plan_file_swapped_under_a_sidecar_is_refused_and_so_is_a_swapped_graph(vit8_onnx, tmp_path, monkeypatch):
+    from scdino.export import tensorrt_build
+    from scdino.export.onnx_export import export_onnx
+    from scdino.models import describe_model
+
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt.make("10.9.0"))
+    monkeypatch.setattr(tensorrt_build, "gpu_identity", lambda: {"gpu": "fake", "compute_capability": "9.0"})
+    tensorrt_build.build_engine(vit8_onnx, tmp_path / "a.plan")
+    (tmp_path / "b.plan").write_bytes((tmp_path / "a.plan").read_bytes() + b"other")  # another plan's bytes
+    shutil.copyfile(sidecar_path(tmp_path / "a.plan"), sidecar_path(tmp_path / "b.plan"))
+    with pytest.raises(CheckpointError, match="b.plan: not the model its sidecar b.plan.json describes"):
+        describe_model(str(tmp_path / "b.plan"), n_channels=2, crop_size=16)
+    # a build from a graph that is not its sidecar's: refused before anything is built
+    other = tmp_path / "o.onnx"
+    export_onnx(describe_model("random:vit_test8", n_channels=2, input_size=160, seed=5), other, crop_size=16)
+    shutil.copyfile(other, tmp_path / "swapped.onnx")
+    shutil.copyfile(sidecar_path(vit8_onnx), sidecar_path(tmp_path / "swapped.onnx"))
+    with pytest.raises(CheckpointError, match="not the model its sidecar swapped.json describes"):
+        tensorrt_build.build_engine(tmp_path / "swapped.onnx", tmp_path / "s.plan")
+    assert not (tmp_path / "s.plan").exists()
 
 
 def test_the_command_builds_for_the_engines_batch_and_says_how(vit8_onnx, tmp_path, monkeypatch):

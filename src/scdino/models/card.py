@@ -23,7 +23,7 @@ from scdino._optional import require
 from scdino.errors import CheckpointError, ConfigError
 from scdino.models.checkpoint import sha256_of
 from scdino.models.checks import check_channels, display_name
-from scdino.models.sidecar import read_sidecar
+from scdino.models.sidecar import HASH_KEY, check_identity, read_sidecar
 from scdino.preprocess import Preprocessing
 
 if TYPE_CHECKING:
@@ -267,11 +267,12 @@ def _random_card(
     )
 
 
-def check_onnx_file(path: str) -> None:
-    """Refuse an ONNX file that does not parse (truncated or damaged), before a run starts any work with it."""
+def check_onnx_file(path: str) -> Any:
+    """Refuse an ONNX file that does not parse (truncated or damaged), before a run starts any work with it. Returns
+    the parsed model (its graph's declared shapes are checked against the sidecar by :func:`check_identity`)."""
     onnx = require("onnx")
     try:
-        onnx.load_model(path, load_external_data=False)
+        return onnx.load_model(path, load_external_data=False)
     except FileNotFoundError as exc:
         raise CheckpointError(f"{path}: no such file; pass the path of an exported model.onnx") from exc
     except Exception as exc:  # protobuf's DecodeError and onnx's own errors: the bytes are not a model
@@ -301,8 +302,10 @@ def _exported_card(
     verified_sha256: str | None,
 ) -> ModelCard:
     meta = read_sidecar(spec)
-    if fmt == "onnx" and verified_sha256 is None:
-        check_onnx_file(spec)
+    sha = verified_sha256 or sha256_of(spec)
+    proto = check_onnx_file(spec) if fmt == "onnx" and verified_sha256 is None else None
+    if verified_sha256 is None or meta.get(HASH_KEY[fmt]):  # the export cache checked its own entry's sha256
+        check_identity(spec, meta, fmt, sha, proto)
     names = tuple(meta["channels"]) if meta.get("channels") else None
     if n is not None:
         check_channels(spec, int(meta["in_chans"]), names, n, channels, available)
@@ -334,7 +337,7 @@ def _exported_card(
         channels=names,
         checkpoint_sha256=meta.get("checkpoint_sha256"),
         precision=meta["precision"],
-        exported_sha256=verified_sha256 or sha256_of(spec),
+        exported_sha256=sha,
         dtype=meta["dtype"],
         crop_size=int(meta["crop_size"]),
         plan=plan,
