@@ -15,6 +15,7 @@ import zarr
 
 from scdino._optional import require
 from scdino.cells.cropstore import ATTR
+from scdino.cells.pixels import check_finite
 from scdino.errors import ConfigError, InputError
 from scdino.outputs import claim_new, discard, mark
 from scdino.progress import Progress
@@ -96,6 +97,7 @@ def _write(tifffile, folder: Path, out: str, files, classes, first, names, chann
                         f"{p}: crop {img.shape} {img.dtype}; the first crop ({files[0][1].name}) is "
                         f"{(c, s, s)} {first.dtype}: every crop of a store must have the same shape"
                     )
+                check_finite(img, str(p), names)
                 buf[i] = img
             arr[a : a + len(part)] = buf[: len(part)]
             bar.update(len(part))

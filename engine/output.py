@@ -14,7 +14,7 @@ import logging
 import os
 import warnings
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -117,14 +117,17 @@ class EmbeddingStore:
         self.n = n
         self.group.attrs["scdino"] = {**dict(self.group.attrs["scdino"]), "n_cells": n}
 
-    def write_table(self, table: pd.DataFrame) -> None:
-        """The finished cell table as ``obs`` (one row per cell of the store, in order)."""
+    def write_table(self, table: pd.DataFrame, counts: dict[str, np.ndarray] | None = None) -> None:
+        """The finished cell table as ``obs`` (one row per cell of the store, in order), and ``counts`` (cells found
+        and embedded per field, :func:`field_counts`) as ``uns["scdino"]["fields"]``."""
         from anndata.io import write_elem
 
         if len(table) != self.n:
             raise OutputError(f"{self.path}: a cell table of {len(table)} rows for a store of {self.n} cells")
         with quiet_zarr():
             write_elem(self.group, "obs", cell_obs(self.path, table, {"source": run_source(self.path)}))
+            if counts is not None:
+                write_elem(self.group["uns"]["scdino"], "fields", counts)
         self.group.attrs["scdino"] = {**dict(self.group.attrs["scdino"]), "table": True}
         consolidate(self.path)
 
@@ -314,3 +317,18 @@ def write_obs_column(path: str, name: str, values) -> None:
     with quiet_zarr():
         write_elem(g, "obs", obs)
     consolidate(path)
+
+
+def field_counts(parts: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray] | None:
+    """Cells found and embedded per field, from the ``attrs`` of each part's table (:func:`scdino.cells.table.counted`):
+    one array per column (a plate of 10,000 fields is a handful of arrays, not 10,000 groups). None where the parts
+    say nothing of fields (a crop store's cells are all embedded)."""
+    parts = [p for p in parts if "keys" in p]
+    if not parts:
+        return None
+    cols = list(parts[0]["keys"])
+    out: dict[str, np.ndarray] = {c: np.array([str(p["keys"].get(c, "")) for p in parts]) for c in cols}
+    out["found"] = np.array([int(p["found"]) for p in parts], np.int64)
+    out["embedded"] = np.array([int(p["embedded"]) for p in parts], np.int64)
+    out["dropped"] = np.array([str(p.get("dropped") or "") for p in parts])
+    return out

@@ -99,7 +99,13 @@ def write_plate(
             for lname, lab in f.labels.items():
                 lextra = {k: {a: v[a] for a in ("y", "x")} for k, v in extra.items()}
                 writer.write_labels(
-                    lab.astype(np.uint32), g, name=lname, axes="yx", fmt=fmt, scale_factors=[], **lextra
+                    lab.astype(np.int32 if np.issubdtype(lab.dtype, np.signedinteger) else np.uint32),
+                    g,
+                    name=lname,
+                    axes="yx",
+                    fmt=fmt,
+                    scale_factors=[],
+                    **lextra,
                 )
     return path
 

@@ -37,7 +37,7 @@ import pandas as pd
 from scdino.cells.source import CellSource
 from scdino.engine import feed
 from scdino.engine.backends import BackendSpec, using
-from scdino.engine.output import EmbeddingStore
+from scdino.engine.output import EmbeddingStore, field_counts
 from scdino.errors import OutputError
 from scdino.progress import Progress
 
@@ -273,6 +273,7 @@ class _Stream:
         self.next_part = 0
         self.parts_in_flight = 0
         self.waiting = 0  # cells found and not yet embedded (or found done)
+        self.counts: list[dict[str, Any]] = []  # per field: its keys, cells found and embedded (uns["fields"])
 
     def run(self, table: pd.DataFrame | None) -> tuple[pd.DataFrame, int, dict[str, float]]:
         self.parts = [None] if table is not None else list(self.source.parts)
@@ -313,7 +314,18 @@ class _Stream:
             self.next_part += 1
             self.parts_in_flight += 1
 
+    def _count(self, i: int, part: pd.DataFrame) -> None:
+        """Count a part's cells found and kept; a field whose found cells were all dropped is named."""
+        if "keys" not in part.attrs:  # a cell table read back from a resumed store: counted by the run that wrote it
+            return
+        self.counts.append({**part.attrs, "part": i, "embedded": len(part)})
+        if part.attrs["found"] and not len(part):
+            name = "/".join(str(v) for v in part.attrs["keys"].values())
+            why = part.attrs.get("dropped") or "none was kept"
+            log.warning("%s: all %d cells found there were dropped: %s", name, part.attrs["found"], why)
+
     def _found(self, i: int, part: pd.DataFrame) -> None:
+        self._count(i, part)
         had = self.rows.known
         self.rows.add(i, part)
         self.waiting += len(part)
@@ -351,7 +363,7 @@ class _Stream:
     def _finish_table(self) -> None:
         self.store.resize(len(self.table))  # the room grown ahead of the cells found goes
         if not self.store.has_table:
-            self.store.write_table(self.table)
+            self.store.write_table(self.table, field_counts(sorted(self.counts, key=lambda c: c["part"])))
 
     def _write_blocks(self, i: int, emb: np.ndarray) -> None:
         self.store.write_blocks(i, emb)

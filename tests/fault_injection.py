@@ -382,6 +382,48 @@ def input_cases() -> list[Case]:
             ALL,
         ),
         Case(
+            "NaN pixels, built-in segmentation",
+            "engine",
+            ["run", "{ws}/nan.zarr", "--model", "random:vit_test16", "--crop-size", "16", "--out", "{ws}/o11.zarr"],
+            ("nan.zarr/A/1/1", "channel GFP", "non-finite pixels (NaN, +inf)", "Replace them"),
+            ALL,
+            _bad_pixel_plates,
+        ),
+        Case(
+            "NaN pixels, stored labels",
+            "engine",
+            ["run", "{ws}/nan.zarr", "--labels", "nuclei", "--model", "random:vit_test16", "--crop-size", "16",
+             "--out", "{ws}/o12.zarr"],
+            ("nan.zarr/A/1/1", "channel GFP", "16 non-finite pixels"),
+            ALL,
+            _bad_pixel_plates,
+        ),  # fmt: skip
+        Case(
+            "negative labels",
+            "engine",
+            ["run", "{ws}/neg.zarr", "--labels", "nuclei", "--model", "random:vit_test16", "--crop-size", "16",
+             "--out", "{ws}/o13.zarr"],
+            ("neg.zarr/B/2/0/labels/nuclei", "4 pixels hold negative labels", "set the negative values to 0"),
+            ALL,
+            _bad_pixel_plates,
+        ),  # fmt: skip
+        Case(
+            "model.onnx replaced by another model's graph",
+            "engine",
+            ["run", "{ws}/crops.zarr", "--model", "{ws}/m.onnx", "--out", "{ws}/o14.zarr"],
+            ("m.onnx", "not the model its sidecar m.json describes", "sha256", "export the model again"),
+            ("crops.zarr", "m.json"),
+            _swap_graph,
+        ),
+        Case(
+            "quantize another model's graph",
+            "export",
+            ["quantize", "{ws}/m.onnx", "--out", "{ws}/q.onnx"],
+            ("m.onnx", "not the model its sidecar m.json describes"),
+            ("crops.zarr", "m.json"),
+            _swap_graph,
+        ),
+        Case(
             "resume a truncated training checkpoint",
             "train",
             [*TRAIN, "--out", "{ws}/trainrun", "--epochs", "2", "--extend"],
@@ -390,6 +432,37 @@ def input_cases() -> list[Case]:
             _truncated_run,
         ),
     ]
+
+
+def _bad_pixel_plates(ws: Path) -> None:
+    """``nan.zarr``: the tiny plate in float32 with NaN and +inf in field A/1/1's GFP; ``neg.zarr``: its labels with a
+    negative value in field B/2/0 (an "ignore" mark some tools write)."""
+    from conftest import blob_field
+    from scdino.engine.sample import FieldImage, write_plate
+
+    def fields(rng):
+        return [blob_field(rng, [(20, 20), (50, 64)]), blob_field(rng, [(48, 30), (48, 90)])]
+
+    a, b = fields(np.random.default_rng(0))
+    img = b.image.astype(np.float32)
+    img[1, :3, :5] = np.nan
+    img[1, 90, 0] = np.inf
+    a = FieldImage(a.image.astype(np.float32), a.labels)
+    write_plate(ws / "nan.zarr", {"A/1": [a, FieldImage(img, b.labels)]}, ["DAPI", "GFP"], ngff="0.5", name="nan")
+    c, d = fields(np.random.default_rng(1))
+    labels = d.labels["nuclei"].astype(np.int32)
+    labels[0, :4] = -1
+    write_plate(ws / "neg.zarr", {"A/1": [c], "B/2": [FieldImage(d.image, {"nuclei": labels})]}, ["DAPI", "GFP"])
+
+
+def _swap_graph(ws: Path) -> None:
+    """``m.onnx`` replaced by the graph of another network of the same shapes; its ``m.json`` left beside it."""
+    from scdino.export.onnx_export import export_onnx
+    from scdino.models.card import describe_model
+
+    card = describe_model("random:vit_test16", n_channels=3, input_size=32, seed=7)
+    export_onnx(card, ws / "other.onnx", crop_size=32)
+    shutil.copyfile(ws / "other.onnx", ws / "m.onnx")
 
 
 def _truncate_onnx(ws: Path) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from scdino.cells.pixels import check_finite
 from scdino.cells.plate import read_array
 from scdino.errors import InputError
 
@@ -68,4 +69,8 @@ class CropStore:
         else:  # scattered rows (attention's random cells): only their chunks
             idx = (rows, list(channels), slice(None), slice(None))
         block = read_array(self.array, self.path, idx)
+        if np.issubdtype(block.dtype, np.floating) and not np.isfinite(block).all():
+            k = int(np.flatnonzero(~np.isfinite(block.reshape(len(block), -1)).all(axis=1))[0])
+            names = [self.meta["channels"][c] for c in channels] if self.meta.get("channels") else None
+            check_finite(block[k], f"{self.path}: crop {int(rows[k])}", names or [str(c) for c in channels])
         return block.astype(block.dtype.newbyteorder("="), copy=False)

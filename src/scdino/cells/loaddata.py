@@ -28,11 +28,13 @@ import pandas as pd
 from scdino._optional import require
 from scdino.cells.base import FoundByParts, describe, field_cell_names, no_cells_message
 from scdino.cells.options import CellOptions
+from scdino.cells.pixels import check_finite
 from scdino.cells.plate import canonical_well
 from scdino.cells.table import (
     FIELDS,
     OneRead,
     centred_cells,
+    counted,
     crop_pixels,
     cut_crops,
     empty_table,
@@ -307,6 +309,8 @@ class LoadDataSource(FoundByParts):
         """The pixels (C, Y, X) of ``channels`` of an image set, in the source's dtype."""
         planes = [read_tiff(site.files[c]) for c in channels]
         for c, p in zip(channels, planes):
+            where = f"{site.files[c]} (well {site.well}, site {site.site})"
+            check_finite(p[None], where, [self.available_channels[c]])
             if p.shape != planes[0].shape:
                 raise InputError(
                     f"{site.files[c]}: image of shape {p.shape}, the image set's other channels are {planes[0].shape}"
@@ -330,7 +334,7 @@ class LoadDataSource(FoundByParts):
         crop = crop_pixels(self.opts, shape, None, where)
         cells = object_table(self.objects, os.path.abspath(self.path), _stamp(self.objects, self.path)).get(site.number)
         if cells is None:  # no nucleus in this image set
-            return empty_table()
+            return counted(empty_table(), keys, 0)
         outside = (cells["centroid_y"] < 0) | (cells["centroid_y"] >= shape[0])
         outside |= (cells["centroid_x"] < 0) | (cells["centroid_x"] >= shape[1])
         if outside.any():

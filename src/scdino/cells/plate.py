@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import zarr
 
+from scdino.cells.pixels import check_finite, check_labels
 from scdino.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
@@ -232,8 +233,9 @@ class Plate:
             raise InputError(missing_labels_message(f"{self.path}/{ref.path}", name, have))
         where = f"{self.path}/{ref.path}/labels/{name}"
         ms = read_multiscale(child(self._root, f"{ref.path}/labels/{name}", where), where)
-        arr = read_array(ms.array, where)
-        return squeeze_2d(arr, ms.axes, where)
+        labels = squeeze_2d(read_array(ms.array, where), ms.axes, where)
+        check_labels(labels, where)
+        return labels
 
     def read(
         self, ref: FieldRef, channels: Sequence[int], y: slice = slice(None), x: slice = slice(None)
@@ -266,6 +268,7 @@ class Plate:
         data = read_array(ms.array, where, tuple(idx))
         if "c" not in ms.axes:
             data = data[None]
+        check_finite(data, where, lambda: [self.channel_names(ref)[c] for c in channels])
         return data
 
 

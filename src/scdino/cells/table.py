@@ -240,7 +240,7 @@ def image_cells(
         labels = segment_nuclei(img, opts.segment)
     if labels.max() == 0:
         log.info("%s: no nuclei", where)
-        return empty_table()
+        return counted(empty_table(), keys, 0)
     props = object_measures(labels, img, geometric=False)
     cy, cx = props["centroid_weighted-0"], props["centroid_weighted-1"]
     # a nucleus with zero signal has no weighted centroid: use its geometric centre
@@ -286,9 +286,19 @@ def centred_cells(
             "border": (y0 < 0) | (x0 < 0) | (y0 + crop > h) | (x0 + crop > w),
         }
     )
+    found, dropped = len(df), ""
     if border == "skip":
         df = df[~df["border"]]
-    return df.sort_values(["crop_y0", "crop_x0", "label"], kind="stable").reset_index(drop=True)
+        dropped = "their crops leave the field (--border skip)" if len(df) < found else ""
+    df = df.sort_values(["crop_y0", "crop_x0", "label"], kind="stable").reset_index(drop=True)
+    return counted(df, keys, found, dropped)
+
+
+def counted(table: pd.DataFrame, keys: dict[str, str], found: int, dropped: str = "") -> pd.DataFrame:
+    """``table`` (a part's cells) saying in ``attrs`` which field it is (``keys``), how many cells were found there
+    and why those not in it were dropped: the run counts cells found and embedded per field from it."""
+    table.attrs.update(keys=dict(keys), found=int(found), dropped=dropped)
+    return table
 
 
 def empty_table() -> pd.DataFrame:
