@@ -606,19 +606,30 @@ def plate_view_cmd(cells, out, agg, controls, control_key, metadata, color_by) -
 @click.option("--null-draws", type=int, default=1000, show_default=True, help="Random well groups in the null.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(), help="JSON report. Default: PROFILES with .replicates.json.")
-def replicates_cmd(profiles, key, null_draws, seed, out) -> None:
+@click.option(
+    "--control",
+    "control",
+    multiple=True,
+    help="A treatment the profiles were normalised to (repeatable): reported apart and left out of the share. Read "
+    "from the table where scdino-engine profiles wrote it with --control-key or --controls.",
+)
+def replicates_cmd(profiles, key, null_draws, seed, out, control) -> None:
     """Replicate consistency: the share of treatments whose replicate wells are more alike than random wells."""
     import json
 
-    from scdino.engine.profiles import read_profiles, replicate_consistency
+    from scdino.engine.profiles import control_treatments, read_profile_settings, read_profiles, replicate_consistency
     from scdino.outputs import claim_file
 
     out = out or str(Path(profiles).with_suffix(".replicates.json"))
     claim_file(out, inputs=[profiles], option="--out", ours=lambda p: '"fraction_consistent"' in p.read_text()[:4000])
-    r = replicate_consistency(read_profiles(profiles), key, null_draws, seed)
+    df = read_profiles(profiles)
+    controls = list(control) or control_treatments(df, key, read_profile_settings(profiles))
+    r = replicate_consistency(df, key, null_draws, seed, controls)
     Path(out).write_text(json.dumps(r, indent=2))
     for t in r["per_treatment"]:
         mark = "consistent" if t["consistent"] else "not above the null"
+        if t["control"]:
+            mark = "control (the profiles are normalised to it; not scored)"
         click.echo(
             f"  {t['treatment']}: {t['wells']} wells, median cosine {t['median_cosine']:.3f} "
             f"(null 95th percentile {t['null_p95']:.3f}, p = {t['p_value']:.3f}): {mark}"

@@ -22,7 +22,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -255,6 +255,29 @@ def control_mask(profiles: pd.DataFrame, controls: Sequence[str] | None, control
     return np.ones(len(profiles), bool)
 
 
+#: a control profile aggregated from fewer cells than this is warned of: its median or mean is mostly noise, and every
+#: profile of the plate is measured against it
+MIN_CONTROL_CELLS = 50
+
+
+def _warn_thin_controls(ctrl: pd.DataFrame, plate: str) -> None:
+    """Warn of control profiles (rows of ``ctrl``) made from fewer than :data:`MIN_CONTROL_CELLS` cells."""
+    count, by = f"{META}Count_Cells", [c for c in (f"{META}Well", f"{META}Field") if c in ctrl]
+    if count not in ctrl:
+        return
+    thin = ctrl[ctrl[count] < MIN_CONTROL_CELLS]
+    if len(thin):
+        names = ", ".join(
+            f"{'/'.join(str(r[c]) for c in by)} ({int(r[count])} cells)" for _, r in thin.head(8).iterrows()
+        )
+        more = f" and {len(thin) - 8} more" if len(thin) > 8 else ""
+        log.warning(
+            "plate %s: %d of %d control profiles come from fewer than %d cells: %s%s; the plate is normalised to "
+            "them, so its profiles carry their noise. Add control wells, or check that these wells were imaged",
+            plate, len(thin), len(ctrl), MIN_CONTROL_CELLS, names, more,
+        )  # fmt: skip
+
+
 def normalise(profiles: pd.DataFrame, method: str, controls: np.ndarray) -> pd.DataFrame:
     """Each plate's features against its own control wells: ``standardise`` (x - mean) / std, ``robust`` (x - median)
     / (MAD x 1.4826); a feature constant in the controls is only centred."""
@@ -268,6 +291,7 @@ def normalise(profiles: pd.DataFrame, method: str, controls: np.ndarray) -> pd.D
         ctrl = idx[controls[idx]]
         if len(ctrl) == 0:
             raise ConfigError(f"plate {plate}: no control wells to normalise against")
+        _warn_thin_controls(profiles.iloc[ctrl], plate)
         ref = profiles.iloc[ctrl][feats].to_numpy(np.float64)
         x = profiles.iloc[idx][feats].to_numpy(np.float64)
         if method == "standardise":
@@ -386,10 +410,47 @@ def _median_pairwise(x: np.ndarray) -> float:
     return float(np.median(s[iu]))
 
 
-def replicate_consistency(profiles_df: pd.DataFrame, key: str, n_null: int = 1000, seed: int = 0) -> dict:
+def read_profile_settings(path: str) -> dict:
+    """What ``scdino-engine profiles`` recorded of how it made the table at ``path`` (normalisation, controls); {}
+    for a CSV or a table made elsewhere."""
+    if str(path).endswith(".csv"):
+        return {}
+    try:
+        import pyarrow.parquet as pq
+
+        return json.loads((pq.read_schema(path).metadata or {}).get(b"scdino", b"{}"))
+    except Exception:  # not a table scdino wrote: it says nothing of its controls
+        return {}
+
+
+def control_treatments(profiles_df: pd.DataFrame, key: str, settings: Mapping[str, Any]) -> list[str]:
+    """The treatments of column ``key`` the profiles were normalised to (``settings``: what ``profiles`` recorded):
+    the value of ``--control-key KEY=VALUE``, or the treatments whose every well is one of ``--controls``."""
+    if settings.get("normalise", "none") == "none":
+        return []
+    col = key if key in profiles_df else f"{META}{key}"
+    ck = settings.get("control_key")
+    if ck and "=" in ck:
+        name, value = (s.strip() for s in ck.split("=", 1))
+        return [value] if name.removeprefix(META) == key.removeprefix(META) else []
+    wells = {well_id(w) for w in settings.get("controls") or ()}
+    if not wells or f"{META}Well" not in profiles_df or col not in profiles_df:
+        return []
+    is_ctrl = profiles_df[f"{META}Well"].astype(str).map(well_id).isin(wells)
+    by = is_ctrl.groupby(profiles_df[col].astype(str)).all()
+    return sorted(by.index[by])
+
+
+def replicate_consistency(
+    profiles_df: pd.DataFrame, key: str, n_null: int = 1000, seed: int = 0, controls: Sequence[str] = ()
+) -> dict:
     """For each treatment in column ``key`` with at least two wells: the median cosine similarity of its replicate
     wells, against a null of the same statistic for ``n_null`` random groups of as many wells; a treatment is
-    consistent above the null's 95th percentile. Returns the share consistent and every number behind it."""
+    consistent above the null's 95th percentile. Returns the share consistent and every number behind it.
+
+    ``controls``: the treatments the profiles were normalised to. Their wells sit at the origin of the normalised
+    space, so their cosine to each other says nothing of their replicates (it is near -1 or +1 by chance): they are
+    reported apart, flagged, and left out of the share."""
     check(null_draws=n_null, seed=seed)
     col = key if key in profiles_df else f"{META}{key}"
     if col not in profiles_df:
@@ -418,14 +479,18 @@ def replicate_consistency(profiles_df: pd.DataFrame, key: str, n_null: int = 100
                 "null_p95": p95,
                 "consistent": value > p95,
                 "p_value": float((np.sum(nulls[n] >= value) + 1) / (n_null + 1)),
+                "control": treatment in set(controls),
             }
         )
-    if not rows:
-        raise ConfigError(f"column {key!r}: no treatment has two or more wells; replicates are needed")
-    share = float(np.mean([r["consistent"] for r in rows]))
+    scored = [r for r in rows if not r["control"]]
+    if not scored:
+        besides = f" besides the controls ({', '.join(controls)})" if rows else ""
+        raise ConfigError(f"column {key!r}: no treatment{besides} has two or more wells; replicates are needed")
+    share = float(np.mean([r["consistent"] for r in scored]))
     return {
         "key": key,
-        "treatments": len(rows),
+        "treatments": len(scored),
+        "controls": [r["treatment"] for r in rows if r["control"]],
         "fraction_consistent": share,
         "null": {
             str(n): {"p50": float(np.median(v)), "p95": float(np.percentile(v, 95)), "draws": n_null}

@@ -148,7 +148,7 @@ def onnx_cmd(
 )
 def quantize_cmd(model, out, method, calibration, min_cosine) -> None:
     """int8 copy of an exported fp32 MODEL for CPU PCs, with cosine and k-NN change against fp32."""
-    from scdino.export.quantize import quantize
+    from scdino.export.quantize import SATURATED_WARN, quantize
 
     q = quantize(model, out, method=method, calibration=_load_crops(calibration), min_cosine=min_cosine)["quantization"]
     acc = q["knn_leave_one_out_top1"]
@@ -158,6 +158,12 @@ def quantize_cmd(model, out, method, calibration, min_cosine) -> None:
         f"median {q['median_cosine_to_fp32']:.5f}; leave-one-out k-NN top-1 on those crops, each labelled by its "
         f"brightest channel (a label from the pixels, not a biological class): fp32 {acc['fp32']:.3f}, "
         f"int8 {acc['int8']:.3f}"
+        + (
+            f". Warning: the model's fixed intensity range clips {100 * q['check_pixels_clipped']:.0f}% of these "
+            "crops' pixels, so these numbers say little; pass --calibration with crops of the model's own data"
+            if q.get("check_pixels_clipped", 0) > SATURATED_WARN
+            else ""
+        )
     )
 
 

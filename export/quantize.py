@@ -113,6 +113,14 @@ def quantize(
     crops = fit_crops(
         packaged_crops() if calibration is None else calibration, meta["in_chans"], meta["crop_size"], meta["dtype"]
     )
+    saturated = saturated_fraction(crops, meta.get("preprocessing") or {})
+    if saturated > SATURATED_WARN:
+        log.warning(
+            "%s: its fixed intensity range clips %.0f%% of the check crops' pixels (%s), so the quality report "
+            "compares mostly flat images and says little about your cells. Pass --calibration with crops cut from "
+            "the data the model was trained on (and export with --verify-crops from them)",
+            model, 100 * saturated, "packaged neocortex crops" if calibration is None else "the given crops",
+        )  # fmt: skip
     out = claim_file(out, inputs=[model])
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,6 +141,7 @@ def quantize(
             )
         report = _report(method, target, weights, tried, crops, ref, q, diff, meta["in_chans"])
         report["seconds"] = round(time.perf_counter() - t0, 2)
+        report["check_pixels_clipped"] = round(saturated, 4)
         qmeta = {**meta, "precision": "int8", "quantization": report, "source_onnx": str(model)}
         qmeta = with_file_hash(qmeta, "onnx", sha256_of(dest))
         # copied beside OUT, then moved into place after its sidecar: a full disk leaves no partial file
@@ -186,6 +195,21 @@ def _static(pre: str, dest: str, ref: np.ndarray, crops: np.ndarray, tmp: str, t
     )
     q, (diff, cmin) = _check(dest, ref, crops, tmp)
     return "int8 per channel", {"int8 per channel": cmin}, q, diff
+
+
+#: the share of check pixels outside a model's fixed intensity range above which the quality report is warned of
+SATURATED_WARN = 0.5
+
+
+def saturated_fraction(crops: np.ndarray, preprocessing: dict) -> float:
+    """The share of ``crops``' pixels (n, C, S, S) outside the fixed intensity range ``scale_lo..scale_hi`` per channel
+    of a model's preprocessing (clipped to 0 or 1 before the network sees them); 0 for per-crop scaling."""
+    lo, hi = preprocessing.get("scale_lo"), preprocessing.get("scale_hi")
+    if lo is None or hi is None or not crops.size:
+        return 0.0
+    lo = np.asarray(lo, np.float64)[None, :, None, None]
+    hi = np.asarray(hi, np.float64)[None, :, None, None]
+    return float(((crops < lo) | (crops > hi)).mean())
 
 
 def _report(method, target, weights, tried, crops, ref, q, diff, in_chans: int) -> dict:

@@ -321,3 +321,30 @@ def test_sidecar_names_the_graph_io_and_the_crop_rule(tmp_path, tiny_plate):
         y0, x0 = int(np.round(row["centroid_y"])) - s // 2, int(np.round(row["centroid_x"])) - s // 2
         np.testing.assert_array_equal(engine[i], padded[:, s + y0 : s + y0 + s, s + x0 : s + x0 + s])
     assert table["border"].any()
+
+
+def test_int8_check_on_crops_a_fixed_range_clips_is_warned(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from scdino.export.cli import main
+    from scdino.export.quantize import saturated_fraction
+    from scdino.models.sidecar import sidecar_path
+
+    crops = np.array([[[[0, 5], [10, 300]], [[1, 2], [3, 4]]]], np.uint16)  # 1 crop, 2 channels, 2 x 2
+    # channel 0 in 0..8: 10 and 300 are out; channel 1 in 2..3: 1 and 4 are out -> 4 of 8 pixels
+    assert saturated_fraction(crops, {"scale_lo": [0, 2], "scale_hi": [8, 3]}) == 0.5
+    assert saturated_fraction(crops, {}) == 0.0  # per-crop scaling clips nothing
+    m = tmp_path / "m.onnx"
+    export_onnx("random:vit_test16", m, n_channels=3, crop_size=32, input_size=32)
+    side = json.loads(sidecar_path(m).read_text())
+    side["preprocessing"].update(scale_lo=[0, 0, 0], scale_hi=[255, 255, 255])  # an 8-bit range; the crops are 16-bit
+    sidecar_path(m).write_text(json.dumps(side))
+    r = CliRunner().invoke(main, ["quantize", str(m), "--out", str(tmp_path / "q.onnx")])
+    assert r.exit_code == 0, r.output
+    clipped = read_sidecar(tmp_path / "q.onnx")["quantization"]["check_pixels_clipped"]
+    shipped = fit_crops(packaged_crops(), 3, 32, "uint16")
+    assert clipped == pytest.approx(float((shipped > 255).mean()), abs=1e-4) and clipped > 0.5
+    assert "clips" in r.output and "compares mostly flat images" in r.output  # the log's warning
+    assert "Warning: the model's fixed intensity range clips" in r.stdout

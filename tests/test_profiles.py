@@ -210,3 +210,45 @@ def test_wells_the_plate_map_does_not_name_are_no_treatment():
     df.insert(0, "Metadata_treatment", ["a", "a", None, None, None, "b"])
     r = replicate_consistency(df, "treatment", n_null=50)
     assert [t["treatment"] for t in r["per_treatment"]] == ["a"] and r["wells"] == 3
+
+
+def test_the_control_the_profiles_were_normalised_to_is_not_scored_as_a_treatment(tmp_path, caplog):
+    import logging
+
+    from click.testing import CliRunner
+
+    from scdino.engine.cli import main
+
+    # 5 cells a well (two fields): every control profile is thin, and the warning names each well and its count
+    synthetic_store(tmp_path / "c.zarr", ["A/1", "A/2", "B/1", "B/2", "C/1", "C/2"], per_well=5)
+    pm = tmp_path / "map.csv"
+    pm.write_text("Well,treatment\nA01,DMSO\nA02,DMSO\nB01,drug\nB02,drug\nC01,other\nC02,other\n")
+    with caplog.at_level(logging.WARNING):
+        profiles(
+            str(tmp_path / "c.zarr"),
+            str(tmp_path / "p.parquet"),
+            ProfileOptions(metadata=str(pm), control_key="treatment=DMSO", normalise="standardise"),
+        )
+    assert "2 of 2 control profiles come from fewer than 50 cells: A01 (5 cells), A02 (5 cells)" in caplog.text
+    r = CliRunner().invoke(
+        main, ["replicates", str(tmp_path / "p.parquet"), "--key", "treatment", "--null-draws", "50"]
+    )
+    assert r.exit_code == 0, r.output
+    assert "DMSO: 2 wells" in r.output and "control (the profiles are normalised to it; not scored)" in r.output
+    assert "of 2 treatments" in r.output  # drug and other; DMSO is not counted
+    report = json.loads((tmp_path / "p.replicates.json").read_text())
+    assert report["controls"] == ["DMSO"] and report["treatments"] == 2
+    # wells named as controls (--controls) mark the treatment all of whose wells they are
+    profiles(
+        str(tmp_path / "c.zarr"),
+        str(tmp_path / "w.parquet"),
+        ProfileOptions(metadata=str(pm), controls=("A/1", "A/2"), normalise="robust"),
+    )
+    from scdino.engine.profiles import control_treatments, read_profile_settings
+
+    w = pd.read_parquet(tmp_path / "w.parquet")
+    assert control_treatments(w, "treatment", read_profile_settings(str(tmp_path / "w.parquet"))) == ["DMSO"]
+    # a CSV records nothing: the user names the control
+    w.to_csv(tmp_path / "w.csv", index=False)
+    r = CliRunner().invoke(main, ["replicates", str(tmp_path / "w.csv"), "--key", "treatment", "--control", "DMSO"])
+    assert r.exit_code == 0 and "of 2 treatments" in r.output, r.output

@@ -19,13 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from scdino.cells.options import CellOptions
+from scdino.cells.source import source_type, usable_options
 from scdino.cpu import has_native_bf16
 from scdino.errors import CheckpointError, ConfigError, ScdinoError
 from scdino.knn import evaluate_knn, labels_of
 from scdino.models import arch_config, embed_crops
 from scdino.models.card import describe_model
 from scdino.models.vit import VisionTransformer
-from scdino.outputs import claim_dir
+from scdino.outputs import MARKER, claim_dir
 from scdino.preprocess import Preprocessing
 from scdino.training import record
 from scdino.training.augment import MultiCrop, channel_stats, intensity_range, make_generator
@@ -242,12 +243,26 @@ def build(cfg: TrainConfig, data: TrainingData | None = None, extend: bool = Fal
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
+    if data is None:  # a path that is no cell source is refused before the run folder is made
+        for path in (cfg.data, cfg.val_data):
+            if path:
+                source_type(path)(str(path), usable_options(path, cfg.cells())[0])
+    fresh, marked = not out.exists(), (out / MARKER).is_file()
     if rank == 0:
         claim_dir(out, "scdino-train", inputs=[cfg.data, cfg.val_data])
         record.write(cfg, action)
     if world > 1:
         dist.barrier()  # every process has checked the run's record before rank 0 adds to it
-    data = data if data is not None else prepare_data(cfg)
+    try:
+        return _trainer(cfg, data if data is not None else prepare_data(cfg), rank, world, device)
+    except BaseException:
+        if rank == 0 and action == "start":  # refused before training: the run folder this command began goes again
+            record.forget(out, fresh, marked)
+        raise
+
+
+def _trainer(cfg: TrainConfig, data: TrainingData, rank: int, world: int, device: torch.device) -> Trainer:
+    """The networks, loss, optimiser and schedules of a run on ``data``."""
     torch.manual_seed(cfg.seed)  # the same initial weights in every process and every run
     student, teacher = build_networks(cfg, data.crops.shape[1])
     student, teacher = student.to(device), teacher.to(device)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from scdino.errors import ConfigError
+from scdino.outputs import MARKER
 from scdino.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -126,3 +127,15 @@ def write(cfg: TrainConfig, action: str) -> None:
     rec = {"event": action, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "epochs": cfg.epochs}
     with open(out / "history.jsonl", "a") as f:
         f.write(json.dumps(rec) + "\n")
+
+
+def forget(out: Path, fresh: bool, marked: bool) -> None:
+    """Undo :func:`write` of a run that never started (its data were refused): ``config.json`` and ``history.jsonl``
+    go, the marker where the folder had none before (``marked`` False), and the folder itself where this command made
+    it (``fresh``) and nothing else is in it."""
+    for name in ("config.json", "history.jsonl"):
+        (out / name).unlink(missing_ok=True)
+    if not marked:
+        (out / MARKER).unlink(missing_ok=True)
+    if fresh and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()

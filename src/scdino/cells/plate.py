@@ -49,11 +49,28 @@ class Multiscale:
     pixel_size: tuple[float, float] | None
 
 
+def class_tiffs_hint(path: str | os.PathLike) -> str | None:
+    """What to say of a folder of single-cell TIFFs in one sub-folder per class (the published scDINO layout) given
+    where a plate or a store is expected: the command that makes it one. None for any other path."""
+    p = str(path)
+    try:
+        subs = [e for e in os.scandir(p) if e.is_dir()]
+        tiffs = any(f.name.lower().endswith((".tif", ".tiff")) for d in subs[:20] for f in os.scandir(d.path))
+    except OSError:
+        return None
+    if not tiffs:
+        return None
+    return (
+        f"{p}: a folder of single-cell TIFFs in class sub-folders, not a plate or a crop store; make it a crop store "
+        f"first: scdino-engine ingest {p} crops.zarr --channels NAME1,NAME2,... and pass crops.zarr"
+    )
+
+
 def _open_group(path: str | os.PathLike, what: str) -> zarr.Group:
     try:
         return zarr.open_group(str(path), mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
-        raise InputError(f"{path}: no zarr group here; expected {what}") from exc
+        raise InputError(class_tiffs_hint(path) or f"{path}: no zarr group here; expected {what}") from exc
     except Exception as exc:  # zarr raises various errors for corrupt metadata
         raise InputError(
             f"{path}: cannot be opened as a zarr group ({type(exc).__name__}: {exc}); expected {what}"
