@@ -184,10 +184,12 @@ class EmbeddingStore:
         with quiet_zarr():
             for key, value in updates.items():
                 write_elem(self.group["uns"]["scdino"], key, value)
-        meta = dict(self.group.attrs["scdino"])
-        meta["status"] = "complete"
-        self.group.attrs["scdino"] = meta
-        consolidate(self.path)
+        consolidate(self.path)  # everything but the status: a failure up to here leaves a run that a rerun finishes
+        # the status last, in one atomic write of the root's metadata that keeps the consolidated metadata just
+        # written: a store is marked complete only whole, and nothing is written into it after that
+        root = zarr.open_group(self.path, mode="r+", use_consolidated=True)
+        root.attrs["scdino"] = {**dict(root.attrs["scdino"]), "status": "complete"}
+        self.group = root
 
     def _write_x(self, rows: int = 65536) -> None:
         """``X`` = the finished embeddings, copied from ``obsm/X_scdino`` ``rows`` at a time, and ``var`` naming their

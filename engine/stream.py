@@ -396,10 +396,11 @@ class _Stream:
         if self.bar is None and (known or self.rows.complete):
             done = [i for i in range(min(len(self.done), last)) if self.done[i]]
             skipped = sum(min(known, (i + 1) * chunk) - i * chunk for i in done)
-            self.bar = Progress(known, "embedding", "cell", self.progress, initial=skipped)
+            growing = not self.rows.complete
+            self.bar = Progress(known, "embedding", "cell", self.progress, initial=skipped, growing=growing)
             self.counted = last  # done blocks before it are counted in the bar's start
-        elif self.bar is not None:
-            self.bar.set_total(known)
+        elif self.bar is not None and (self.bar.growing or known != self.bar.total):
+            self.bar.set_total(known, final=self.rows.complete)
         while self.in_flight < self.plan.window and self.next_block < last:
             i = self.next_block
             if i < len(self.done) and self.done[i]:

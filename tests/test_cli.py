@@ -433,7 +433,55 @@ def test_progress_lines_come_on_time_while_a_long_block_embeds(plate2, tmp_path,
     args = ["--labels", "nuclei", "--input-size", "32", "--crop-size", "16"]
     p = cli("run", plate2, "--model", "random:vit_test8", *args, "--out", tmp_path / "o.zarr", check=True)
     lines = [ln for ln in p.stderr.splitlines() if ln.startswith("INFO scdino.progress: embedding: ")]
-    assert "to do" in lines[0], lines  # said when the phase starts
+    assert "to do" in lines[0], lines  # said when the phase starts ("N+ cells to do" while cells are found)
     waiting = [ln for ln in lines if " 0/" in ln and "so far" in ln]
     assert len(waiting) >= 2, lines  # during the one block, about every 0.5 s
     assert " in " in lines[-1], lines
+
+
+def test_a_growing_total_says_so_and_gives_no_time_left_until_it_is_final(monkeypatch, caplog):
+    import logging
+    import time
+
+    from scdino import progress
+
+    monkeypatch.setattr(progress, "on_terminal", lambda: False)
+    monkeypatch.setenv("SCDINO_PROGRESS_SECONDS", "0")
+    with caplog.at_level(logging.INFO, logger="scdino.progress"):
+        bar = progress.Progress(130, "embedding", growing=True)
+        time.sleep(0.01)
+        bar.update(100)
+        bar.set_total(260, final=False)
+        assert bar.line().startswith("embedding: 100/260+ cells (more being found)")
+        assert bar.line().endswith("time left once all are found")
+        bar.set_total(400)
+        line = bar.line()
+        bar.close()
+    text = caplog.text
+    assert "embedding: 130+ cells to do (more as they are found)" in text and "130/130" not in text
+    assert "all 400 cells known, 300 to do" in text
+    assert line.startswith("embedding: 100/400 cells (25%)") and line.endswith(" left")
+
+
+def test_log_lines_are_written_above_a_terminals_progress_bar(monkeypatch):
+    import io
+    import logging
+
+    import tqdm
+
+    from scdino._cli import _StderrHandler
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    err = Tty()
+    monkeypatch.setattr(sys, "stderr", err)
+    bar = tqdm.tqdm(total=10, file=err)
+    writes = []
+    monkeypatch.setattr(tqdm.tqdm, "write", classmethod(lambda cls, s, file=None, **k: writes.append(s)))
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    handler.emit(logging.LogRecord("scdino.x", logging.INFO, __file__, 1, "a line", None, None))
+    bar.close()
+    assert writes == ["INFO a line"]  # through tqdm, which clears the bar and draws it again below the line

@@ -84,7 +84,7 @@ def objects_csv(table: pd.DataFrame, path: Path, by: str = "ImageNumber", sites=
     else:
         r_c = table["well"].str.split("/")
         df.insert(0, "Metadata_Well", [f"{r}{c}" for r, c in r_c])  # A1: another form of the same well
-        df.insert(1, "Metadata_Site", table["field"].astype(str))
+        df.insert(1, "Metadata_Site", table["field"].astype(str).str.zfill(2))  # 00: another form of site 0
     df = df.sample(frac=1.0, random_state=0)  # CellProfiler's row order is not the position order
     df.to_csv(path, index=False)
     return path

@@ -68,6 +68,7 @@ def main(
     """
     configure_logging(verbose)
     from scdino.training.config import build_config
+    from scdino.outputs import naming_writes
     from scdino.training.loop import train
 
     cfg = handle_errors(
@@ -88,9 +89,11 @@ def main(
             device=device,
         )
     )
-    s = handle_errors(
-        lambda: train(cfg, extend=extend), "run the same command again to resume from the last checkpoint"
-    )
+    def run() -> dict:
+        with naming_writes(cfg.out):  # a failed write names the run folder where the error names no file
+            return train(cfg, extend=extend)
+
+    s = handle_errors(run, "run the same command again to resume from the last checkpoint")
     if s.get("nothing_to_do"):
         click.echo(
             f"{cfg.out}: already trained for {s['epoch']} of {s['epochs']} epochs; nothing to do "

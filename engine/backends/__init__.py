@@ -161,7 +161,10 @@ def using(spec: BackendSpec) -> Iterator[Backend]:
     with _LOCK:
         b = _CACHE.get(spec)
         if b is None:
-            log.info("opening %s backend in process %d", spec.kind, os.getpid())
+            log.info(  # one line per backend: a precision check opens fp32 and int8 copies of one model
+                "opening %s backend (%s, %s) in process %d",
+                spec.kind, os.path.basename(spec.model), spec.precision, os.getpid(),
+            )  # fmt: skip
             b = _CACHE[spec] = open_backend(spec)
         _USERS[spec] = _USERS.get(spec, 0) + 1
     try:

@@ -18,7 +18,21 @@ class _StderrHandler(logging.StreamHandler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.stream = sys.stderr
+        tqdm = sys.modules.get("tqdm")  # a progress bar may be drawn only where tqdm was imported
+        if tqdm is not None and getattr(tqdm.tqdm, "_instances", None) and _isatty(self.stream):
+            try:  # above the bars, which are drawn again below it (a plain write would break a bar's line)
+                tqdm.tqdm.write(self.format(record), file=self.stream)
+            except Exception:
+                self.handleError(record)
+            return
         super().emit(record)
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def configure_logging(verbose: int) -> None:

@@ -308,7 +308,7 @@ def partial_file(out: str | os.PathLike, tmp: str | os.PathLike | None = None) -
     beside ``out``), which replaces ``out`` when the body ends and is removed when it fails."""
     out = Path(out)
     tmp = Path(tmp) if tmp is not None else out.with_name(out.name + ".partial")
-    with removed_on_failure(tmp):
+    with naming_writes(out), removed_on_failure(tmp):
         yield tmp
         os.replace(tmp, out)
 
@@ -453,6 +453,18 @@ def _take(lock: Path, record: dict, out: str, command: str, option: str) -> int 
 
 
 @contextmanager
+def naming_writes(path: str | os.PathLike) -> Iterator[None]:
+    """A failed write (a full disk, a read-only location) inside the block names the output ``path`` where the error
+    names no file (a ``write()`` on an open file says only "No space left on device")."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in WRITE_ERRNOS and not (exc.filename or exc.filename2):
+            exc.filename = str(path)
+        raise
+
+
+@contextmanager
 def output_lock(path: str | os.PathLike, command: str, option: str = "--out") -> Iterator[Path]:
     """Hold the lock of the output ``path`` while ``command`` writes it: a second command on the same output is refused
     while the first runs (one line naming its pid, host and start); a lock left by a killed process (its flock is gone
@@ -487,7 +499,8 @@ def output_lock(path: str | os.PathLike, command: str, option: str = "--out") ->
         _remove_empty(made)
         raise
     try:
-        yield lock
+        with naming_writes(path):
+            yield lock
     finally:
         if _same_file(fd, lock):
             lock.unlink(missing_ok=True)

@@ -47,10 +47,15 @@ class Progress:
     """Progress of ``total`` units of work called ``desc``; ``update(n)`` as they finish. ``enabled=False`` shows
     nothing (``--no-progress``)."""
 
-    def __init__(self, total: int, desc: str, unit: str = "cell", enabled: bool = True, initial: int = 0) -> None:
+    def __init__(
+        self, total: int, desc: str, unit: str = "cell", enabled: bool = True, initial: int = 0, growing: bool = False
+    ) -> None:
         self.total, self.desc, self.unit = int(total), desc, unit
+        #: the total is what is known so far (cells of the fields searched yet): no percentage and no time left
+        #: until :meth:`set_total` says it is final
+        self.growing = growing
         self.done = self.start_done = int(initial)
-        self.enabled = enabled and self.total > 0
+        self.enabled = enabled and (self.total > 0 or growing)
         self.t0 = self.last = time.monotonic()
         self.bar = None
         self._lock = threading.Lock()
@@ -59,9 +64,13 @@ class Progress:
         if self.enabled and on_terminal():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=self.total, initial=self.done, desc=desc, unit=unit, dynamic_ncols=True)
+            total = None if growing else self.total  # tqdm shows no percentage or time left without a total
+            self.bar = tqdm(total=total, initial=self.done, desc=desc, unit=unit, dynamic_ncols=True)
         elif self.enabled:
-            log.info("%s: %d/%d %ss to do", self.desc, self.total - self.done, self.total, self.unit)
+            if growing:
+                log.info("%s: %d+ %ss to do (more as they are found)", self.desc, self.total, self.unit)
+            else:
+                log.info("%s: %d/%d %ss to do", self.desc, self.total - self.done, self.total, self.unit)
             if interval() > 0:  # (0: a line per finished unit, nothing in between)
                 self._clock = threading.Thread(target=self._tick, name=f"progress {desc}", daemon=True)
                 self._clock.start()
@@ -78,27 +87,39 @@ class Progress:
     def _log_if_due(self) -> None:
         with self._lock:
             now = time.monotonic()
-            if now - self.last >= interval() and self.done < self.total and not self._stop.is_set():
+            if now - self.last >= interval() and (self.done < self.total or self.growing) and not self._stop.is_set():
                 self.last = now
                 log.info(self.line())
 
     def line(self) -> str:
-        """``desc: done/total unit (pct), rate unit/s, ETA``; before the first unit is done, the time so far."""
+        """``desc: done/total unit (pct), rate unit/s, ETA``; before the first unit is done, the time so far. While
+        the total is still growing it reads ``done/total+`` and gives no share and no time left."""
         elapsed = time.monotonic() - self.t0
         pct = 100.0 * self.done / self.total if self.total else 100.0
+        total, share = (f"{self.total}+", "more being found") if self.growing else (f"{self.total}", f"{pct:.0f}%")
+        head = f"{self.desc}: {self.done}/{total} {self.unit}s ({share})"
         if self.done == self.start_done:
-            return f"{self.desc}: {self.done}/{self.total} {self.unit}s ({pct:.0f}%), {duration(elapsed)} so far"
+            return f"{head}, {duration(elapsed)} so far"
         rate = (self.done - self.start_done) / elapsed if elapsed > 0 else 0.0
+        if self.growing:
+            return f"{head}, {rate:.1f} {self.unit}s/s, time left once all are found"
         left = (self.total - self.done) / rate if rate > 0 else float("nan")
         eta = duration(left) if left == left else "unknown"
-        return f"{self.desc}: {self.done}/{self.total} {self.unit}s ({pct:.0f}%), {rate:.1f} {self.unit}s/s, {eta} left"
+        return f"{head}, {rate:.1f} {self.unit}s/s, {eta} left"
 
-    def set_total(self, total: int) -> None:
-        """A new total (work that is found while it is done: cells as fields are searched)."""
+    def set_total(self, total: int, final: bool = True) -> None:
+        """A new total (work that is found while it is done: cells as fields are searched); ``final`` once no more
+        will come (from then on the line has a share and a time left)."""
         self.total = int(total)
+        was, self.growing = self.growing, not final
         if self.bar is not None:
-            self.bar.total = self.total
-            self.bar.refresh()
+            if final:
+                self.bar.total = self.total
+                self.bar.refresh()
+            else:
+                self.bar.set_postfix_str(f"{self.total} known so far", refresh=True)
+        elif final and was and self.enabled:
+            log.info("%s: all %d %ss known, %d to do", self.desc, self.total, self.unit, self.total - self.done)
 
     def update(self, n: int = 1) -> None:
         self.done += int(n)

@@ -146,9 +146,9 @@ def _image_numbers(df: pd.DataFrame, path: str, sites: list[Site]) -> np.ndarray
                 f"{path}: no ImageNumber column, nor Metadata_Well and Metadata_Site, so its rows cannot be matched "
                 "to the LoadData CSV's image sets; export the object table with ImageNumber"
             )
-        index = {tuple(s.key[KEYS.index(k)] for k in keys): s.number for s in sites}
-        well = df["Metadata_Well"].map(lambda w: _well_or(w))
-        cols = [df[k] if k != "Metadata_Well" else well for k in keys]
+        norm = {"Metadata_Plate": str.strip, "Metadata_Well": _well_or, "Metadata_Site": site_key}
+        index = {tuple(norm[k](s.key[KEYS.index(k)]) for k in keys): s.number for s in sites}
+        cols = [df[k].map(norm[k]) for k in keys]
         numbers = np.array([index.get(tuple(v), -1) for v in zip(*cols)], np.float64)
         known = numbers > 0
     if not known.all():
@@ -159,6 +159,13 @@ def _image_numbers(df: pd.DataFrame, path: str, sites: list[Site]) -> np.ndarray
             f"{i + 1}: {keys}); pass the object table exported with this LoadData CSV"
         )
     return numbers.astype(np.int64)
+
+
+def site_key(site: str) -> str:
+    """A site as two tables must agree on it: ``"00"``, ``"0"`` and ``" 0 "`` are site 0 (CellProfiler writes sites
+    as numbers, other tools zero-pad them); a site that is no number is compared as written, less spaces."""
+    text = str(site).strip()
+    return str(int(text)) if text.isdigit() else text
 
 
 def _well_or(well: str) -> str:
