@@ -56,6 +56,34 @@ def cell_obs(path: str, table: pd.DataFrame, uns: dict) -> pd.DataFrame:
     return obs
 
 
+#: the root's ``encoding-type`` while a run writes the store: what anndata's reader says of a store it cannot read yet
+UNFINISHED = (
+    "unfinished scdino-engine run (the store is AnnData once complete; run the same command again to resume it, "
+    "or read it with scdino.engine.output.open_cells for a clear message)"
+)
+
+
+def open_cells(path: str):
+    """The embeddings store at ``path`` as AnnData (``anndata.read_zarr``), once it is complete; an unfinished run
+    is one clear error saying how many blocks are written and how to resume it."""
+    import anndata as ad
+
+    st = store_status(path)
+    if st is None:
+        raise InputError(f"{path}: no such embeddings store; make one with 'scdino-engine run'")
+    if st and st.get("status") not in (None, "complete"):
+        try:
+            store = EmbeddingStore(path)
+            done = f"{int(store.done().sum())} of {store.n_blocks} blocks embedded"
+        except Exception:  # stopped while its store was being made
+            done = "stopped while its store was being made"
+        raise InputError(
+            f"{path}: an unfinished scdino-engine run ({done}); run the same command again to finish it (it resumes "
+            "where it stopped), then read it"
+        )
+    return ad.read_zarr(path)
+
+
 class EmbeddingStore:
     def __init__(self, path: str) -> None:
         self.path = path
@@ -88,7 +116,8 @@ class EmbeddingStore:
         write_small(path, ad.AnnData(obs=obs, uns={"scdino": uns}))
         mark(path, COMMAND)
         g = zarr.open_group(path, mode="r+", use_consolidated=False)
-        g.attrs["scdino"] = {"status": "creating"}
+        # not AnnData until complete: anndata.read_zarr on a store still being written fails with this sentence
+        g.attrs.update({"scdino": {"status": "creating"}, "encoding-type": UNFINISHED})
         n = len(obs)
         x = g["obsm"].create_array(
             KEY, shape=(n, embed_dim), chunks=(chunk, embed_dim), dtype="float32", fill_value=np.nan
@@ -188,7 +217,7 @@ class EmbeddingStore:
         # the status last, in one atomic write of the root's metadata that keeps the consolidated metadata just
         # written: a store is marked complete only whole, and nothing is written into it after that
         root = zarr.open_group(self.path, mode="r+", use_consolidated=True)
-        root.attrs["scdino"] = {**dict(root.attrs["scdino"]), "status": "complete"}
+        root.attrs.update({"scdino": {**dict(root.attrs["scdino"]), "status": "complete"}, "encoding-type": "anndata"})
         self.group = root
 
     def _write_x(self, rows: int = 65536) -> None:

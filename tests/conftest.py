@@ -17,8 +17,18 @@ from scdino.models.card import ModelCard
 from scdino.preprocess import Preprocessing
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-# the session's own cache of ONNX exports (runs on a CPU use it): shared by every test, never the user's
-os.environ.setdefault("SCDINO_CACHE_DIR", tempfile.mkdtemp(prefix="scdino-test-cache-"))
+# the session's own cache of ONNX exports (runs on a CPU use it): shared by every test, never the user's; removed
+# when the session ends (about 110 MB of exports)
+_OWN_CACHE = None if "SCDINO_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="scdino-test-cache-")
+if _OWN_CACHE:
+    os.environ["SCDINO_CACHE_DIR"] = _OWN_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE and os.environ.get("SCDINO_CACHE_DIR") == _OWN_CACHE:
+        import shutil
+
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def blob_field(rng: np.random.Generator, centres, shape=(96, 128), radius=6, n_channels=2) -> FieldImage:

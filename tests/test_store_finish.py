@@ -15,6 +15,7 @@ from scdino.cells.options import CellOptions
 from scdino.engine import output
 from scdino.engine.output import store_status
 from scdino.engine.pipeline import RunConfig, run
+from scdino.errors import InputError
 
 
 def _files(path) -> dict[str, str]:
@@ -85,3 +86,36 @@ def test_the_one_line_of_a_full_disk_names_the_output(tiny_plate, tmp_path, monk
     r = CliRunner().invoke(main, [*args, "--out", str(out)])
     assert r.exit_code == 2, r.output
     assert f"error: {out}: no space left on the device while writing the output" in r.output
+
+
+def test_an_unfinished_store_read_with_anndata_or_scdino_says_it_is_unfinished_and_how_to_resume(
+    tiny_plate, tmp_path, monkeypatch
+):
+    out = tmp_path / "o.zarr"
+    real = output.EmbeddingStore.write_blocks
+    calls = []
+
+    def stop_after_one(self, i, emb):
+        calls.append(i)
+        if len(calls) > 1:
+            raise KeyboardInterrupt  # as Ctrl-C between two blocks
+        return real(self, i, emb)
+
+    with monkeypatch.context() as m:
+        m.setattr(output.EmbeddingStore, "write_blocks", stop_after_one)
+        cfg = RunConfig(
+            plate=tiny_plate,
+            out=str(out),
+            model="random:vit_test16",
+            cells=CellOptions(labels="nuclei", crop_size=32),
+            chunk_cells=4,
+            progress=False,
+        )
+        with pytest.raises(KeyboardInterrupt):
+            run(cfg)
+    with pytest.raises(Exception, match="unfinished scdino-engine run.*run the same command again to resume"):
+        ad.read_zarr(out)
+    with pytest.raises(InputError, match=r"o.zarr: an unfinished scdino-engine run \(1 of 3 blocks embedded\)"):
+        output.open_cells(str(out))
+    run(cfg)  # resumed
+    assert ad.read_zarr(out).n_obs == 10 and output.open_cells(str(out)).n_obs == 10

@@ -167,7 +167,7 @@ def test_a_run_stopped_while_cells_are_found_resumes_to_the_same_embeddings(tiny
     full = run(cfg)
     real = output_mod.EmbeddingStore.write_table
 
-    def stop(self, table):
+    def stop(self, table, counts=None):
         raise KeyboardInterrupt  # Ctrl-C as the last field's cells arrive
 
     real_cells = PlateSource.cells_and_crops
