@@ -11,6 +11,7 @@ import click
 
 from scdino._cli import ErrorGroup, configure_logging
 from scdino.cells.options import DEFAULT_CROP_SIZE, CellOptions, SegmentParams
+from scdino.crossval import BOOTSTRAP, FOLDS
 from scdino.engine import backends
 from scdino.engine.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, PRECISIONS, RunConfig
 from scdino.engine.umap import DEFAULT_PRESET, FIT_MAX, PRESETS
@@ -485,10 +486,37 @@ def attention_cmd(source, model, out, cells, per_class, label_key, channels, inp
 @click.option("--temperature", type=float, default=TEMPERATURE, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--input-size", type=int, help="Default: the size the model was trained at (224 for DINO's).")
+@click.option(
+    "--folds",
+    type=int,
+    default=FOLDS,
+    show_default=True,
+    help="Stratified cross-validation over all cells: k-NN and a linear probe, 95%% intervals, each model against "
+    "each baseline (A beats B only when the interval of A - B excludes 0). 0: the single split only.",
+)
+@click.option("--bootstrap", type=int, default=BOOTSTRAP, show_default=True, help="Resamples for the intervals.")
+@click.option(
+    "--merge-classes",
+    help='Classes scored as one, e.g. "Anaphase,Telophase=late_mitosis" (groups separated by ";").',
+)
 def evaluate_cmd(
-    crops, models, channel_sets, out, label_key, run_dir, baseline_arch, k, temperature, seed, input_size
+    crops,
+    models,
+    channel_sets,
+    out,
+    label_key,
+    run_dir,
+    baseline_arch,
+    k,
+    temperature,
+    seed,
+    input_size,
+    folds,
+    bootstrap,
+    merge_classes,
 ) -> None:
-    """k-NN top-1 of every model x channel set on a labelled crop store, with raw-pixel and untrained baselines."""
+    """k-NN top-1 of every model x channel set on a labelled crop store, with raw-pixel and untrained baselines, and
+    cross-validated k-NN and linear-probe accuracy with paired bootstrap intervals."""
     from scdino.engine.evaluate import evaluate
 
     sets = [tuple(c.strip() for c in s.split(",") if c.strip()) for s in (channel_sets or "").split(";") if s.strip()]
@@ -504,6 +532,9 @@ def evaluate_cmd(
         temperature=temperature,
         seed=seed,
         input_size=input_size,
+        folds=folds,
+        bootstrap=bootstrap,
+        merge_classes=merge_classes,
     )
     click.echo((Path(out) / "report.md").read_text())
 
