@@ -13,7 +13,7 @@ from scdino._cli import ErrorGroup, configure_logging
 from scdino.cells.options import DEFAULT_CROP_SIZE, CellOptions, SegmentParams
 from scdino.crossval import BOOTSTRAP, FOLDS
 from scdino.engine import backends
-from scdino.engine.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, PRECISIONS, RunConfig
+from scdino.engine.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, PRECISIONS, TTA_MODES, RunConfig
 from scdino.engine.umap import DEFAULT_PRESET, FIT_MAX, PRESETS
 from scdino.knn import TEMPERATURE, TRAIN_FRACTION, K
 
@@ -195,6 +195,14 @@ def _split(value: str | None) -> tuple[str, ...] | None:
     help="Fast mode (CPU): int8 at half the model's input size (whole patches); several times faster, at the k-NN "
     "cost the README states.",
 )
+@click.option(
+    "--tta",
+    type=click.Choice(TTA_MODES),
+    default=RunConfig.tta,
+    show_default=True,
+    help="Test-time augmentation: each embedding is the mean over the crop's 4 axis flips (flips) or its 8 flips and "
+    "quarter turns (d8), at 4 or 8 times the model's cost; on every backend, recorded in uns['scdino']['tta'].",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def run_cmd(
     plate,
@@ -222,6 +230,7 @@ def run_cmd(
     no_export_cache,
     precision,
     fast,
+    tta,
     no_progress,
     **segment,
 ) -> None:
@@ -264,6 +273,7 @@ def run_cmd(
         export_cache=not no_export_cache,
         precision=precision,
         fast=fast,
+        tta=tta,
         progress=not no_progress,
     )
     res = run(cfg)
