@@ -501,13 +501,20 @@ def attention_cmd(source, model, out, cells, per_class, label_key, channels, inp
     type=int,
     default=FOLDS,
     show_default=True,
-    help="Stratified cross-validation over all cells: k-NN and a linear probe, 95%% intervals, each model against "
+    help="Stratified cross-validation over all cells: k-NN and a linear probe, 95% intervals, each model against "
     "each baseline (A beats B only when the interval of A - B excludes 0). 0: the single split only.",
 )
 @click.option("--bootstrap", type=int, default=BOOTSTRAP, show_default=True, help="Resamples for the intervals.")
 @click.option(
     "--merge-classes",
     help='Classes scored as one, e.g. "Anaphase,Telophase=late_mitosis" (groups separated by ";").',
+)
+@click.option(
+    "--tta",
+    type=click.Choice(TTA_MODES),
+    default="none",
+    show_default=True,
+    help="Test-time augmentation of every network's embeddings (as run --tta); raw pixels stay as they are.",
 )
 def evaluate_cmd(
     crops,
@@ -524,6 +531,7 @@ def evaluate_cmd(
     folds,
     bootstrap,
     merge_classes,
+    tta,
 ) -> None:
     """k-NN top-1 of every model x channel set on a labelled crop store, with raw-pixel and untrained baselines, and
     cross-validated k-NN and linear-probe accuracy with paired bootstrap intervals."""
@@ -545,6 +553,7 @@ def evaluate_cmd(
         folds=folds,
         bootstrap=bootstrap,
         merge_classes=merge_classes,
+        tta=tta,
     )
     click.echo((Path(out) / "report.md").read_text())
 

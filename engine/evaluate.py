@@ -21,6 +21,7 @@ import zarr
 from scdino.bounds import check
 from scdino.cells.options import CellOptions
 from scdino.crossval import BOOTSTRAP, FOLDS, parse_merge
+from scdino.engine.tta import averaged, transforms
 from scdino.errors import ConfigError, InputError, OutputError
 from scdino.knn import TEMPERATURE, TRAIN_FRACTION, K
 from scdino.outputs import claimed_dir
@@ -47,6 +48,8 @@ class EvalSettings:
     bootstrap: int = BOOTSTRAP
     #: classes merged before any scoring, e.g. "Anaphase,Telophase=late_mitosis" (:func:`scdino.crossval.parse_merge`)
     merge_classes: str | None = None
+    #: test-time augmentation of every network's embeddings (``run --tta``; :mod:`scdino.engine.tta`)
+    tta: str = "none"
 
     def validate(self) -> None:
         """Refuse numbers out of their bounds (:mod:`scdino.bounds`)."""
@@ -61,6 +64,7 @@ class EvalSettings:
             bootstrap=self.bootstrap,
         )
         parse_merge(self.merge_classes)
+        transforms(self.tta)  # refuses an unknown mode
 
 
 @dataclass
@@ -164,6 +168,7 @@ def embed_with_run(crops: str, model: str, channels: tuple[str, ...], out: Path,
         input_size=settings.input_size,
         batch_size=settings.batch_size,
         progress=settings.progress,
+        tta=settings.tta,
     )
     try:
         run(rc)
@@ -243,7 +248,7 @@ def compute_grid(
             if fixed and all(c in fixed[1] for c in chans):  # the range is known for these channels (by name)
                 prep = fixed[0].select([fixed[1].index(c) for c in chans])
                 net = describe_model(untrained, n_channels=len(chans), input_size=prep.input_size).load().model
-                record(i, j + 1, embed_crops(net, raw, prep))
+                record(i, j + 1, averaged(raw, settings.tta, lambda x: embed_crops(net, x, prep)))
                 record(i, j + 2, raw_pixel_features(raw, prep.scale_lo, prep.scale_hi))
             if settings.folds:
                 grid.cv[grid.rows[i]] = cross_validate_row(row_features, y, len(models), settings)
@@ -319,6 +324,7 @@ def write_report(outdir: Path, crops: str, grid: Grid, s: EvalSettings) -> dict:
         "input_size": s.input_size,
         "input_sizes": grid.input_sizes,
         "merge_classes": s.merge_classes,
+        "tta": s.tta,
         "cv": grid.cv,
     }
     if grid.epochs:
@@ -335,7 +341,10 @@ def write_report(outdir: Path, crops: str, grid: Grid, s: EvalSettings) -> dict:
         "",
         f"{grid.n_cells} cells, classes {', '.join(grid.classes)}; k-NN k={s.k}, T={s.temperature}, "
         f"{int(100 * s.train_fraction)}% reference / rest query, seed {s.seed}; "
-        f"{input_sizes_text(grid.input_sizes, s.input_size)}.",
+        f"{input_sizes_text(grid.input_sizes, s.input_size)}"
+        + (f"; test-time augmentation {s.tta} ({len(transforms(s.tta))} transforms)" if s.tta != "none" else "")
+        + (f"; merged classes {s.merge_classes}" if s.merge_classes else "")
+        + ".",
         "",
         "| channels | " + " | ".join(grid.columns) + " |",
         "|---" * (len(grid.columns) + 1) + "|",
