@@ -7,7 +7,8 @@ Per setting: resident memory after the networks and optimiser are built and at i
 - ``defaults``: the scDINO recipe on a ViT-tiny/8 (a 65,536-wide head, 2 global views at 224 px and 8 local views at
   96 px, 30 crops a step, fp32);
 - ``defaults, activation checkpointing``: the same with ``activation_checkpointing=true``;
-- ``cpu preset``: the CPU-sized preset of docs/training.md (views at the crop's own 40 px).
+- ``cpu preset``: the CPU-sized preset of docs/training.md (two views at the crops' own 40 px, no local crops, a
+  4,096-wide head, 64 crops a step).
 
     python benchmarks/train_memory.py [--steps 3] [--settings defaults,checkpointing,cpu]
 """
@@ -32,9 +33,8 @@ CPU_PRESET = [
     "precision=fp32",
     "global_size=40",
     "local_size=24",
-    "local_crops=2",
+    "local_crops=0",
     "out_dim=4096",
-    "head_hidden=512",
     "batch_size_per_device=64",
 ]
 SETTINGS = {
