@@ -41,7 +41,7 @@ def test_memory_parts_follow_the_settings(tmp_path):
     assert e["head_and_loss_gb"] == pytest.approx(4 * 4 * 65536 * (20 + 18 + 4) / 1e9)
     assert e["minutes_per_epoch"] == pytest.approx(25 * e["seconds_per_step"] / 60)
     lean = est.estimate(_cfg(tmp_path, "activation_checkpointing=true"), crops, n_iter=25, rate=1e11)
-    assert lean["activations_gb"] < e["activations_gb"] / 4 and lean["seconds_per_step"] > e["seconds_per_step"]
+    assert lean["activations_gb"] < e["activations_gb"] / 3 and lean["seconds_per_step"] > e["seconds_per_step"]
     small = est.estimate(_cfg(tmp_path, "global_size=40", "local_size=24"), crops, n_iter=25, rate=1e11)
     assert small["tflop_per_step"] < e["tflop_per_step"] / 20
 
