@@ -125,3 +125,17 @@ def test_merge_refuses_a_class_no_cell_has():
         merge_labels(np.array(["Anaphase", "Telophase"]), parse_merge("Anaphase,Telophse=late"))
     with pytest.raises(ConfigError, match="expected CLASS,CLASS=NEW"):
         parse_merge("Anaphase,Telophase")
+
+
+def test_evaluate_settings_refuse_a_bad_merge_augmentation_or_fold_count():
+    from scdino.engine.evaluate import EvalSettings
+
+    EvalSettings(merge_classes="Anaphase,Telophase=late", tta="d8").validate()
+    with pytest.raises(ConfigError, match="expected CLASS,CLASS=NEW"):
+        EvalSettings(merge_classes="Anaphase").validate()
+    with pytest.raises(ConfigError, match="--tta 'd4'"):
+        EvalSettings(tta="d4").validate()
+    with pytest.raises(ConfigError, match="--folds -1"):
+        EvalSettings(folds=-1).validate()
+    with pytest.raises(ConfigError, match="--bootstrap 10"):
+        EvalSettings(bootstrap=10).validate()
