@@ -1,14 +1,19 @@
-"""k-NN of the shipped default model against both baselines on cells it never saw.
+"""The shipped default model against its untrained twin and raw pixels, with intervals, on cells it never saw.
 
-The default model was trained on well A/2 of the neocortex sample plate (README, "The default model"). Here the cells
-of well A/1 are embedded by (a) the default model, (b) the same architecture untrained, and (c) raw pixels (min-max
-scaled per channel, flattened; for a model trained with a fixed per-channel intensity range, also raw pixels scaled by
-that range). The label is the dominant nuclear marker of each nucleus (CTIP2, BRN2 or ROR: the
-channel brightest at the crop centre relative to its spread over all crops), derived from the pixels and never used in
-training. k-NN as in the paper (k=20, T=0.07, 80/20 stratified split), over 20 split seeds: mean and sd, and the paired
-difference to each baseline on the same splits.
+The default model was trained on well A/2 of the neocortex sample plate (docs/training.md, "The default model"). Here
+the cells of well A/1 are embedded through ``scdino-engine run`` by (a) the default model and (b) the same
+architecture untrained, each without and with test-time augmentation (``--tta d8``: the mean over the 8 flips and
+quarter turns of each crop), beside (c) raw pixels (min-max scaled per channel, flattened; for a model trained with
+a fixed per-channel intensity range, also raw pixels scaled by that range). The label is the dominant nuclear marker
+of each nucleus (CTIP2, BRN2 or ROR: the channel brightest at the crop centre relative to its spread over all crops),
+derived from the pixels and never used in training.
 
-    python benchmarks/default_model_knn.py [--model default] [--wells A/1]
+Accuracy by :func:`scdino.crossval.cross_validate`: 5-fold stratified cross-validation over every cell of the well,
+weighted k-NN (k=20, T=0.07) and a linear probe, 95% bootstrap intervals, and paired differences on the same cells
+(the model against each baseline, with and without augmentation; augmentation against none) called a win only when
+the interval excludes 0.
+
+    python benchmarks/default_model_knn.py [--model default] [--wells A/1] [--out results/default_model_knn.json]
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
     ap.add_argument("--wells", default="A/1")
-    ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--bootstrap", type=int, default=2000)
+    ap.add_argument("--tta", default="d8", help="the augmentation compared with none")
     ap.add_argument("--out", default="benchmarks/results/default_model_knn.json")
     args = ap.parse_args()
     import anndata as ad
@@ -33,10 +40,11 @@ def main() -> None:
     from scdino.cells.options import CellOptions
     from scdino.cells.plate import Plate
     from scdino.cells.table import read_crops
+    from scdino.crossval import cross_validate, report_lines
     from scdino.engine.evaluate import raw_pixel_features
     from scdino.engine.pipeline import RunConfig, run
     from scdino.engine.sample import neocortex_segment_params, write_sample_plate
-    from scdino.knn import dominant_channel_labels, evaluate_knn
+    from scdino.knn import dominant_channel_labels
     from scdino.models import embed_crops, load_model
 
     tmp = Path(tempfile.mkdtemp(prefix="scdino-default-"))
@@ -50,58 +58,38 @@ def main() -> None:
         wells=tuple(args.wells.split(",")),
         segment=neocortex_segment_params(),
     )
-    feats = {}
-    for name, model in ((f"trained ({args.model})", args.model), (f"untrained {arch}", f"random:{arch}")):
-        out = tmp / f"{len(feats)}.zarr"
-        run(RunConfig(plate=plate, out=str(out), model=model, cells=cells, input_size=size, progress=False))
-        a = ad.read_zarr(out)
-        feats[name] = a.obsm["X_scdino"]
-        table = a.obs.reset_index(drop=True)
+    feats, tta = {}, args.tta
+    trained, untrained = f"default model ({args.model})", f"untrained {arch}"
+    for name, model in ((trained, args.model), (untrained, f"random:{arch}")):
+        for mode in ("none", tta):
+            out = tmp / f"{len(feats)}.zarr"
+            run(RunConfig(plate, str(out), model, cells, input_size=size, progress=False, tta=mode))
+            a = ad.read_zarr(out)
+            feats[f"{name}, tta {mode}"] = a.obsm["X_scdino"]
+            table = a.obs.reset_index(drop=True)
     crops = read_crops(Plate(plate), table, [0, 1, 2], crop)
     feats["raw pixels"] = raw_pixel_features(crops)
     if lm.prep.scale_lo is not None:  # the model keeps absolute levels: so must the pixel baseline it is held to
         feats["raw pixels, the model's fixed intensity range"] = raw_pixel_features(
             crops, lm.prep.scale_lo, lm.prep.scale_hi
         )
-        untrained = load_model(f"random:{arch}", 3, size).model
-        feats[f"untrained {arch}, the model's preprocessing"] = embed_crops(untrained, crops, lm.prep)
+        net = load_model(f"random:{arch}", 3, size).model
+        feats[f"{untrained}, the model's preprocessing"] = embed_crops(net, crops, lm.prep)
     labels = np.array(["CTIP2", "BRN2", "ROR"])[dominant_channel_labels(crops)]
-    rows = []
-    for name, x in feats.items():
-        acc = [evaluate_knn(x, labels, seed=s) for s in range(args.seeds)]
-        top1 = [r["top1"] for r in acc]
-        bal = [r["balanced_accuracy"] for r in acc]
-        rows.append(
-            {
-                "features": name,
-                "top1_mean": float(np.mean(top1)),
-                "top1_sd": float(np.std(top1)),
-                "balanced_mean": float(np.mean(bal)),
-                "top1": top1,
-            }
-        )
-    print(
-        f"\n{len(labels)} cells of {args.wells} (classes {dict(zip(*np.unique(labels, return_counts=True)))}), "
-        f"{arch} at {size} px, k=20, T=0.07, 80/20 split x {args.seeds} seeds\n"
-    )
-    print("| features | k-NN top-1 (mean +- sd) | balanced accuracy | trained minus this, same splits (trained wins) |")
-    print("|---|---|---|---|")
-    t0 = np.array(rows[0]["top1"])
-    for r in rows:
-        d = t0 - np.array(r["top1"])
-        r["paired_diff_mean"], r["trained_wins"], r["ties"] = float(d.mean()), int((d > 0).sum()), int((d == 0).sum())
-        paired = "" if r is rows[0] else f"{100 * d.mean():+.1f} ({r['trained_wins']}/{len(d)}, ties {r['ties']})"
-        print(
-            f"| {r['features']} | {100 * r['top1_mean']:.1f} +- {100 * r['top1_sd']:.1f} | "
-            f"{100 * r['balanced_mean']:.1f} | {paired} |"
-        )
+    pairs = [(f"{trained}, tta {m}", b) for m in ("none", tta) for b in (f"{untrained}, tta {m}", "raw pixels")]
+    pairs += [(f"{n}, tta {tta}", f"{n}, tta none") for n in (trained, untrained)]
+    pairs += [(f"{trained}, tta none", b) for b in feats if b.endswith("preprocessing") or b.endswith("range")]
+    cv = cross_validate(feats, labels, folds=args.folds, n_boot=args.bootstrap, pairs=pairs)
+    cv.pop("predictions")
+    print(f"\n{len(labels)} cells of {args.wells} (classes {cv['class_counts']}), {arch} at {size} px\n")
+    print("\n".join(report_lines(cv)))
     res = {
         "benchmark": "default_model_knn",
         "model": args.model,
         "model_info": lm.info,
         "wells": args.wells,
         "n_cells": int(len(labels)),
-        "results": rows,
+        "cv": cv,
     }
     write_results(args.out, res)
     print(f"\nwrote {args.out}")

@@ -11,8 +11,9 @@ import click
 
 from scdino._cli import ErrorGroup, configure_logging
 from scdino.cells.options import DEFAULT_CROP_SIZE, CellOptions, SegmentParams
+from scdino.crossval import BOOTSTRAP, FOLDS
 from scdino.engine import backends
-from scdino.engine.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, PRECISIONS, RunConfig
+from scdino.engine.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, PRECISIONS, TTA_MODES, RunConfig
 from scdino.engine.umap import DEFAULT_PRESET, FIT_MAX, PRESETS
 from scdino.knn import TEMPERATURE, TRAIN_FRACTION, K
 
@@ -194,6 +195,14 @@ def _split(value: str | None) -> tuple[str, ...] | None:
     help="Fast mode (CPU): int8 at half the model's input size (whole patches); several times faster, at the k-NN "
     "cost the README states.",
 )
+@click.option(
+    "--tta",
+    type=click.Choice(TTA_MODES),
+    default=RunConfig.tta,
+    show_default=True,
+    help="Test-time augmentation: each embedding is the mean over the crop's 4 axis flips (flips) or its 8 flips and "
+    "quarter turns (d8), at 4 or 8 times the model's cost; on every backend, recorded in uns['scdino']['tta'].",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def run_cmd(
     plate,
@@ -221,6 +230,7 @@ def run_cmd(
     no_export_cache,
     precision,
     fast,
+    tta,
     no_progress,
     **segment,
 ) -> None:
@@ -263,6 +273,7 @@ def run_cmd(
         export_cache=not no_export_cache,
         precision=precision,
         fast=fast,
+        tta=tta,
         progress=not no_progress,
     )
     res = run(cfg)
@@ -485,10 +496,45 @@ def attention_cmd(source, model, out, cells, per_class, label_key, channels, inp
 @click.option("--temperature", type=float, default=TEMPERATURE, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--input-size", type=int, help="Default: the size the model was trained at (224 for DINO's).")
+@click.option(
+    "--folds",
+    type=int,
+    default=FOLDS,
+    show_default=True,
+    help="Stratified cross-validation over all cells: k-NN and a linear probe, 95% intervals, each model against "
+    "each baseline (A beats B only when the interval of A - B excludes 0). 0: the single split only.",
+)
+@click.option("--bootstrap", type=int, default=BOOTSTRAP, show_default=True, help="Resamples for the intervals.")
+@click.option(
+    "--merge-classes",
+    help='Classes scored as one, e.g. "Anaphase,Telophase=late_mitosis" (groups separated by ";").',
+)
+@click.option(
+    "--tta",
+    type=click.Choice(TTA_MODES),
+    default="none",
+    show_default=True,
+    help="Test-time augmentation of every network's embeddings (as run --tta); raw pixels stay as they are.",
+)
 def evaluate_cmd(
-    crops, models, channel_sets, out, label_key, run_dir, baseline_arch, k, temperature, seed, input_size
+    crops,
+    models,
+    channel_sets,
+    out,
+    label_key,
+    run_dir,
+    baseline_arch,
+    k,
+    temperature,
+    seed,
+    input_size,
+    folds,
+    bootstrap,
+    merge_classes,
+    tta,
 ) -> None:
-    """k-NN top-1 of every model x channel set on a labelled crop store, with raw-pixel and untrained baselines."""
+    """k-NN top-1 of every model x channel set on a labelled crop store, with raw-pixel and untrained baselines, and
+    cross-validated k-NN and linear-probe accuracy with paired bootstrap intervals."""
     from scdino.engine.evaluate import evaluate
 
     sets = [tuple(c.strip() for c in s.split(",") if c.strip()) for s in (channel_sets or "").split(";") if s.strip()]
@@ -504,6 +550,10 @@ def evaluate_cmd(
         temperature=temperature,
         seed=seed,
         input_size=input_size,
+        folds=folds,
+        bootstrap=bootstrap,
+        merge_classes=merge_classes,
+        tta=tta,
     )
     click.echo((Path(out) / "report.md").read_text())
 

@@ -25,6 +25,8 @@ __all__ = [
 
 #: the values of --precision (the first is the default)
 PRECISIONS = ("auto", "fp32", "int8")
+#: the values of --tta: none, the four axis flips, or all eight flips and quarter turns (scdino.engine.tta)
+TTA_MODES = ("none", "flips", "d8")
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ class RunConfig:
     fast: bool = False
     progress: bool = True
     seed: int = 0
+    #: test-time augmentation: the embedding averaged over these transforms of each crop (see TTA_MODES)
+    tta: str = "none"
 
     def validate(self) -> None:
         """Refuse options that are out of bounds (:mod:`scdino.bounds`) or contradict each other."""
@@ -73,6 +77,8 @@ class RunConfig:
             crop_um=cells.crop_um,
         )
         check_segmentation(**cells.segment.to_dict())
+        if self.tta not in TTA_MODES:
+            raise ConfigError(f"--tta {self.tta!r}: expected {', '.join(TTA_MODES)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision {self.precision!r}: expected {', '.join(PRECISIONS)}")
         if self.fast and (self.input_size is not None or self.precision != "auto"):

@@ -20,6 +20,8 @@ import zarr
 
 from scdino.bounds import check
 from scdino.cells.options import CellOptions
+from scdino.crossval import BOOTSTRAP, FOLDS, parse_merge
+from scdino.engine.tta import averaged, transforms
 from scdino.errors import ConfigError, InputError, OutputError
 from scdino.knn import TEMPERATURE, TRAIN_FRACTION, K
 from scdino.outputs import claimed_dir
@@ -41,6 +43,13 @@ class EvalSettings:
     input_size: int | None = None
     batch_size: int | None = None  # None: the run's default for the device
     progress: bool = True
+    #: stratified K-fold cross-validation over all labelled cells (k-NN and linear probe, with intervals); 0: none
+    folds: int = FOLDS
+    bootstrap: int = BOOTSTRAP
+    #: classes merged before any scoring, e.g. "Anaphase,Telophase=late_mitosis" (:func:`scdino.crossval.parse_merge`)
+    merge_classes: str | None = None
+    #: test-time augmentation of every network's embeddings (``run --tta``; :mod:`scdino.engine.tta`)
+    tta: str = "none"
 
     def validate(self) -> None:
         """Refuse numbers out of their bounds (:mod:`scdino.bounds`)."""
@@ -51,7 +60,11 @@ class EvalSettings:
             seed=self.seed,
             input_size=self.input_size,
             batch_size=self.batch_size,
+            folds=self.folds,
+            bootstrap=self.bootstrap,
         )
+        parse_merge(self.merge_classes)
+        transforms(self.tta)  # refuses an unknown mode
 
 
 @dataclass
@@ -69,6 +82,8 @@ class Grid:
     n_cells: int = 0
     #: the input size (px) each embedded column ran at, as its store records it
     input_sizes: dict[str, int] = field(default_factory=dict)
+    #: per channel set (row): :func:`scdino.crossval.cross_validate` of every column, models against baselines
+    cv: dict[str, dict] = field(default_factory=dict)
 
 
 def raw_pixel_features(crops: np.ndarray, scale_lo=None, scale_hi=None) -> np.ndarray:
@@ -153,6 +168,7 @@ def embed_with_run(crops: str, model: str, channels: tuple[str, ...], out: Path,
         input_size=settings.input_size,
         batch_size=settings.batch_size,
         progress=settings.progress,
+        tta=settings.tta,
     )
     try:
         run(rc)
@@ -189,6 +205,10 @@ def compute_grid(
     if labels.isna().any():
         raise InputError(f"{crops}: {int(labels.isna().sum())} cells have no {settings.label_key!r}")
     y = labels.to_numpy()
+    if settings.merge_classes:
+        from scdino.crossval import merge_labels
+
+        y = merge_labels(y, parse_merge(settings.merge_classes))
     sets = [tuple(s) for s in channel_sets] or [tuple(source.channel_names)]
     sources = {s: open_source(crops, CellOptions(channels=s)) for s in sets}  # unknown channels fail before any work
     check_channel_sets([*models, *([_checkpoints(run_dir)[-1][1]] if run_dir else [])], sets, source.channel_names)
@@ -200,9 +220,13 @@ def compute_grid(
     def knn(x: np.ndarray) -> dict:
         return evaluate_knn(x, y, settings.k, settings.temperature, settings.train_fraction, settings.seed)
 
-    def record(i: int, j: int, r: dict) -> None:
+    row_features: dict[str, np.ndarray] = {}
+
+    def record(i: int, j: int, x: np.ndarray) -> None:
+        r = knn(x)
         grid.top1[i, j] = r["top1"]
         grid.details[f"{columns[j]} | {grid.rows[i]}"] = r
+        row_features[columns[j]] = x
 
     epochs = _checkpoints(run_dir) if run_dir else []
     total = len(sets) * (len(models) + 1) + len(epochs)
@@ -217,15 +241,18 @@ def compute_grid(
 
         for i, chans in enumerate(sets):
             for j, model in enumerate([*models, untrained]):
-                record(i, j, knn(embed(model, chans, _tag(j, model, grid.rows[i]), columns[j])))
+                record(i, j, embed(model, chans, _tag(j, model, grid.rows[i]), columns[j]))
             raw = read_all(sources[chans], table)
             j = len(models) + 1
-            record(i, j, knn(raw_pixel_features(raw)))
+            record(i, j, raw_pixel_features(raw))
             if fixed and all(c in fixed[1] for c in chans):  # the range is known for these channels (by name)
                 prep = fixed[0].select([fixed[1].index(c) for c in chans])
                 net = describe_model(untrained, n_channels=len(chans), input_size=prep.input_size).load().model
-                record(i, j + 1, knn(embed_crops(net, raw, prep)))
-                record(i, j + 2, knn(raw_pixel_features(raw, prep.scale_lo, prep.scale_hi)))
+                record(i, j + 1, averaged(raw, settings.tta, lambda x: embed_crops(net, x, prep)))
+                record(i, j + 2, raw_pixel_features(raw, prep.scale_lo, prep.scale_hi))
+            if settings.folds:
+                grid.cv[grid.rows[i]] = cross_validate_row(row_features, y, len(models), settings)
+            row_features.clear()
         if epochs:
             chans = sets[-1]
             for ep, ck in epochs:
@@ -236,6 +263,22 @@ def compute_grid(
         names = names or columns[len(models) : len(models) + 2]
         grid.epoch_baselines = {re.sub(r"^untrained [^,]*", "untrained", c): float(last[c]) for c in names}
     return grid
+
+
+def cross_validate_row(features: dict[str, np.ndarray], y: np.ndarray, n_models: int, s: EvalSettings) -> dict:
+    """Cross-validated k-NN and probe of one channel set's columns; each model is compared with every baseline (with
+    no model, the untrained network with the raw pixels)."""
+    from scdino.crossval import cross_validate
+
+    names = list(features)
+    firsts = names[:n_models] or names[:1]
+    pairs = [(a, b) for a in firsts for b in names if b not in firsts]
+    cv = cross_validate(
+        features, y, folds=s.folds, seed=s.seed, k=s.k, temperature=s.temperature, n_boot=s.bootstrap, pairs=pairs
+    )
+    cv.pop("predictions")  # the per-cell codes would swell results.json; the scores and comparisons are what it keeps
+    cv["merged"] = parse_merge(s.merge_classes)  # merged before the grid, so that both protocols see the same classes
+    return cv
 
 
 def _columns(models: Sequence[str], untrained: str, run_dir: str | None) -> tuple[list[str], tuple | None]:
@@ -280,6 +323,9 @@ def write_report(outdir: Path, crops: str, grid: Grid, s: EvalSettings) -> dict:
         "seed": s.seed,
         "input_size": s.input_size,
         "input_sizes": grid.input_sizes,
+        "merge_classes": s.merge_classes,
+        "tta": s.tta,
+        "cv": grid.cv,
     }
     if grid.epochs:
         epochs_png(
@@ -295,7 +341,10 @@ def write_report(outdir: Path, crops: str, grid: Grid, s: EvalSettings) -> dict:
         "",
         f"{grid.n_cells} cells, classes {', '.join(grid.classes)}; k-NN k={s.k}, T={s.temperature}, "
         f"{int(100 * s.train_fraction)}% reference / rest query, seed {s.seed}; "
-        f"{input_sizes_text(grid.input_sizes, s.input_size)}.",
+        f"{input_sizes_text(grid.input_sizes, s.input_size)}"
+        + (f"; test-time augmentation {s.tta} ({len(transforms(s.tta))} transforms)" if s.tta != "none" else "")
+        + (f"; merged classes {s.merge_classes}" if s.merge_classes else "")
+        + ".",
         "",
         "| channels | " + " | ".join(grid.columns) + " |",
         "|---" * (len(grid.columns) + 1) + "|",
@@ -303,6 +352,11 @@ def write_report(outdir: Path, crops: str, grid: Grid, s: EvalSettings) -> dict:
     for i, r in enumerate(grid.rows):
         md.append(f"| {r} | " + " | ".join(f"{100 * v:.1f}" if np.isfinite(v) else "-" for v in grid.top1[i]) + " |")
     md += ["", "![k-NN heatmap](heatmap.png)"]
+    if grid.cv:
+        from scdino.crossval import report_lines
+
+        for row, cv in grid.cv.items():
+            md += ["", f"## Cross-validated, with intervals: {row}", "", *report_lines(cv)]
     if grid.epochs:
         md += ["", "| epoch | top-1 |", "|---|---|", *[f"| {e} | {100 * a:.1f} |" for e, a in grid.epochs]]
         md += ["", "![per epoch](epochs.png)"]

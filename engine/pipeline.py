@@ -36,6 +36,7 @@ from scdino.engine.export_cache import choose, describe
 from scdino.engine.output import COMMAND, EmbeddingStore, store_status
 from scdino.engine.precision import choose_precision
 from scdino.engine.stream import embed_block, run_stream, stream_plan
+from scdino.engine.tta import transforms as tta_transforms
 from scdino.errors import OutputError
 from scdino.models import forget_checkpoints
 from scdino.models.card import ModelCard
@@ -97,6 +98,7 @@ def backend_spec(cfg: RunConfig, card: ModelCard, n_channels: int) -> BackendSpe
         checkpoint_key=cfg.checkpoint_key,
         adapt=cfg.adapt,
         seed=cfg.seed,
+        tta=cfg.tta,
     )
 
 
@@ -369,6 +371,7 @@ def _uns(cfg: RunConfig, spec: BackendSpec, source: CellSource, status: str, pat
             "crop_size": source.crop_size,
             "preprocessing": card.preprocessing.to_dict(),
             "backend": spec.to_dict(),
+            "tta": {"mode": spec.tta, "transforms": len(tta_transforms(spec.tta))},
             "path": path,
             "cells": cfg.cells.to_dict(),
             "plate": os.path.abspath(cfg.plate),

@@ -62,7 +62,16 @@ def _infer_lock(spec: BackendSpec) -> threading.Lock:
 def embed_block(crops: np.ndarray, spec: BackendSpec) -> np.ndarray:
     """Raw crops -> embeddings with this process's backend for ``spec``, one inference at a time per process. A
     backend that can ``launch`` a block without waiting for it (a GPU's) holds the model only while it launches, so
-    the next block is launched while the device still runs this one."""
+    the next block is launched while the device still runs this one. With test-time augmentation, the mean over the
+    transforms of the crops (:mod:`scdino.engine.tta`), on whichever backend runs."""
+    if spec.tta != "none":
+        from scdino.engine.tta import averaged
+
+        return averaged(crops, spec.tta, lambda x: _embed_once(x, spec))
+    return _embed_once(crops, spec)
+
+
+def _embed_once(crops: np.ndarray, spec: BackendSpec) -> np.ndarray:
     with using(spec) as backend:
         launch = getattr(backend, "launch", None)
         with _infer_lock(spec):

@@ -102,3 +102,53 @@ def step(
     new_center = c * center_momentum + t_all.mean(0, keepdim=True) * (1 - center_momentum)
     details = {"student": [o.detach() for o in s_out], "teacher_cls": t_cls}
     return loss.detach(), grads, t_all.detach(), new_center, details
+
+
+# --- the schedule and the optimiser, from DINO's definitions (main_dino.py's train loop, utils.cosine_scheduler) ---
+
+
+def cosine_at(i: int, base: float, final: float, epochs: int, per_epoch: int, warmup_epochs: int = 0) -> float:
+    """Iteration ``i`` of a schedule that rises linearly from 0 to ``base`` over ``warmup_epochs`` (the warm-up's last
+    iteration reaching ``base``), then follows half a cosine from ``base`` towards ``final`` over the remaining
+    iterations (reaching it one step after the last)."""
+    warm = warmup_epochs * per_epoch
+    if i < warm:
+        return base * i / (warm - 1) if warm > 1 else base
+    rest = epochs * per_epoch - warm
+    return final + (base - final) * (1 + math.cos(math.pi * (i - warm) / rest)) / 2
+
+
+def teacher_temp_at(epoch: int, warm: float, final: float, warm_epochs: int) -> float:
+    """Epoch ``epoch`` (0-based) of the teacher temperature: ``warm`` in the first epoch, rising in equal steps to
+    ``final`` in epoch ``warm_epochs - 1``, then ``final``."""
+    if epoch >= warm_epochs:
+        return final
+    if warm_epochs == 1:  # one warm-up epoch: the warm value, then the final one
+        return warm
+    return warm + (final - warm) * epoch / (warm_epochs - 1)
+
+
+def decays(name: str, shape) -> bool:
+    """DINO regularises every weight matrix and embedding; no bias and nothing one-dimensional (norm weights)."""
+    return not (name.endswith(".bias") or len(shape) == 1)
+
+
+def clip(grad: torch.Tensor, limit: float) -> tuple[torch.Tensor, bool]:
+    """One parameter's gradient scaled to norm ``limit`` (up to the 1e-6 of DINO's clip coefficient) when longer."""
+    coef = limit / (float(grad.norm()) + 1e-6)
+    return (grad * coef, True) if coef < 1 else (grad, False)
+
+
+def adam_moments(m, v, grad, betas=(0.9, 0.999)):
+    """Adam's running first and second moments after one gradient."""
+    b1, b2 = betas
+    return b1 * m + (1 - b1) * grad, b2 * v + (1 - b2) * grad * grad
+
+
+def adamw_parameter(p, m_new, v_new, step: int, lr: float, wd: float, betas=(0.9, 0.999), eps=1e-8):
+    """The parameter after AdamW's step number ``step`` (Loshchilov & Hutter's decoupled weight decay), from that
+    step's moments: shrink by lr * wd, then move by the bias-corrected m / (sqrt(v) + eps)."""
+    b1, b2 = betas
+    m_hat = m_new / (1 - b1**step)
+    v_hat = v_new / (1 - b2**step)
+    return p * (1 - lr * wd) - lr * m_hat / (v_hat.sqrt() + eps)

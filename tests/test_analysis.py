@@ -182,6 +182,22 @@ def test_evaluate_grid_with_baselines_and_epochs(authors_folder, tmp_path):
     assert top1[0, 2] == pytest.approx(sklearn_knn_top1(flat, table["class"].astype(str).to_numpy(), k=20))
     # the same model twice gives the same accuracy: the grid is deterministic
     assert top1[0, 0] == top1[0, 1]
+    # cross-validation over all cells: raw pixels' k-NN is scikit-learn's cosine-weighted vote on the same folds
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.neighbors import KNeighborsClassifier
+
+    cv = r["cv"]["CTIP2"]
+    vote = KNeighborsClassifier(20, metric="cosine", algorithm="brute", weights=lambda d: np.exp((1 - d) / 0.07))
+    folds = StratifiedKFold(5, shuffle=True, random_state=0)
+    y = table["class"].astype(str).to_numpy()
+    pooled = (cross_val_predict(vote, flat, y, cv=folds) == y).mean()  # every cell a query once
+    assert cv["scores"]["knn"]["raw pixels"]["top1"] == pytest.approx(pooled)
+    comps = [(c["a"], c["b"]) for c in cv["comparisons"]["probe"]]
+    assert comps == [("random:vit_test16", "untrained vit_test16"), ("random:vit_test16", "raw pixels")]
+    # the same network twice: no difference, and the report says so rather than a winner
+    same = cv["comparisons"]["knn"][0]["top1"]
+    assert same["difference"] == 0 and same["verdict"] == "no difference shown"
+    assert "Cross-validated, with intervals: CTIP2" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_attention_figure_shows_each_channel_on_one_scale_for_all_cells(tmp_path):

@@ -98,6 +98,7 @@ def build_networks(cfg: TrainConfig, in_chans: int) -> tuple[MultiCropWrapper, M
         lm = describe_model(cfg.init, n_channels=in_chans, input_size=cfg.global_size).load()
         student_bb.load_state_dict(lm.model.state_dict())
         log.info("initialised the backbone from %s", cfg.init)
+    student_bb.checkpoint_blocks = cfg.activation_checkpointing
     teacher_bb = VisionTransformer(arch_config(cfg.arch_name, in_chans=in_chans, img_size=cfg.global_size))
     d = arch.embed_dim
     student = MultiCropWrapper(
@@ -582,6 +583,10 @@ def train(
         return {"nothing_to_do": True, "epoch": start, "epochs": cfg.epochs}
     if cfg.knn_freq and tr.rank == 0:
         tr.val = val if val is not None else _validation_data(cfg, tr.data.names)
+    if tr.rank == 0:  # what the settings will cost, before the first epoch
+        from scdino.training.estimate import tell
+
+        tell(cfg, tr.data.crops, tr.n_iter, tr.device)
     logf = open(out / "log.jsonl", "a") if tr.rank == 0 else None
     first = _summary_of(out / "log.jsonl", baseline_epoch(cfg)) if start else None
     summary: dict = {}

@@ -17,7 +17,9 @@ from scdino.training.config import TrainConfig
 log = logging.getLogger(__name__)
 
 #: settings that change neither the weights nor the schedule: a resumed run may change them
-FREE = frozenset({"out", "threads", "device", "knn_freq", "val_data", "val_label_key", "saveckp_freq"})
+FREE = frozenset(
+    {"out", "threads", "device", "knn_freq", "val_data", "val_label_key", "saveckp_freq", "activation_checkpointing"}
+)
 
 
 def _plain(d: dict) -> dict:

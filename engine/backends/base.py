@@ -11,7 +11,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from scdino.engine.config import DEFAULT_BATCH_SIZE
+from scdino.engine.config import DEFAULT_BATCH_SIZE, TTA_MODES
 from scdino.errors import ConfigError, InputError
 from scdino.models.card import FORMATS, ModelCard
 
@@ -31,6 +31,8 @@ class BackendSpec:
     seed: int = 0
     #: PyTorch on CUDA: the autocast dtype, ``float16`` (the default) or ``bfloat16``
     autocast: str = "float16"
+    #: test-time augmentation (:mod:`scdino.engine.tta`): a part of what the embeddings are, so of the resume check
+    tta: str = "none"
     #: how a worker opens it: the registered ``"module:Class"`` of ``kind`` (a worker process may not have run the
     #: registration of a backend added from outside scdino; the spec carries it there)
     opener: str = field(default="", init=False)
@@ -38,6 +40,8 @@ class BackendSpec:
     def __post_init__(self) -> None:
         if self.autocast not in ("float16", "bfloat16"):
             raise ConfigError(f"autocast {self.autocast!r}: expected float16 or bfloat16")
+        if self.tta not in TTA_MODES:
+            raise ConfigError(f"tta {self.tta!r}: expected {', '.join(TTA_MODES)}")
         entry = REGISTRY.get(self.kind)
         object.__setattr__(self, "opener", entry.opener if entry and isinstance(entry.opener, str) else "")
 
@@ -67,6 +71,7 @@ class BackendSpec:
             "seed": self.seed,
             # recorded where it is not the default, so that stores made before it existed resume
             **({"autocast": self.autocast} if self.autocast != "float16" else {}),
+            **({"tta": self.tta} if self.tta != "none" else {}),
         }
 
 

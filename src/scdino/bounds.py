@@ -75,6 +75,9 @@ BOUNDS: dict[str, Bound] = {
     "--train-fraction": Bound(
         "share of the labelled cells used as the reference", low=0, high=1, low_open=True, high_open=True
     ),
+    # evaluate: cross-validation with intervals
+    "--folds": Bound("folds of the stratified cross-validation; 0: none", low=0, integer=True),
+    "--bootstrap": Bound("bootstrap resamples of the cells for the 95% intervals", low=100, integer=True),
     # umap
     "--n-neighbors": Bound("UMAP neighbours", low=2, integer=True),
     "--min-dist": Bound("UMAP least distance between embedded points", low=0),

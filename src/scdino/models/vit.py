@@ -16,6 +16,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from scdino.models.arch import FAMILIES, ViTConfig, arch_config, arch_name
@@ -128,6 +129,9 @@ class VisionTransformer(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
+        #: training: keep only each block's input for the backward pass and recompute the block there (activation
+        #: checkpointing; the same loss and gradients, about a third more compute, a fraction of the memory)
+        self.checkpoint_blocks = False
 
     @property
     def embed_dim(self) -> int:
@@ -151,8 +155,10 @@ class VisionTransformer(nn.Module):
 
     def forward_tokens(self, x: torch.Tensor, interpolate: bool = False) -> torch.Tensor:
         x = self.prepare_tokens(x, interpolate)
+        recompute = self.checkpoint_blocks and torch.is_grad_enabled()
         for blk in self.blocks:
-            x = blk(x)
+            # the random state is replayed in the recomputation, so drop path drops the same paths twice
+            x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False) if recompute else blk(x)
         return self.norm(x)
 
     def forward(self, x: torch.Tensor, interpolate: bool = False) -> torch.Tensor:

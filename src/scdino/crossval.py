@@ -1,0 +1,272 @@
+"""Accuracy with intervals: stratified K-fold cross-validation over every labelled cell, with the paper's weighted
+k-NN and a linear probe, and paired bootstrap intervals of the difference between two feature sets on the same cells.
+
+One 80/20 split of a few hundred cells moves by a couple of points from seed to seed, so a single split cannot say
+which of two models is better. Here every cell is a query exactly once (its fold's model never saw it), both feature
+sets are scored on the same cells with the same folds, and the difference is resampled cell by cell (within each class,
+so that every class keeps its count and balanced accuracy stays defined). A comparison is called a win only when the
+95% interval of the difference excludes 0.
+
+Used by ``scdino-engine evaluate`` and the benchmarks (``benchmarks/jurkat_cv.py``,
+``benchmarks/default_model_knn.py``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from scdino.errors import ConfigError
+from scdino.knn import TEMPERATURE, K, knn_predict
+
+FOLDS = 5
+BOOTSTRAP = 2000
+LEVEL = 0.95
+METHODS = ("knn", "probe")
+METRICS = ("top1", "balanced_accuracy")
+
+
+def parse_merge(spec: str | None) -> dict[str, str]:
+    """``"Anaphase,Telophase=late_M;G2,Prophase=G2M"`` as {old class: new class}; empty for None or ""."""
+    out: dict[str, str] = {}
+    for group in (spec or "").split(";"):
+        if not group.strip():
+            continue
+        if group.count("=") != 1:
+            raise ConfigError(
+                f"--merge-classes {group!r}: expected CLASS,CLASS=NEW (groups separated by ';'), "
+                "e.g. Anaphase,Telophase=late_mitosis"
+            )
+        names, new = group.split("=")
+        for n in names.split(","):
+            if n.strip():
+                out[n.strip()] = new.strip()
+    return out
+
+
+def merge_labels(labels: np.ndarray, merge: dict[str, str]) -> np.ndarray:
+    """Labels with the classes named in ``merge`` replaced by their group; a name no cell has is refused."""
+    labels = np.asarray(labels).astype(str)
+    unknown = sorted(set(merge) - set(labels.tolist()))
+    if unknown:
+        raise ConfigError(
+            f"--merge-classes names {', '.join(unknown)}, which no cell has; the classes are "
+            f"{', '.join(sorted(set(labels.tolist())))}"
+        )
+    return np.array([merge.get(v, v) for v in labels], dtype=object)
+
+
+def folds_of(
+    y: np.ndarray, folds: int, seed: int, names: list[str] | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified, shuffled, seeded folds (scikit-learn's ``StratifiedKFold``); refused when a class has fewer cells
+    than folds, because that class could not be in every fold's training part."""
+    from sklearn.model_selection import StratifiedKFold
+
+    classes, counts = np.unique(y, return_counts=True)
+    if folds < 2:
+        raise ConfigError(f"--folds {folds}: cross-validation needs at least 2 folds")
+    if counts.min() < folds:
+        small = ", ".join(f"{names[c] if names else c} ({n})" for c, n in zip(classes, counts) if n < folds)
+        raise ConfigError(
+            f"{folds}-fold cross-validation needs at least {folds} cells per class; {small} have fewer: pass fewer "
+            "--folds or merge those classes (--merge-classes)"
+        )
+    return list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+
+
+def probe_model(seed: int = 0):
+    """The linear probe: logistic regression on embeddings standardised with the training part's mean and sd."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
+
+
+def oof_predictions(
+    x: np.ndarray,
+    y: np.ndarray,
+    splits: list[tuple[np.ndarray, np.ndarray]],
+    method: str,
+    k: int = K,
+    temperature: float = TEMPERATURE,
+    seed: int = 0,
+) -> np.ndarray:
+    """Out-of-fold predicted class codes: each cell predicted by the model of the fold that held it out."""
+    n_classes = int(y.max()) + 1
+    pred = np.full(len(y), -1, np.int64)
+    for tr, te in splits:
+        if method == "knn":
+            pred[te] = knn_predict(x[tr], y[tr], x[te], k=k, temperature=temperature, n_classes=n_classes)
+        elif method == "probe":
+            pred[te] = probe_model(seed).fit(x[tr], y[tr]).predict(x[te])
+        else:
+            raise ConfigError(f"method {method!r}: expected one of {', '.join(METHODS)}")
+    return pred
+
+
+def metric(y: np.ndarray, pred: np.ndarray, name: str, n_classes: int) -> float:
+    """Top-1 (share of cells right) or balanced accuracy (mean over the classes present of each class's recall)."""
+    right = pred == y
+    if name == "top1":
+        return float(right.mean())
+    counts = np.bincount(y, minlength=n_classes)
+    hits = np.bincount(y, weights=right, minlength=n_classes)
+    present = counts > 0
+    return float((hits[present] / counts[present]).mean())
+
+
+def scores(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict:
+    """Top-1, balanced accuracy and recall per class of one set of predictions."""
+    n = len(classes)
+    counts = np.bincount(y, minlength=n)
+    hits = np.bincount(y, weights=pred == y, minlength=n)
+    return {
+        "top1": metric(y, pred, "top1", n),
+        "balanced_accuracy": metric(y, pred, "balanced_accuracy", n),
+        "per_class_recall": {c: float(hits[i] / counts[i]) if counts[i] else None for i, c in enumerate(classes)},
+    }
+
+
+def bootstrap_indices(y: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """``n_boot`` resamples of the cells (rows of indices), drawn with replacement within each class."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((n_boot, len(y)), np.int64)
+    pos = 0
+    for c in np.unique(y):
+        members = np.flatnonzero(y == c)
+        out[:, pos : pos + len(members)] = members[rng.integers(0, len(members), size=(n_boot, len(members)))]
+        pos += len(members)
+    return out
+
+
+def bootstrap_differences(
+    y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, name: str, n_boot: int = BOOTSTRAP, seed: int = 0
+) -> np.ndarray:
+    """The metric of A minus that of B on each of ``n_boot`` paired resamples (the same cells for both)."""
+    n_classes = int(y.max()) + 1
+    idx = bootstrap_indices(y, n_boot, seed)
+    return np.array([metric(y[i], pred_a[i], name, n_classes) - metric(y[i], pred_b[i], name, n_classes) for i in idx])
+
+
+def interval(values: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+    """The central percentile interval of a bootstrap distribution."""
+    lo, hi = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
+
+
+def verdict(a: str, b: str, lo: float, hi: float) -> str:
+    """The verdict: "A beats B" only when the interval of A - B excludes 0."""
+    if lo > 0:
+        return f"{a} beats {b}"
+    if hi < 0:
+        return f"{b} beats {a}"
+    return "no difference shown"
+
+
+def paired_comparison(
+    y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, a: str, b: str, n_boot: int = BOOTSTRAP, seed: int = 0
+) -> dict:
+    """A - B in top-1 and balanced accuracy on the same cells, with paired bootstrap intervals and the verdict."""
+    n_classes = int(y.max()) + 1
+    out = {"a": a, "b": b}
+    for name in METRICS:
+        lo, hi = interval(bootstrap_differences(y, pred_a, pred_b, name, n_boot, seed))
+        diff = metric(y, pred_a, name, n_classes) - metric(y, pred_b, name, n_classes)
+        out[name] = {"difference": diff, "low": lo, "high": hi, "verdict": verdict(a, b, lo, hi)}
+    return out
+
+
+def cross_validate(
+    features: dict[str, np.ndarray],
+    labels: np.ndarray,
+    *,
+    folds: int = FOLDS,
+    seed: int = 0,
+    methods: tuple[str, ...] = METHODS,
+    k: int = K,
+    temperature: float = TEMPERATURE,
+    n_boot: int = BOOTSTRAP,
+    merge: dict[str, str] | None = None,
+    pairs: list[tuple[str, str]] | None = None,
+) -> dict:
+    """Every feature set (same cells, same order) scored by every method with the same folds, each score with a
+    bootstrap interval, and the paired comparisons ``pairs`` (default: the first feature set against each other).
+
+    Returns {"classes", "n_cells", "folds", "seed", "methods", "scores": {method: {features: {...}}},
+    "comparisons": {method: [paired_comparison ...]}, "predictions": {method: {features: codes}}}.
+    """
+    y_names = merge_labels(labels, merge or {})
+    classes = sorted(set(y_names.tolist()), key=str)
+    code = {c: i for i, c in enumerate(classes)}
+    y = np.array([code[v] for v in y_names], np.int64)
+    splits = folds_of(y, folds, seed, [str(c) for c in classes])
+    names = list(features)
+    for name in names:
+        if len(features[name]) != len(y):
+            raise ConfigError(f"feature set {name!r} has {len(features[name])} rows for {len(y)} labelled cells")
+    pairs = pairs if pairs is not None else [(names[0], b) for b in names[1:]]
+    out = {
+        "classes": [str(c) for c in classes],
+        "class_counts": {str(c): int((y == i).sum()) for i, c in enumerate(classes)},
+        "n_cells": int(len(y)),
+        "folds": folds,
+        "seed": seed,
+        "k": k,
+        "temperature": temperature,
+        "bootstrap": n_boot,
+        "level": LEVEL,
+        "merged": dict(merge or {}),
+        "methods": list(methods),
+        "scores": {},
+        "comparisons": {},
+        "predictions": {},
+    }
+    idx = bootstrap_indices(y, n_boot, seed)
+    for method in methods:
+        preds = {n: oof_predictions(features[n], y, splits, method, k, temperature, seed) for n in names}
+        out["predictions"][method] = {n: p.tolist() for n, p in preds.items()}
+        out["scores"][method] = {}
+        for n, p in preds.items():
+            s = scores(y, p, out["classes"])
+            for m in METRICS:
+                s[f"{m}_interval"] = interval(np.array([metric(y[i], p[i], m, len(classes)) for i in idx]))
+            out["scores"][method][n] = s
+        out["comparisons"][method] = [paired_comparison(y, preds[a], preds[b], a, b, n_boot, seed) for a, b in pairs]
+    return out
+
+
+def report_lines(cv: dict) -> list[str]:
+    """Markdown tables of a :func:`cross_validate` result: scores with intervals, then the paired differences."""
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    lines = [
+        f"{cv['folds']}-fold stratified cross-validation over all {cv['n_cells']} labelled cells (seed {cv['seed']}); "
+        f"95% intervals from {cv['bootstrap']} bootstrap resamples of the cells within each class; k-NN k={cv['k']}, "
+        f"T={cv['temperature']}; linear probe: logistic regression on standardised features."
+        + (f" Merged classes: {', '.join(f'{a}->{b}' for a, b in cv['merged'].items())}." if cv["merged"] else ""),
+        "",
+        "| method | features | top-1 [95% CI] | balanced [95% CI] | " + " | ".join(cv["classes"]) + " |",
+        "|---|---|---|---|" + "---|" * len(cv["classes"]),
+    ]
+    for method, per in cv["scores"].items():
+        for name, s in per.items():
+            (tl, th), (bl, bh) = s["top1_interval"], s["balanced_accuracy_interval"]
+            rec = " | ".join("-" if v is None else pct(v) for v in s["per_class_recall"].values())
+            lines.append(
+                f"| {method} | {name} | {pct(s['top1'])} [{pct(tl)}, {pct(th)}] | "
+                f"{pct(s['balanced_accuracy'])} [{pct(bl)}, {pct(bh)}] | {rec} |"
+            )
+    lines += [
+        "",
+        "| method | A - B | top-1 difference [95% CI] | balanced difference [95% CI] | verdict (top-1; balanced) |",
+    ]
+    lines.append("|---|---|---|---|---|")
+    for method, comps in cv["comparisons"].items():
+        for c in comps:
+            t, b = c["top1"], c["balanced_accuracy"]
+            lines.append(
+                f"| {method} | {c['a']} - {c['b']} | {100 * t['difference']:+.1f} [{100 * t['low']:+.1f}, "
+                f"{100 * t['high']:+.1f}] | {100 * b['difference']:+.1f} [{100 * b['low']:+.1f}, "
+                f"{100 * b['high']:+.1f}] | {t['verdict']}; {b['verdict']} |"
+            )
+    return lines
