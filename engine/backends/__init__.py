@@ -163,7 +163,8 @@ def using(spec: BackendSpec) -> Iterator[Backend]:
         if b is None:
             log.info(  # one line per backend: a precision check opens fp32 and int8 copies of one model
                 "opening %s backend (%s, %s) in process %d",
-                spec.kind, os.path.basename(spec.model), spec.precision, os.getpid(),
+                spec.kind, os.path.basename(str(getattr(spec.card, "spec", ""))),
+                spec.precision if spec.card is not None else "?", os.getpid(),
             )  # fmt: skip
             b = _CACHE[spec] = open_backend(spec)
         _USERS[spec] = _USERS.get(spec, 0) + 1
