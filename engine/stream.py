@@ -118,7 +118,7 @@ def stream_plan(
     """The :class:`StreamPlan` for ``spec`` on a cluster of ``workers`` workers with ``threads`` threads in all;
     ``feeders`` per worker (None: one per core of a worker, where feeder processes can run); ``fixed``: a cluster no
     worker joins (this command's own)."""
-    if spec.device == "cpu" and spec.kind != "null":
+    if spec.device not in spec.entry.grouped_on:
         group = 1
     else:
         lo, hi = GPU_TASK_CELLS
