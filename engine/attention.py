@@ -12,6 +12,7 @@ import zarr
 
 from scdino.bounds import check
 from scdino.errors import ConfigError, InputError
+from scdino.models.defaults import CHECKPOINT_KEY
 from scdino.outputs import claimed_dir
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def attention_command(
     label_key: str | None = None,
     channels: Sequence[str] | None = None,
     input_size: int | None = None,
-    checkpoint_key: str = "teacher",
+    checkpoint_key: str = CHECKPOINT_KEY,
     seed: int = 0,
 ) -> dict:
     import torch

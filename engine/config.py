@@ -11,6 +11,7 @@ from scdino.batches import CPU_BATCH_TOKENS, DEFAULT_BATCH_SIZE, GPU_BATCH_TOKEN
 from scdino.bounds import check, check_segmentation
 from scdino.cells.options import CellOptions
 from scdino.errors import ConfigError
+from scdino.models.defaults import ADAPT, CHECKPOINT_KEY
 
 #: the batch rules live in :mod:`scdino.batches` (export builds plans for them too); here for the engine's readers
 __all__ = [
@@ -37,8 +38,8 @@ class RunConfig:
     out: str
     model: str = "default"
     cells: CellOptions = field(default_factory=CellOptions)
-    checkpoint_key: str = "teacher"
-    adapt: str = "mean"
+    checkpoint_key: str = CHECKPOINT_KEY
+    adapt: str = ADAPT
     input_size: int | None = None
     backend: str = "auto"
     device: str = "auto"

@@ -21,6 +21,7 @@ from scdino.errors import ConfigError
 from scdino.export.verify import verify
 from scdino.models.card import ModelCard, describe_model
 from scdino.models.checkpoint import sha256_of
+from scdino.models.defaults import ADAPT, CHECKPOINT_KEY
 from scdino.models.sidecar import with_file_hash, write_sidecar
 from scdino.outputs import claim_file
 from scdino.preprocess import Preprocessing
@@ -63,8 +64,8 @@ def export_onnx(
     dtype: str = "uint16",
     attention: bool = False,
     precision: str = "fp32",
-    checkpoint_key: str | None = "teacher",
-    adapt: str = "mean",
+    checkpoint_key: str | None = CHECKPOINT_KEY,
+    adapt: str = ADAPT,
     verify_with: np.ndarray | None = None,
     tolerance: dict | None = None,
 ) -> dict:

@@ -11,6 +11,7 @@ from typing import Any
 
 from scdino.cells.options import CellOptions, SegmentParams
 from scdino.errors import ConfigError
+from scdino.models.defaults import INPUT_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class TrainConfig:
     head_bottleneck: int = 256
     norm_last_layer: bool = True
     # multi-crop
-    global_size: int = 224
+    global_size: int = INPUT_SIZE
     local_size: int = 96
     local_crops: int = 8
     global_scale: tuple[float, float] = (0.4, 1.0)

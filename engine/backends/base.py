@@ -14,6 +14,7 @@ import numpy as np
 from scdino.engine.config import DEFAULT_BATCH_SIZE, TTA_MODES
 from scdino.errors import ConfigError, InputError
 from scdino.models.card import FORMATS, ModelCard
+from scdino.models.defaults import ADAPT, CHECKPOINT_KEY
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,8 @@ class BackendSpec:
     device: str = "cpu"
     batch_size: int = DEFAULT_BATCH_SIZE
     threads: int | None = None
-    checkpoint_key: str | None = "teacher"
-    adapt: str = "mean"
+    checkpoint_key: str | None = CHECKPOINT_KEY
+    adapt: str = ADAPT
     seed: int = 0
     #: PyTorch on CUDA: the autocast dtype, ``float16`` (the default) or ``bfloat16``
     autocast: str = "float16"
