@@ -22,12 +22,13 @@ import zarr
 
 from scdino.cells.source import open_source, source_kind
 from scdino.errors import InputError, OutputError, ScdinoError
-from scdino.outputs import claim_dir, mark, written_by
+from scdino.outputs import claim_dir, mark, recognise_zarr, written_by
 
 log = logging.getLogger(__name__)
 
 KEY = "X_scdino"
 COMMAND = "scdino-engine run"
+recognise_zarr("scdino", COMMAND)  # the root attribute of every store this module writes
 
 
 def store_status(path: str) -> dict[str, Any] | None:

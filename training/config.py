@@ -12,6 +12,7 @@ from typing import Any
 from scdino.cells.options import CellOptions, SegmentParams
 from scdino.errors import ConfigError
 from scdino.models.defaults import INPUT_SIZE
+from scdino.outputs import recognise_config
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,11 @@ class TrainConfig:
             wells=tuple(self.wells) if self.wells else None,
             segment=seg,
         )
+
+
+#: a run folder older than the marker: its config.json has these keys, and a checkpoint.pth lies beside it
+recognise_config(("global_size", "local_crops", "out_dim", "teacher_temp", "intensity_scaling"), "checkpoint.pth",
+                 "scdino-train")  # fmt: skip
 
 
 def _coerce(f: dataclasses.Field, value: Any) -> Any:

@@ -57,14 +57,7 @@ class CellOptions:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def plate_options(self) -> list[str]:
-        """The command-line options set here that only apply to plates (not to crop stores)."""
-        return [
-            o
-            for o, v in (
-                ("--wells", self.wells),
-                ("--labels", self.labels),
-                ("--segment-channel", self.segment_channel),
-            )
-            if v
-        ]
+    def given(self, names: tuple[str, ...]) -> list[str]:
+        """The options among the fields ``names`` that are set here, as a command line spells them (``--wells``):
+        a source lists the fields that do not apply to it, and says which of them were given."""
+        return ["--" + n.replace("_", "-") for n in names if getattr(self, n)]

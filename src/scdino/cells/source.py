@@ -74,7 +74,7 @@ class CropStoreSource:
         self.store = store = CropStore(path)
         if opts.crop_size not in (None, store.crop_size) or opts.crop_um is not None:
             raise ConfigError(f"{path}: a crop store holds {store.crop_size} px crops; drop --crop-size/--crop-um")
-        ignored = opts.plate_options()
+        ignored = opts.given(tuple(n for n in self.ignores if n not in ("crop_size", "crop_um")))  # checked above
         if ignored:
             raise ConfigError(f"{path}: a crop store holds cut cells; {', '.join(ignored)} do not apply to it")
         idx = resolve_channels(store.channels, opts.channels, path)
