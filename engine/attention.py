@@ -10,12 +10,14 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from scdino.bounds import check
+from scdino.bounds import Bound, check, declare
+from scdino.defaults import CHECKPOINT_KEY
 from scdino.errors import ConfigError, InputError
-from scdino.models.defaults import CHECKPOINT_KEY
 from scdino.outputs import claimed_dir
 
 log = logging.getLogger(__name__)
+
+declare(per_class=Bound("cells per class", low=1, integer=True))
 
 
 def _cells_and_crops(source: str, channels: Sequence[str] | None):

@@ -24,14 +24,13 @@ import numpy as np
 import pandas as pd
 import psutil
 
-from scdino.bounds import check_block_memory
 from scdino.cells.source import CellSource, open_source
 from scdino.cells.table import FIELDS
 from scdino.engine import feed
 from scdino.engine.backends import BackendSpec, resolve
 from scdino.engine.backends.base import stand_in
 from scdino.engine.cluster import cores, dask_client
-from scdino.engine.config import RunConfig, cpu_batch_size, gpu_batch_size
+from scdino.engine.config import RunConfig, check_block_memory, cpu_batch_size, gpu_batch_size
 from scdino.engine.export_cache import choose, describe
 from scdino.engine.output import COMMAND, EmbeddingStore, store_status
 from scdino.engine.precision import choose_precision

@@ -7,7 +7,7 @@ import click
 from scdino._cli import ErrorGroup, configure_logging
 from scdino.batches import MAX_BATCH
 from scdino.cells.options import DEFAULT_CROP_SIZE
-from scdino.models.defaults import ADAPT, CHECKPOINT_KEY
+from scdino.defaults import ADAPT, CHECKPOINT_KEY
 
 
 def _load_crops(path: str | None):

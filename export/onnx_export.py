@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from scdino.cells.options import DEFAULT_CROP_SIZE
+from scdino.defaults import ADAPT, CHECKPOINT_KEY
 from scdino.errors import ConfigError
 from scdino.export.verify import verify
 from scdino.models.card import ModelCard, describe_model
 from scdino.models.checkpoint import sha256_of
-from scdino.models.defaults import ADAPT, CHECKPOINT_KEY
 from scdino.models.sidecar import with_file_hash, write_sidecar
 from scdino.outputs import claim_file
 from scdino.preprocess import Preprocessing

@@ -6,8 +6,8 @@ import os
 
 import torch
 
+from scdino.defaults import CHECKPOINT_KEY
 from scdino.models.checkpoint import compact_backbone
-from scdino.models.defaults import CHECKPOINT_KEY
 from scdino.outputs import claim_file
 
 

@@ -91,3 +91,110 @@ def test_every_kind_names_and_titles_its_cells(kind):
 
     cls = source_kind(kind)
     assert callable(cls.cell_ids) and callable(cls.title) and isinstance(cls.catch_all, bool)
+
+
+class NpySource:
+    """A kind of source defined outside scdino: the crops of one ``.npy`` array (n, C, S, S), cell ``i`` named
+    ``npy/i``; what ``run`` needs of a source and nothing else."""
+
+    kind = "npy"
+    accepts = "a .npy array of crops (n, C, S, S)"
+    ignores = ("crop_size", "crop_um", "wells", "labels", "segment_channel")
+    catch_all = False
+    read_columns = ("i",)
+    read_unit: tuple[str, ...] = ()
+    parts = [None]
+
+    def __init__(self, path, opts=None) -> None:
+        self.path = path
+        self.array = np.load(path, mmap_mode="r")
+        n, c, s, _ = self.array.shape
+        self.channels, self.channel_names = tuple(range(c)), tuple(f"ch{i}" for i in range(c))
+        self.available_channels, self.crop_size, self.dtype = self.channel_names, s, self.array.dtype
+        self.capabilities = ()
+
+    @classmethod
+    def claims(cls, path: str) -> bool:
+        return str(path).endswith(".npy")
+
+    @staticmethod
+    def cell_ids(table):
+        import pandas as pd
+
+        return pd.Index([f"npy/{i}" for i in table["i"]], dtype=object)
+
+    @staticmethod
+    def title(row) -> str:
+        return f"crop {row['i']}"
+
+    def identity(self) -> dict:
+        return {"npy": str(self.path), "shape": list(self.array.shape)}
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "capabilities": [], "path": str(self.path)}
+
+    def cells_of(self, part=None):
+        import pandas as pd
+
+        return pd.DataFrame({"i": np.arange(len(self.array))})
+
+    def find_cells(self, client=None, progress=None):
+        return self.cells_of()
+
+    def combine(self, parts):
+        return parts[0]
+
+    def read(self, rows) -> np.ndarray:
+        return np.asarray(self.array[rows["i"].to_numpy()])
+
+
+@pytest.fixture()
+def npy_kind():
+    from scdino.cells.base import register, unregister
+
+    register(NpySource)  # what a module of scdino.cells does with @register when it is imported
+    yield NpySource
+    unregister(NpySource)
+
+
+def test_a_source_kind_registered_outside_the_package_is_run_like_a_crop_store(npy_kind, tmp_path):
+    import anndata as ad
+
+    rng = np.random.default_rng(1)
+    raw = rng.integers(0, 4000, size=(10, 2, 24, 24)).astype(np.uint16)
+    np.save(tmp_path / "crops.npy", raw)
+    root = write_class_tiffs(tmp_path / "f", raw, ["a"] * 10)
+    ingest(root, tmp_path / "c.zarr", channels=["ch0", "ch1"], progress=False)
+    for name, src in (("npy", tmp_path / "crops.npy"), ("store", tmp_path / "c.zarr")):
+        run(RunConfig(plate=str(src), out=str(tmp_path / f"{name}.zarr"), model=MODEL, input_size=32, progress=False,
+                      chunk_cells=4))  # fmt: skip
+    a, b = ad.read_zarr(tmp_path / "npy.zarr"), ad.read_zarr(tmp_path / "store.zarr")
+    assert list(a.obs_names) == [f"npy/{i}" for i in range(10)]
+    order = np.argsort([int(p[1:4]) for p in b.obs["path"]])  # c000.tif ... c009.tif: the crops' own order
+    np.testing.assert_array_equal(a.obsm["X_scdino"], b.obsm["X_scdino"][order])
+    assert dict(a.uns["scdino"]["source"])["kind"] == "npy"
+    _, ids, crops = _attention(tmp_path / "npy.zarr", tmp_path / "att", cells=["npy/7"])
+    assert ids == ["npy/7"]
+    np.testing.assert_array_equal(crops[0], raw[7])
+
+
+def test_a_new_module_in_the_cells_package_registers_its_kind_with_no_list_edited(tmp_path, monkeypatch):
+    """A kind of source is one new module of scdino.cells: every module of the package is imported before the first
+    question, so its @register runs; nothing else names it."""
+    import scdino.cells
+    from scdino.cells import base, source
+
+    extra = tmp_path / "more"
+    extra.mkdir()
+    (extra / "zz_kind.py").write_text(
+        "from scdino.cells.base import register\n\n\n"
+        "@register\nclass ZzSource:\n"
+        "    kind, accepts, catch_all = 'zz', 'a .zz file', False\n\n"
+        "    @classmethod\n    def claims(cls, path):\n        return str(path).endswith('.zz')\n"
+    )
+    monkeypatch.setattr(scdino.cells, "__path__", [*scdino.cells.__path__, str(extra)])
+    monkeypatch.setattr(source, "_LOADED", [])
+    monkeypatch.setattr(base, "SOURCES", list(base.SOURCES))  # the registry as it was, after the test
+    assert source.source_type("x.zz").kind == "zz"
+    kinds = [k.kind for k in source.registered()]
+    assert kinds[-1] == "plate" and {"zz", "crop_store", "loaddata"} <= set(kinds)  # the catch-all asked last

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from scdino.cells.options import CellOptions, SegmentParams
+from scdino.defaults import INPUT_SIZE
 from scdino.errors import ConfigError
-from scdino.models.defaults import INPUT_SIZE
 from scdino.outputs import recognise_config
 
 log = logging.getLogger(__name__)

@@ -11,10 +11,10 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from scdino.defaults import ADAPT, CHECKPOINT_KEY
 from scdino.engine.config import DEFAULT_BATCH_SIZE, TTA_MODES
 from scdino.errors import ConfigError, InputError
 from scdino.models.card import FORMATS, ModelCard
-from scdino.models.defaults import ADAPT, CHECKPOINT_KEY
 
 
 @dataclass(frozen=True)

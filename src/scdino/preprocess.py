@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from scdino.models.defaults import INPUT_SIZE
+from scdino.defaults import INPUT_SIZE
 
 
 @dataclass(frozen=True)

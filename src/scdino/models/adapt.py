@@ -12,8 +12,8 @@ import logging
 
 import torch
 
+from scdino.defaults import ADAPT
 from scdino.errors import ConfigError
-from scdino.models.defaults import ADAPT
 
 log = logging.getLogger(__name__)
 

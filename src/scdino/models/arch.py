@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
+from scdino.defaults import INPUT_SIZE
 from scdino.errors import ConfigError
-from scdino.models.defaults import INPUT_SIZE
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from scdino._optional import require
+from scdino.defaults import ADAPT, CHECKPOINT_KEY, INPUT_SIZE
 from scdino.errors import CheckpointError, ConfigError
 from scdino.models.checkpoint import sha256_of
 from scdino.models.checks import check_channels, display_name
-from scdino.models.defaults import ADAPT, CHECKPOINT_KEY, INPUT_SIZE
 from scdino.models.sidecar import HASH_KEY, check_identity, read_sidecar
 from scdino.preprocess import Preprocessing
 

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from scdino.data import PACKAGED_MODELS, WITHDRAWN_MODELS, packaged_model_path
+from scdino.defaults import CHECKPOINT_KEY
 from scdino.errors import CheckpointError
 from scdino.models.arch import FAMILIES, ViTConfig, arch_name
-from scdino.models.defaults import CHECKPOINT_KEY
 
 if TYPE_CHECKING:
     import torch

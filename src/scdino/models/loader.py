@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from scdino.batches import EMBED_BATCH_SIZE
+from scdino.defaults import ADAPT, CHECKPOINT_KEY, INPUT_SIZE
 from scdino.errors import CheckpointError, ConfigError
 from scdino.models.adapt import adapt_patch_weight, parse_mode
 from scdino.models.checkpoint import Checkpoint, open_checkpoint
 from scdino.models.checks import check_channels
-from scdino.models.defaults import ADAPT, CHECKPOINT_KEY, INPUT_SIZE
 from scdino.models.vit import VisionTransformer, ViTConfig, arch_config, arch_name, resize_pos_embed
 from scdino.preprocess import Preprocessing
 from scdino.preprocess_ops import apply
