@@ -170,7 +170,7 @@ def test_a_source_kind_registered_outside_the_package_is_run_like_a_crop_store(n
                       chunk_cells=4))  # fmt: skip
     a, b = ad.read_zarr(tmp_path / "npy.zarr"), ad.read_zarr(tmp_path / "store.zarr")
     assert list(a.obs_names) == [f"npy/{i}" for i in range(10)]
-    order = np.argsort([int(p[1:4]) for p in b.obs["path"]])  # c000.tif ... c009.tif: the crops' own order
+    order = np.argsort([int(p.split("/")[-1][1:4]) for p in b.obs["path"]])  # a/c000.tif ... a/c009.tif
     np.testing.assert_array_equal(a.obsm["X_scdino"], b.obsm["X_scdino"][order])
     assert dict(a.uns["scdino"]["source"])["kind"] == "npy"
     _, ids, crops = _attention(tmp_path / "npy.zarr", tmp_path / "att", cells=["npy/7"])
