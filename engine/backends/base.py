@@ -37,6 +37,8 @@ class BackendSpec:
     #: how a worker opens it: the registered ``"module:Class"`` of ``kind`` (a worker process may not have run the
     #: registration of a backend added from outside scdino; the spec carries it there)
     opener: str = field(default="", init=False)
+    #: the devices where it autocasts (its entry's ``autocast_on``), carried for the same reason
+    autocast_on: tuple[str, ...] = field(default=(), init=False)
 
     def __post_init__(self) -> None:
         if self.autocast not in ("float16", "bfloat16"):
@@ -45,6 +47,7 @@ class BackendSpec:
             raise ConfigError(f"tta {self.tta!r}: expected {', '.join(TTA_MODES)}")
         entry = REGISTRY.get(self.kind)
         object.__setattr__(self, "opener", entry.opener if entry and isinstance(entry.opener, str) else "")
+        object.__setattr__(self, "autocast_on", entry.autocast_on if entry else ())
 
     @property
     def model(self) -> str:
@@ -60,7 +63,7 @@ class BackendSpec:
     def precision(self) -> str:
         """The precision the backend computes in: the card's, or the autocast dtype on the devices where the backend
         autocasts (PyTorch on CUDA: fp16, or bf16 with ``autocast="bfloat16"``)."""
-        if self.device in self.entry.autocast_on:
+        if self.device in self.autocast_on:
             return "bf16-autocast" if self.autocast == "bfloat16" else "fp16-autocast"
         return self.card.precision
 
