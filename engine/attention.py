@@ -7,18 +7,22 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 import zarr
 
-from scdino.bounds import check
+from scdino.bounds import Bound, check, declare
+from scdino.defaults import CHECKPOINT_KEY
 from scdino.errors import ConfigError, InputError
 from scdino.outputs import claimed_dir
 
 log = logging.getLogger(__name__)
 
+declare(per_class=Bound("cells per class", low=1, integer=True))
+
 
 def _cells_and_crops(source: str, channels: Sequence[str] | None):
-    """(table, crop reader, channel names) of a cell source, or of the cells of a finished ``run`` output (read from
-    the source the run recorded, with the run's options)."""
+    """(cell table, its cell source) of a cell source, or of the cells of a finished ``run`` output (their crops read
+    from the source the run recorded, with the run's options)."""
     from anndata.io import read_elem
 
     from scdino.cells.options import CellOptions
@@ -27,7 +31,7 @@ def _cells_and_crops(source: str, channels: Sequence[str] | None):
 
     if not store_status(source):  # not a run's output: a cell source (a crop store, a plate, a LoadData CSV)
         src = open_source(source, CellOptions(channels=tuple(channels) if channels else None))
-        return src.find_cells(), src.read, list(src.channel_names)
+        return src.find_cells(), src
 
     _, obs = read_embeddings(source)
     g = zarr.open_group(source, mode="r", use_consolidated=False)
@@ -39,13 +43,21 @@ def _cells_and_crops(source: str, channels: Sequence[str] | None):
     opts = CellOptions(channels=used, crop_size=int(uns["crop_size"]), wells=tuple(wells) if wells else None)
     opts, _ = usable_options(uns["plate"], opts)  # the crop size and wells where the source has them
     src = open_source(uns["plate"], opts)
-    table = obs.reset_index(drop=False).rename(columns={"index": "cell"})
-    return table, src.read, list(src.channel_names)
+    table = obs.reset_index(drop=True)
+    if not src.cell_ids(table).equals(obs.index.astype(object)):
+        raise InputError(
+            f"{source}: its cells are not named as {uns['plate']} names them now; embed the source again with "
+            "'scdino-engine run'"
+        )
+    return table, src
 
 
-def select_cells(table, cells: Sequence[str] | None, per_class: int | None, label_key: str | None, seed: int):
-    """Rows chosen by id (obs names / paths), or ``per_class`` random cells of each class, reproducibly."""
-    ids = table["path"] if "path" in table else table.get("cell")
+def select_cells(
+    table, ids, cells: Sequence[str] | None, per_class: int | None, label_key: str | None, seed: int
+):  # fmt: skip
+    """Rows chosen by id (``ids``: the source's name of each row), or ``per_class`` random cells of each class,
+    reproducibly."""
+    ids = pd.Series(ids.astype(str), index=table.index)
     if cells:
         want = [c.strip() for c in cells]
         hit = table[ids.astype(str).isin(want)]
@@ -64,14 +76,8 @@ def select_cells(table, cells: Sequence[str] | None, per_class: int | None, labe
     return table.iloc[np.sort(rng.choice(len(table), min(n, len(table)), replace=False))]
 
 
-def row_title(row, label_key: str | None = None) -> str:
-    """A cell as a reader names it: ``well B/3, field 0`` and ``cell 17`` (a plate's), or its file name (a crop
-    store's), under its class when there is one."""
-    if "well" in row and "label" in row:
-        name = f"well {row['well']}, field {row['field']}\ncell {row['label']}"
-    else:
-        name = Path(str(row["path"] if "path" in row else row["cell"])).name
-        name = name if len(name) <= 24 else name[:10] + "..." + name[-11:]
+def row_title(name: str, row, label_key: str | None = None) -> str:
+    """A cell as its source titles it (``name``), under its class when there is one."""
     return f"{label_key} {row[label_key]}\n{name}" if label_key else name
 
 
@@ -84,7 +90,7 @@ def attention_command(
     label_key: str | None = None,
     channels: Sequence[str] | None = None,
     input_size: int | None = None,
-    checkpoint_key: str = "teacher",
+    checkpoint_key: str = CHECKPOINT_KEY,
     seed: int = 0,
 ) -> dict:
     import torch
@@ -96,18 +102,19 @@ def attention_command(
 
     check(per_class=per_class, input_size=input_size, seed=seed)
     with claimed_dir(out, "scdino-engine attention", inputs=[source, model]):
-        table, reader, names = _cells_and_crops(source, channels)
-        label_key = label_key or ("class" if "class" in table and not cells else None)
-        rows = select_cells(table, cells, per_class, label_key, seed)
-        crops = reader(rows.reset_index(drop=True))
+        table, src = _cells_and_crops(source, channels)
+        names = list(src.channel_names)
+        label_key = label_key or ("class" if "classes" in src.capabilities and not cells else None)
+        rows = select_cells(table, src.cell_ids(table), cells, per_class, label_key, seed)
+        crops = src.read(rows.reset_index(drop=True))
         lm = describe_model(model, n_channels=len(names), input_size=input_size, checkpoint_key=checkpoint_key).load()
         with torch.inference_mode():
             _, att = lm.model.forward_with_attention(apply(torch.from_numpy(crops.astype(np.float32)), lm.prep))
         g = lm.prep.input_size // lm.model.cfg.patch_size
         maps = att.reshape(len(crops), att.shape[1], g, g)
         maps = F.interpolate(maps, size=crops.shape[-2:], mode="nearest").numpy()
-        ids = (rows["path"] if "path" in rows else rows["cell"]).astype(str).tolist()
-        titles = [row_title(r, label_key) for _, r in rows.iterrows()]
+        ids = src.cell_ids(rows).astype(str).tolist()
+        titles = [row_title(src.title(r), r, label_key) for _, r in rows.iterrows()]
         png = str(Path(out) / "attention.png")
         attention_png(crops, maps, titles, names, png)
         np.savez_compressed(Path(out) / "attention.npz", attention=maps, crops=crops, ids=np.array(ids))

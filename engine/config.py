@@ -7,9 +7,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from scdino.batches import CPU_BATCH_TOKENS, DEFAULT_BATCH_SIZE, GPU_BATCH_TOKENS, cpu_batch_size, gpu_batch_size
-from scdino.bounds import check, check_segmentation
+from scdino.batches import (
+    CPU_BATCH_TOKENS,
+    DEFAULT_BATCH_SIZE,
+    GPU_BATCH_TOKENS,
+    cpu_batch_size,
+    gpu_batch_size,
+)
+from scdino.bounds import SEED, Bound, bounded, check_fields, declare
 from scdino.cells.options import CellOptions
+from scdino.defaults import ADAPT, BATCH_SIZE_BOUND, CHECKPOINT_KEY, INPUT_SIZE_BOUND
 from scdino.errors import ConfigError
 
 #: the batch rules live in :mod:`scdino.batches` (export builds plans for them too); here for the engine's readers
@@ -29,6 +36,7 @@ PRECISIONS = ("auto", "fp32", "int8")
 TTA_MODES = ("none", "flips", "d8")
 
 
+@declare
 @dataclass(frozen=True)
 class RunConfig:
     """Options of ``scdino-engine run`` (see its ``--help``)."""
@@ -37,20 +45,20 @@ class RunConfig:
     out: str
     model: str = "default"
     cells: CellOptions = field(default_factory=CellOptions)
-    checkpoint_key: str = "teacher"
-    adapt: str = "mean"
-    input_size: int | None = None
+    checkpoint_key: str = CHECKPOINT_KEY
+    adapt: str = ADAPT
+    input_size: int | None = bounded(None, INPUT_SIZE_BOUND)
     backend: str = "auto"
     device: str = "auto"
     #: None: cpu_batch_size() of the model on a CPU, gpu_batch_size() on a GPU (never more than a block)
-    batch_size: int | None = None
+    batch_size: int | None = bounded(None, BATCH_SIZE_BOUND)
     #: worker processes of a local cluster; None: 1 on the CPU, one per visible GPU on CUDA
-    workers: int | None = None
-    threads: int | None = None
+    workers: int | None = bounded(None, Bound("worker processes", low=1, integer=True))
+    threads: int | None = bounded(None, Bound("torch threads per worker", low=1, integer=True))
     #: feeder processes per worker that find cells and cut crops (scdino.engine.feed); None: one per core, 0: none
-    feeders: int | None = None
+    feeders: int | None = bounded(None, Bound("feeder processes per worker; 0: none", low=0, high=256, integer=True))
     scheduler: str | None = None
-    chunk_cells: int = 256
+    chunk_cells: int = bounded(256, Bound("cells per block", low=1, integer=True))
     overwrite: bool = False
     #: on a CPU, run a checkpoint through its cached, verified ONNX export when that measures faster
     export_cache: bool = True
@@ -59,24 +67,15 @@ class RunConfig:
     #: fast mode: int8 at half the model's input size (rounded down to whole patches); see the README for its cost
     fast: bool = False
     progress: bool = True
-    seed: int = 0
+    seed: int = bounded(0, SEED)
     #: test-time augmentation: the embedding averaged over these transforms of each crop (see TTA_MODES)
     tta: str = "none"
 
     def validate(self) -> None:
-        """Refuse options that are out of bounds (:mod:`scdino.bounds`) or contradict each other."""
-        cells = self.cells
-        check(
-            batch_size=self.batch_size,
-            chunk_cells=self.chunk_cells,
-            workers=self.workers,
-            threads=self.threads,
-            feeders=self.feeders,
-            input_size=self.input_size,
-            crop_size=cells.crop_size,
-            crop_um=cells.crop_um,
-        )
-        check_segmentation(**cells.segment.to_dict())
+        """Refuse options that are out of their fields' bounds (theirs, and the cell options') or contradict each
+        other."""
+        check_fields(self)
+        self.cells.segment.validate()
         if self.tta not in TTA_MODES:
             raise ConfigError(f"--tta {self.tta!r}: expected {', '.join(TTA_MODES)}")
         if self.precision not in PRECISIONS:
@@ -85,3 +84,16 @@ class RunConfig:
             raise ConfigError("--fast sets the input size and the precision itself; drop --input-size / --precision")
         if self.cells.crop_size is not None and self.cells.crop_um is not None:
             raise ConfigError("pass either --crop-size (pixels) or --crop-um (micrometres), not both")
+
+
+def check_block_memory(chunk_cells: int, channels: int, crop: int, itemsize: int, available: int) -> None:
+    """Refuse blocks whose crops do not fit in memory: one block of ``chunk_cells`` crops (``channels`` x ``crop`` x
+    ``crop`` pixels of ``itemsize`` bytes) is held as read and as float32 for the model, and must take at most half
+    of the ``available`` bytes (the rest is for the model, the next block being read and everything else)."""
+    need = chunk_cells * channels * crop * crop * (itemsize + 4)
+    if need > available // 2:
+        raise ConfigError(
+            f"--crop-size {crop} with --chunk-cells {chunk_cells}: one block of {channels}-channel crops takes "
+            f"{need / 2**30:.2f} GiB (as read and as float32), more than half of the {available / 2**30:.2f} GiB of "
+            "memory available; pass a smaller --chunk-cells or --crop-size"
+        )

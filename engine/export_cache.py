@@ -163,7 +163,7 @@ def eligible(spec: BackendSpec, requested_backend: str, enabled: bool, precision
         return "the export cache is off (--no-export-cache or SCDINO_EXPORT_CACHE=0)"
     if requested_backend != "auto":
         return f"--backend {requested_backend} was asked for"
-    if spec.kind != "torch":
+    if spec.entry.exports_to is None:
         return f"the model is already a {spec.card.format} file"
     if spec.device != "cpu":
         return "on a GPU PyTorch runs fp16 autocast (export a TensorRT plan for more)"
@@ -184,7 +184,7 @@ def _have_ort() -> bool:
 
 
 def int8_blocker(spec: BackendSpec, requested_backend: str) -> str | None:
-    if requested_backend != "auto" or spec.kind != "torch":  # (--backend onnxruntime refuses a checkpoint earlier)
+    if requested_backend != "auto" or spec.entry.exports_to is None:  # (--backend X refuses a checkpoint earlier)
         return (
             "quantises a checkpoint's cached export for ONNX Runtime; for an exported model use scdino-export quantize"
         )
@@ -317,7 +317,7 @@ def _measure(entry: Path, torch_spec: BackendSpec, ort_spec: BackendSpec, crops:
         "torch_seconds_per_batch": torch_s,
         "batch": len(batch),
         "threads": torch_spec.threads,
-        "chosen": "onnxruntime" if ort_s <= torch_s else "torch",
+        "chosen": ort_spec.kind if ort_s <= torch_s else torch_spec.kind,
         "measured": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     f.write_text(json.dumps(rec, indent=1))
@@ -351,13 +351,14 @@ def choose(
     reason = eligible(spec, requested_backend, enabled, precision)
     if reason is not None:
         return Choice(spec, spec.kind, reason, {})
+    target = spec.entry.exports_to  # the backend of the export (ONNX Runtime for PyTorch)
     try:
         entry, onnx_sha = _entry(spec, channel_names, crop_size, dtype)
     except ScdinoError as exc:
         if precision == "int8":
             raise
-        log.warning("the ONNX export for the cache failed (%s); running on PyTorch", exc)
-        return Choice(spec, "torch", f"the ONNX export failed: {exc}", {})
+        log.warning("the ONNX export for the cache failed (%s); running on %s", exc, spec.kind)
+        return Choice(spec, spec.kind, f"the ONNX export failed: {exc}", {})
     if precision == "int8":
         q = str(_int8(entry))
         card = describe_model(q, n_channels=spec.n_channels)
@@ -366,28 +367,26 @@ def choose(
             f"--precision int8: dynamic int8 copy of the cached export ({qr.get('weights', 'int8')} weights), "
             f"verified against fp32 (min cosine {qr.get('min_cosine_to_fp32', float('nan')):.5f} on its check crops)"
         )
-        log.debug("path: onnxruntime int8 (%s)", why)
-        return Choice(
-            replace(spec, card=card, kind="onnxruntime"), "onnxruntime int8 (cached export)", why, {"export": q}
-        )
+        log.debug("path: %s int8 (%s)", target, why)
+        return Choice(replace(spec, card=card, kind=target), f"{target} int8 (cached export)", why, {"export": q})
     onnx_path = str(entry / "model.onnx")
     card = describe_model(onnx_path, n_channels=spec.n_channels, verified_sha256=onnx_sha)
-    ort_spec = replace(spec, card=card, kind="onnxruntime")
+    ort_spec = replace(spec, card=card, kind=target)
     rec = _measure(entry, spec, ort_spec, lambda: timing_crops(spec.batch_size, spec.n_channels, crop_size, dtype))
     details = {"export": onnx_path, "timing": rec}
-    if rec["chosen"] == "torch":
+    if rec["chosen"] == spec.kind:
         why = (
             f"PyTorch measured faster here ({rec['torch_seconds_per_batch']:.3f} s vs "
             f"{rec['onnxruntime_seconds_per_batch']:.3f} s per batch of {rec['batch']})"
         )
-        log.debug("path: torch (%s)", why)
-        return Choice(spec, "torch", why, details)
+        log.debug("path: %s (%s)", spec.kind, why)
+        return Choice(spec, spec.kind, why, details)
     why = (
         f"ONNX Runtime measured faster here ({rec['onnxruntime_seconds_per_batch']:.3f} s vs "
         f"{rec['torch_seconds_per_batch']:.3f} s per batch of {rec['batch']}); export verified against PyTorch"
     )
-    log.debug("path: onnxruntime from the cached export (%s)", why)
-    return Choice(ort_spec, "onnxruntime (cached export)", why, details)
+    log.debug("path: %s from the cached export (%s)", target, why)
+    return Choice(ort_spec, f"{target} (cached export)", why, details)
 
 
 def entries() -> list[dict]:

@@ -20,15 +20,15 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from scdino.cells.base import field_cell_names
-from scdino.cells.source import source_kind, source_type
-from scdino.errors import InputError, OutputError
-from scdino.outputs import claim_dir, mark, written_by
+from scdino.cells.source import open_source, source_kind
+from scdino.errors import InputError, OutputError, ScdinoError
+from scdino.outputs import claim_dir, mark, recognise_zarr, written_by
 
 log = logging.getLogger(__name__)
 
 KEY = "X_scdino"
 COMMAND = "scdino-engine run"
+recognise_zarr("scdino", COMMAND)  # the root attribute of every store this module writes
 
 
 def store_status(path: str) -> dict[str, Any] | None:
@@ -239,11 +239,13 @@ class EmbeddingStore:
 
 
 def cell_names(table: pd.DataFrame, uns: dict) -> pd.Index:
-    """Each cell's name in ``obs``, by the rule of the source the run records in ``uns["source"]`` (a crop store's
-    cells are their files, a field's ``well/field/label``); a table without a recorded source is named as cells of
-    fields."""
+    """Each cell's name in ``obs``, by the rule of the source the run records in ``uns["source"]`` (its
+    :meth:`~scdino.cells.base.CellSource.cell_ids`: a crop store's cells are their files, a field's
+    ``well/field/label``)."""
     kind = (uns.get("source") or {}).get("kind")
-    return source_kind(kind).obs_index(table) if kind else field_cell_names(table)
+    if not kind:
+        raise OutputError("the run records no cell source (uns['scdino']['source']); this is a bug, please report it")
+    return source_kind(kind).cell_ids(table)
 
 
 def run_source(path: str) -> dict[str, Any]:
@@ -262,8 +264,11 @@ def run_source(path: str) -> dict[str, Any]:
     if "plate" not in uns:
         return {}
     where = str(read_elem(uns["plate"]))
-    kind = source_type(where)
-    return {"kind": kind.kind, "capabilities": list(kind.capabilities), "path": where}
+    try:  # what its cells have is known of an opened source only (one crop store has classes, another not)
+        source = open_source(where)
+    except ScdinoError:  # moved or gone: nothing is known
+        return {}
+    return {"kind": source.kind, "capabilities": list(source.capabilities), "path": where}
 
 
 def var_names(dim: int) -> list[str]:

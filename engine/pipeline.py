@@ -24,14 +24,13 @@ import numpy as np
 import pandas as pd
 import psutil
 
-from scdino.bounds import check_block_memory
 from scdino.cells.source import CellSource, open_source
 from scdino.cells.table import FIELDS
 from scdino.engine import feed
 from scdino.engine.backends import BackendSpec, resolve
-from scdino.engine.backends.null_backend import ENV as NULL_ENV
+from scdino.engine.backends.base import stand_in
 from scdino.engine.cluster import cores, dask_client
-from scdino.engine.config import RunConfig, cpu_batch_size, gpu_batch_size
+from scdino.engine.config import RunConfig, check_block_memory, cpu_batch_size, gpu_batch_size
 from scdino.engine.export_cache import choose, describe
 from scdino.engine.output import COMMAND, EmbeddingStore, store_status
 from scdino.engine.precision import choose_precision
@@ -246,10 +245,9 @@ def _run(cfg: RunConfig) -> RunResult:
         path = choose_precision(spec, path, cfg.backend, cfg.export_cache, source, dtype)
     spec = path.spec
     log.info("path: %s on %s (%s)", path.path, spec.device, path.why)
-    if os.environ.get(NULL_ENV) == "1":  # benchmarks/pipeline_ceiling.py: the pipeline with a model that takes no time
-        spec = replace(spec, kind="null")
-        log.warning("%s=1: the null backend writes zeros, not embeddings (a pipeline benchmark)", NULL_ENV)
-    if not (spec.kind == "torch" and spec.device == "cpu" and local_workers(cfg, "cpu") == 1 and not cfg.scheduler):
+    spec = stand_in(spec)  # benchmarks/pipeline_ceiling.py: the pipeline with a model that takes no time
+    in_process = spec.device == "cpu" and local_workers(cfg, "cpu") == 1 and not cfg.scheduler
+    if not (spec.entry.reads_checkpoint and in_process):
         forget_checkpoints()  # no model is built from it in this process (an in-process PyTorch worker reuses it)
     phases: dict[str, float] = {"model_seconds": time.perf_counter() - t0}  # card, export cache, path
     fp = fingerprint(cfg, source, spec)

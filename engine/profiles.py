@@ -27,12 +27,14 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from scdino.bounds import check
+from scdino.bounds import Bound, check, declare
 from scdino.cells.plate import canonical_well
 from scdino.engine.output import run_source
 from scdino.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
+
+declare(null_draws=Bound("random well groups in the null", low=1, integer=True))
 
 KEY = "X_scdino"
 META = "Metadata_"

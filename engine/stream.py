@@ -37,6 +37,7 @@ import pandas as pd
 from scdino.cells.source import CellSource
 from scdino.engine import feed
 from scdino.engine.backends import BackendSpec, using
+from scdino.engine.backends.base import entry_of
 from scdino.engine.output import EmbeddingStore, field_counts
 from scdino.errors import OutputError
 from scdino.progress import Progress
@@ -118,7 +119,7 @@ def stream_plan(
     """The :class:`StreamPlan` for ``spec`` on a cluster of ``workers`` workers with ``threads`` threads in all;
     ``feeders`` per worker (None: one per core of a worker, where feeder processes can run); ``fixed``: a cluster no
     worker joins (this command's own)."""
-    if spec.device == "cpu" and spec.kind != "null":
+    if spec.device not in entry_of(spec.kind).grouped_on:
         group = 1
     else:
         lo, hi = GPU_TASK_CELLS

@@ -16,11 +16,26 @@ from pathlib import Path
 import numpy as np
 
 from scdino._optional import pip_extra
-from scdino.bounds import check, check_umap
+from scdino.bounds import Bound, check, declare
 from scdino.errors import ConfigError
 from scdino.progress import Progress, heartbeat
 
 log = logging.getLogger(__name__)
+
+declare(
+    n_neighbors=Bound("UMAP neighbours", low=2, integer=True),
+    min_dist=Bound("UMAP least distance between embedded points", low=0),
+    spread=Bound("UMAP spread", low=0, low_open=True),
+    epochs=Bound("UMAP optimisation epochs", low=1, integer=True),
+    fit_max=Bound("cells UMAP is fitted on", low=3, integer=True),
+)
+
+
+def check_umap(n_neighbors: int | None, min_dist: float | None, spread: float | None, n_epochs: int | None) -> None:
+    """UMAP's settings: each in its bounds, and min_dist no larger than spread (umap-learn's rule)."""
+    check(n_neighbors=n_neighbors, min_dist=min_dist, spread=spread, epochs=n_epochs)
+    if min_dist is not None and spread is not None and min_dist > spread:
+        raise ConfigError(f"--min-dist {min_dist} is above --spread {spread}; UMAP needs min_dist <= spread")
 
 #: SPEC section 4
 PRESETS = {

@@ -7,6 +7,7 @@ import click
 from scdino._cli import ErrorGroup, configure_logging
 from scdino.batches import MAX_BATCH
 from scdino.cells.options import DEFAULT_CROP_SIZE
+from scdino.defaults import ADAPT, CHECKPOINT_KEY
 
 
 def _load_crops(path: str | None):
@@ -76,8 +77,8 @@ def main(verbose: int) -> None:
     help="fp16 (GPUs) keeps preprocessing and LayerNorm in fp32.",
 )
 @click.option("--attention", is_flag=True, help="Second output: last block's CLS-to-patch attention per head.")
-@click.option("--checkpoint-key", default="teacher", show_default=True)
-@click.option("--adapt", default="mean", show_default=True, help="Channel adaptation of RGB models.")
+@click.option("--checkpoint-key", default=CHECKPOINT_KEY, show_default=True)
+@click.option("--adapt", default=ADAPT, show_default=True, help="Channel adaptation of RGB models.")
 @click.option(
     "--verify-crops",
     type=click.Path(exists=True, dir_okay=False),
@@ -217,7 +218,7 @@ def tensorrt_cmd(model, out, fp16, int8, calibration, max_batch, opt_batch, work
 @click.argument("checkpoint")
 @click.option("--out", required=True, type=click.Path())
 @click.option("--half", is_flag=True, help="Store the weights in float16 (half the size; loaded back as float32).")
-@click.option("--checkpoint-key", default="teacher", show_default=True)
+@click.option("--checkpoint-key", default=CHECKPOINT_KEY, show_default=True)
 def backbone_cmd(checkpoint, out, half, checkpoint_key) -> None:
     """A compact model file from a training checkpoint: the backbone and its channels, mean/std and input size."""
     from scdino.export.package import package_backbone

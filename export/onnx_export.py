@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from scdino.cells.options import DEFAULT_CROP_SIZE
+from scdino.defaults import ADAPT, CHECKPOINT_KEY
 from scdino.errors import ConfigError
 from scdino.export.verify import verify
 from scdino.models.card import ModelCard, describe_model
@@ -63,8 +64,8 @@ def export_onnx(
     dtype: str = "uint16",
     attention: bool = False,
     precision: str = "fp32",
-    checkpoint_key: str | None = "teacher",
-    adapt: str = "mean",
+    checkpoint_key: str | None = CHECKPOINT_KEY,
+    adapt: str = ADAPT,
     verify_with: np.ndarray | None = None,
     tolerance: dict | None = None,
 ) -> dict:

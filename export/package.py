@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from scdino.defaults import CHECKPOINT_KEY
 from scdino.models.checkpoint import compact_backbone
 from scdino.outputs import claim_file
 
@@ -22,7 +23,7 @@ def _packaged(path) -> bool:
     return isinstance(obj, dict) and isinstance(obj.get("scdino"), dict) and "source_sha256" in obj["scdino"]
 
 
-def package_backbone(checkpoint: str, out: str, half: bool = False, key: str = "teacher") -> dict:
+def package_backbone(checkpoint: str, out: str, half: bool = False, key: str = CHECKPOINT_KEY) -> dict:
     claim_file(out, inputs=[checkpoint], ours=_packaged)
     packaged = compact_backbone(checkpoint, key, half)
     meta = packaged["scdino"]

@@ -3,6 +3,8 @@ choice and runs a whole engine run; an unknown or unfit backend is refused with 
 
 from __future__ import annotations
 
+import re
+
 import anndata as ad
 import numpy as np
 import pytest
@@ -86,3 +88,71 @@ def test_unknown_and_unfit_backends_are_refused_with_advice(stand_in):
     with pytest.raises(ConfigError, match="formats \\['tiff'\\]; expected some of"):
         backends.register(BackendEntry("bad", ChannelMeans, ("tiff",)))
     assert "bad" not in backends.REGISTRY
+
+
+def _card(fmt: str = "checkpoint") -> ModelCard:
+    return ModelCard("x", fmt, "vit_test16", 32, 32, Preprocessing(32), True, 2, None, None)
+
+
+def test_what_a_backend_does_differently_is_read_from_its_entry(stand_in):
+    from scdino.engine.backends import BackendSpec
+    from scdino.engine.stream import stream_plan
+
+    class Source:  # what stream_plan reads of a source
+        channels, crop_size, dtype = (0, 1), 16, np.uint16
+
+    plain = BackendSpec(_card(), 2, kind="channel-means", device="cpu", batch_size=64)
+    assert plain.precision == "fp32" and stream_plan(plain, Source(), 16, 1, 1, 0).group == 1
+    backends.register(
+        BackendEntry("channel-means", f"{__name__}:ChannelMeans", ("checkpoint",), ("cpu",), autocast_on=("cpu",),
+                     grouped_on=("cpu",))  # fmt: skip
+    )
+    spec = BackendSpec(_card(), 2, kind="channel-means", device="cpu", batch_size=64, autocast="bfloat16")
+    assert spec.precision == "bf16-autocast"  # the entry says it autocasts on this device
+    assert stream_plan(spec, Source(), 16, 1, 1, 0).group > 1  # and groups blocks into tasks there
+
+
+def test_the_export_cache_moves_only_backends_whose_entry_names_an_export(stand_in, monkeypatch):
+    from scdino.engine.backends import BackendSpec
+    from scdino.engine.export_cache import eligible
+
+    monkeypatch.setenv("SCDINO_EXPORT_CACHE", "1")
+    card = ModelCard("x.pth", "checkpoint", "vit_test16", 32, 32, Preprocessing(32), False, 2, None, "ab" * 32)
+    spec = BackendSpec(card, 2, kind="channel-means", device="cpu")
+    assert "already" in eligible(spec, "auto", True)  # no export named: its runs stay on it
+    backends.register(BackendEntry("channel-means", f"{__name__}:ChannelMeans", ("checkpoint",), ("cpu",),
+                                   exports_to="onnxruntime"))  # fmt: skip
+    assert "already" not in (eligible(spec, "auto", True) or "")
+
+
+#: a registered backend's name compared with something, or set as a kind, outside the registry's package
+def _name_comparisons(names) -> re.Pattern:
+    alt = "|".join(map(re.escape, names))
+    q = r"[\"'](?:%s)[\"']" % alt
+    return re.compile(
+        rf"(==|!=)\s*{q}|{q}\s*(==|!=)|\bin\s*[\(\[\{{][^\)\]\}}]*{q}|\bkind\s*=\s*{q}|Choice\([^,]+,\s*{q}"
+    )
+
+
+def test_no_backend_name_is_compared_outside_the_registry():
+    from pathlib import Path
+
+    import scdino
+
+    pattern = _name_comparisons(backends.REGISTRY)
+    assert pattern.search('if spec.kind == "torch":') and pattern.search("replace(spec, kind='null')")
+    assert pattern.search('return Choice(spec, "torch", why, {})') and not pattern.search('spec.kind == other.kind')
+    root = Path(scdino.__file__).parents[2]
+    #: not backends: scdino-export quantize's --target names what a quantised copy is made for (cpu or tensorrt), and
+    #: a training config's "null" is JSON's None
+    allowed = {"export/quantize.py": "target", "training/config.py": '("none", "null")'}
+    hits = []
+    for folder in ("src/scdino", "engine", "export", "training"):
+        for f in sorted((root / folder).rglob("*.py")):
+            rel = f.relative_to(root).as_posix()
+            if rel.startswith("engine/backends/"):
+                continue
+            for n, line in enumerate(f.read_text().splitlines(), 1):
+                if pattern.search(line) and not (rel in allowed and allowed[rel] in line):
+                    hits.append(f"{rel}:{n}: {line.strip()}")
+    assert hits == []

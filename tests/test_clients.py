@@ -18,6 +18,9 @@ from scdino.engine.sample import SAMPLE_PLATE_MAP, write_sample_plate_map
 
 WELLS = list(SAMPLE_PLATE_MAP)  # A/1 .. B/4, as the neocortex-wells sample plate names them
 
+#: what a run of a plate records of its source (the store names its cells by it: well/field/label)
+PLATE_SOURCE = {"kind": "plate", "capabilities": ["wells", "label_images"], "path": "plate.zarr"}
+
 
 @pytest.fixture
 def screen(tmp_path):
@@ -111,7 +114,7 @@ def three_groups(path, n=60, dim=16, seed=0):
     centres = rng.normal(size=(3, dim)) * 20
     x = (centres[group] + rng.normal(size=(n, dim))).astype(np.float32)
     table = pd.DataFrame({"plate": "p", "well": "A/1", "field": "0", "label": np.arange(1, n + 1)})
-    store = EmbeddingStore.create(str(path), table, dim, 16, {"status": "running"}, "fp")
+    store = EmbeddingStore.create(str(path), table, dim, 16, {"status": "running", "source": PLATE_SOURCE}, "fp")
     for i in range(store.n_blocks):
         a, b = store.block_range(i)
         store.write_block(i, x[a:b])

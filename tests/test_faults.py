@@ -45,6 +45,7 @@ def test_fault_gives_one_clear_line_and_loses_nothing(case, workspace, tmp_path,
 
 
 def test_another_tools_run_folder_is_not_taken_for_scdinos(tmp_path):
+    import scdino.training.config  # noqa: F401  (declares what an older scdino-train run folder holds)
     from scdino.outputs import written_by
 
     other = tmp_path / "other_project_run"

@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from scdino.cells.source import CropStoreSource, PlateSource
 from scdino.engine import plots
 from scdino.engine.attention import row_title
 from scdino.engine.evaluate import EvalSettings, Grid, input_sizes_text, write_report
@@ -54,9 +55,11 @@ def test_attention_panels_are_equal_and_rows_are_named(tmp_path):
     assert max(widths) == pytest.approx(min(widths), rel=0.01)  # the last head no longer squeezed by its colour bar
     assert fig._suptitle.get_fontsize() >= 9
     plate = pd.Series({"well": "B/3", "field": "0", "label": 17, "class": "G1"})
-    assert row_title(plate, "class") == "class G1\nwell B/3, field 0\ncell 17"
+    assert row_title(PlateSource.title(plate), plate, "class") == "class G1\nwell B/3, field 0\ncell 17"
     crop = pd.Series({"path": "G2/cell_000123.tif", "class": "G2"})
-    assert row_title(crop) == "cell_000123.tif"
+    assert row_title(CropStoreSource.title(crop), crop) == "cell_000123.tif"
+    long = pd.Series({"path": "G2/a_very_long_file_name_of_a_cell_000123.tif"})
+    assert CropStoreSource.title(long) == "a_very_lon..._000123.tif"  # 24 characters, the middle cut out
 
 
 def test_evaluation_report_names_the_input_size(tmp_path):

@@ -19,6 +19,9 @@ from scdino.engine.profiles import (
 )
 from scdino.errors import ConfigError, InputError
 
+#: what a run of a plate records of its source (the store names its cells by it: well/field/label)
+PLATE_SOURCE = {"kind": "plate", "capabilities": ["wells", "label_images"], "path": "plate.zarr"}
+
 
 def synthetic_store(path, wells, per_well=5, dim=4, chunk=3, plates=("p1",), seed=0, interleave=False):
     """An embeddings store as ``run`` writes it: ``per_well`` cells in each well (two fields), known embeddings."""
@@ -42,7 +45,7 @@ def synthetic_store(path, wells, per_well=5, dim=4, chunk=3, plates=("p1",), see
     if interleave:  # cells of a well not contiguous (as a crop store's might be)
         order = np.r_[np.arange(0, len(table), 2), np.arange(1, len(table), 2)]
         table, x = table.iloc[order].reset_index(drop=True), x[order]
-    store = EmbeddingStore.create(str(path), table, dim, chunk, {"status": "running"}, "fp")
+    store = EmbeddingStore.create(str(path), table, dim, chunk, {"status": "running", "source": PLATE_SOURCE}, "fp")
     for i in range(store.n_blocks):
         a, b = store.block_range(i)
         store.write_block(i, x[a:b])

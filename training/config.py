@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from scdino.cells.options import CellOptions, SegmentParams
+from scdino.defaults import INPUT_SIZE
 from scdino.errors import ConfigError
+from scdino.outputs import recognise_config
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ class TrainConfig:
     head_bottleneck: int = 256
     norm_last_layer: bool = True
     # multi-crop
-    global_size: int = 224
+    global_size: int = INPUT_SIZE
     local_size: int = 96
     local_crops: int = 8
     global_scale: tuple[float, float] = (0.4, 1.0)
@@ -150,6 +152,11 @@ class TrainConfig:
             wells=tuple(self.wells) if self.wells else None,
             segment=seg,
         )
+
+
+#: a run folder older than the marker: its config.json has these keys, and a checkpoint.pth lies beside it
+recognise_config(("global_size", "local_crops", "out_dim", "teacher_temp", "intensity_scaling"), "checkpoint.pth",
+                 "scdino-train")  # fmt: skip
 
 
 def _coerce(f: dataclasses.Field, value: Any) -> Any:

@@ -95,8 +95,7 @@ def build_networks(cfg: TrainConfig, in_chans: int) -> tuple[MultiCropWrapper, M
     arch = arch_config(cfg.arch_name, in_chans=in_chans, img_size=cfg.global_size, drop_path_rate=cfg.drop_path)
     student_bb = VisionTransformer(arch)
     if cfg.init != "scratch":
-        lm = describe_model(cfg.init, n_channels=in_chans, input_size=cfg.global_size).load()
-        student_bb.load_state_dict(lm.model.state_dict())
+        student_bb.load_state_dict(describe_model(cfg.init, n_channels=in_chans, input_size=cfg.global_size).weights())
         log.info("initialised the backbone from %s", cfg.init)
     student_bb.checkpoint_blocks = cfg.activation_checkpointing
     teacher_bb = VisionTransformer(arch_config(cfg.arch_name, in_chans=in_chans, img_size=cfg.global_size))

@@ -28,6 +28,7 @@ from scdino.engine.backends.base import (
     check_crops,
     register,
 )
+from scdino.engine.backends.null_backend import ENV as NULL_ENV
 from scdino.errors import ConfigError
 from scdino.models.card import FORMATS, ModelCard
 
@@ -65,7 +66,8 @@ def _ort_has_cuda() -> bool:
 
 
 register(BackendEntry("torch", "scdino.engine.backends.torch_backend:TorchBackend", ("checkpoint",),
-                      hint="pass the checkpoint the model was exported from"))  # fmt: skip
+                      hint="pass the checkpoint the model was exported from", autocast_on=("cuda",),
+                      exports_to="onnxruntime", reads_checkpoint=True))  # fmt: skip
 register(BackendEntry("onnxruntime", "scdino.engine.backends.onnxruntime_backend:OnnxRuntimeBackend", ("onnx",),
                       hint="export it first: scdino-export onnx {model} --out model.onnx",
                       cuda_works=lambda: _ort_has_cuda()))  # fmt: skip
@@ -73,7 +75,8 @@ register(BackendEntry("tensorrt", "scdino.engine.backends.tensorrt_backend:Tenso
                       hint="export it and build a plan: scdino-export onnx ... then scdino-export tensorrt ...",
                       cpu_hint="a TensorRT plan runs on an NVIDIA GPU only; use the .onnx on the CPU"))  # fmt: skip
 #: zeros, for pipeline benchmarks (SCDINO_NULL_BACKEND=1); never on the command line, never chosen by auto
-register(BackendEntry("null", "scdino.engine.backends.null_backend:NullBackend", FORMATS, listed=False))
+register(BackendEntry("null", "scdino.engine.backends.null_backend:NullBackend", FORMATS, listed=False,
+                      grouped_on=("cpu", "cuda"), stand_in_env=NULL_ENV))  # fmt: skip
 
 
 def _nvidia_device_files() -> bool:

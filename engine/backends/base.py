@@ -11,6 +11,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from scdino.defaults import ADAPT, CHECKPOINT_KEY
 from scdino.engine.config import DEFAULT_BATCH_SIZE, TTA_MODES
 from scdino.errors import ConfigError, InputError
 from scdino.models.card import FORMATS, ModelCard
@@ -26,8 +27,8 @@ class BackendSpec:
     device: str = "cpu"
     batch_size: int = DEFAULT_BATCH_SIZE
     threads: int | None = None
-    checkpoint_key: str | None = "teacher"
-    adapt: str = "mean"
+    checkpoint_key: str | None = CHECKPOINT_KEY
+    adapt: str = ADAPT
     seed: int = 0
     #: PyTorch on CUDA: the autocast dtype, ``float16`` (the default) or ``bfloat16``
     autocast: str = "float16"
@@ -36,6 +37,8 @@ class BackendSpec:
     #: how a worker opens it: the registered ``"module:Class"`` of ``kind`` (a worker process may not have run the
     #: registration of a backend added from outside scdino; the spec carries it there)
     opener: str = field(default="", init=False)
+    #: the devices where it autocasts (its entry's ``autocast_on``), carried for the same reason
+    autocast_on: tuple[str, ...] = field(default=(), init=False)
 
     def __post_init__(self) -> None:
         if self.autocast not in ("float16", "bfloat16"):
@@ -44,16 +47,23 @@ class BackendSpec:
             raise ConfigError(f"tta {self.tta!r}: expected {', '.join(TTA_MODES)}")
         entry = REGISTRY.get(self.kind)
         object.__setattr__(self, "opener", entry.opener if entry and isinstance(entry.opener, str) else "")
+        object.__setattr__(self, "autocast_on", entry.autocast_on if entry else ())
 
     @property
     def model(self) -> str:
         return self.card.spec
 
     @property
+    def entry(self) -> BackendEntry:
+        """The registry's entry of :attr:`kind` (what the backend does differently is read there, never from its
+        name)."""
+        return entry_of(self.kind)
+
+    @property
     def precision(self) -> str:
-        """The precision the backend computes in (PyTorch on CUDA runs fp16 autocast, or bf16 with
-        ``autocast="bfloat16"``)."""
-        if self.kind == "torch" and self.device == "cuda":
+        """The precision the backend computes in: the card's, or the autocast dtype on the devices where the backend
+        autocasts (PyTorch on CUDA: fp16, or bf16 with ``autocast="bfloat16"``)."""
+        if self.device in self.autocast_on:
             return "bf16-autocast" if self.autocast == "bfloat16" else "fp16-autocast"
         return self.card.precision
 
@@ -114,10 +124,46 @@ class BackendEntry:
     cuda_works: Callable[[], bool] | None = None
     #: listed on the command line and chosen by ``auto``; a hidden backend is chosen only by name in code
     listed: bool = True
+    #: the devices where it computes in the spec's autocast dtype instead of the card's precision
+    autocast_on: tuple[str, ...] = ()
+    #: the devices where one task embeds several blocks (a GPU is kept busy by big tasks); elsewhere a task is a block
+    grouped_on: tuple[str, ...] = ("cuda",)
+    #: the backend the export cache may move its CPU runs to (a verified export of the card's checkpoint, where it
+    #: measures faster); None: its runs stay on it
+    exports_to: str | None = None
+    #: it builds its model from the checkpoint the card was read from (a worker in this process reuses the one read)
+    reads_checkpoint: bool = False
+    #: an environment variable that, set to 1, puts this backend in place of the one a run chose (the null backend)
+    stand_in_env: str = ""
 
 
 #: backend name -> entry; :func:`register` adds one
 REGISTRY: dict[str, BackendEntry] = {}
+
+
+def entry_of(kind: str) -> BackendEntry:
+    """The registered backend ``kind``; a clear error naming the choices for an unknown one."""
+    entry = REGISTRY.get(kind)
+    if entry is None:
+        names = ", ".join(n for n, e in REGISTRY.items() if e.listed)
+        raise ConfigError(f"unknown backend {kind!r}; expected one of auto, {names}")
+    return entry
+
+
+def stand_in(spec: BackendSpec) -> BackendSpec:
+    """``spec`` on the backend whose :attr:`BackendEntry.stand_in_env` is set to 1, if any (a warning says so)."""
+    import logging
+    import os
+    from dataclasses import replace
+
+    for entry in REGISTRY.values():
+        if entry.stand_in_env and os.environ.get(entry.stand_in_env) == "1":
+            logging.getLogger(__name__).warning(
+                "%s=1: the %s backend runs instead of %s; what it writes are not embeddings (a pipeline benchmark)",
+                entry.stand_in_env, entry.name, spec.kind,
+            )  # fmt: skip
+            return replace(spec, kind=entry.name)
+    return spec
 
 
 def register(entry: BackendEntry) -> BackendEntry:

@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from scdino.bounds import Bound, declare
 from scdino.errors import ConfigError
 from scdino.knn import TEMPERATURE, K, knn_predict
 
 FOLDS = 5
 BOOTSTRAP = 2000
+declare(
+    folds=Bound("folds of the stratified cross-validation; 0: none", low=0, integer=True),
+    bootstrap=Bound("bootstrap resamples of the cells for the 95% intervals", low=100, integer=True),
+)
 LEVEL = 0.95
 METHODS = ("knn", "probe")
 METRICS = ("top1", "balanced_accuracy")

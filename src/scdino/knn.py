@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from scdino.bounds import Bound, declare
 from scdino.errors import ConfigError
 
 #: the paper's protocol (SPEC section 4): neighbours, vote temperature (DINO's), reference share of the split
 K = 20
 TEMPERATURE = 0.07
 TRAIN_FRACTION = 0.8
+declare(
+    k=Bound("neighbours that vote", low=1, integer=True),
+    temperature=Bound("vote temperature of exp(similarity / T)", low=0, low_open=True),
+    train_fraction=Bound("share of the labelled cells used as the reference", low=0, high=1, low_open=True,
+                         high_open=True),
+)  # fmt: skip
 
 
 def knn_predict(

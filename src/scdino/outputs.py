@@ -34,10 +34,23 @@ log = logging.getLogger(__name__)
 
 #: the marker file in every folder scdino creates
 MARKER = ".scdino"
-#: root attributes of zarr stores that scdino wrote before the marker existed, and the command that wrote them
-_ZARR_ATTRS = {"scdino": "scdino-engine run", "scdino_crops": "scdino-engine ingest"}
-#: keys every scdino-train config.json has (a run folder written before the marker existed)
-_TRAIN_KEYS = {"global_size", "local_crops", "out_dim", "teacher_temp", "intensity_scaling"}
+#: how outputs written before the marker existed are known, as the modules that write them declare
+#: (:func:`recognise_zarr`, :func:`recognise_config`): a zarr root attribute -> the command that wrote the store
+_ZARR_ATTRS: dict[str, str] = {}
+#: (keys every config.json of a run folder has, a file beside it, the command that wrote the folder)
+_CONFIGS: list[tuple[frozenset[str], str, str]] = []
+
+
+def recognise_zarr(attr: str, command: str) -> None:
+    """Declare that a zarr store whose root has the attribute ``attr`` was written by ``command`` (stores older than
+    the marker); called by the module that writes such stores."""
+    _ZARR_ATTRS[attr] = command
+
+
+def recognise_config(keys: Iterable[str], beside: str, command: str) -> None:
+    """Declare that a folder with a ``config.json`` holding every one of ``keys`` and a file ``beside`` was written by
+    ``command`` (run folders older than the marker); called by the module that writes such folders."""
+    _CONFIGS.append((frozenset(keys), beside, command))
 
 
 def mark(path: str | os.PathLike, command: str) -> None:
@@ -73,8 +86,9 @@ def written_by(path: str | os.PathLike) -> str | None:
         config = json.loads((p / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    if isinstance(config, dict) and _TRAIN_KEYS <= set(config) and (p / "checkpoint.pth").is_file():
-        return "scdino-train"
+    for keys, beside, command in _CONFIGS:
+        if isinstance(config, dict) and keys <= set(config) and (p / beside).is_file():
+            return command
     return None
 
 

@@ -20,6 +20,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from scdino.defaults import INPUT_SIZE
+
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -37,7 +39,7 @@ class Preprocessing:
         minimum and maximum; ``None`` (the paper's per-crop min-max) unless the model was trained so.
     """
 
-    input_size: int = 224
+    input_size: int = INPUT_SIZE
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     resize: str = field(default="bilinear")

@@ -1,18 +1,21 @@
 """What every cell source is (:class:`CellSource`) and the parts of sources that more than one kind shares.
 
-Only :mod:`scdino.cells` knows kinds of sources: :mod:`scdino.cells.source` registers them and opens the right one.
+Only :mod:`scdino.cells` knows kinds of sources. Each kind registers itself where it is defined (:func:`register`, a
+class decorator); :mod:`scdino.cells.source` imports every module of the package (and the ``scdino.sources`` entry
+points of other packages) and opens the kind that claims a path. A new kind of source is one new module here.
 """
 
 from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Protocol
 
 import numpy as np
 import pandas as pd
 
-from scdino.errors import InputError
+from scdino.errors import ConfigError, InputError
 
 #: what a source's cells may have, as commands ask: ``wells`` (cells of plate wells and fields: per-well profiles and
 #: figures), ``label_images`` (``--labels`` names a label image stored with each field), ``object_tables``
@@ -27,7 +30,10 @@ class CellSource(Protocol):
     accepts: ClassVar[str]
     #: the :class:`CellOptions` fields that do not apply to this kind of source
     ignores: ClassVar[tuple[str, ...]]
-    #: what its cells have (names from :data:`CAPABILITIES`)
+    #: asked last whether it claims a path, as it claims every path of some broad kind (a plate: any folder)
+    catch_all: ClassVar[bool]
+    #: what this source's cells have (names from :data:`CAPABILITIES`), set per source: one crop store has classes,
+    #: another not
     capabilities: tuple[str, ...]
     path: str
     #: indices of the selected channels in the source, in model input order
@@ -66,9 +72,52 @@ class CellSource(Protocol):
     def claims(cls, path: str) -> bool: ...
 
     @staticmethod
-    def obs_index(table: pd.DataFrame) -> pd.Index: ...
+    def cell_ids(table: pd.DataFrame) -> pd.Index:
+        """The name of each cell of ``table`` (a cell table of this kind of source, or the ``obs`` of a run of it):
+        unique, what ``obs`` is indexed by and what ``--cells`` takes."""
+        ...
+
+    @staticmethod
+    def title(row: pd.Series) -> str:
+        """A cell as a reader is shown it (a figure's panel title), from its row of the cell table."""
+        ...
 
     def describe(self) -> dict[str, Any]: ...
+
+
+#: the registered kinds of source, in the order they were registered (:func:`kinds` puts catch-alls last)
+SOURCES: list[type] = []
+
+
+def register(kind: type) -> type:
+    """Add a kind of source to the registry (a class decorator in the module that defines it). A kind is a class with
+    the attributes and methods of :class:`CellSource`, made as ``kind(path, opts)``; a ``catch_all`` kind is asked
+    after every other."""
+    if any(k.kind == kind.kind for k in SOURCES):
+        raise ConfigError(f"a cell source of kind {kind.kind!r} is registered already")
+    SOURCES.append(kind)
+    return kind
+
+
+def unregister(kind: type) -> None:
+    """Remove a kind of source (a source registered for a while, as a test registers one)."""
+    SOURCES.remove(kind)
+
+
+def kinds() -> list[type]:
+    """The registered kinds in the order they are asked whether they claim a path: catch-alls last."""
+    return sorted(SOURCES, key=lambda k: bool(getattr(k, "catch_all", False)))
+
+
+def field_title(row: pd.Series) -> str:
+    """A cell found in a field, as a reader names it: ``well B/3, field 0`` and ``cell 17``."""
+    return f"well {row['well']}, field {row['field']}\ncell {row['label']}"
+
+
+def file_title(name: str, width: int = 24) -> str:
+    """A cell named by its file: the file's name, its middle cut out where it is longer than ``width``."""
+    name = Path(str(name)).name
+    return name if len(name) <= width else name[:10] + "..." + name[-(width - 13) :]
 
 
 def describe(source: CellSource) -> dict[str, Any]:

@@ -18,8 +18,10 @@ import zarr
 from scdino.cells.pixels import check_finite
 from scdino.cells.plate import read_array
 from scdino.errors import InputError
+from scdino.outputs import recognise_zarr
 
 ATTR = "scdino_crops"
+recognise_zarr(ATTR, "scdino-engine ingest")  # a crop store older than the marker
 
 
 def is_crop_store(path: str | os.PathLike) -> bool:

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from scdino._optional import require
-from scdino.cells.base import FoundByParts, describe, field_cell_names, no_cells_message
+from scdino.cells.base import FoundByParts, describe, field_cell_names, field_title, no_cells_message, register
 from scdino.cells.options import CellOptions
 from scdino.cells.pixels import check_finite
 from scdino.cells.plate import canonical_well
@@ -240,18 +240,20 @@ def tiff_shape(path: str) -> tuple[tuple[int, int], np.dtype]:
     return (plane[0], plane[1]), dtype
 
 
+@register
 class LoadDataSource(FoundByParts):
     """Cells of the image sets of a LoadData CSV, found per site with ``opts`` (picklable: paths and options)."""
 
     kind = "loaddata"
     accepts = "a CellProfiler LoadData CSV (a .csv file listing one TIFF per channel per site)"
     ignores: tuple[str, ...] = ()
-    capabilities = ("wells", "object_tables")
+    catch_all = False
     read_columns = ("plate", "well", "field", "crop_y0", "crop_x0")
     read_unit = ("plate", "well", "field")
 
     def __init__(self, path: str, opts: CellOptions = CellOptions()) -> None:
         self.path, self.opts = path, opts
+        self.capabilities = ("wells", "object_tables")
         names, sites = read_loaddata(path)
         if opts.wells:
             want = {_well_or(w.strip()) for w in opts.wells}
@@ -291,8 +293,12 @@ class LoadDataSource(FoundByParts):
         return is_csv(path)
 
     @staticmethod
-    def obs_index(table: pd.DataFrame) -> pd.Index:
+    def cell_ids(table: pd.DataFrame) -> pd.Index:
         return field_cell_names(table)
+
+    @staticmethod
+    def title(row: pd.Series) -> str:
+        return field_title(row)
 
     def describe(self) -> dict[str, Any]:
         return describe(self)

@@ -5,12 +5,17 @@ Light on purpose: no numpy, torch or zarr, so that ``--help`` can show the defau
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
+
+from scdino.bounds import Bound, bounded, check_fields, declare
+from scdino.errors import ConfigError
 
 #: crop side in pixels when neither ``crop_size`` nor ``crop_um`` is given
 DEFAULT_CROP_SIZE = 64
 
 
+@declare
 @dataclass(frozen=True)
 class SegmentParams:
     """Parameters of the built-in nucleus segmentation (all in pixels).
@@ -20,16 +25,35 @@ class SegmentParams:
     min_area / max_area: nuclei outside this range are dropped (max_area 0 = no upper bound).
     """
 
-    sigma: float = 2.0
+    sigma: float = bounded(2.0, Bound("gaussian smoothing in px; 0: none", low=0))
     threshold: str = "otsu"
-    min_distance: int = 7
-    min_area: int = 30
-    max_area: int = 0
+    min_distance: int = bounded(7, Bound("least distance between nucleus centres in px; 0: no split", low=0,
+                                         integer=True))  # fmt: skip
+    min_area: int = bounded(30, Bound("smallest nucleus in px; 0: no lower bound", low=0, integer=True))
+    max_area: int = bounded(0, Bound("largest nucleus in px; 0: no upper bound", low=0, integer=True))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def validate(self) -> None:
+        """Each parameter in its bounds, the threshold a method or a number, and an area range that some nucleus can
+        pass."""
+        check_fields(self)
+        if str(self.threshold) not in ("otsu", "li"):
+            try:
+                number = float(self.threshold)
+            except ValueError:
+                number = math.nan
+            if not math.isfinite(number):
+                raise ConfigError(f"--threshold {self.threshold}: expected otsu, li or a number (raw intensity)")
+        if 0 < self.max_area < self.min_area:
+            raise ConfigError(
+                f"--max-area {self.max_area} is below --min-area {self.min_area}: no nucleus can pass; raise "
+                "--max-area (0: no upper bound) or lower --min-area"
+            )
 
+
+@declare
 @dataclass(frozen=True)
 class CellOptions:
     """How cells are found and cropped.
@@ -48,8 +72,8 @@ class CellOptions:
     channels: tuple[str, ...] | None = None
     labels: str | None = None
     segment_channel: str | None = None
-    crop_size: int | None = None
-    crop_um: float | None = None
+    crop_size: int | None = bounded(None, Bound("crop side in px", low=4, integer=True))
+    crop_um: float | None = bounded(None, Bound("crop side in micrometres", low=0, low_open=True))
     border: str = "pad"
     segment: SegmentParams = field(default_factory=SegmentParams)
     wells: tuple[str, ...] | None = None
@@ -57,14 +81,7 @@ class CellOptions:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def plate_options(self) -> list[str]:
-        """The command-line options set here that only apply to plates (not to crop stores)."""
-        return [
-            o
-            for o, v in (
-                ("--wells", self.wells),
-                ("--labels", self.labels),
-                ("--segment-channel", self.segment_channel),
-            )
-            if v
-        ]
+    def given(self, names: tuple[str, ...]) -> list[str]:
+        """The options among the fields ``names`` that are set here, as a command line spells them (``--wells``):
+        a source lists the fields that do not apply to it, and says which of them were given."""
+        return ["--" + n.replace("_", "-") for n in names if getattr(self, n)]

@@ -14,25 +14,41 @@ store (:class:`CropStoreSource`: crops already cut) and a CellProfiler LoadData 
 * :meth:`~CellSource.identity`: what a resumed run must find unchanged;
 * :attr:`~CellSource.kind` and :attr:`~CellSource.capabilities` (:data:`CAPABILITIES`), recorded by a run
   (:meth:`~CellSource.describe`) so that later commands read what its cells have instead of guessing from columns;
-* :meth:`~CellSource.obs_index`: the name of each cell in an embeddings store.
+* :meth:`~CellSource.cell_ids` and :meth:`~CellSource.title`: the name of each cell (in an embeddings store, and as
+  ``--cells`` takes it) and how a figure titles it, so that no command looks for a kind's columns.
 
-Sources are registered (:func:`register`); :func:`open_source` asks each, in order, whether it claims a path.
+Each kind registers itself in its own module (:func:`~scdino.cells.base.register`); :func:`open_source` asks each, in
+order (catch-alls last), whether it claims a path. Every module of :mod:`scdino.cells` is imported before the first
+question, and so are the kinds other packages declare under the ``scdino.sources`` entry point group.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import pkgutil
 import uuid
 from dataclasses import replace
+from importlib.metadata import entry_points
 from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 
-from scdino.cells.base import CellSource, FoundByParts, describe, field_cell_names, no_cells_message
+import scdino.cells
+from scdino.cells.base import (
+    CellSource,
+    FoundByParts,
+    describe,
+    field_cell_names,
+    field_title,
+    file_title,
+    kinds,
+    no_cells_message,
+    register,
+)
 from scdino.cells.cropstore import CropStore, is_crop_store
-from scdino.cells.loaddata import LoadDataSource
 from scdino.cells.options import CellOptions
 from scdino.cells.plate import FieldRef, Plate, missing_labels_message, resolve_channels
 from scdino.cells.table import FieldPlan, field_cells, field_cells_and_crops, plan_field, read_crops
@@ -41,13 +57,14 @@ from scdino.errors import ConfigError, InputError
 log = logging.getLogger(__name__)
 
 
+@register
 class CropStoreSource:
     """Cells of a crop store: the table is the store's rows, crops are read as stored."""
 
     kind = "crop_store"
     accepts = "a crop store (a folder made by 'scdino-engine ingest')"
     ignores = ("crop_size", "crop_um", "wells", "labels", "segment_channel")
-    capabilities: tuple[str, ...] = ()
+    catch_all = False
     read_columns = ("store_index",)
     read_unit: tuple[str, ...] = ()
 
@@ -57,7 +74,7 @@ class CropStoreSource:
         self.store = store = CropStore(path)
         if opts.crop_size not in (None, store.crop_size) or opts.crop_um is not None:
             raise ConfigError(f"{path}: a crop store holds {store.crop_size} px crops; drop --crop-size/--crop-um")
-        ignored = opts.plate_options()
+        ignored = opts.given(tuple(n for n in self.ignores if n not in ("crop_size", "crop_um")))  # checked above
         if ignored:
             raise ConfigError(f"{path}: a crop store holds cut cells; {', '.join(ignored)} do not apply to it")
         idx = resolve_channels(store.channels, opts.channels, path)
@@ -73,9 +90,13 @@ class CropStoreSource:
         return is_crop_store(path)
 
     @staticmethod
-    def obs_index(table: pd.DataFrame) -> pd.Index:
+    def cell_ids(table: pd.DataFrame) -> pd.Index:
         """A crop store's cell is its source file."""
         return pd.Index(table["path"].astype(str))
+
+    @staticmethod
+    def title(row: pd.Series) -> str:
+        return file_title(row["path"])
 
     def describe(self) -> dict[str, Any]:
         return describe(self)
@@ -108,19 +129,22 @@ class CropStoreSource:
         return self.store.read(rows["store_index"].to_numpy(), self.channels)
 
 
+@register
 class PlateSource(FoundByParts):
     """Cells of an OME-Zarr HCS plate, found per field with ``opts`` (picklable: it holds paths and options)."""
 
     kind = "plate"
     accepts = "an OME-Zarr HCS plate (a folder with plate metadata)"
     ignores: tuple[str, ...] = ()
-    capabilities = ("wells", "label_images")
+    #: it claims every folder (its reader says what is wrong with one that is no plate)
+    catch_all = True
     read_columns = ("well", "field", "crop_y0", "crop_x0")
     read_unit = ("well", "field")
 
     def __init__(self, path: str, opts: CellOptions = CellOptions()) -> None:
         self.path = path
         self.opts = opts
+        self.capabilities = ("wells", "label_images")
         self.plate = plate = Plate(path)
         self.fields: list[FieldRef] = plate.fields(opts.wells)
         if not self.fields:
@@ -188,8 +212,12 @@ class PlateSource(FoundByParts):
         return not os.path.isfile(path)
 
     @staticmethod
-    def obs_index(table: pd.DataFrame) -> pd.Index:
+    def cell_ids(table: pd.DataFrame) -> pd.Index:
         return field_cell_names(table)
+
+    @staticmethod
+    def title(row: pd.Series) -> str:
+        return field_title(row)
 
     def describe(self) -> dict[str, Any]:
         return describe(self)
@@ -204,40 +232,43 @@ class PlateSource(FoundByParts):
         )
 
 
-#: the registered kinds of source, in the order :func:`source_type` asks them: the plate last, as it claims every
-#: folder (its reader says what is wrong with one that is no plate)
-SOURCES: list[type] = [CropStoreSource, LoadDataSource, PlateSource]
+_LOADED: list[bool] = []
 
 
-def register(kind: type) -> type:
-    """Add a kind of source to the registry, asked before the plate (usable as a class decorator). A kind is a class
-    with the attributes and methods of :class:`CellSource`, made as ``kind(path, opts)``."""
-    if any(k.kind == kind.kind for k in SOURCES):
-        raise ConfigError(f"a cell source of kind {kind.kind!r} is registered already")
-    SOURCES.insert(len(SOURCES) - 1, kind)
-    return kind
+def registered() -> list[type]:
+    """Every registered kind of source, in the order they are asked (:func:`scdino.cells.base.kinds`), after importing
+    every module of :mod:`scdino.cells` (each registers the kinds it defines) and the ``scdino.sources`` entry points
+    once."""
+    if not _LOADED:
+        _LOADED.append(True)
+        for mod in pkgutil.iter_modules(scdino.cells.__path__):
+            importlib.import_module(f"scdino.cells.{mod.name}")
+        for ep in entry_points(group="scdino.sources"):
+            ep.load()
+    return kinds()
 
 
 def source_type(path: str | os.PathLike) -> type:
     """The registered kind of source that claims ``path``; a clear error listing what is accepted when none does."""
     path = str(path)
-    for kind in SOURCES:
+    for kind in registered():
         if kind.claims(path):
             return kind
-    accepted = "; ".join(k.accepts for k in SOURCES)
+    accepted = "; ".join(k.accepts for k in registered())
     raise InputError(f"{path}: not a cell source scdino reads; expected {accepted}")
 
 
 def source_kind(name: str) -> type:
     """The registered kind of source named ``name`` (as a run's ``uns`` records it)."""
-    for kind in SOURCES:
+    for kind in registered():
         if kind.kind == name:
             return kind
-    raise InputError(f"cell source kind {name!r} is not known here; kinds are {', '.join(k.kind for k in SOURCES)}")
+    names = ", ".join(k.kind for k in registered())
+    raise InputError(f"cell source kind {name!r} is not known here; kinds are {names}")
 
 
 def open_source(path: str | os.PathLike, opts: CellOptions = CellOptions()) -> CellSource:
-    """The cell source at ``path``, of the first registered kind that claims it (:data:`SOURCES`)."""
+    """The cell source at ``path``, of the first registered kind that claims it (:func:`registered`)."""
     return source_type(path)(str(path), opts)
 
 

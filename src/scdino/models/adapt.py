@@ -12,6 +12,7 @@ import logging
 
 import torch
 
+from scdino.defaults import ADAPT
 from scdino.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def parse_mode(mode: str, n: int) -> tuple[str, list[int] | None]:
     raise ConfigError(f"unknown channel adaptation {mode!r}; expected mean, scaled or map:R,G,B,...")
 
 
-def adapt_patch_weight(weight: torch.Tensor, n: int, mode: str = "mean") -> torch.Tensor:
+def adapt_patch_weight(weight: torch.Tensor, n: int, mode: str = ADAPT) -> torch.Tensor:
     """Adapt a (D, 3, p, p) patch-embedding weight to (D, n, p, p)."""
     if weight.ndim != 4 or weight.shape[1] != 3:
         raise ConfigError(f"channel adaptation needs an RGB patch embedding (D, 3, p, p), got {tuple(weight.shape)}")

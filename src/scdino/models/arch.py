@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
+from scdino.defaults import INPUT_SIZE
 from scdino.errors import ConfigError
 
 
@@ -18,7 +19,7 @@ class ViTConfig:
     num_heads: int
     patch_size: int
     in_chans: int = 3
-    img_size: int = 224
+    img_size: int = INPUT_SIZE
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     drop_path_rate: float = 0.0
@@ -42,7 +43,7 @@ FAMILIES: dict[str, tuple[int, int, int]] = {
 _ARCH_RE = re.compile(r"^(vit_[a-z]+?)(\d+)$")
 
 
-def arch_config(arch: str, in_chans: int = 3, img_size: int = 224, drop_path_rate: float = 0.0) -> ViTConfig:
+def arch_config(arch: str, in_chans: int = 3, img_size: int = INPUT_SIZE, drop_path_rate: float = 0.0) -> ViTConfig:
     """Config of a named architecture such as ``vit_small16`` (family + patch size)."""
     m = _ARCH_RE.match(arch)
     if not m or m.group(1) not in FAMILIES:

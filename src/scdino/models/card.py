@@ -7,8 +7,9 @@ card instead of asking the file again, and :meth:`ModelCard.load` builds a check
 way outside :mod:`scdino.models` to get a torch model). :func:`check_channels` is the one check of the channels a run
 gives a model.
 
-A card of a checkpoint is made by building the model once (torch); a card of an exported model from its sidecar
-(no torch), and a card saved with :meth:`ModelCard.to_record` comes back with :meth:`ModelCard.from_record` (no torch:
+A card of a checkpoint is made from the checkpoint's weights and metadata without building the network (torch reads
+the file; :meth:`ModelCard.load` builds the network, once); a card of an exported model from its sidecar (no torch),
+and a card saved with :meth:`ModelCard.to_record` comes back with :meth:`ModelCard.from_record` (no torch:
 the export cache keeps the cards of the checkpoints it exported).
 """
 
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from scdino._optional import require
+from scdino.defaults import ADAPT, CHECKPOINT_KEY, INPUT_SIZE
 from scdino.errors import CheckpointError, ConfigError
 from scdino.models.checkpoint import sha256_of
 from scdino.models.checks import check_channels, display_name
@@ -88,8 +90,8 @@ class ModelCard:
     plan: PlanInfo | None = None
     #: checkpoints: how the model is built from the file (the entry of a DINO checkpoint, the channel adaptation of
     #: an RGB model, the seed of an untrained one)
-    checkpoint_key: str | None = "teacher"
-    adapt: str = "mean"
+    checkpoint_key: str | None = CHECKPOINT_KEY
+    adapt: str = ADAPT
     seed: int = 0
     #: everything else known about the model (layout, adaptation, checkpoint key, ...), recorded with the output
     details: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
@@ -140,6 +142,20 @@ class ModelCard:
 
         return load_model(self.spec, self.in_chans, self.input_size, self.checkpoint_key, self.adapt, self.seed)
 
+    def weights(self) -> dict:
+        """The state dict this card's network is built with (channels adapted, position embedding resized), for a
+        network made elsewhere (training's student): a checkpoint's without building its network; an untrained
+        model's weights are drawn by building it (seeded)."""
+        if self.format != "checkpoint":
+            raise ConfigError(f"{self.spec}: an exported {self.format} model has no weights to initialise a network")
+        if self.untrained:
+            return self.load().model.state_dict()
+        from scdino.models.loader import plan_model, plan_weights  # torch
+
+        return plan_weights(
+            plan_model(self.spec, self.in_chans, self.input_size, self.checkpoint_key, self.adapt, self.seed)
+        )
+
     def at_input_size(self, size: int) -> ModelCard:
         """The same checkpoint's card at another input size (its position embedding resized when it is built), as
         :func:`describe_model` with ``input_size=size`` describes it, without building the model again."""
@@ -181,16 +197,17 @@ def describe_model(
     n_channels: int | None = None,
     available: Sequence[str] | None = None,
     input_size: int | None = None,
-    checkpoint_key: str | None = "teacher",
-    adapt: str = "mean",
+    checkpoint_key: str | None = CHECKPOINT_KEY,
+    adapt: str = ADAPT,
     seed: int = 0,
     crop_size: int | None = None,
     verified_sha256: str | None = None,
 ) -> ModelCard:
     """The card of MODEL ``spec`` for a run that gives it ``channels`` (names, in order) or ``n_channels``.
 
-    A checkpoint is loaded and built here (so that a bad file or a channel mismatch fails before any work starts); an
-    exported model is described by its sidecar. ``n_channels`` None with no names means the model's own count.
+    A checkpoint is read and checked here, its network not built (so that a bad file or a channel mismatch fails before
+    any work starts, and a command builds each model once, when it loads the card); an exported model is described by
+    its sidecar. ``n_channels`` None with no names means the model's own count.
     ``crop_size``: the size of the run's crops, which a TensorRT plan must have been built for. ``verified_sha256``:
     the sha256 of an exported file its caller has just checked (the export cache): the file is not read again.
     """
@@ -200,20 +217,20 @@ def describe_model(
         return _exported_card(spec, fmt, channels, n, available, crop_size, verified_sha256)
     if str(spec).startswith("random:"):
         return _random_card(spec, channels, n, available, input_size, checkpoint_key, adapt, seed)
-    from scdino.models.loader import load_model  # torch: a checkpoint's card is made by building its model
+    from scdino.models.loader import plan_model  # torch: a checkpoint's weights are read (the network is not built)
 
-    lm = load_model(spec, n, input_size, checkpoint_key, adapt, seed, channel_names=channels, available=available)
-    info = dict(lm.info)
+    plan = plan_model(spec, n, input_size, checkpoint_key, adapt, seed, channel_names=channels, available=available)
+    info = dict(plan.info)
     return ModelCard(
         spec=spec,
         format=fmt,
         arch=info["arch"],
         embed_dim=int(info["embed_dim"]),
-        input_size=lm.prep.input_size,
-        preprocessing=lm.prep,
+        input_size=plan.prep.input_size,
+        preprocessing=plan.prep,
         untrained=bool(info["untrained"]),
-        in_chans=lm.model.cfg.in_chans,
-        channels=tuple(lm.channels) if lm.channels else None,
+        in_chans=plan.cfg.in_chans,
+        channels=tuple(info["channels"]) if info.get("channels") else None,
         checkpoint_sha256=info.get("checkpoint_sha256"),
         checkpoint_key=checkpoint_key,
         adapt=adapt,
@@ -243,7 +260,7 @@ def _random_card(
     if n < 1:
         raise ConfigError(f"need at least one channel, got {n}")
     check_channels(spec, None, None, n, channels, available)
-    size = 224 if input_size is None else input_size
+    size = INPUT_SIZE if input_size is None else input_size
     cfg = arch_config(spec.split(":", 1)[1], in_chans=n, img_size=size)
     if size % cfg.patch_size:
         raise ConfigError(f"--input-size {size} is not a multiple of the patch size {cfg.patch_size}")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from scdino.data import PACKAGED_MODELS, WITHDRAWN_MODELS, packaged_model_path
+from scdino.defaults import CHECKPOINT_KEY
 from scdino.errors import CheckpointError
 from scdino.models.arch import FAMILIES, ViTConfig, arch_name
 
@@ -119,7 +120,9 @@ def _strip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def extract_backbone(obj: Any, key: str | None = "teacher", source: str = "<memory>") -> tuple[dict, str, str | None]:
+def extract_backbone(
+    obj: Any, key: str | None = CHECKPOINT_KEY, source: str = "<memory>"
+) -> tuple[dict, str, str | None]:
     """Find the ViT backbone state dict in any supported layout; returns (state dict, layout, key used)."""
     import torch
 
@@ -128,7 +131,7 @@ def extract_backbone(obj: Any, key: str | None = "teacher", source: str = "<memo
     layout, used = "backbone", None
     if "teacher" in obj or "student" in obj:
         layout = "dino-full"
-        used = key or "teacher"
+        used = key or CHECKPOINT_KEY
         if used not in obj:
             raise CheckpointError(
                 f"{source}: no {used!r} entry in this DINO checkpoint (entries: {', '.join(map(str, obj))}); "
@@ -191,7 +194,7 @@ def infer_config(sd: dict[str, torch.Tensor], arch_hint: str | None = None, sour
 _LAST: dict[tuple, Checkpoint] = {}
 
 
-def read_checkpoint(path: str | os.PathLike, key: str | None = "teacher") -> Checkpoint:
+def read_checkpoint(path: str | os.PathLike, key: str | None = CHECKPOINT_KEY) -> Checkpoint:
     """Load a checkpoint file of any supported layout safely.
 
     A run describes its model before any work starts and may build it again later in the same process (PyTorch in an
@@ -270,7 +273,7 @@ def checkpoint_file(spec: str) -> Path | None:
     return Path(spec)
 
 
-def open_checkpoint(spec: str, key: str | None = "teacher") -> Checkpoint | None:
+def open_checkpoint(spec: str, key: str | None = CHECKPOINT_KEY) -> Checkpoint | None:
     """The checkpoint a MODEL ``spec`` names (see :func:`checkpoint_file`); None for ``random:ARCH``."""
     path = checkpoint_file(spec)
     if path is None:
@@ -280,7 +283,7 @@ def open_checkpoint(spec: str, key: str | None = "teacher") -> Checkpoint | None
     return read_checkpoint(str(path) if spec in PACKAGED_MODELS else path if named else spec, key)
 
 
-def compact_backbone(spec: str, key: str | None = "teacher", half: bool = False) -> dict[str, Any]:
+def compact_backbone(spec: str, key: str | None = CHECKPOINT_KEY, half: bool = False) -> dict[str, Any]:
     """What a compact model file holds (``{"model": backbone state dict, "scdino": metadata}``): the backbone of the
     checkpoint ``spec`` names, float16 when ``half``, with its metadata and the source's sha256."""
     ck = open_checkpoint(spec, key)

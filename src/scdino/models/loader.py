@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from scdino.batches import EMBED_BATCH_SIZE
+from scdino.defaults import ADAPT, CHECKPOINT_KEY, INPUT_SIZE
 from scdino.errors import CheckpointError, ConfigError
 from scdino.models.adapt import adapt_patch_weight, parse_mode
 from scdino.models.checkpoint import Checkpoint, open_checkpoint
@@ -64,25 +65,36 @@ def _native_channels(ckpt: Checkpoint | None) -> tuple[int | None, list[str] | N
     return ckpt.config.in_chans, (list(names) if names is not None else None)
 
 
-def load_model(
+@dataclass
+class ModelPlan:
+    """Everything about a model that its checkpoint says, checked, before a network is built: the config it is built
+    with (channels adapted, input size), its preprocessing and its description. A model card is made from a plan
+    (no network built); :func:`build` builds it."""
+
+    spec: str
+    ckpt: Checkpoint | None
+    cfg: ViTConfig
+    prep: Preprocessing
+    info: dict[str, Any]
+    adapt: str
+    seed: int
+    #: an RGB model adapted to the run's channels
+    rgb: bool
+
+
+def plan_model(
     spec: str,
     n_channels: int | None = None,
     input_size: int | None = None,
-    checkpoint_key: str | None = "teacher",
-    adapt: str = "mean",
+    checkpoint_key: str | None = CHECKPOINT_KEY,
+    adapt: str = ADAPT,
     seed: int = 0,
     *,
     channel_names: Sequence[str] | None = None,
     available: Sequence[str] | None = None,
-) -> LoadedModel:
-    """Open MODEL ``spec`` for ``n_channels`` input channels at ``input_size``.
-
-    An RGB model (3 input channels and no channel names of its own) is channel-adapted to ``n_channels`` with
-    ``adapt`` (see :mod:`scdino.models.adapt`). A model trained on N channels must get exactly N (and, where the run
-    names them in ``channel_names``, the same ones: :func:`scdino.models.card.check_channels`); ``n_channels`` None
-    means its own count. ``input_size`` None means the size the model was trained at (224 for DINO's and random
-    models).
-    """
+) -> ModelPlan:
+    """The plan of MODEL ``spec`` for ``n_channels`` input channels at ``input_size`` (see :func:`load_model`): the
+    checkpoint read and every check made, no network built."""
     ckpt = open_checkpoint(spec, checkpoint_key)
     native, trained_on = _native_channels(ckpt)
     if channel_names is not None:
@@ -97,45 +109,81 @@ def load_model(
         raise ConfigError(f"need at least one channel, got {n_channels}")
     check_channels(spec, native, trained_on, n_channels, channel_names, available)
     if ckpt is None:
-        if input_size is None:
-            input_size = 224
-        model, stats, info = _random_model(spec, n_channels, input_size, seed)
+        size = INPUT_SIZE if input_size is None else input_size
+        cfg = arch_config(spec.split(":", 1)[1], in_chans=n_channels, img_size=size)
+        stats: dict = {}
+        info: dict[str, Any] = {"seed": seed, "checkpoint_sha256": None, "layout": None}
     else:
-        if input_size is None:
-            input_size = int(ckpt.meta.get("input_size") or ckpt.config.img_size)
-        model, stats, info = _checkpoint_model(ckpt, n_channels, adapt, rgb=native is None)
+        size = int(ckpt.meta.get("input_size") or ckpt.config.img_size) if input_size is None else input_size
+        cfg, stats, info = _checkpoint_plan(ckpt, n_channels, adapt, rgb=native is None)
         if trained_on is not None:
             info["channels"] = trained_on
-        if input_size % model.cfg.patch_size:
-            raise ConfigError(f"--input-size {input_size} is not a multiple of the patch size {model.cfg.patch_size}")
-        if input_size != model.cfg.img_size:
-            model = _resized(model, input_size)
-    cfg = model.cfg
-    if input_size % cfg.patch_size:
-        raise ConfigError(f"--input-size {input_size} is not a multiple of the patch size {cfg.patch_size}")
+        cfg = ViTConfig(**{**cfg.to_dict(), "img_size": size})
+    if size % cfg.patch_size:
+        raise ConfigError(f"--input-size {size} is not a multiple of the patch size {cfg.patch_size}")
 
     def floats(key):
         return tuple(float(v) for v in stats[key]) if stats.get(key) is not None else None
 
-    prep = Preprocessing(
-        input_size, floats("mean"), floats("std"), scale_lo=floats("scale_lo"), scale_hi=floats("scale_hi")
-    )
+    prep = Preprocessing(size, floats("mean"), floats("std"), scale_lo=floats("scale_lo"), scale_hi=floats("scale_hi"))
     info = {"model": spec, "untrained": ckpt is None, **info}
-    info.update(arch=arch_name(cfg), config=cfg.to_dict(), embed_dim=cfg.embed_dim, input_size=input_size)
-    return LoadedModel(model.eval(), prep, info)
+    info.update(arch=arch_name(cfg), config=cfg.to_dict(), embed_dim=cfg.embed_dim, input_size=size)
+    return ModelPlan(spec, ckpt, cfg, prep, info, adapt, seed, rgb=native is None)
 
 
-def _random_model(spec: str, n_channels: int, input_size: int, seed: int) -> tuple[VisionTransformer, dict, dict]:
-    """An untrained ``random:ARCH`` model, seeded; it has no training statistics."""
-    torch.manual_seed(seed)
-    model = build_model(arch_config(spec.split(":", 1)[1], in_chans=n_channels, img_size=input_size))
-    log.debug("model %s is untrained (random weights): its embeddings carry no learned features", spec)
-    return model, {}, {"seed": seed, "checkpoint_sha256": None, "layout": None}
+def build(plan: ModelPlan) -> LoadedModel:
+    """The network of ``plan``, built once: an untrained one seeded, a checkpoint's with its weights (an RGB model's
+    patch embedding adapted, the position embedding resized to the input size) loaded strictly."""
+    if plan.ckpt is None:
+        torch.manual_seed(plan.seed)
+        log.debug("model %s is untrained (random weights): its embeddings carry no learned features", plan.spec)
+        return LoadedModel(build_model(plan.cfg).eval(), plan.prep, dict(plan.info))
+    return LoadedModel(build_model(plan.cfg, plan_weights(plan), plan.ckpt.source).eval(), plan.prep, dict(plan.info))
 
 
-def _checkpoint_model(ckpt: Checkpoint, n_channels: int, adapt: str, rgb: bool) -> tuple[VisionTransformer, dict, dict]:
-    """The backbone of a checkpoint (an RGB model adapted to ``n_channels``), its training statistics and what is
-    known about it."""
+def plan_weights(plan: ModelPlan) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint's network is built with for ``plan``: an RGB model's patch embedding adapted to the
+    run's channels, the position embedding resized once to the input size (SPEC section 2)."""
+    if plan.ckpt is None:
+        raise ConfigError(f"{plan.spec}: an untrained model has no weights; pass a checkpoint")
+    sd = dict(plan.ckpt.state_dict)
+    if plan.rgb:  # microscopy channels are not R, G, B: every RGB model is adapted (SPEC section 2)
+        sd["patch_embed.proj.weight"] = adapt_patch_weight(sd["patch_embed.proj.weight"], plan.cfg.in_chans, plan.adapt)
+    grid = plan.cfg.img_size // plan.cfg.patch_size
+    if "pos_embed" in sd and sd["pos_embed"].shape[1] != grid * grid + 1:
+        sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], grid)
+        log.info("position embedding interpolated once for %dx%d inputs", plan.cfg.img_size, plan.cfg.img_size)
+    return sd
+
+
+def load_model(
+    spec: str,
+    n_channels: int | None = None,
+    input_size: int | None = None,
+    checkpoint_key: str | None = CHECKPOINT_KEY,
+    adapt: str = ADAPT,
+    seed: int = 0,
+    *,
+    channel_names: Sequence[str] | None = None,
+    available: Sequence[str] | None = None,
+) -> LoadedModel:
+    """Open MODEL ``spec`` for ``n_channels`` input channels at ``input_size``.
+
+    An RGB model (3 input channels and no channel names of its own) is channel-adapted to ``n_channels`` with
+    ``adapt`` (see :mod:`scdino.models.adapt`). A model trained on N channels must get exactly N (and, where the run
+    names them in ``channel_names``, the same ones: :func:`scdino.models.card.check_channels`); ``n_channels`` None
+    means its own count. ``input_size`` None means the size the model was trained at (224 for DINO's and random
+    models).
+    """
+    return build(
+        plan_model(spec, n_channels, input_size, checkpoint_key, adapt, seed, channel_names=channel_names,
+                   available=available)
+    )  # fmt: skip
+
+
+def _checkpoint_plan(ckpt: Checkpoint, n_channels: int, adapt: str, rgb: bool) -> tuple[ViTConfig, dict, dict]:
+    """The config of a checkpoint's backbone (an RGB model's adapted to ``n_channels``), its training statistics and
+    what is known about it."""
     cfg = ckpt.config
     info: dict[str, Any] = {
         "checkpoint_sha256": ckpt.sha256,
@@ -145,31 +193,17 @@ def _checkpoint_model(ckpt: Checkpoint, n_channels: int, adapt: str, rgb: bool) 
     }
     if ckpt.meta.get("crop_size"):
         info["crop_size"] = int(ckpt.meta["crop_size"])
-    sd = dict(ckpt.state_dict)
-    if rgb:  # microscopy channels are not R, G, B: every RGB model is adapted (SPEC section 2)
+    if rgb:
         parse_mode(adapt, n_channels)
-        sd["patch_embed.proj.weight"] = adapt_patch_weight(sd["patch_embed.proj.weight"], n_channels, adapt)
         info["adaptation"] = adapt
         cfg = ViTConfig(**{**cfg.to_dict(), "in_chans": n_channels})
-    model = build_model(cfg, sd, ckpt.source)
     stats = {k: ckpt.meta.get(k) for k in ("mean", "std", "scale_lo", "scale_hi")}
     for name in ("scale_lo", "scale_hi"):
         if stats[name] is not None and len(stats[name]) != n_channels:
             raise ConfigError(f"{ckpt.source}: {name} has {len(stats[name])} values for {n_channels} channels")
     if (stats["scale_lo"] is None) != (stats["scale_hi"] is None):
         raise ConfigError(f"{ckpt.source}: the checkpoint has only one of scale_lo and scale_hi")
-    return model, stats, info
-
-
-def _resized(model: VisionTransformer, input_size: int) -> VisionTransformer:
-    """The same model for ``input_size`` inputs, its position embedding interpolated once (SPEC section 2)."""
-    new = ViTConfig(**{**model.cfg.to_dict(), "img_size": input_size})
-    resized = VisionTransformer(new)
-    sd = model.state_dict()
-    sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], input_size // model.cfg.patch_size)
-    resized.load_state_dict(sd)
-    log.info("position embedding interpolated once for %dx%d inputs", input_size, input_size)
-    return resized.eval()
+    return cfg, stats, info
 
 
 def embed_crops(
