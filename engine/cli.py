@@ -230,7 +230,8 @@ def run_cmd(plate, out, **_options) -> None:
 
     Nuclei come from --labels or from the built-in segmentation; each gets a crop centred on its
     intensity-weighted centroid; crops stream through the model in blocks of --chunk-cells on Dask.
-    An interrupted run continues where it stopped when the same command is run again.
+    Cell options not given come from the plate's stored settings (the sample plates carry theirs), then
+    from the defaults. An interrupted run continues where it stopped when the same command is run again.
     """
     from scdino.engine.pipeline import run
 
