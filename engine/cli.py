@@ -13,7 +13,7 @@ from scdino._cli import ErrorGroup, configure_logging
 from scdino.cells.options import DEFAULT_CROP_SIZE, CellOptions, SegmentParams
 from scdino.crossval import BOOTSTRAP, FOLDS
 from scdino.engine import backends
-from scdino.engine.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, PRECISIONS, TTA_MODES, RunConfig
+from scdino.engine.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, PRECISIONS, TTA_MODES, RunConfig, run_config
 from scdino.engine.umap import DEFAULT_PRESET, FIT_MAX, PRESETS
 from scdino.knn import TEMPERATURE, TRAIN_FRACTION, K
 
@@ -48,10 +48,9 @@ def main(verbose: int) -> None:
     """scdino engine: single-cell embeddings of OME-Zarr plates with channel-adapted DINO ViTs.
 
     \b
-    Quick start (real sample images and the trained default model):
-      scdino-engine sample-plate sample.zarr
-      scdino-engine run sample.zarr --out cells.zarr --segment-channel CTIP2,BRN2,ROR --sigma 1 \\
-          --min-distance 4 --min-area 15 --crop-size 32
+    Quick start (real sample images and the trained default model; the sample plate carries its own
+    segmentation settings):
+      scdino-engine sample-plate sample.zarr && scdino-engine run sample.zarr --out cells.zarr
     """
     configure_logging(verbose)
 
@@ -78,6 +77,27 @@ def segment_options(f):
             help="Segmentation: " + text,
         )(f)
     return f
+
+
+#: command-line parameter -> (RunConfig option, how its value reads); the rest keep their names and values
+RUN_OPTIONS = {
+    "no_export_cache": ("export_cache", lambda v: not v),
+    "no_progress": ("progress", lambda v: not v),
+}
+
+
+def _given(ctx: click.Context, renamed: dict) -> dict:
+    """The options given on the command line (defaults left out, so that what a plate carries or the library's
+    defaults apply), by their library names."""
+    from click.core import ParameterSource
+
+    out = {}
+    for name, value in ctx.params.items():
+        if name in ("plate", "out") or ctx.get_parameter_source(name) is ParameterSource.DEFAULT:
+            continue
+        key, read = renamed.get(name, (name, lambda v: v))
+        out[key] = read(value)
+    return out
 
 
 def _split(value: str | None) -> tuple[str, ...] | None:
@@ -204,78 +224,18 @@ def _split(value: str | None) -> tuple[str, ...] | None:
     "quarter turns (d8), at 4 or 8 times the model's cost; on every backend, recorded in uns['scdino']['tta'].",
 )
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def run_cmd(
-    plate,
-    model,
-    out,
-    checkpoint_key,
-    channels,
-    labels,
-    segment_channel,
-    crop_size,
-    crop_um,
-    border,
-    wells,
-    input_size,
-    adapt,
-    backend,
-    device,
-    batch_size,
-    chunk_cells,
-    workers,
-    threads,
-    feeders,
-    scheduler,
-    overwrite,
-    no_export_cache,
-    precision,
-    fast,
-    tta,
-    no_progress,
-    **segment,
-) -> None:
+def run_cmd(plate, out, **_options) -> None:
     """Embed every nucleus of PLATE into an AnnData store: an OME-Zarr HCS plate, a crop store (ingest) or a
     CellProfiler LoadData CSV (one TIFF per channel per site; --labels may name its object table).
 
     Nuclei come from --labels or from the built-in segmentation; each gets a crop centred on its
     intensity-weighted centroid; crops stream through the model in blocks of --chunk-cells on Dask.
-    An interrupted run continues where it stopped when the same command is run again.
+    Cell options not given come from the plate's stored settings (the sample plates carry theirs), then
+    from the defaults. An interrupted run continues where it stopped when the same command is run again.
     """
     from scdino.engine.pipeline import run
 
-    cells = CellOptions(
-        channels=_split(channels),
-        labels=labels,
-        segment_channel=segment_channel,
-        crop_size=crop_size,
-        crop_um=crop_um,
-        border=border,
-        wells=_split(wells),
-        segment=SegmentParams(**segment),
-    )
-    cfg = RunConfig(
-        plate=plate,
-        out=out,
-        model=model,
-        cells=cells,
-        checkpoint_key=checkpoint_key,
-        adapt=adapt,
-        input_size=input_size,
-        backend=backend,
-        device=device,
-        batch_size=batch_size,
-        workers=workers,
-        threads=threads,
-        feeders=feeders,
-        scheduler=scheduler,
-        chunk_cells=chunk_cells,
-        overwrite=overwrite,
-        export_cache=not no_export_cache,
-        precision=precision,
-        fast=fast,
-        tta=tta,
-        progress=not no_progress,
-    )
+    cfg = run_config(plate, out, **_given(click.get_current_context(), RUN_OPTIONS))
     res = run(cfg)
     embed = res.phase_seconds.get("embed_seconds")
     rate = res.n_cells / embed if embed else float("nan")

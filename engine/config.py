@@ -5,7 +5,8 @@ Light on purpose (no numpy, torch, dask or zarr), so that ``--help`` shows the d
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from scdino.batches import (
     CPU_BATCH_TOKENS,
@@ -15,7 +16,7 @@ from scdino.batches import (
     gpu_batch_size,
 )
 from scdino.bounds import SEED, Bound, bounded, check_fields, declare
-from scdino.cells.options import CellOptions
+from scdino.cells.options import CellOptions, SegmentParams
 from scdino.defaults import ADAPT, BATCH_SIZE_BOUND, CHECKPOINT_KEY, INPUT_SIZE_BOUND
 from scdino.errors import ConfigError
 
@@ -26,6 +27,7 @@ __all__ = [
     "GPU_BATCH_TOKENS",
     "RunConfig",
     "cpu_batch_size",
+    "run_config",
     "gpu_batch_size",
 ]
 
@@ -70,6 +72,8 @@ class RunConfig:
     seed: int = bounded(0, SEED)
     #: test-time augmentation: the embedding averaged over these transforms of each crop (see TTA_MODES)
     tta: str = "none"
+    #: where each cell setting that is not a default came from: (name, "option" | "plate"), see run_config()
+    cells_from: tuple[tuple[str, str], ...] = ()
 
     def validate(self) -> None:
         """Refuse options that are out of their fields' bounds (theirs, and the cell options') or contradict each
@@ -97,3 +101,49 @@ def check_block_memory(chunk_cells: int, channels: int, crop: int, itemsize: int
             f"{need / 2**30:.2f} GiB (as read and as float32), more than half of the {available / 2**30:.2f} GiB of "
             "memory available; pass a smaller --chunk-cells or --crop-size"
         )
+
+
+#: the cell options of a run, flat (CellOptions' fields with its segmentation's): how run_config() takes them
+CELL_OPTIONS = tuple(f.name for f in fields(CellOptions) if f.name != "segment")
+SEGMENT_OPTIONS = tuple(f.name for f in fields(SegmentParams))
+#: every option of a run besides the input and the output, by its RunConfig name
+OPTIONS = (
+    tuple(f.name for f in fields(RunConfig) if f.name not in ("plate", "out", "cells", "cells_from"))
+    + CELL_OPTIONS
+    + SEGMENT_OPTIONS
+)
+
+
+def _names(value: Any) -> tuple[str, ...] | None:
+    """``"A,B"`` or a sequence of names or indices -> a tuple of strings (None stays None)."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else value
+    return tuple(str(v).strip() for v in items if str(v).strip()) or None
+
+
+def run_config(plate: str, out: str, **options: Any) -> RunConfig:
+    """The RunConfig of a run of ``plate`` into ``out`` with ``options`` (flat, by their :data:`OPTIONS` names): the
+    one place the command line and :func:`scdino.embed` build it. A cell option not given is taken from the plate's
+    stored settings (:mod:`scdino.cells.stored`), else from its default; ``cells_from`` records which came from where.
+    """
+    from scdino.cells.stored import stored_settings
+
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)}; expected some of {', '.join(OPTIONS)}")
+    given = {k: v for k, v in options.items() if k in CELL_OPTIONS + SEGMENT_OPTIONS}
+    stored = {k: v for k, v in stored_settings(plate).items() if k not in given}
+    cell = {**stored, **given}
+    for name in ("channels", "wells"):
+        if name in cell:
+            cell[name] = _names(cell[name])
+    if "threshold" in cell:
+        cell["threshold"] = str(cell["threshold"])
+    cells = CellOptions(
+        **{k: cell[k] for k in CELL_OPTIONS if k in cell},
+        segment=SegmentParams(**{k: cell[k] for k in SEGMENT_OPTIONS if k in cell}),
+    )
+    origin = tuple(sorted([(k, "option") for k in given] + [(k, "plate") for k in stored]))
+    rest = {k: v for k, v in options.items() if k not in given}
+    return RunConfig(plate=str(plate), out=str(out), cells=cells, cells_from=origin, **rest)

@@ -372,6 +372,8 @@ def _uns(cfg: RunConfig, spec: BackendSpec, source: CellSource, status: str, pat
             "tta": {"mode": spec.tta, "transforms": len(tta_transforms(spec.tta))},
             "path": path,
             "cells": cfg.cells.to_dict(),
+            # which cell settings were given and which the plate carried (scdino.cells.stored); the rest: defaults
+            "cells_from": dict(cfg.cells_from),
             "plate": os.path.abspath(cfg.plate),
             "source": source.describe(),
             "versions": versions(),

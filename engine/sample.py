@@ -26,6 +26,17 @@ log = logging.getLogger(__name__)
 
 DATASETS = ("neocortex", "scratch", "neocortex-wells")
 
+#: the neocortex image's small, dense nuclei in three mutually exclusive markers: its cell settings
+NEOCORTEX_CELLS = {
+    "segment_channel": "CTIP2,BRN2,ROR",
+    "sigma": 1.0,
+    "min_distance": 4,
+    "min_area": 15,
+    "crop_size": 32,
+}
+#: what each sample plate carries in its metadata (scdino.cells.stored), so that a run of it needs no options
+SAMPLE_CELL_SETTINGS = {"neocortex": NEOCORTEX_CELLS, "neocortex-wells": NEOCORTEX_CELLS, "scratch": {}}
+
 #: the plate map written beside the ``neocortex-wells`` sample: a made-up layout to try profiles on real images
 SAMPLE_PLATE_MAP = {
     "A/1": "DMSO",
@@ -55,10 +66,12 @@ def write_plate(
     ngff: str = "0.5",
     name: str | None = None,
     overwrite: bool = False,
+    cell_settings: Mapping[str, object] | None = None,
 ) -> str:
     """Write an OME-Zarr HCS plate with ome-zarr-py (NGFF 0.5 on zarr v3, or 0.4 on zarr v2).
 
-    ``wells`` maps ``"A/1"`` to its fields. Returns the path.
+    ``wells`` maps ``"A/1"`` to its fields; ``cell_settings``: run options stored with the plate
+    (:mod:`scdino.cells.stored`). Returns the path.
     """
     zarr = require("zarr")
     writer = require("ome_zarr.writer")
@@ -76,6 +89,10 @@ def write_plate(
     writer.write_plate_metadata(
         root, rows, cols, list(wells), fmt=fmt, field_count=nfield, name=name or os.path.basename(path.rstrip("/"))
     )
+    if cell_settings:
+        from scdino.cells.stored import KEY
+
+        root.attrs[KEY] = dict(cell_settings)
     extra = {}
     if pixel_size_um is not None:
         extra = {
@@ -154,7 +171,16 @@ def write_sample_plate(
 ) -> str:
     """Write the sample ``dataset`` as an HCS plate at ``path``."""
     wells, names, px = sample_wells(dataset)
-    out = write_plate(path, wells, names, px, ngff=ngff, name=f"scdino-sample-{dataset}", overwrite=overwrite)
+    out = write_plate(
+        path,
+        wells,
+        names,
+        px,
+        ngff=ngff,
+        name=f"scdino-sample-{dataset}",
+        overwrite=overwrite,
+        cell_settings=SAMPLE_CELL_SETTINGS[dataset],
+    )
     if dataset == "neocortex-wells":
         write_sample_plate_map(plate_map_path(out))
     return out
@@ -181,11 +207,10 @@ def write_sample_plate_map(path: str) -> None:
 
 
 def neocortex_segment_params():
-    """Nucleus segmentation that fits the neocortex sample's small, dense nuclei; on the command line
-    ``--sigma 1 --min-distance 4 --min-area 15``."""
+    """Nucleus segmentation that fits the neocortex sample's small, dense nuclei (:data:`NEOCORTEX_CELLS`)."""
     from scdino.cells.options import SegmentParams
 
-    return SegmentParams(sigma=1.0, min_distance=4, min_area=15)
+    return SegmentParams(**{k: v for k, v in NEOCORTEX_CELLS.items() if k in SegmentParams.__dataclass_fields__})
 
 
 def verification_crops(n: int = 48, crop: int = 48) -> np.ndarray:

@@ -11,23 +11,9 @@ from scdino.defaults import ADAPT, CHECKPOINT_KEY
 
 
 def _load_crops(path: str | None):
-    """Crops from a .npy / .npz (key ``crops``) file, or None for the packaged real crops."""
-    if path is None:
-        return None
-    import numpy as np
+    from scdino.export.crops import load_crops
 
-    from scdino.errors import InputError
-
-    try:
-        data = np.load(path)
-    except (OSError, ValueError) as exc:
-        raise InputError(
-            f"{path}: cannot read crops ({exc}); expected a .npy array (n, C, S, S) or .npz with 'crops'"
-        ) from exc
-    crops = data["crops"] if hasattr(data, "files") else data
-    if crops.ndim != 4:
-        raise InputError(f"{path}: crops of shape {crops.shape}; expected (n, C, S, S)")
-    return crops
+    return load_crops(path)
 
 
 @click.group(cls=ErrorGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

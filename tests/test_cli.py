@@ -83,22 +83,18 @@ def test_end_to_end_on_the_real_sample_plates(tmp_path):
         "random:vit_test16",
         "--out",
         tmp_path / "n.zarr",
-        "--segment-channel",
-        "CTIP2,BRN2,ROR",
-        "--sigma",
-        "1",
-        "--min-distance",
-        "4",
-        "--min-area",
-        "15",
-        "--crop-size",
-        "32",
         "--input-size",
         "64",
         check=True,
-    )
+    )  # no cell options: the sample plate carries the README's --segment-channel CTIP2,BRN2,ROR --sigma 1 ...
     assert "untrained" in p.stdout
     a = ad.read_zarr(tmp_path / "n.zarr")
+    u = a.uns["scdino"]
+    assert (u["cells"]["segment_channel"], u["crop_size"]) == ("CTIP2,BRN2,ROR", 32)
+    seg = u["cells"]["segment"]
+    assert (seg["sigma"], seg["min_distance"], seg["min_area"], seg["threshold"]) == (1.0, 4, 15, "otsu")
+    carried = ["segment_channel", "sigma", "min_distance", "min_area", "crop_size"]
+    assert dict(u["cells_from"]) == dict.fromkeys(carried, "plate")
     assert a.n_obs > 500 and a.obsm["X_scdino"].shape == (a.n_obs, 32)
     assert set(a.obs["well"]) == {"A/1", "A/2"} and list(a.uns["scdino"]["channels"]) == ["CTIP2", "BRN2", "ROR"]
     assert np.isfinite(a.obsm["X_scdino"]).all()

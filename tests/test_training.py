@@ -449,8 +449,10 @@ def test_dataset_scaling_rejects_an_empty_channel_range(crop_store, tmp_path, mo
 def test_a_few_steps_reduce_the_loss_on_real_crops(crop_store, tmp_path):
     out = tmp_path / "fit"
     # with the teacher held at its initial weights and a fast centre the targets settle within the first epoch;
-    # what is left is the student learning them (lr 0.05 x batch 8 / 256 = 1.6e-3)
-    train(cfg_for(crop_store, out, epochs=8, lr=0.05, warmup_epochs=0, momentum_teacher=1.0, center_momentum=0.5))
+    # what is left is the student learning them (lr 0.1 x batch 8 / 256 = 3.1e-3). Blur and solarisation are off:
+    # they have their own tests, and the student learns the same in half the epochs at a fifth of the time
+    kw = dict(lr=0.1, warmup_epochs=0, momentum_teacher=1.0, center_momentum=0.5, blur_p="0,0,0", solarize_p=0)
+    train(cfg_for(crop_store, out, epochs=4, **kw))
     ep = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines() if '"summary"' in line]
     assert ep[-1] < ep[0] - 0.5 and ep[-1] < ep[1] - 0.2, ep
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from scdino.cells.options import CellOptions, SegmentParams
+from scdino.cells.stored import stored_settings
 from scdino.defaults import INPUT_SIZE
 from scdino.errors import ConfigError
 from scdino.outputs import recognise_config
@@ -190,7 +191,8 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
 
 
 def build_config(file: str | None = None, sets: list[str] | tuple[str, ...] = (), **options: Any) -> TrainConfig:
-    """Defaults <- config file (YAML or JSON) <- command-line options <- ``--set key=value``."""
+    """Defaults <- the data's stored cell settings <- config file (YAML or JSON) <- command-line options <- ``--set
+    key=value``."""
     known = {f.name: f for f in fields(TrainConfig)}
     values: dict[str, Any] = {}
     if file:
@@ -216,6 +218,9 @@ def build_config(file: str | None = None, sets: list[str] | tuple[str, ...] = ()
             raise ConfigError(f"--set {s!r}: expected key=value")
         k, v = s.split("=", 1)
         values[k.strip().replace("-", "_")] = v.strip()
+    if values.get("data"):  # what the plate carries (scdino.cells.stored), where not given: as scdino-engine run does
+        stored = stored_settings(values["data"])
+        values.update({k: v for k, v in stored.items() if k in known and k not in values})
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
