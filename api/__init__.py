@@ -3,6 +3,7 @@
 * :func:`embed`: a plate, crop store or LoadData CSV -> an AnnData of embeddings (``scdino-engine run``);
 * :func:`load` -> :class:`Model`, whose :meth:`Model.embed` embeds crops already in memory, preprocessed exactly as
   the engine does (it runs on the engine's backends, which take raw crops and preprocess them on their device);
+* :func:`open`: a finished store as AnnData (an unfinished one says how to resume it);
 * :func:`train` (``scdino-train``) and :func:`export_model` (``scdino-export``; ``scdino.export`` is the export
   package).
 
@@ -25,6 +26,7 @@ _WHERE = {
     "train": "training",
     "export_model": "exporting",
     "EXPORT_FORMATS": "exporting",
+    "open": "reading",
 }
 
 __all__ = list(_WHERE)

@@ -59,7 +59,7 @@ def cell_obs(path: str, table: pd.DataFrame, uns: dict) -> pd.DataFrame:
 #: the root's ``encoding-type`` while a run writes the store: what anndata's reader says of a store it cannot read yet
 UNFINISHED = (
     "unfinished scdino-engine run (the store is AnnData once complete; run the same command again to resume it, "
-    "or read it with scdino.engine.output.open_cells for a clear message)"
+    "or read it with scdino.open for a clear message)"
 )
 
 

@@ -1,6 +1,7 @@
 """scdino: single-cell embeddings of multichannel microscopy with channel-adapted DINO vision transformers.
 
-The Python API (docs/api.md): ``scdino.embed`` (a plate -> AnnData), ``scdino.load`` (a model for crops in memory),
+The Python API (docs/api.md): ``scdino.embed`` (a plate -> AnnData), ``scdino.open`` (a finished store -> AnnData),
+``scdino.load`` (a model for crops in memory),
 ``scdino.train`` and ``scdino.export_model``, the library under the commands (:mod:`scdino.api`).
 
 Importing :mod:`scdino` is cheap: torch, dask and the plate readers are imported by the submodules that need them, and
@@ -18,7 +19,7 @@ from scdino.errors import (  # noqa: E402
 )
 
 #: the API (scdino.api), imported on first use: the package's front door, above every stage
-API = ("embed", "load", "Model", "train", "export_model")
+API = ("embed", "load", "Model", "open", "train", "export_model")
 
 __all__ = ["__version__", "ScdinoError", "InputError", "CheckpointError", "ConfigError", "OutputError", *API]
 
