@@ -12,6 +12,7 @@ import click
 from scdino._cli import ErrorGroup, configure_logging
 from scdino.cells.options import DEFAULT_CROP_SIZE, CellOptions, SegmentParams
 from scdino.crossval import BOOTSTRAP, FOLDS
+from scdino.defaults import INPUT_SIZE
 from scdino.engine import backends
 from scdino.engine.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, PRECISIONS, TTA_MODES, RunConfig, run_config
 from scdino.engine.umap import DEFAULT_PRESET, FIT_MAX, PRESETS
@@ -138,8 +139,8 @@ def _split(value: str | None) -> tuple[str, ...] | None:
 @click.option(
     "--input-size",
     type=int,
-    help="Model input size; crops are resized to it. Default: the size the model was trained at (224 for "
-    "DINO's ImageNet models and random:ARCH); exported models have theirs built in.",
+    help="Model input size; crops are resized to it. Default: the size the model was trained at "
+    f"({INPUT_SIZE} for DINO's ImageNet models and random:ARCH); exported models have theirs built in.",
 )
 @click.option(
     "--adapt",
@@ -422,7 +423,7 @@ def umap_cmd(
 @click.option("--per-class", type=int, help="Random cells per class (seeded). Default: 4.")
 @click.option("--label-key", help="Class column for --per-class. Default: class, when present.")
 @click.option("--channels", help="Channels to show and feed the model. Default: those of the run.")
-@click.option("--input-size", type=int, help="Default: the size the model was trained at (224 for DINO's).")
+@click.option("--input-size", type=int, help=f"Default: the size the model was trained at ({INPUT_SIZE} for DINO's).")
 @click.option("--checkpoint-key", default=RunConfig.checkpoint_key, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def attention_cmd(source, model, out, cells, per_class, label_key, channels, input_size, checkpoint_key, seed) -> None:
@@ -455,7 +456,7 @@ def attention_cmd(source, model, out, cells, per_class, label_key, channels, inp
 @click.option("--k", type=int, default=K, show_default=True)
 @click.option("--temperature", type=float, default=TEMPERATURE, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--input-size", type=int, help="Default: the size the model was trained at (224 for DINO's).")
+@click.option("--input-size", type=int, help=f"Default: the size the model was trained at ({INPUT_SIZE} for DINO's).")
 @click.option(
     "--folds",
     type=int,

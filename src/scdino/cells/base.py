@@ -179,6 +179,18 @@ class FoundByParts:
     def no_cells(self) -> str:  # what to say when no part has a cell
         raise NotImplementedError
 
+    # the cells of plate wells and fields (a plate's fields, a CSV's image sets), named and titled alike
+    @staticmethod
+    def cell_ids(table: pd.DataFrame) -> pd.Index:
+        return field_cell_names(table)
+
+    @staticmethod
+    def title(row: pd.Series) -> str:
+        return field_title(row)
+
+    def describe(self) -> dict[str, Any]:
+        return describe(self)
+
     def find_cells(self, client: Any = None, progress: Callable[[int], Any] | None = None) -> pd.DataFrame:
         """The cell table of every part, in order; on ``client`` (a Dask client) if given."""
         return self.combine(find_parts(self, client, progress))

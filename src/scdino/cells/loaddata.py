@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from scdino._optional import require
-from scdino.cells.base import FoundByParts, describe, field_cell_names, field_title, no_cells_message, register
+from scdino.cells.base import FoundByParts, no_cells_message, register
 from scdino.cells.options import CellOptions
 from scdino.cells.pixels import check_finite
 from scdino.cells.plate import canonical_well
@@ -291,17 +291,6 @@ class LoadDataSource(FoundByParts):
     @classmethod
     def claims(cls, path: str) -> bool:
         return is_csv(path)
-
-    @staticmethod
-    def cell_ids(table: pd.DataFrame) -> pd.Index:
-        return field_cell_names(table)
-
-    @staticmethod
-    def title(row: pd.Series) -> str:
-        return field_title(row)
-
-    def describe(self) -> dict[str, Any]:
-        return describe(self)
 
     @property
     def parts(self) -> list[Site]:

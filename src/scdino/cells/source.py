@@ -41,8 +41,6 @@ from scdino.cells.base import (
     CellSource,
     FoundByParts,
     describe,
-    field_cell_names,
-    field_title,
     file_title,
     kinds,
     no_cells_message,
@@ -210,17 +208,6 @@ class PlateSource(FoundByParts):
     def claims(cls, path: str) -> bool:
         """Any path that is not a file (a folder, or a store URL): the plate reader says what is wrong with it."""
         return not os.path.isfile(path)
-
-    @staticmethod
-    def cell_ids(table: pd.DataFrame) -> pd.Index:
-        return field_cell_names(table)
-
-    @staticmethod
-    def title(row: pd.Series) -> str:
-        return field_title(row)
-
-    def describe(self) -> dict[str, Any]:
-        return describe(self)
 
     @property
     def n_fields(self) -> int:
