@@ -63,11 +63,10 @@ UNFINISHED = (
 )
 
 
-def open_cells(path: str):
-    """The embeddings store at ``path`` as AnnData (``anndata.read_zarr``), once it is complete; an unfinished run
-    is one clear error saying how many blocks are written and how to resume it."""
-    import anndata as ad
-
+def finished_status(path: str) -> dict[str, Any]:
+    """The ``scdino`` attribute of the store at ``path`` (``{}`` for a foreign zarr store), refused in one line where
+    there is no store or its run is unfinished (how many blocks are embedded, and how to resume it): what every reader
+    of a store asks first."""
     st = store_status(path)
     if st is None:
         raise InputError(f"{path}: no such embeddings store; make one with 'scdino-engine run'")
@@ -81,6 +80,15 @@ def open_cells(path: str):
             f"{path}: an unfinished scdino-engine run ({done}); run the same command again to finish it (it resumes "
             "where it stopped), then read it"
         )
+    return st
+
+
+def open_cells(path: str):
+    """The embeddings store at ``path`` as AnnData (``anndata.read_zarr``), once it is complete; an unfinished run
+    is one clear error saying how many blocks are written and how to resume it."""
+    import anndata as ad
+
+    finished_status(path)
     return ad.read_zarr(path)
 
 
@@ -324,9 +332,7 @@ def read_embeddings(path: str, key: str = "X_scdino") -> tuple[np.ndarray, pd.Da
     """(embeddings as float32, obs) of a complete store; clear errors for a missing or unfinished one."""
     from anndata.io import read_elem
 
-    st = store_status(path)
-    if st is None:
-        raise InputError(f"{path}: no such embeddings store; make one with 'scdino-engine run'")
+    st = finished_status(path)
     if not st and not is_anndata(path):
         owner = written_by(path)
         what = f"it holds the output of {owner}" if owner else "it is not an AnnData store"
@@ -334,8 +340,6 @@ def read_embeddings(path: str, key: str = "X_scdino") -> tuple[np.ndarray, pd.Da
             f"{path}: not an embeddings store ({what}); embed its cells first (scdino-engine run {path} --out "
             "cells.zarr) and pass that store"
         )
-    if st and st.get("status") not in (None, "complete"):
-        raise InputError(f"{path}: the run that writes it is not complete; run the same command again to finish it")
     g = zarr.open_group(path, mode="r", use_consolidated=False)  # obs and one obsm entry, not X (a second copy)
     obsm = list(g["obsm"].keys()) if "obsm" in g else []
     if key not in obsm:

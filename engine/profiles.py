@@ -67,13 +67,9 @@ def well_id(well: str) -> str:
 def _store(path: str):
     import zarr
 
-    from scdino.engine.output import store_status
+    from scdino.engine.output import finished_status
 
-    st = store_status(path)
-    if st is None:
-        raise InputError(f"{path}: no such embeddings store; make one with 'scdino-engine run'")
-    if st.get("status") not in (None, "complete"):
-        raise InputError(f"{path}: the run that writes it is not complete; run the same command again to finish it")
+    finished_status(path)
     g = zarr.open_group(path, mode="r", use_consolidated=False)
     if "obsm" not in g or KEY not in g["obsm"]:
         raise InputError(f"{path}: no obsm/{KEY}; expected an embeddings store of 'scdino-engine run'")

@@ -101,9 +101,8 @@ def quantize(
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     meta = read_sidecar(model)
-    proto = check_onnx_file(str(model))  # a truncated or damaged file: one line before any work
-    check_identity(model, meta, "onnx", sha256_of(model), proto)  # and the graph its sidecar describes
-    del proto
+    # a truncated or damaged file, or a graph its sidecar does not describe: one line before any work
+    check_identity(model, meta, "onnx", sha256_of(model), check_onnx_file(str(model)))
     if meta.get("precision") != "fp32":
         raise ConfigError(f"{model}: quantise an fp32 export, not {meta.get('precision')}")
     if target not in ("cpu", "tensorrt") or (target == "tensorrt" and method != "static"):
