@@ -139,3 +139,43 @@ def test_evaluate_settings_refuse_a_bad_merge_augmentation_or_fold_count():
         EvalSettings(folds=-1).validate()
     with pytest.raises(ConfigError, match="--bootstrap 10"):
         EvalSettings(bootstrap=10).validate()
+
+
+def test_holdout_validate_scores_the_held_out_cells_as_scikit_learn_fit_on_the_training_cells():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from scdino.crossval import holdout_validate
+
+    x, y = _toy((40, 30, 20), seed=4)
+    names = np.array(["G1", "S", "M"])[y]
+    rng = np.random.default_rng(0)
+    test = np.zeros(len(y), bool)
+    test[rng.choice(len(y), 30, replace=False)] = True
+    noise = rng.normal(size=x.shape).astype(np.float32)
+    res = holdout_validate(
+        {"signal": x[~test], "noise": noise[~test]},
+        names[~test],
+        {"signal": x[test], "noise": noise[test]},
+        names[test],
+        n_boot=300,
+    )
+    assert res["n_cells"] == 30 and res["n_train"] == len(y) - 30 and res["classes"] == ["G1", "M", "S"]
+    truth = np.array([{"G1": 0, "M": 1, "S": 2}[v] for v in names[test]])
+    sk = KNeighborsClassifier(20, metric="cosine", algorithm="brute", weights=lambda d: np.exp((1 - d) / 0.07))
+    codes = np.array([{"G1": 0, "M": 1, "S": 2}[v] for v in names[~test]])
+    knn = sk.fit(x[~test], codes).predict(x[test])
+    scaler = StandardScaler().fit(x[~test])
+    probe = LogisticRegression(max_iter=1000, random_state=0).fit(scaler.transform(x[~test]), codes)
+    for method, pred in (("knn", knn), ("probe", probe.predict(scaler.transform(x[test])))):
+        s = res["scores"][method]["signal"]
+        assert s["top1"] == pytest.approx(float((pred == truth).mean()))
+        assert s["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(truth, pred))
+        assert s["top1_interval"][0] <= s["top1"] <= s["top1_interval"][1]
+        assert res["predictions"][method]["signal"] == pred.tolist()
+    c = res["comparisons"]["knn"][0]
+    assert (c["a"], c["b"]) == ("signal", "noise") and c["top1"]["low"] > 0
+    with pytest.raises(ConfigError, match="differ"):
+        holdout_validate({"a": x}, names, {"b": x}, names)
+    with pytest.raises(ConfigError, match="rows for 30 labelled held-out cells"):
+        holdout_validate({"a": x[~test]}, names[~test], {"a": x}, names[test])

@@ -182,6 +182,58 @@ def paired_comparison(
     return out
 
 
+def _encoded(labels: np.ndarray, merge: dict[str, str] | None) -> tuple[np.ndarray, list[str]]:
+    """Class codes of ``labels`` (after merging) and the class names in code order."""
+    names = merge_labels(labels, merge or {})
+    classes = sorted(set(names.tolist()), key=str)
+    code = {c: i for i, c in enumerate(classes)}
+    return np.array([code[v] for v in names], np.int64), [str(c) for c in classes]
+
+
+def _check_rows(features: dict[str, np.ndarray], n: int, what: str) -> None:
+    for name, x in features.items():
+        if len(x) != n:
+            raise ConfigError(f"feature set {name!r} has {len(x)} rows for {n} labelled {what}")
+
+
+def _scored(
+    out: dict, y: np.ndarray, preds: dict[str, dict[str, np.ndarray]], pairs: list[tuple[str, str]], seed: int
+) -> dict:
+    """Fill ``out`` with the scores (each with its bootstrap interval) and the paired comparisons of the predictions
+    ``preds`` ({method: {features: class codes}}) of the cells ``y``."""
+    n_boot, n_classes = out["bootstrap"], len(out["classes"])
+    idx = bootstrap_indices(y, n_boot, seed)
+    for method, per in preds.items():
+        out["predictions"][method] = {n: p.tolist() for n, p in per.items()}
+        out["scores"][method] = {}
+        for n, p in per.items():
+            s = scores(y, p, out["classes"])
+            for m in METRICS:
+                s[f"{m}_interval"] = interval(np.array([metric(y[i], p[i], m, n_classes) for i in idx]))
+            out["scores"][method][n] = s
+        out["comparisons"][method] = [paired_comparison(y, per[a], per[b], a, b, n_boot, seed) for a, b in pairs]
+    return out
+
+
+def _header(classes: list[str], y: np.ndarray, folds, seed, methods, k, temperature, n_boot, merge) -> dict:
+    return {
+        "classes": classes,
+        "class_counts": {c: int((y == i).sum()) for i, c in enumerate(classes)},
+        "n_cells": int(len(y)),
+        "folds": folds,
+        "seed": seed,
+        "k": k,
+        "temperature": temperature,
+        "bootstrap": n_boot,
+        "level": LEVEL,
+        "merged": dict(merge or {}),
+        "methods": list(methods),
+        "scores": {},
+        "comparisons": {},
+        "predictions": {},
+    }
+
+
 def cross_validate(
     features: dict[str, np.ndarray],
     labels: np.ndarray,
@@ -201,51 +253,69 @@ def cross_validate(
     Returns {"classes", "n_cells", "folds", "seed", "methods", "scores": {method: {features: {...}}},
     "comparisons": {method: [paired_comparison ...]}, "predictions": {method: {features: codes}}}.
     """
-    y_names = merge_labels(labels, merge or {})
-    classes = sorted(set(y_names.tolist()), key=str)
-    code = {c: i for i, c in enumerate(classes)}
-    y = np.array([code[v] for v in y_names], np.int64)
-    splits = folds_of(y, folds, seed, [str(c) for c in classes])
+    y, classes = _encoded(labels, merge)
+    splits = folds_of(y, folds, seed, classes)
     names = list(features)
-    for name in names:
-        if len(features[name]) != len(y):
-            raise ConfigError(f"feature set {name!r} has {len(features[name])} rows for {len(y)} labelled cells")
+    _check_rows(features, len(y), "cells")
     pairs = pairs if pairs is not None else [(names[0], b) for b in names[1:]]
-    out = {
-        "classes": [str(c) for c in classes],
-        "class_counts": {str(c): int((y == i).sum()) for i, c in enumerate(classes)},
-        "n_cells": int(len(y)),
-        "folds": folds,
-        "seed": seed,
-        "k": k,
-        "temperature": temperature,
-        "bootstrap": n_boot,
-        "level": LEVEL,
-        "merged": dict(merge or {}),
-        "methods": list(methods),
-        "scores": {},
-        "comparisons": {},
-        "predictions": {},
-    }
-    idx = bootstrap_indices(y, n_boot, seed)
-    for method in methods:
-        preds = {n: oof_predictions(features[n], y, splits, method, k, temperature, seed) for n in names}
-        out["predictions"][method] = {n: p.tolist() for n, p in preds.items()}
-        out["scores"][method] = {}
-        for n, p in preds.items():
-            s = scores(y, p, out["classes"])
-            for m in METRICS:
-                s[f"{m}_interval"] = interval(np.array([metric(y[i], p[i], m, len(classes)) for i in idx]))
-            out["scores"][method][n] = s
-        out["comparisons"][method] = [paired_comparison(y, preds[a], preds[b], a, b, n_boot, seed) for a, b in pairs]
-    return out
+    out = _header(classes, y, folds, seed, methods, k, temperature, n_boot, merge)
+    preds = {m: {n: oof_predictions(features[n], y, splits, m, k, temperature, seed) for n in names} for m in methods}
+    return _scored(out, y, preds, pairs, seed)
+
+
+def holdout_validate(
+    train: dict[str, np.ndarray],
+    train_labels: np.ndarray,
+    test: dict[str, np.ndarray],
+    test_labels: np.ndarray,
+    *,
+    seed: int = 0,
+    methods: tuple[str, ...] = METHODS,
+    k: int = K,
+    temperature: float = TEMPERATURE,
+    n_boot: int = BOOTSTRAP,
+    merge: dict[str, str] | None = None,
+    pairs: list[tuple[str, str]] | None = None,
+) -> dict:
+    """Train -> held-out: every feature set's k-NN reference (or probe) is the training cells, every held-out cell is
+    a query once; scores, intervals and paired comparisons as :func:`cross_validate`, over the held-out cells only
+    (the bootstrap resamples them within each class). ``train`` and ``test`` name the same feature sets.
+
+    Returns the layout of :func:`cross_validate`, with ``folds`` "held-out", ``n_cells`` the held-out cells and
+    ``n_train`` the reference cells.
+    """
+    if list(train) != list(test):
+        raise ConfigError(f"training features {list(train)} and held-out features {list(test)} differ")
+    codes, classes = _encoded(np.concatenate([np.asarray(train_labels), np.asarray(test_labels)]), merge)
+    y_tr, y = codes[: len(train_labels)], codes[len(train_labels) :]
+    _check_rows(train, len(y_tr), "training cells")
+    _check_rows(test, len(y), "held-out cells")
+    names = list(train)
+    pairs = pairs if pairs is not None else [(names[0], b) for b in names[1:]]
+    out = _header(classes, y, "held-out", seed, methods, k, temperature, n_boot, merge)
+    out["n_train"] = int(len(y_tr))
+    preds: dict[str, dict[str, np.ndarray]] = {}
+    for m in methods:
+        preds[m] = {}
+        for n in names:
+            x = np.concatenate([train[n], test[n]])
+            split = [(np.arange(len(y_tr)), np.arange(len(y_tr), len(x)))]
+            preds[m][n] = oof_predictions(x, codes, split, m, k, temperature, seed)[len(y_tr) :]
+    return _scored(out, y, preds, pairs, seed)
 
 
 def report_lines(cv: dict) -> list[str]:
-    """Markdown tables of a :func:`cross_validate` result: scores with intervals, then the paired differences."""
+    """Markdown tables of a :func:`cross_validate` or :func:`holdout_validate` result: scores with intervals, then
+    the paired differences."""
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    how = (
+        f"Training cells ({cv['n_train']}) as reference, each of the {cv['n_cells']} held-out cells a query once"
+        if cv["folds"] == "held-out"
+        else f"{cv['folds']}-fold stratified cross-validation over all {cv['n_cells']} labelled cells "
+        f"(seed {cv['seed']})"
+    )
     lines = [
-        f"{cv['folds']}-fold stratified cross-validation over all {cv['n_cells']} labelled cells (seed {cv['seed']}); "
+        f"{how}; "
         f"95% intervals from {cv['bootstrap']} bootstrap resamples of the cells within each class; k-NN k={cv['k']}, "
         f"T={cv['temperature']}; linear probe: logistic regression on standardised features."
         + (f" Merged classes: {', '.join(f'{a}->{b}' for a, b in cv['merged'].items())}." if cv["merged"] else ""),
