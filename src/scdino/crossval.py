@@ -88,6 +88,19 @@ def probe_model(seed: int = 0):
     return make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
 
 
+#: BLAS threads of a probe fit. The fit is a few hundred small products (cells x features x classes): one thread is
+#: as fast on an idle machine, and several threads beside another busy process spin and wait, about 5x slower on a
+#: 2-core machine with a training run beside it (``benchmarks/probe_threads.py``).
+PROBE_THREADS = 1
+
+
+def probe_threads():
+    """A context in which BLAS uses :data:`PROBE_THREADS` threads (threadpoolctl, a scikit-learn dependency)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=PROBE_THREADS, user_api="blas")
+
+
 def oof_predictions(
     x: np.ndarray,
     y: np.ndarray,
@@ -104,7 +117,8 @@ def oof_predictions(
         if method == "knn":
             pred[te] = knn_predict(x[tr], y[tr], x[te], k=k, temperature=temperature, n_classes=n_classes)
         elif method == "probe":
-            pred[te] = probe_model(seed).fit(x[tr], y[tr]).predict(x[te])
+            with probe_threads():
+                pred[te] = probe_model(seed).fit(x[tr], y[tr]).predict(x[te])
         else:
             raise ConfigError(f"method {method!r}: expected one of {', '.join(METHODS)}")
     return pred
