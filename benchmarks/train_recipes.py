@@ -1,21 +1,24 @@
 """Which scdino-train recipe learns on real cells? Trains several recipes side by side on the Jurkat training cells
-(``benchmarks/data/jurkat_cellcycle/train.zarr``, label-free channels BF+DF) and ranks them by k-NN on the training
-cells only (stratified 80/20 splits of them, k=20, T=0.07, 5 seeds); the held-out cells are not read here.
-
-Next to every recipe, on the same splits: raw pixels (each crop min-max scaled per channel) and the untrained network
-of the same architecture with each intensity scaling (the gate a shipped model must pass by 5 points).
+(``benchmarks/data/jurkat_cellcycle/train.zarr``, label-free channels BF+DF), each with ``--seeds`` training seeds,
+and compares them on the training cells only (the held-out cells are not read here): 5-fold stratified
+cross-validation with the weighted k-NN (k=20, T=0.07) and a linear probe, 95% intervals from a bootstrap of the cells
+within each class (:func:`scdino.crossval.cross_validate`), each run against **its own untrained twin** (the network
+it started from: its settings, ``build_networks`` after its seed) and against raw pixels (each crop min-max scaled per
+channel); per recipe, the mean and sd over its seeds. A recipe is ahead only where its seeds are, and a run beats its
+twin only where the interval excludes 0.
 
 Three steps, so that the long part can run on a GPU machine that has PyTorch but no zarr:
 
     python benchmarks/train_recipes.py prepare .gpu                 # training crops + labels -> .gpu/jurkat_train.npz
-    python benchmarks/train_recipes.py search .gpu --out OUT [--recipes a,b] [--budget-s 400] [--device cuda]
-    python benchmarks/train_recipes.py summary OUT/train_recipes.json   # the table again
+    python benchmarks/train_recipes.py search .gpu --out OUT [--recipes a,b] [--seeds 3] [--budget-s 400]
+    python benchmarks/train_recipes.py summary OUT/train_recipes.json   # the tables again
 
-``search`` runs every recipe as its own process (all at once on a GPU, one at a time on a CPU), each stopping before
-an epoch that would start after the budget; writes ``train_recipes.json`` (settings, trajectories of every epoch,
-k-NN table), ``logs.tar.gz`` (config.json, log.jsonl, output of each run) and the best recipes' teacher backbones
-(``NAME.pth``, float16 as the package ships them) into OUT. ``--epochs`` and ``--max-iters`` shorten every recipe
-for a smoke test.
+``search`` runs every recipe and seed as its own process (``RECIPE@SEED`` with several seeds; all at once on a GPU,
+one at a time on a CPU), each stopping before an epoch that would start after the budget; writes
+``train_recipes.json`` (settings, trajectories of every epoch, the cross-validation), ``logs.tar.gz`` (config.json,
+log.jsonl, output of each run) and the best runs' folders (``OUT/RUN``: the teacher as ``model.pth``, float16 as the
+package ships it, ``config.json``, ``log.jsonl``), which ``benchmarks/jurkat_gate.py`` takes for the held-out test.
+``--epochs`` and ``--max-iters`` shorten every recipe for a smoke test.
 """
 
 from __future__ import annotations
@@ -35,7 +38,6 @@ from harness import machine, write_results
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "benchmarks" / "data" / "jurkat_cellcycle"
 CHANNELS = ("BF", "DF")
-SEEDS = 5
 
 #: the starting recipe for 40 px imaging-flow crops: views that keep the whole cell (large centred locals), any angle,
 #: no aspect change, per-channel brightness, light blur, the fixed intensity range of the training cells, a head and a
@@ -115,6 +117,8 @@ RECIPES: dict[str, dict] = {
     "two_views_patch4": {"global_scale": (1.0, 1.0), "local_crops": 0, "epochs": 100, "patch": 4, "local_size": 24},
     "two_views_200": {"global_scale": (1.0, 1.0), "local_crops": 0, "epochs": 200, "warmup_epochs": 10},
     "two_views_no_drop_path": {"global_scale": (1.0, 1.0), "local_crops": 0, "epochs": 100, "drop_path": 0.0},
+    # a schedule a 2-core CPU finishes in about 35 minutes (benchmarks/jurkat_gate.py: three seeds of it)
+    "two_views_e40": {"global_scale": (1.0, 1.0), "local_crops": 0, "epochs": 40, "warmup_epochs": 5},
 }
 
 
@@ -157,6 +161,44 @@ def _load(npz: Path):
     return z["crops"][:, idx], z["labels"].astype(str)
 
 
+def run_name(recipe: str, seed: int, seeds: int) -> str:
+    """A run's folder name: the recipe, and ``@SEED`` when a recipe is trained with several seeds."""
+    return f"{recipe}@{seed}" if seeds > 1 else recipe
+
+
+def recipe_of(run: str) -> str:
+    return run.split("@")[0]
+
+
+def seed_of(run: str) -> int:
+    return int(run.split("@")[1]) if "@" in run else 0
+
+
+def run_model(run: Path) -> Path:
+    """The trained teacher of a run folder: the packaged ``model.pth`` (what ``search`` keeps) or the run's own
+    ``checkpoint.pth``."""
+    return run / "model.pth" if (run / "model.pth").is_file() else run / "checkpoint.pth"
+
+
+def twin_of(run: Path, work: Path) -> tuple[str, dict]:
+    """A checkpoint file holding the run's starting backbone, made as training makes it (its settings from
+    ``config.json``, ``build_networks`` right after its seed, as ``training.loop`` does), with the trained model's
+    metadata (channels, fixed intensity range); and the run's seed, epochs and architecture."""
+    import torch
+
+    from scdino.models.checkpoint import read_checkpoint
+    from scdino.training.config import build_config
+    from scdino.training.loop import build_networks
+
+    cfg = build_config(str(run / "config.json"))
+    ck = read_checkpoint(str(run_model(run)), "teacher")
+    torch.manual_seed(cfg.seed)  # as training.loop._trainer does before it builds the networks
+    student, _ = build_networks(cfg, ck.config.in_chans)
+    path = work / f"{run.name}_twin.pth"
+    torch.save({"model": student.backbone.state_dict(), "scdino": dict(ck.meta)}, path)
+    return str(path), {"seed": cfg.seed, "epochs": cfg.epochs, "arch": cfg.arch_name}
+
+
 def child(name: str, npz: Path, work: Path, deadline: float, device: str, overrides: dict) -> None:
     """Train one recipe into work/NAME; stop before an epoch that would start after ``deadline``."""
     import logging
@@ -169,7 +211,7 @@ def child(name: str, npz: Path, work: Path, deadline: float, device: str, overri
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     crops, labels = _load(npz)
-    opts = {**BASE, **RECIPES[name], **overrides}
+    opts = {**BASE, **RECIPES[recipe_of(name)], **overrides, "seed": seed_of(name)}
     out = work / name
     sets = [f"{k}={','.join(map(str, v)) if isinstance(v, (tuple, list)) else v}" for k, v in opts.items()]
     cfg = build_config(
@@ -197,69 +239,124 @@ def child(name: str, npz: Path, work: Path, deadline: float, device: str, overri
     print(f"{name}: {status}")
 
 
-def _knn(emb, labels) -> tuple[float, float]:
-    import numpy as np
-
-    from scdino.knn import evaluate_knn
-
-    r = [evaluate_knn(emb, labels, seed=s) for s in range(SEEDS)]
-    return float(np.mean([x["top1"] for x in r])), float(np.mean([x["balanced_accuracy"] for x in r]))
-
-
-def evaluate(work: Path, names: list[str], npz: Path, device: str) -> list[dict]:
-    """k-NN on the training cells of every finished recipe and of the baselines (same splits)."""
+def evaluate(work: Path, names: list[str], npz: Path, device: str, n_boot: int = 1000) -> dict:
+    """Every finished run, its own untrained twin and raw pixels, cross-validated on the training cells with intervals
+    (:func:`scdino.crossval.cross_validate`: 5 stratified folds, k-NN and linear probe, paired bootstrap of each run
+    against its twin and against raw pixels); rows per run, and per recipe the mean and sd over its seeds."""
     import numpy as np
     import torch
 
+    from scdino.crossval import cross_validate
+    from scdino.engine.evaluate import raw_pixel_features
     from scdino.models import embed_crops, load_model
-    from scdino.models.vit import VisionTransformer, arch_config
-    from scdino.preprocess import Preprocessing
 
     crops, labels = _load(npz)
-    x = crops.astype(np.float32)
-    lo, hi = x.min((2, 3), keepdims=True), x.max((2, 3), keepdims=True)
-    raw = ((x - lo) / np.maximum(hi - lo, 1e-12)).reshape(len(x), -1)
-    rows = [{"recipe": "raw pixels, min-max per crop", **dict(zip(("top1", "balanced"), _knn(raw, labels)))}]
-    preps = {}
+    features, runs = {"raw pixels": raw_pixel_features(crops)}, {}
     for name in names:
-        path = work / name / "model.pth"
-        if not path.is_file():
+        if not run_model(work / name).is_file():
             continue
-        lm = load_model(str(path), len(CHANNELS))
-        emb = embed_crops(lm.model.to(device), crops, lm.prep, torch.device(device))
-        top1, bal = _knn(emb, labels)
+        twin, settings = twin_of(work / name, work)
+        for key, path in ((name, str(run_model(work / name))), (f"untrained twin of {name}", twin)):
+            lm = load_model(path, len(CHANNELS))
+            features[key] = embed_crops(lm.model.to(device), crops, lm.prep, torch.device(device))
         log = [json.loads(ln) for ln in (work / name / "log.jsonl").read_text().splitlines()]
-        summaries = [r for r in log if r.get("summary")]
         status = (work / name / "status.txt").read_text() if (work / name / "status.txt").is_file() else "?"
-        rows.append({"recipe": name, "top1": top1, "balanced": bal, "status": status, "epochs": summaries})
-        preps.setdefault(lm.prep.scale_lo is not None, lm.prep)
-    torch.manual_seed(0)
-    untrained = VisionTransformer(arch_config(f"{BASE['arch']}{BASE['patch']}", len(CHANNELS), BASE["global_size"]))
-    for fixed, prep in sorted(preps.items()):
-        emb = embed_crops(untrained.to(device), crops, prep, torch.device(device))
-        kind = "fixed range" if fixed else "min-max per crop"
-        rows.append({"recipe": f"untrained, {kind}", **dict(zip(("top1", "balanced"), _knn(emb, labels)))})
-    if not preps:
-        emb = embed_crops(untrained.to(device), crops, Preprocessing(BASE["global_size"]), torch.device(device))
-        rows.append({"recipe": "untrained, min-max per crop", **dict(zip(("top1", "balanced"), _knn(emb, labels)))})
-    return rows
+        runs[name] = {
+            **settings,
+            "recipe": recipe_of(name),
+            "status": status,
+            "epochs": [r for r in log if r.get("summary")],
+        }
+    pairs = [(n, f"untrained twin of {n}") for n in runs] + [(n, "raw pixels") for n in runs]
+    cv = cross_validate(features, labels, n_boot=n_boot, pairs=pairs)
+    cv.pop("predictions")
+    for name, r in runs.items():
+        r["scores"] = {m: cv["scores"][m][name] for m in cv["methods"]}
+        r["vs_twin"] = {
+            m: next(c for c in cv["comparisons"][m] if c["a"] == name and "twin" in c["b"]) for m in cv["methods"]
+        }
+    recipes = {}
+    for recipe in dict.fromkeys(r["recipe"] for r in runs.values()):
+        mine = [r for r in runs.values() if r["recipe"] == recipe]
+        agg = {}
+        for m in cv["methods"]:
+            for metric in ("top1", "balanced_accuracy"):
+                for what, vals in (
+                    ("score", [r["scores"][m][metric] for r in mine]),
+                    ("vs_twin", [r["vs_twin"][m][metric]["difference"] for r in mine]),
+                ):
+                    v = np.array(vals)
+                    agg[f"{m} {metric} {what}"] = {
+                        "mean": float(v.mean()),
+                        "sd": float(v.std(ddof=1)) if len(v) > 1 else None,
+                    }
+        recipes[recipe] = {"seeds": [r["seed"] for r in mine], **agg}
+    return {"cv": cv, "runs": runs, "recipes": recipes}
 
 
-def table(rows: list[dict]) -> str:
+def legacy_table(rows: list[dict]) -> str:
+    """The table of a search written before intervals (``train_recipes_round{1,2}.json``: one seed per recipe, mean of
+    5 stratified 80/20 splits of the training cells)."""
     lines = [
-        f"k-NN on the Jurkat training cells, BF+DF (mean of {SEEDS} stratified 80/20 splits, k=20, T=0.07)",
+        "k-NN on the Jurkat training cells, BF+DF (mean of 5 stratified 80/20 splits, k=20, T=0.07; no intervals)",
         "",
-        "| recipe | top-1 | balanced | epochs | teacher entropy first -> last | embedding spread last | status |",
-        "|---|---|---|---|---|---|---|",
+        "| recipe | top-1 | balanced | epochs | teacher entropy first -> last | status |",
+        "|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: -(r["top1"] + r["balanced"])):
         ep = r.get("epochs") or []
         ent = f"{ep[0]['teacher_entropy']:.2f} -> {ep[-1]['teacher_entropy']:.2f}" if ep else ""
-        spread = f"{ep[-1]['embedding_spread']:.3f}" if ep else ""
         lines.append(
             f"| {r['recipe']} | {100 * r['top1']:.1f} | {100 * r['balanced']:.1f} | {len(ep) or ''} | {ent} | "
-            f"{spread} | {r.get('status', '')} |"
+            f"{r.get('status', '')} |"
         )
+    return "\n".join(lines)
+
+
+def _mean_sd(v: dict, sign: str = "") -> str:
+    """A mean over seeds in points, with its sd where there are several seeds."""
+    return f"{100 * v['mean']:{sign}.1f}" + (f" ({100 * v['sd']:.1f})" if v["sd"] is not None else "")
+
+
+def table(res: dict) -> str:
+    cv = res["cv"]
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    lines = [
+        f"Jurkat training cells, BF+DF: {cv['folds']}-fold stratified cross-validation of {cv['n_cells']} cells, k-NN "
+        f"(k={cv['k']}, T={cv['temperature']}) and linear probe, 95% intervals from {cv['bootstrap']} bootstrap "
+        "resamples within each class; each run against its own untrained twin (the network it started from).",
+        "",
+        "| run | k-NN top-1 [95% CI] | k-NN balanced | k-NN top-1 vs twin [95% CI] | k-NN balanced vs twin | "
+        "probe top-1 | probe top-1 vs twin | epochs | teacher entropy first -> last | status |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    raw = cv["scores"]["knn"]["raw pixels"]
+    lines.append(
+        f"| raw pixels | {pct(raw['top1'])} [{pct(raw['top1_interval'][0])}, {pct(raw['top1_interval'][1])}] | "
+        f"{pct(raw['balanced_accuracy'])} | | | {pct(cv['scores']['probe']['raw pixels']['top1'])} | | | | |"
+    )
+    order = sorted(res["runs"].items(), key=lambda kv: -kv[1]["scores"]["knn"]["top1"])
+    for name, r in order:
+        k, d, pr, dp = r["scores"]["knn"], r["vs_twin"]["knn"], r["scores"]["probe"], r["vs_twin"]["probe"]
+        ep = r["epochs"]
+        ent = f"{ep[0]['teacher_entropy']:.2f} -> {ep[-1]['teacher_entropy']:.2f}" if ep else ""
+        diff = lambda c: f"{100 * c['difference']:+.1f} [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}]"  # noqa: E731
+        lines.append(
+            f"| {name} | {pct(k['top1'])} [{pct(k['top1_interval'][0])}, {pct(k['top1_interval'][1])}] | "
+            f"{pct(k['balanced_accuracy'])} | {diff(d['top1'])} | {diff(d['balanced_accuracy'])} | {pct(pr['top1'])} | "
+            f"{diff(dp['top1'])} | {len(ep)} | {ent} | {r['status']} |"
+        )
+    if any(len(v["seeds"]) > 1 for v in res["recipes"].values()):
+        lines += [
+            "",
+            "| recipe | seeds | k-NN top-1 mean (sd) | k-NN top-1 vs twin mean (sd) | balanced vs twin (sd) |",
+            "|---|---|---|---|---|",
+        ]
+        for recipe, a in res["recipes"].items():
+            lines.append(
+                f"| {recipe} | {len(a['seeds'])} | {_mean_sd(a['knn top1 score'])} | "
+                f"{_mean_sd(a['knn top1 vs_twin'], '+')} | {_mean_sd(a['knn balanced_accuracy vs_twin'], '+')} |"
+            )
     return "\n".join(lines)
 
 
@@ -284,7 +381,8 @@ def search(args) -> None:
     parallel = device == "cuda"
     t0 = time.time()
     procs = []
-    for name in names:
+    runs = [run_name(n, seed, args.seeds) for n in names for seed in range(args.seeds)]
+    for name in runs:
         cmd = [
             sys.executable,
             __file__,
@@ -304,15 +402,16 @@ def search(args) -> None:
     for name, p in procs:
         p.wait()
         print(f"{name}: exit {p.returncode} after {time.time() - t0:.0f} s", flush=True)
-    rows = evaluate(work, names, npz, device)
-    text = table(rows)
-    print(text)
-    trained = sorted((r for r in rows if "status" in r), key=lambda r: -(r["top1"] + r["balanced"]))
-    keep = [r["recipe"] for r in trained[: args.keep]]
-    for name in keep:
-        os.replace(work / name / "model.pth", out / f"{name}.pth")
+    results = evaluate(work, runs, npz, device, args.bootstrap)
+    print(table(results))
+    ranked = sorted(results["runs"], key=lambda n: -results["runs"][n]["scores"]["knn"]["top1"])
+    keep = ranked[: args.keep]
+    for name in keep:  # a folder jurkat_gate.py takes: the teacher and the run's settings
+        (out / name).mkdir(exist_ok=True)
+        for f in ("model.pth", "config.json", "log.jsonl"):
+            os.replace(work / name / f, out / name / f)
     with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:
-        for name in names:
+        for name in runs:
             for f in ("config.json", "log.jsonl", "status.txt"):
                 if (work / name / f).is_file():
                     tar.add(work / name / f, arcname=f"{name}/{f}")
@@ -323,7 +422,9 @@ def search(args) -> None:
         "benchmark": "train_recipes",
         "data": "benchmarks/data/jurkat_cellcycle/train.zarr (training cells only)",
         "channels": list(CHANNELS),
-        "protocol": {"k": 20, "temperature": 0.07, "split": "stratified 80/20 of the training cells", "seeds": SEEDS},
+        "protocol": "5-fold stratified cross-validation of the training cells, k-NN k=20 T=0.07 and linear probe, "
+        "paired bootstrap intervals of each run against its own untrained twin and raw pixels",
+        "seeds": args.seeds,
         "base": BASE,
         "recipes": {n: RECIPES[n] for n in names},
         "overrides": overrides,
@@ -332,10 +433,10 @@ def search(args) -> None:
         "kept_models": keep,
         "machine": machine(device=device, gpu=gpu),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "results": rows,
+        **results,
     }
     write_results(out / "train_recipes.json", res)
-    print(f"wrote {out / 'train_recipes.json'}, logs.tar.gz and {', '.join(f'{k}.pth' for k in keep)}")
+    print(f"wrote {out / 'train_recipes.json'}, logs.tar.gz and the run folders {', '.join(keep)}")
 
 
 def main() -> None:
@@ -355,7 +456,9 @@ def main() -> None:
     s.add_argument("--recipes", help="comma-separated names (default: all)")
     s.add_argument("--budget-s", type=float, default=400.0)
     s.add_argument("--device")
-    s.add_argument("--keep", type=int, default=4, help="teacher backbones kept, best first")
+    s.add_argument("--seeds", type=int, default=1, help="training seeds per recipe (runs RECIPE@SEED)")
+    s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    s.add_argument("--keep", type=int, default=4, help="run folders kept (teacher, config, log), best k-NN first")
     s.add_argument("--epochs", type=int, help="smoke test: every recipe this many epochs")
     s.add_argument("--max-iters", type=int, help="smoke test: steps per epoch")
     m = sub.add_parser("summary")
@@ -366,7 +469,8 @@ def main() -> None:
     elif args.step == "search":
         search(args)
     else:
-        print(table(json.loads(args.json.read_text())["results"]))
+        res = json.loads(args.json.read_text())
+        print(table(res) if "cv" in res else legacy_table(res["results"]))
 
 
 if __name__ == "__main__":
