@@ -38,7 +38,7 @@ def main() -> None:
     tr, te = folds_of(y, 5, 0)[0]
     default = max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
     times: dict[str, list[float]] = {"default": [], "1": []}
-    accuracy = {}
+    accuracy, preds = {}, {}
     loads = []
     for _ in range(args.repeats):
         for name, limit in (("default", None), ("1", 1)):
@@ -49,6 +49,7 @@ def main() -> None:
                 pred = probe_model(0).fit(x[tr], y[tr]).predict(x[te])
                 times[name].append(time.perf_counter() - t0)
             accuracy[name] = float((pred == y[te]).mean())
+            preds[name] = pred
     rows = [
         {
             "threads": f"{default} (BLAS default)" if name == "default" else name,
@@ -65,7 +66,8 @@ def main() -> None:
         [("BLAS threads", "threads", "s"), ("median s", "median_s", ".1f"), ("runs", "runs", "s"),
          ("fold accuracy", "accuracy", ".3f")],
     )  # fmt: skip
-    print(f"default / one thread: {ratio:.2f}x")
+    same = int((preds["default"] == preds["1"]).sum())
+    print(f"default / one thread: {ratio:.2f}x; the same prediction for {same} of {len(te)} cells")
     write_results(
         args.out,
         {
@@ -74,6 +76,8 @@ def main() -> None:
             "features": int(x.shape[1]),
             "rows": rows,
             "ratio_default_over_one": ratio,
+            "same_predictions": same,
+            "query_cells": int(len(te)),
             "load_average": loads,
             "machine": machine(),
         },

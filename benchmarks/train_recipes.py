@@ -180,6 +180,10 @@ def run_model(run: Path) -> Path:
     return run / "model.pth" if (run / "model.pth").is_file() else run / "checkpoint.pth"
 
 
+#: checkpoint metadata that names the trained file or how it was stored, left out of its twin's
+TWIN_DROPS = ("source_sha256", "source_checkpoint_key", "stored_as", "precision")
+
+
 def twin_of(run: Path, work: Path) -> tuple[str, dict]:
     """A checkpoint file holding the run's starting backbone, made as training makes it (its settings from
     ``config.json``, ``build_networks`` right after its seed, as ``training.loop`` does), with the trained model's
@@ -194,9 +198,14 @@ def twin_of(run: Path, work: Path) -> tuple[str, dict]:
     ck = read_checkpoint(str(run_model(run)), "teacher")
     torch.manual_seed(cfg.seed)  # as training.loop._trainer does before it builds the networks
     student, _ = build_networks(cfg, ck.config.in_chans)
+    weights = student.backbone.state_dict()
+    if ck.meta.get("stored_as") == "float16":  # rounded as the packaged model was, so precision is no difference
+        weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+    # what embedding needs (channels, intensity range, sizes), not what identifies the trained file
+    meta = {k: v for k, v in ck.meta.items() if k not in TWIN_DROPS}
     path = work / f"{run.name}_twin.pth"
-    torch.save({"model": student.backbone.state_dict(), "scdino": dict(ck.meta)}, path)
-    return str(path), {"seed": cfg.seed, "epochs": cfg.epochs, "arch": cfg.arch_name}
+    torch.save({"model": weights, "scdino": {**meta, "untrained_twin_of": str(run)}}, path)
+    return str(path), {"seed": cfg.seed, "planned_epochs": cfg.epochs, "arch": cfg.arch_name}
 
 
 def child(name: str, npz: Path, work: Path, deadline: float, device: str, overrides: dict) -> None:
@@ -404,8 +413,9 @@ def search(args) -> None:
         print(f"{name}: exit {p.returncode} after {time.time() - t0:.0f} s", flush=True)
     results = evaluate(work, runs, npz, device, args.bootstrap)
     print(table(results))
-    ranked = sorted(results["runs"], key=lambda n: -results["runs"][n]["scores"]["knn"]["top1"])
-    keep = ranked[: args.keep]
+    # every seed of the best recipes (by their mean over seeds), so that a lucky seed is not kept alone
+    best = sorted(results["recipes"], key=lambda r: -results["recipes"][r]["knn top1 score"]["mean"])[: args.keep]
+    keep = [n for n in results["runs"] if recipe_of(n) in best]
     for name in keep:  # a folder jurkat_gate.py takes: the teacher and the run's settings
         (out / name).mkdir(exist_ok=True)
         for f in ("model.pth", "config.json", "log.jsonl"):
@@ -458,7 +468,12 @@ def main() -> None:
     s.add_argument("--device")
     s.add_argument("--seeds", type=int, default=1, help="training seeds per recipe (runs RECIPE@SEED)")
     s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
-    s.add_argument("--keep", type=int, default=4, help="run folders kept (teacher, config, log), best k-NN first")
+    s.add_argument(
+        "--keep",
+        type=int,
+        default=4,
+        help="recipes whose run folders are kept (teacher, config, log; every seed), best mean k-NN first",
+    )
     s.add_argument("--epochs", type=int, help="smoke test: every recipe this many epochs")
     s.add_argument("--max-iters", type=int, help="smoke test: steps per epoch")
     m = sub.add_parser("summary")

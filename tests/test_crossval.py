@@ -177,5 +177,9 @@ def test_holdout_validate_scores_the_held_out_cells_as_scikit_learn_fit_on_the_t
     assert (c["a"], c["b"]) == ("signal", "noise") and c["top1"]["low"] > 0
     with pytest.raises(ConfigError, match="differ"):
         holdout_validate({"a": x}, names, {"b": x}, names)
+    only_held = names[test].astype(object)
+    only_held[0] = "Telophase"
+    with pytest.raises(ConfigError, match="held-out classes Telophase have no training cells"):
+        holdout_validate({"a": x[~test]}, names[~test], {"a": x[test]}, only_held)
     with pytest.raises(ConfigError, match="rows for 30 labelled held-out cells"):
         holdout_validate({"a": x[~test]}, names[~test], {"a": x}, names[test])

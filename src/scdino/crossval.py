@@ -7,6 +7,9 @@ sets are scored on the same cells with the same folds, and the difference is res
 so that every class keeps its count and balanced accuracy stays defined). A comparison is called a win only when the
 95% interval of the difference excludes 0.
 
+:func:`holdout_validate` scores a fixed held-out set the same way: the training cells are the reference, every
+held-out cell a query once, and the bootstrap resamples the held-out cells.
+
 Used by ``scdino-engine evaluate`` and the benchmarks (``benchmarks/jurkat_cv.py``,
 ``benchmarks/default_model_knn.py``).
 """
@@ -302,6 +305,12 @@ def holdout_validate(
         raise ConfigError(f"training features {list(train)} and held-out features {list(test)} differ")
     codes, classes = _encoded(np.concatenate([np.asarray(train_labels), np.asarray(test_labels)]), merge)
     y_tr, y = codes[: len(train_labels)], codes[len(train_labels) :]
+    unseen = sorted(set(y.tolist()) - set(y_tr.tolist()))
+    if unseen:  # no reference cell could vote for them: their recall would be 0 by construction
+        raise ConfigError(
+            f"held-out classes {', '.join(classes[c] for c in unseen)} have no training cells, so nothing can predict "
+            "them; merge each into a class the training cells have (--merge-classes OLD=NEW) or leave those cells out"
+        )
     _check_rows(train, len(y_tr), "training cells")
     _check_rows(test, len(y), "held-out cells")
     names = list(train)
