@@ -91,9 +91,9 @@ def probe_model(seed: int = 0):
     return make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
 
 
-#: BLAS threads of a probe fit. The fit is a few hundred small products (cells x features x classes): one thread is
-#: as fast on an idle machine, and several threads beside another busy process spin and wait, about 5x slower on a
-#: 2-core machine with a training run beside it (``benchmarks/probe_threads.py``).
+#: BLAS threads of a probe fit. The fit is a few hundred small products (cells x features x classes); on a 2-core
+#: machine one thread was 2.9x faster than two when idle and 5.1x beside a training run
+#: (``benchmarks/probe_threads.py``).
 PROBE_THREADS = 1
 
 
