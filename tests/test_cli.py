@@ -492,3 +492,18 @@ def test_log_lines_are_written_above_a_terminals_progress_bar(monkeypatch):
     handler.emit(logging.LogRecord("scdino.x", logging.INFO, __file__, 1, "a line", None, None))
     bar.close()
     assert writes == ["INFO a line"]  # through tqdm, which clears the bar and draws it again below the line
+
+
+def test_dask_shutdown_timeouts_are_not_shown_but_other_asyncio_errors_are():
+    import logging
+
+    from scdino._cli import not_dask_shutdown_noise
+
+    def record(name, msg, exc):
+        return logging.LogRecord(name, logging.ERROR, __file__, 1, msg, None, (type(exc), exc, None))
+
+    never = "Future exception was never retrieved\nfuture: <Future finished exception=TimeoutError('Timeout')>"
+    assert not not_dask_shutdown_noise(record("asyncio", never, TimeoutError("Timeout")))
+    assert not_dask_shutdown_noise(record("asyncio", never, ValueError("a real failure")))
+    assert not_dask_shutdown_noise(record("asyncio", "Task was destroyed but it is pending!", TimeoutError()))
+    assert not_dask_shutdown_noise(record("scdino.engine", never, TimeoutError("Timeout")))

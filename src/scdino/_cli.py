@@ -35,6 +35,18 @@ def _isatty(stream) -> bool:
         return False
 
 
+def not_dask_shutdown_noise(record: logging.LogRecord) -> bool:
+    """False for asyncio's "Future exception was never retrieved" about a TimeoutError: a connection of Dask's local
+    cluster that timed out while it closed on a busy machine, after the run's work was done and written (its own
+    errors come back to the command as the task's error). Shown again with -v."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (
+        record.name == "asyncio"
+        and str(record.msg).startswith("Future exception was never retrieved")
+        and isinstance(exc, TimeoutError)
+    )
+
+
 def configure_logging(verbose: int) -> None:
     """scdino's own messages from INFO up; other libraries' (dask, distributed) only as asked with -v/-vv."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
@@ -54,6 +66,7 @@ def configure_logging(verbose: int) -> None:
         # (set before dask is imported: its logging configuration reads it, here and in local worker processes)
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")
         logging.getLogger("distributed").setLevel(logging.CRITICAL)
+        handler.addFilter(not_dask_shutdown_noise)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"zarr\..*|anndata\..*|contextlib")
 
 
