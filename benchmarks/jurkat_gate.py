@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 from harness import write_results
-from train_recipes import run_model, twin_of
+from train_recipes import mean_sd, run_model, twin_of
 
 DATA = Path(__file__).parent / "data" / "jurkat_cellcycle"
 RESULTS = Path(__file__).parent / "results"
@@ -118,28 +118,25 @@ def size_probe(features: dict[str, np.ndarray], target: np.ndarray, n_boot: int,
     return out
 
 
-def seed_summary(cv: dict, method: str) -> dict:
+def seed_summary(cv: dict, runs: list[str], method: str) -> dict:
     """Mean and sd over the seeds of model - twin and model - raw pixels."""
     out = {}
-    for vs in ("untrained twin", "raw pixels"):
-        comps = [
-            c for c in cv["comparisons"][method] if c["a"].startswith("trained") and c["b"].startswith(vs.split()[0])
-        ]
+    for vs, against in (("untrained twin", lambda r: f"untrained twin {r}"), ("raw pixels", lambda r: "raw pixels")):
+        comps = [_comparison(cv, method, f"trained {r}", against(r)) for r in runs]
         for m in ("top1", "balanced_accuracy"):
-            d = np.array([c[m]["difference"] for c in comps])
-            out[f"{vs} {m}"] = {
-                "mean": float(d.mean()),
-                "sd": float(d.std(ddof=1)) if len(d) > 1 else None,
-                "n": len(d),
-            }
+            out[f"{vs} {m}"] = mean_sd([c[m]["difference"] for c in comps])
     return out
+
+
+def _comparison(cv: dict, method: str, a: str, b: str) -> dict:
+    return next(c for c in cv["comparisons"][method] if (c["a"], c["b"]) == (a, b))
 
 
 def gate(cv: dict, runs: list[str], method: str = "knn") -> list[dict]:
     """Per seed: the model - twin differences and whether they pass the ship gate."""
     rows = []
     for r in runs:
-        c = next(c for c in cv["comparisons"][method] if c["a"] == f"trained {r}" and c["b"] == f"untrained twin {r}")
+        c = _comparison(cv, method, f"trained {r}", f"untrained twin {r}")
         t, b = c["top1"], c["balanced_accuracy"]
         ok = t["difference"] >= GATE and b["difference"] >= GATE and t["low"] > 0 and b["low"] > 0
         rows.append({"run": r, "method": method, "top1": t, "balanced_accuracy": b, "passes": bool(ok)})
@@ -160,7 +157,7 @@ def main() -> None:
     args = ap.parse_args()
     import tempfile
 
-    from scdino.crossval import cross_validate, holdout_validate, parse_merge, report_lines
+    from scdino.crossval import cross_validate, difference_text, holdout_validate, parse_merge, report_lines
     from scdino.engine.evaluate import raw_pixel_features
 
     merge = parse_merge(args.merge_classes)
@@ -209,7 +206,7 @@ def main() -> None:
         res["gate"] = {m: gate(cv, names, m) for m in ("knn", "probe")}
     cv.pop("predictions")
     res["cv"] = cv
-    res["across_seeds"] = {m: seed_summary(cv, m) for m in ("knn", "probe")}
+    res["across_seeds"] = {m: seed_summary(cv, names, m) for m in ("knn", "probe")}
     lines += report_lines(cv)
     if "size_probe" in res:
         lines += ["", "Size probe: cross-validated R^2 of log area from each feature set [95% interval]", ""]
@@ -232,9 +229,7 @@ def main() -> None:
                 t, b = g["top1"], g["balanced_accuracy"]
                 lines.append(
                     f"- {m}{'' if m == 'knn' else ' (beside the gate, not the gate)'}, {g['run']}: top-1 "
-                    f"{100 * t['difference']:+.1f} [{100 * t['low']:+.1f}, {100 * t['high']:+.1f}], balanced "
-                    f"{100 * b['difference']:+.1f} [{100 * b['low']:+.1f}, {100 * b['high']:+.1f}]: "
-                    f"{'passes' if g['passes'] else 'fails'}"
+                    f"{difference_text(t)}, balanced {difference_text(b)}: {'passes' if g['passes'] else 'fails'}"
                 )
     res["seconds"] = time.perf_counter() - t0
     text = "\n".join(lines)

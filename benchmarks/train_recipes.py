@@ -248,11 +248,18 @@ def child(name: str, npz: Path, work: Path, deadline: float, device: str, overri
     print(f"{name}: {status}")
 
 
+def mean_sd(values) -> dict:
+    """Mean and sample sd over seeds (sd None for one seed), and how many."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else None, "n": len(v)}
+
+
 def evaluate(work: Path, names: list[str], npz: Path, device: str, n_boot: int = 1000) -> dict:
     """Every finished run, its own untrained twin and raw pixels, cross-validated on the training cells with intervals
     (:func:`scdino.crossval.cross_validate`: 5 stratified folds, k-NN and linear probe, paired bootstrap of each run
     against its twin and against raw pixels); rows per run, and per recipe the mean and sd over its seeds."""
-    import numpy as np
     import torch
 
     from scdino.crossval import cross_validate
@@ -281,8 +288,9 @@ def evaluate(work: Path, names: list[str], npz: Path, device: str, n_boot: int =
     cv.pop("predictions")
     for name, r in runs.items():
         r["scores"] = {m: cv["scores"][m][name] for m in cv["methods"]}
+        twin = f"untrained twin of {name}"
         r["vs_twin"] = {
-            m: next(c for c in cv["comparisons"][m] if c["a"] == name and "twin" in c["b"]) for m in cv["methods"]
+            m: next(c for c in cv["comparisons"][m] if (c["a"], c["b"]) == (name, twin)) for m in cv["methods"]
         }
     recipes = {}
     for recipe in dict.fromkeys(r["recipe"] for r in runs.values()):
@@ -294,11 +302,7 @@ def evaluate(work: Path, names: list[str], npz: Path, device: str, n_boot: int =
                     ("score", [r["scores"][m][metric] for r in mine]),
                     ("vs_twin", [r["vs_twin"][m][metric]["difference"] for r in mine]),
                 ):
-                    v = np.array(vals)
-                    agg[f"{m} {metric} {what}"] = {
-                        "mean": float(v.mean()),
-                        "sd": float(v.std(ddof=1)) if len(v) > 1 else None,
-                    }
+                    agg[f"{m} {metric} {what}"] = mean_sd(vals)
         recipes[recipe] = {"seeds": [r["seed"] for r in mine], **agg}
     return {"cv": cv, "runs": runs, "recipes": recipes}
 
@@ -328,6 +332,8 @@ def _mean_sd(v: dict, sign: str = "") -> str:
 
 
 def table(res: dict) -> str:
+    from scdino.crossval import difference_text
+
     cv = res["cv"]
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
     lines = [
@@ -349,11 +355,11 @@ def table(res: dict) -> str:
         k, d, pr, dp = r["scores"]["knn"], r["vs_twin"]["knn"], r["scores"]["probe"], r["vs_twin"]["probe"]
         ep = r["epochs"]
         ent = f"{ep[0]['teacher_entropy']:.2f} -> {ep[-1]['teacher_entropy']:.2f}" if ep else ""
-        diff = lambda c: f"{100 * c['difference']:+.1f} [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}]"  # noqa: E731
         lines.append(
             f"| {name} | {pct(k['top1'])} [{pct(k['top1_interval'][0])}, {pct(k['top1_interval'][1])}] | "
-            f"{pct(k['balanced_accuracy'])} | {diff(d['top1'])} | {diff(d['balanced_accuracy'])} | {pct(pr['top1'])} | "
-            f"{diff(dp['top1'])} | {len(ep)} | {ent} | {r['status']} |"
+            f"{pct(k['balanced_accuracy'])} | {difference_text(d['top1'])} | "
+            f"{difference_text(d['balanced_accuracy'])} | {pct(pr['top1'])} | {difference_text(dp['top1'])} | "
+            f"{len(ep)} | {ent} | {r['status']} |"
         )
     if any(len(v["seeds"]) > 1 for v in res["recipes"].values()):
         lines += [

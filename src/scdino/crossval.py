@@ -327,6 +327,11 @@ def holdout_validate(
     return _scored(out, y, preds, pairs, seed)
 
 
+def difference_text(d: dict) -> str:
+    """One metric of a :func:`paired_comparison` in points: ``+2.1 [-0.4, +4.6]``."""
+    return f"{100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+
+
 def report_lines(cv: dict) -> list[str]:
     """Markdown tables of a :func:`cross_validate` or :func:`holdout_validate` result: scores with intervals, then
     the paired differences."""
@@ -363,8 +368,7 @@ def report_lines(cv: dict) -> list[str]:
         for c in comps:
             t, b = c["top1"], c["balanced_accuracy"]
             lines.append(
-                f"| {method} | {c['a']} - {c['b']} | {100 * t['difference']:+.1f} [{100 * t['low']:+.1f}, "
-                f"{100 * t['high']:+.1f}] | {100 * b['difference']:+.1f} [{100 * b['low']:+.1f}, "
-                f"{100 * b['high']:+.1f}] | {t['verdict']}; {b['verdict']} |"
+                f"| {method} | {c['a']} - {c['b']} | {difference_text(t)} | {difference_text(b)} | "
+                f"{t['verdict']}; {b['verdict']} |"
             )
     return lines
