@@ -494,10 +494,10 @@ def test_log_lines_are_written_above_a_terminals_progress_bar(monkeypatch):
     assert writes == ["INFO a line"]  # through tqdm, which clears the bar and draws it again below the line
 
 
-def test_dask_shutdown_timeouts_are_not_shown_but_other_asyncio_errors_are():
+def test_dask_shutdown_timeouts_are_not_shown_but_other_asyncio_errors_are(capsys):
     import logging
 
-    from scdino._cli import not_dask_shutdown_noise
+    from scdino._cli import configure_logging, not_dask_shutdown_noise
 
     def record(name, msg, exc):
         return logging.LogRecord(name, logging.ERROR, __file__, 1, msg, None, (type(exc), exc, None))
@@ -507,3 +507,12 @@ def test_dask_shutdown_timeouts_are_not_shown_but_other_asyncio_errors_are():
     assert not_dask_shutdown_noise(record("asyncio", never, ValueError("a real failure")))
     assert not_dask_shutdown_noise(record("asyncio", "Task was destroyed but it is pending!", TimeoutError()))
     assert not_dask_shutdown_noise(record("scdino.engine", never, TimeoutError("Timeout")))
+    configure_logging(0)  # as the commands set it up: the filter sits on their stderr handler
+    log = logging.getLogger("asyncio")
+    for exc in (TimeoutError("Timeout"), ValueError("a real failure")):
+        try:
+            raise exc
+        except Exception:
+            log.error(never, exc_info=True)
+    err = capsys.readouterr().err
+    assert err.count("never retrieved") == 1 and "a real failure" in err and "TimeoutError: Timeout" not in err, err
